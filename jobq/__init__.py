@@ -1,0 +1,65 @@
+"""jobq: a Redis-native distributed job queue.
+
+>>> import jobq
+>>> app = jobq.JobQ("redis://127.0.0.1:6379/0")
+>>> @app.task(queue="emails", max_attempts=5)
+... def send_email(to: str) -> None: ...
+>>> job = send_email.enqueue("a@example.com", _priority=5)
+"""
+
+from __future__ import annotations
+
+from jobq.app import EnqueueRequest, Job, JobInfo, JobQ, JobState, Task
+from jobq.clock import FakeClock, SystemClock
+from jobq.errors import (
+    DecodeError,
+    EncodeError,
+    Fail,
+    InvalidInput,
+    JobFailed,
+    JobNotCancellable,
+    JobNotFound,
+    JobqError,
+    JobTimeout,
+    LeaseLost,
+    PayloadTooLarge,
+    QueueFull,
+    RedisAuthError,
+    RedisOutOfMemory,
+    RedisUnavailable,
+    ResultTimeout,
+    Retry,
+    StoreError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecodeError",
+    "EncodeError",
+    "EnqueueRequest",
+    "Fail",
+    "FakeClock",
+    "InvalidInput",
+    "Job",
+    "JobFailed",
+    "JobInfo",
+    "JobNotCancellable",
+    "JobNotFound",
+    "JobQ",
+    "JobState",
+    "JobTimeout",
+    "JobqError",
+    "LeaseLost",
+    "PayloadTooLarge",
+    "QueueFull",
+    "RedisAuthError",
+    "RedisOutOfMemory",
+    "RedisUnavailable",
+    "ResultTimeout",
+    "Retry",
+    "StoreError",
+    "SystemClock",
+    "Task",
+    "__version__",
+]

@@ -1,0 +1,199 @@
+"""The heartbeat: renews this node's leases on its own thread and its own connection.
+
+It runs apart from the event loop so that a task blocking the loop cannot make the node lose its
+leases. Every ``lease / 3`` it calls ``extend`` once per queue (pipelined), records the node in the
+registry, and checks the dataset epoch. It reports back to the worker:
+
+- jobs the worker runs that are no longer in the node's active list (the lease was reaped: the job
+  is lost to this node and will never be acked here);
+- jobs in the active list the worker does not know (a claim whose reply was lost), which are
+  released after two beats;
+- self-fencing: when no renewal succeeded for ``lease - margin`` (partition), the node must stop
+  claiming and treat its running jobs as lost before other nodes may take them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobq.app import JobQ
+from jobq.errors import JobqError
+from jobq.store import SyncRunner
+
+log = logging.getLogger("jobq.heartbeat")
+
+
+@dataclass
+class BeatResult:
+    """One beat's findings, per physical queue."""
+
+    now_ms: int
+    lost: dict[str, set[str]]
+    unknown: dict[str, set[str]]
+
+
+class Heartbeat:
+    """Runs :meth:`beat` every ``interval`` seconds on a daemon thread."""
+
+    def __init__(
+        self,
+        app: JobQ,
+        runner: SyncRunner,
+        node: str,
+        queues: list[str],
+        lease_ms: int,
+        *,
+        known: Callable[[], dict[str, set[str]]],
+        on_beat: Callable[[BeatResult], None],
+        on_fence: Callable[[bool], None],
+        info: Callable[[], dict[str, str | int]],
+        on_epoch_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.runner = runner
+        self.node = node
+        self.queues = queues
+        self.lease_ms = lease_ms
+        self.interval = lease_ms / 3000
+        self._known = known
+        self._on_beat = on_beat
+        self._on_fence = on_fence
+        self._info = info
+        self._on_epoch_change = on_epoch_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: monotonic time of the last beat where every queue renewed.
+        self.last_ok = time.monotonic()
+        self.fenced = False
+        self.failures = 0
+        self._unknown_prev: dict[str, set[str]] = {}
+        self.epoch: bytes | None = None
+        self.started_ms = int(time.time() * 1000)
+
+    # -- thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"jobq-heartbeat-{self.node}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.beat()
+            except Exception:  # never let the heartbeat thread die
+                log.exception("heartbeat failed")
+            self._check_fence()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    # -- one beat -------------------------------------------------------------------------------
+    def beat(self) -> BeatResult | None:
+        """Renew every lease this node holds; return what was lost and what is unknown."""
+        known_before = self._known()
+        calls = [
+            self.app.store.extend(q, self.node, self.lease_ms, now_ms=self.app.now_ms())
+            for q in self.queues
+        ]
+        try:
+            results = self.runner.run_many(calls)
+        except JobqError as exc:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 10 == 0:
+                log.warning("lease renewal failed (%d in a row): %s", self.failures, exc)
+            return None
+        if self.failures:
+            log.info("lease renewal recovered after %d failure(s)", self.failures)
+        self.failures = 0
+        self.last_ok = time.monotonic()
+        now_ms = results[0].now_ms if results else 0
+        known_after = self._known()
+        lost: dict[str, set[str]] = {}
+        unknown: dict[str, set[str]] = {}
+        for q, res in zip(self.queues, results, strict=True):
+            owned = set(res.owned)
+            # Lost: known before and after the call, yet not owned. A job acked meanwhile has
+            # left `known` by the time we look again.
+            gone = (known_before.get(q, set()) & known_after.get(q, set())) - owned
+            if gone:
+                lost[q] = gone
+            strange = owned - known_before.get(q, set()) - known_after.get(q, set())
+            # Unknown twice in a row: not a claim reply still on its way. Release it.
+            confirmed = strange & self._unknown_prev.get(q, set())
+            if confirmed:
+                unknown[q] = confirmed
+            self._unknown_prev[q] = strange - confirmed
+        self._register(now_ms)
+        result = BeatResult(now_ms, lost, unknown)
+        self._on_beat(result)
+        return result
+
+    def _register(self, now_ms: int) -> None:
+        """The node registry for operators (jobq nodes) and the epoch check."""
+        k = self.app.keys
+        try:
+            info = {
+                "queues": ",".join(self.queues),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started_ms": self.started_ms,
+                "heartbeat_ms": now_ms,
+                **self._info(),
+            }
+            pipe = self.runner.client.pipeline(transaction=False)
+            pipe.zadd(k.nodes, {self.node: now_ms})
+            pipe.hset(k.node(self.node), mapping=info)
+            pipe.pexpire(k.node(self.node), self.lease_ms * 3)
+            pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
+            pipe.get(k.epoch)
+            *_, epoch = pipe.execute()
+        except Exception as exc:
+            log.debug("node registry update failed: %s", exc)
+            return
+        if self.epoch is None:
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            self.epoch = epoch
+            log.critical("Redis dataset lost (epoch changed): jobs stored before it are gone")
+            if self._on_epoch_change is not None:
+                self._on_epoch_change()
+
+    def _check_fence(self) -> None:
+        silent = time.monotonic() - self.last_ok
+        # Fence before the lease can run out: others may take the jobs once it has.
+        margin = min(self.interval, self.lease_ms / 1000 / 6)
+        should_fence = silent > self.lease_ms / 1000 - margin
+        if should_fence != self.fenced:
+            self.fenced = should_fence
+            if should_fence:
+                log.error(
+                    "no lease renewal for %.1f s: fencing this node (no claims; running jobs "
+                    "are treated as lost)",
+                    silent,
+                )
+            else:
+                log.warning("lease renewals succeed again: unfencing")
+            self._on_fence(should_fence)
+
+    def deregister(self) -> None:
+        """Remove this node from the registries on a clean exit."""
+        k = self.app.keys
+        try:
+            pipe = self.runner.client.pipeline(transaction=False)
+            pipe.zrem(k.nodes, self.node)
+            pipe.delete(k.node(self.node))
+            pipe.execute()
+            for q in self.queues:
+                self.runner.client.zrem(k.queue_nodes(q), self.node)
+        except Exception as exc:
+            log.debug("node deregistration failed: %s", exc)

@@ -1,0 +1,195 @@
+"""Every Redis key and channel name jobq uses is built here, and only here.
+
+Key-space map (prefix ``jobq``, configurable with ``JobQ(prefix=...)``). Every key of one queue
+carries the hash tag ``{<queue>}`` so that the whole queue lives in one Redis Cluster slot and each
+Lua script of that queue runs on one node.
+
+=================================  ======  ===============================================  =========
+key                                type    holds                                            lifetime
+=================================  ======  ===============================================  =========
+``jobq:{q}:ready``                 ZSET    runnable job ids; score = (100 - priority)       permanent
+                                           * 2^44 + seq, so higher priority first, FIFO
+                                           within a priority, exact integers < 2^53
+``jobq:{q}:scheduled``             ZSET    delayed and retry-backoff job ids;               permanent
+                                           score = run-at, ms of the Redis clock
+``jobq:{q}:job:<id>``              HASH    one job: task, payload (msgpack, opaque to       until
+                                           Lua), priority, attempts, max_attempts,          finished
+                                           timeout, deadline, state, node, timestamps,      + retention
+                                           last error, result
+``jobq:{q}:active:<node>``         LIST    the job ids node ``<node>`` has claimed          while the
+                                                                                            node lives
+``jobq:{q}:leases``                ZSET    job id -> lease deadline, ms of the Redis        permanent
+                                           clock; the reaper's index
+``jobq:{q}:finished``              ZSET    finished (done or cancelled) job ids ->          PEXPIRE
+                                           expiry ms; trimmed as jobs expire                = retention
+``jobq:{q}:dead``                  ZSET    dead-letter job ids -> time of death, ms;        permanent
+                                           bounded by count and age
+``jobq:{q}:nodes``                 ZSET    nodes serving this queue -> last heartbeat ms    permanent
+``jobq:{q}:seq``                   STRING  the queue's FIFO sequence counter                permanent
+``jobq:{q}:unique:<key>``          STRING  an idempotency key -> the job id holding it      until the
+                                                                                            job ends
+``jobq:{q}:paused``                STRING  present while the queue is paused                by admin
+``jobq:{q}:cron:<name>``           STRING  the last cron tick fired for entry <name>, ms    permanent
+``jobq:{q}:reap-lock``             STRING  once-per-interval guard for the reaper (load     PX
+                                           saving only; reap is safe without it)
+``jobq:queues``                    SET     every queue ever enqueued to (inspection)        permanent
+``jobq:nodes``                     ZSET    every live node -> last heartbeat ms             permanent
+``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
+``jobq:epoch``                     STRING  random value set once; a change means the        permanent
+                                           dataset was wiped
+channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
+=================================  ======  ===============================================  =========
+
+Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
+keys (``job:<id>``, ``active:<node>``, ``unique:<key>``) from it. Those keys are always inside the
+queue's hash tag, so they live in the same cluster slot as the declared keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jobq.errors import InvalidQueueName, InvalidTaskName
+
+#: Queue names: letters, digits and ``. _ - # /``; no braces (hash tags), colons (key
+#: separators), whitespace or control characters. ``#`` is reserved for shard suffixes.
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,128}$")
+#: Task names: printable, no whitespace or control characters; dotted paths and ``module:attr``.
+_TASK_RE = re.compile(r"^[A-Za-z0-9._\-:/<>]{1,200}$")
+#: Node ids: as queue names, up to 128 characters.
+_NODE_RE = _QUEUE_RE
+
+MAX_QUEUE_NAME = 128
+
+
+def validate_queue(name: object) -> str:
+    """Return ``name`` if it is a valid queue name, else raise :class:`InvalidQueueName`."""
+    if not isinstance(name, str):
+        raise InvalidQueueName(f"queue: must be a string, got {type(name).__name__}")
+    if not _QUEUE_RE.match(name):
+        raise InvalidQueueName(
+            f"queue: {name[:140]!r} is not a valid queue name (1-{MAX_QUEUE_NAME} characters of "
+            "A-Z a-z 0-9 . _ - /; no braces, colons, spaces or control characters)"
+        )
+    return name
+
+
+def validate_task_name(name: object) -> str:
+    """Return ``name`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
+    if not isinstance(name, str):
+        raise InvalidTaskName(f"task: must be a string, got {type(name).__name__}")
+    if not _TASK_RE.match(name):
+        raise InvalidTaskName(
+            f"task: {name[:210]!r} is not a valid task name (1-200 characters of "
+            "A-Z a-z 0-9 . _ - : / < >; no spaces or control characters)"
+        )
+    return name
+
+
+def validate_node(name: str) -> str:
+    """Return ``name`` if it is a valid node id, else raise ``ValueError``."""
+    if not _NODE_RE.match(name):
+        raise ValueError(f"node id: {name!r} must be 1-128 characters of A-Z a-z 0-9 . _ - /")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder bound to one prefix. ``Keys("jobq").ready("emails") == "jobq:{emails}:ready"``."""
+
+    prefix: str = "jobq"
+
+    # -- per-queue keys (all inside the queue's hash tag) ---------------------------------------
+    def queue_prefix(self, q: str) -> str:
+        """The prefix every key of queue ``q`` starts with; Lua builds per-job keys from it."""
+        return f"{self.prefix}:{{{q}}}:"
+
+    def ready(self, q: str) -> str:
+        """ZSET of runnable job ids, ordered by priority then FIFO sequence."""
+        return f"{self.prefix}:{{{q}}}:ready"
+
+    def scheduled(self, q: str) -> str:
+        """ZSET of delayed job ids scored by run-at ms."""
+        return f"{self.prefix}:{{{q}}}:scheduled"
+
+    def job(self, q: str, job_id: str) -> str:
+        """HASH holding one job."""
+        return f"{self.prefix}:{{{q}}}:job:{job_id}"
+
+    def active(self, q: str, node: str) -> str:
+        """LIST of the job ids ``node`` has claimed from ``q``."""
+        return f"{self.prefix}:{{{q}}}:active:{node}"
+
+    def leases(self, q: str) -> str:
+        """ZSET job id -> lease deadline ms."""
+        return f"{self.prefix}:{{{q}}}:leases"
+
+    def finished(self, q: str) -> str:
+        """ZSET of finished job ids -> expiry ms."""
+        return f"{self.prefix}:{{{q}}}:finished"
+
+    def dead(self, q: str) -> str:
+        """ZSET of dead-letter job ids -> time of death ms."""
+        return f"{self.prefix}:{{{q}}}:dead"
+
+    def queue_nodes(self, q: str) -> str:
+        """ZSET node id -> last heartbeat ms, for nodes serving ``q``."""
+        return f"{self.prefix}:{{{q}}}:nodes"
+
+    def seq(self, q: str) -> str:
+        """STRING counter giving FIFO order within a priority."""
+        return f"{self.prefix}:{{{q}}}:seq"
+
+    def unique(self, q: str, key: str) -> str:
+        """STRING idempotency key -> job id."""
+        return f"{self.prefix}:{{{q}}}:unique:{key}"
+
+    def paused(self, q: str) -> str:
+        """STRING present while ``q`` is paused."""
+        return f"{self.prefix}:{{{q}}}:paused"
+
+    def cron(self, q: str, name: str) -> str:
+        """STRING: the last tick (ms) fired for cron entry ``name`` into ``q``."""
+        return f"{self.prefix}:{{{q}}}:cron:{name}"
+
+    def reap_lock(self, q: str) -> str:
+        """STRING once-per-interval reaper guard (saves load; not needed for correctness)."""
+        return f"{self.prefix}:{{{q}}}:reap-lock"
+
+    def wake(self, q: str) -> str:
+        """Pub/sub channel announcing new work in ``q``."""
+        return f"{self.prefix}:{{{q}}}:wake"
+
+    # -- global keys (never touched by a queue script) ------------------------------------------
+    @property
+    def queues(self) -> str:
+        """SET of every queue name enqueued to."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def nodes(self) -> str:
+        """ZSET node id -> last heartbeat ms, across all queues."""
+        return f"{self.prefix}:nodes"
+
+    def node(self, node: str) -> str:
+        """HASH describing one live node; expires when its heartbeats stop."""
+        return f"{self.prefix}:node:{node}"
+
+    @property
+    def epoch(self) -> str:
+        """STRING set once; a changed or missing value means the dataset was wiped."""
+        return f"{self.prefix}:epoch"
+
+    def all_queue_keys(self, q: str) -> list[str]:
+        """The fixed (non per-job) keys of ``q``, for inspection and tests."""
+        return [
+            self.ready(q),
+            self.scheduled(q),
+            self.leases(q),
+            self.finished(q),
+            self.dead(q),
+            self.queue_nodes(q),
+            self.seq(q),
+            self.paused(q),
+        ]

@@ -1,0 +1,528 @@
+"""The only module that speaks to Redis through jobq's Lua scripts.
+
+:class:`Store` builds one typed :class:`Call` per script (keys from :mod:`jobq.keys`, ARGV in the
+order of the script's header, a parser for its reply); it does no I/O. :class:`SyncRunner` and
+:class:`AsyncRunner` execute calls through redis-py ``Script`` objects (EVALSHA, reloaded on
+NOSCRIPT) and map every Redis error to the :mod:`jobq.errors` tree in one place.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+
+from jobq import errors
+from jobq.keys import Keys
+from jobq.scripts import ScriptName, source
+
+T = TypeVar("T")
+Arg = str | bytes | int | float
+
+#: Most jobs one enqueue or ack script call carries.
+MAX_BATCH = 1000
+#: Priority bounds (inclusive); higher runs first.
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds and retention the scripts enforce, in milliseconds and counts."""
+
+    #: How long a finished (or cancelled) job and its result are kept.
+    retention_ms: int = 600_000
+    #: Dead-letter list bound by count...
+    dead_max: int = 10_000
+    #: ... and by age.
+    dead_ttl_ms: int = 7 * 24 * 3600 * 1000
+    #: Upper bound of one retry backoff delay.
+    backoff_cap_ms: int = 3600 * 1000
+    #: Due scheduled jobs a claim call promotes before popping.
+    promote_limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One job as the enqueue script takes it (already validated by the client)."""
+
+    id: str
+    task: str
+    payload: bytes
+    priority: int = 0
+    delay_ms: int | None = None
+    run_at_ms: int | None = None
+    max_attempts: int = 3
+    timeout_ms: int = 0
+    backoff_ms: int = 1000
+    #: Absolute ms, or "+<ms>" relative to the enqueue time on the Redis clock; "" = none.
+    deadline: str = ""
+    unique_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job leased to this node."""
+
+    id: str
+    queue: str
+    task: str
+    payload: bytes
+    attempts: int
+    max_attempts: int
+    timeout_ms: int
+    ready_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    now_ms: int
+    next_due_ms: int | None
+    jobs: list[ClaimedJob]
+    #: (job id, reason) of jobs dead-lettered instead of claimed.
+    dead: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class FailResult:
+    #: "retry", "dead", "lease_lost" or "missing"
+    outcome: str
+    run_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReapResult:
+    requeued: list[str]
+    dead: list[str]
+    skipped: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    now_ms: int
+    owned: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteResult:
+    promoted: int
+    next_due_ms: int | None
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One script invocation: which script, its KEYS and ARGV, and how to read its reply."""
+
+    script: ScriptName
+    keys: list[str]
+    args: list[Arg]
+    parse: Callable[[Any], T]
+    #: The queue the call is about, for error messages.
+    queue: str = field(default="")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _now(now_ms: int | None) -> Arg:
+    return "" if now_ms is None else int(now_ms)
+
+
+def _due(v: Any) -> int | None:
+    n = int(v)
+    return None if n < 0 else n
+
+
+class Store:
+    """Builds script calls for one key prefix. Pure: no I/O."""
+
+    def __init__(self, keys: Keys, limits: Limits | None = None) -> None:
+        self.keys = keys
+        self.limits = limits or Limits()
+
+    # -- producer -------------------------------------------------------------------------------
+    def enqueue(
+        self,
+        queue: str,
+        jobs: Sequence[JobSpec],
+        *,
+        now_ms: int | None = None,
+        max_depth: int = 0,
+        cron_name: str = "",
+        cron_tick_ms: int = 0,
+    ) -> Call[list[str]]:
+        k = self.keys
+        if not 1 <= len(jobs) <= MAX_BATCH:
+            raise ValueError(f"enqueue takes 1..{MAX_BATCH} jobs per call")
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            _now(now_ms),
+            max_depth,
+            cron_name,
+            cron_tick_ms,
+            len(jobs),
+        ]
+        for j in jobs:
+            args += (
+                j.id,
+                j.task,
+                j.payload,
+                j.priority,
+                "" if j.delay_ms is None else j.delay_ms,
+                "" if j.run_at_ms is None else j.run_at_ms,
+                j.max_attempts,
+                j.timeout_ms,
+                j.backoff_ms,
+                j.deadline,
+                j.unique_key,
+            )
+
+        def parse(raw: Any) -> list[str]:
+            if raw and isinstance(raw[0], int):
+                raise errors.QueueFull(queue, int(raw[1]), max_depth)
+            return [_s(x) for x in raw]
+
+        return Call(
+            ScriptName.ENQUEUE,
+            [k.ready(queue), k.scheduled(queue), k.seq(queue)],
+            args,
+            parse,
+            queue,
+        )
+
+    # -- worker ---------------------------------------------------------------------------------
+    def claim(
+        self, queue: str, node: str, max_jobs: int, lease_ms: int, *, now_ms: int | None = None
+    ) -> Call[ClaimResult]:
+        k, lim = self.keys, self.limits
+        keys = [
+            k.ready(queue),
+            k.scheduled(queue),
+            k.active(queue, node),
+            k.leases(queue),
+            k.dead(queue),
+            k.paused(queue),
+            k.seq(queue),
+        ]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            node,
+            _now(now_ms),
+            lease_ms,
+            max_jobs,
+            lim.promote_limit,
+            lim.dead_max,
+            lim.dead_ttl_ms,
+        ]
+
+        def parse(raw: Any) -> ClaimResult:
+            n_claimed, n_dead = int(raw[2]), int(raw[3])
+            jobs = []
+            pos = 4
+            for _ in range(n_claimed):
+                r = raw[pos : pos + 7]
+                pos += 7
+                jobs.append(
+                    ClaimedJob(
+                        r[0].decode(),
+                        queue,
+                        r[1].decode(),
+                        r[2],
+                        int(r[3]),
+                        int(r[4]),
+                        int(r[5]),
+                        int(r[6]),
+                    )
+                )
+            dead = [(_s(raw[pos + 2 * i]), _s(raw[pos + 2 * i + 1])) for i in range(n_dead)]
+            return ClaimResult(int(raw[0]), _due(raw[1]), jobs, dead)
+
+        return Call(ScriptName.CLAIM, keys, args, parse, queue)
+
+    def ack(
+        self,
+        queue: str,
+        node: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        now_ms: int | None = None,
+    ) -> Call[list[int]]:
+        """Finish jobs: ``items`` are (job id, encoded result or b"")."""
+        k = self.keys
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            node,
+            _now(now_ms),
+            self.limits.retention_ms,
+            len(items),
+        ]
+        for job_id, result in items:
+            args += (job_id, result)
+        keys = [k.active(queue, node), k.leases(queue), k.finished(queue)]
+        return Call(ScriptName.ACK, keys, args, lambda raw: [int(x) for x in raw], queue)
+
+    def fail(
+        self,
+        queue: str,
+        node: str,
+        job_id: str,
+        error: str,
+        *,
+        dead: bool = False,
+        delay_ms: int | None = None,
+        jitter: float | None = None,
+        now_ms: int | None = None,
+    ) -> Call[FailResult]:
+        k, lim = self.keys, self.limits
+        keys = [
+            k.active(queue, node),
+            k.leases(queue),
+            k.scheduled(queue),
+            k.dead(queue),
+            k.ready(queue),
+            k.seq(queue),
+        ]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            node,
+            _now(now_ms),
+            job_id,
+            error[:4000],
+            "dead" if dead else "retry",
+            "" if delay_ms is None else delay_ms,
+            round(random.random() if jitter is None else jitter, 6),
+            lim.backoff_cap_ms,
+            lim.dead_max,
+            lim.dead_ttl_ms,
+        ]
+        outcomes = {1: "retry", 2: "dead", -2: "lease_lost", -1: "missing"}
+        return Call(
+            ScriptName.FAIL,
+            keys,
+            args,
+            lambda raw: FailResult(outcomes[int(raw[0])], int(raw[1])),
+            queue,
+        )
+
+    def extend(
+        self,
+        queue: str,
+        node: str,
+        lease_ms: int,
+        *,
+        limit: int = 10_000,
+        now_ms: int | None = None,
+    ) -> Call[ExtendResult]:
+        k = self.keys
+        keys = [k.active(queue, node), k.leases(queue), k.queue_nodes(queue)]
+        args: list[Arg] = [node, _now(now_ms), lease_ms, limit]
+        return Call(
+            ScriptName.EXTEND,
+            keys,
+            args,
+            lambda raw: ExtendResult(int(raw[0]), [_s(x) for x in raw[1:]]),
+            queue,
+        )
+
+    def release(
+        self,
+        queue: str,
+        node: str,
+        job_ids: Sequence[str] | None = None,
+        *,
+        now_ms: int | None = None,
+    ) -> Call[int]:
+        """Give jobs back to ready without counting an attempt; ``None`` = all the node holds
+        (up to 1,000 per call)."""
+        k = self.keys
+        ids = list(job_ids or [])
+        keys = [k.active(queue, node), k.leases(queue), k.ready(queue), k.seq(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), len(ids), *ids]
+        return Call(ScriptName.RELEASE, keys, args, int, queue)
+
+    # -- maintenance ------------------------------------------------------------------------------
+    def reap(
+        self,
+        queue: str,
+        *,
+        node_ttl_ms: int,
+        limit: int = 1000,
+        guard_ms: int = 0,
+        now_ms: int | None = None,
+    ) -> Call[ReapResult]:
+        k, lim = self.keys, self.limits
+        keys = [
+            k.leases(queue),
+            k.ready(queue),
+            k.dead(queue),
+            k.queue_nodes(queue),
+            k.seq(queue),
+            k.reap_lock(queue),
+        ]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            _now(now_ms),
+            limit,
+            node_ttl_ms,
+            lim.dead_max,
+            lim.dead_ttl_ms,
+            guard_ms,
+        ]
+
+        def parse(raw: Any) -> ReapResult:
+            if int(raw[0]) < 0:
+                return ReapResult([], [], skipped=True)
+            n_req, n_dead = int(raw[0]), int(raw[1])
+            ids = [_s(x) for x in raw[2:]]
+            return ReapResult(ids[:n_req], ids[n_req : n_req + n_dead])
+
+        return Call(ScriptName.REAP, keys, args, parse, queue)
+
+    def promote(self, queue: str, *, limit: int = 1000, now_ms: int | None = None) -> Call[PromoteResult]:
+        k = self.keys
+        keys = [k.scheduled(queue), k.ready(queue), k.seq(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit]
+        return Call(
+            ScriptName.PROMOTE,
+            keys,
+            args,
+            lambda raw: PromoteResult(int(raw[0]), _due(raw[1]), int(raw[2])),
+            queue,
+        )
+
+    # -- admin ----------------------------------------------------------------------------------
+    def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
+        k = self.keys
+        keys = [k.ready(queue), k.scheduled(queue), k.dead(queue), k.finished(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), job_id, _now(now_ms), self.limits.retention_ms]
+        return Call(ScriptName.CANCEL, keys, args, int, queue)
+
+    def retry_dead(
+        self,
+        queue: str,
+        job_ids: Sequence[str] | None = None,
+        *,
+        limit: int = 1000,
+        now_ms: int | None = None,
+    ) -> Call[int]:
+        k = self.keys
+        ids = list(job_ids or [])
+        keys = [k.dead(queue), k.ready(queue), k.seq(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, len(ids), *ids]
+        return Call(ScriptName.RETRY_DEAD, keys, args, int, queue)
+
+    def purge(self, queue: str, which: str, *, limit: int = 1000) -> Call[int]:
+        """Delete up to ``limit`` jobs of ``which`` in {ready, scheduled, dead, finished}."""
+        k = self.keys
+        sets = {
+            "ready": k.ready(queue),
+            "scheduled": k.scheduled(queue),
+            "dead": k.dead(queue),
+            "finished": k.finished(queue),
+        }
+        if which not in sets:
+            raise errors.InvalidInput(f"state: cannot purge {which!r}", "state")
+        return Call(ScriptName.PURGE, [sets[which]], [k.queue_prefix(queue), limit], int, queue)
+
+
+# -- error mapping -------------------------------------------------------------------------------
+_BADARG_ERRORS: dict[str, type[errors.InvalidInput]] = {
+    "priority": errors.InvalidPriority,
+    "delay": errors.InvalidDelay,
+    "run_at": errors.InvalidRunAt,
+    "deadline": errors.InvalidDeadline,
+    "max_attempts": errors.InvalidMaxAttempts,
+    "timeout": errors.InvalidTimeout,
+    "unique_key": errors.InvalidUniqueKey,
+    "id": errors.InvalidJobId,
+    "task": errors.InvalidTaskName,
+}
+
+
+def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseException:
+    """Turn a redis-py exception into the matching :mod:`jobq.errors` exception."""
+    where = f"{script} on queue {queue!r}" if queue else script or "redis call"
+    msg = str(exc)
+    if isinstance(exc, errors.JobqError):
+        return exc
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or msg.startswith("OOM"):
+        return errors.RedisOutOfMemory(f"{where}: Redis is out of memory (maxmemory); not written")
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError)):
+        return errors.RedisAuthError(f"{where}: {msg}")
+    if isinstance(exc, redis.exceptions.AuthorizationError) or msg.startswith(
+        ("NOAUTH", "WRONGPASS", "NOPERM")
+    ):
+        return errors.RedisAuthError(f"{where}: {msg}")
+    if isinstance(exc, redis.exceptions.BusyLoadingError) or msg.startswith("BUSY"):
+        return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
+        return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}")
+    if isinstance(exc, redis.exceptions.ResponseError) and "BADARG" in msg:
+        detail = msg[msg.index("BADARG") + 7 :]
+        fld = detail.split(" ", 1)[0]
+        cls = _BADARG_ERRORS.get(fld)
+        if cls is not None:
+            return cls(f"{fld}: {detail.split(' ', 1)[-1]}")
+        return errors.ScriptError(f"{where}: refused its arguments: {detail}")
+    if isinstance(exc, redis.exceptions.RedisError):
+        return errors.ScriptError(f"{where}: {type(exc).__name__}: {msg}")
+    return exc
+
+
+# -- execution -----------------------------------------------------------------------------------
+SyncClient = Any  # redis.Redis | redis.cluster.RedisCluster
+AsyncClient = Any  # redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+
+class SyncRunner:
+    """Runs calls on a synchronous redis-py client (standalone or cluster)."""
+
+    def __init__(self, client: SyncClient) -> None:
+        self.client = client
+        self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
+
+    def run(self, call: Call[T]) -> T:
+        try:
+            raw = self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
+        except Exception as exc:
+            raise map_error(exc, call.script.value, call.queue) from None
+        return call.parse(raw)
+
+    def run_many(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """Run calls in one pipelined round trip (not a transaction: each script is atomic on
+        its own). Raises the first error after every call has run."""
+        if len(calls) == 1:
+            return [self.run(calls[0])]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for c in calls:
+                self._scripts[c.script](keys=c.keys, args=c.args, client=pipe)
+            raws = pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            raise map_error(exc, calls[0].script.value, calls[0].queue) from None
+        out = []
+        for c, raw in zip(calls, raws, strict=True):
+            if isinstance(raw, Exception):
+                raise map_error(raw, c.script.value, c.queue)
+            out.append(c.parse(raw))
+        return out
+
+
+class AsyncRunner:
+    """Runs calls on an asyncio redis-py client (standalone or cluster)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
+
+    async def run(self, call: Call[T]) -> T:
+        try:
+            raw = await self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
+        except Exception as exc:
+            raise map_error(exc, call.script.value, call.queue) from None
+        return call.parse(raw)

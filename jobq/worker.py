@@ -1,0 +1,782 @@
+"""A worker node: claims jobs, runs them, acks them, and keeps its leases alive.
+
+One process is one node. Inside it:
+
+- the **fetcher** claims up to the number of free slots per script call, in strict queue order or
+  by weight; when nothing is runnable it waits for a pub/sub announcement, the next scheduled run
+  time, or the poll interval, whichever comes first (pub/sub is only a hint);
+- the **executor** runs ``async def`` tasks on the event loop and plain ``def`` tasks in a thread
+  pool, at most ``concurrency`` at once, each under its timeout;
+- the **acker** finishes completed jobs in batches: every job that completes while an ack is in
+  flight rides the next call, so a busy node pays far less than one round trip per job;
+- the **heartbeat** (its own thread and connection, :mod:`jobq.heartbeat`) renews leases;
+- the **reaper** and **scheduler** loops (:mod:`jobq.reaper`, :mod:`jobq.scheduler`).
+
+Shutdown (SIGTERM/SIGINT): stop claiming, let running jobs finish within ``grace``, release the rest
+back to ready without counting an attempt, exit 0. A second signal releases at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from jobq import codec, connection
+from jobq.app import JobQ
+from jobq.errors import (
+    DecodeError,
+    EncodeError,
+    Fail,
+    JobqError,
+    JobTimeout,
+    RedisBusy,
+    RedisUnavailable,
+    Retry,
+)
+from jobq.heartbeat import BeatResult, Heartbeat
+from jobq.keys import validate_node
+from jobq.reaper import Reaper
+from jobq.scheduler import Scheduler
+from jobq.store import AsyncRunner, ClaimedJob, SyncRunner
+
+if TYPE_CHECKING:
+    from jobq.metrics import Metrics
+
+log = logging.getLogger("jobq.worker")
+
+
+@dataclass
+class WorkerConfig:
+    """How a node runs. Durations are seconds."""
+
+    #: (logical queue, weight) in priority order; weights are used only if ``weighted``.
+    queues: list[tuple[str, int]] = field(default_factory=lambda: [("default", 1)])
+    weighted: bool = False
+    concurrency: int = 20
+    lease: float = 30.0
+    grace: float = 30.0
+    node_id: str | None = None
+    #: Exit once there is nothing left to run (tests, batch jobs).
+    burst: bool = False
+    #: Longest wait between claims when idle and no announcement arrives.
+    poll_interval: float = 1.0
+    #: Reaper pass interval (default: lease / 6, at most 5 s).
+    reap_interval: float | None = None
+    #: Scheduler (promote + cron) pass interval.
+    schedule_interval: float = 1.0
+    #: A node silent this long is dead for the reaper's node cleanup (default: 2 leases).
+    node_ttl: float | None = None
+    #: Run the reaper and scheduler loops on this node.
+    maintenance: bool = True
+
+
+def default_node_id() -> str:
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:64]
+    return f"{host or 'node'}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+@dataclass
+class _Running:
+    """One claimed job on this node."""
+
+    job: ClaimedJob
+    started: float
+    task: asyncio.Task[None] | None = None
+    #: The heartbeat found the job no longer ours: never ack it.
+    lost: bool = False
+    #: An ack or fail for it is on its way: the heartbeat must not call it lost.
+    finishing: bool = False
+    thread_id: int | None = None
+
+
+class _SyncCall:
+    """Runs a plain function in the pool and lets the loop interrupt it on timeout."""
+
+    __slots__ = ("args", "done", "fn", "kwargs", "thread_id")
+
+    def __init__(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.thread_id: int | None = None
+        self.done = False
+
+    def __call__(self) -> Any:
+        self.thread_id = threading.get_ident()
+        try:
+            return self.fn(*self.args, **self.kwargs)
+        finally:
+            self.done = True
+
+    def interrupt(self) -> bool:
+        """Raise JobTimeout in the thread at its next bytecode. A thread blocked in a system
+        call notices only when the call returns (the documented caveat)."""
+        if self.thread_id is None or self.done:
+            return False
+        n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(self.thread_id), ctypes.py_object(JobTimeout)
+        )
+        return bool(n == 1)
+
+
+class Worker:
+    """A worker node for ``app``. ``await worker.run()`` until stopped (or drained in burst)."""
+
+    def __init__(
+        self,
+        app: JobQ,
+        config: WorkerConfig | None = None,
+        *,
+        metrics: Metrics | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.app = app
+        self.config = cfg = config or WorkerConfig()
+        if cfg.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if cfg.lease <= 0 or cfg.grace < 0 or cfg.poll_interval <= 0:
+            raise ValueError("lease and poll interval must be > 0, grace >= 0")
+        self.node = validate_node(cfg.node_id or default_node_id())
+        self.url = url or app.url
+        self.metrics = metrics
+        self.lease_ms = max(1, round(cfg.lease * 1000))
+        self.reap_interval = cfg.reap_interval or min(5.0, cfg.lease / 6)
+        self.node_ttl_ms = round((cfg.node_ttl or 2 * cfg.lease) * 1000)
+        self.queues: list[str] = []
+        self.weights: dict[str, int] = {}
+        for logical, weight in cfg.queues:
+            for q in app.queue_shards(logical):
+                if q not in self.weights:
+                    self.queues.append(q)
+                    self.weights[q] = max(1, weight)
+        if not self.queues:
+            raise ValueError("no queues to serve")
+        self.running: dict[str, _Running] = {}
+        self._busy = 0
+        self._stopping = False
+        self._released = False
+        self._fenced = False
+        self._wake: asyncio.Event | None = None
+        self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
+        self._ack_event: asyncio.Event | None = None
+        self._next_due_ms: int | None = None
+        self._last_now_ms: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="jobq-task")
+        self._stop_event: asyncio.Event | None = None
+        self._hard_stop: asyncio.Event | None = None
+        self._reap_not_before = 0.0
+        self.last_ok = time.monotonic()
+        self.pubsub_connected = False
+        self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0}
+        self.heartbeat: Heartbeat | None = None
+        self.client: Any = None
+        self.runner: AsyncRunner | None = None
+        self._bg: list[asyncio.Task[Any]] = []
+
+    # -- public control -------------------------------------------------------------------------
+    def stop(self, *, graceful: bool = True) -> None:
+        """Ask the node to stop (thread-safe). ``graceful=False`` releases running jobs now."""
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._request_stop, graceful)
+
+    def _request_stop(self, graceful: bool) -> None:
+        assert self._stop_event is not None and self._hard_stop is not None
+        if self._stop_event.is_set() or not graceful:
+            self._hard_stop.set()
+        self._stop_event.set()
+        self._stopping = True
+        self._poke()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        assert self._stop_event is not None
+        if self._stop_event.is_set():
+            log.warning("second %s: releasing running jobs now", signal.Signals(sig).name)
+        else:
+            log.warning(
+                "%s: no more claims; waiting up to %.0f s for %d running job(s)",
+                signal.Signals(sig).name,
+                self.config.grace,
+                self._busy,
+            )
+        self._request_stop(True)
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy = a recent successful round trip through a script (not a bare PING)."""
+        age = time.monotonic() - self.last_ok
+        limit = max(3 * self.config.poll_interval, self.config.lease)
+        if age > limit:
+            return False, f"no successful Redis round trip for {age:.1f} s"
+        if self._fenced:
+            return False, "fenced: lease renewals failing"
+        return True, f"ok (last round trip {age:.2f} s ago)"
+
+    # -- main -----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until stopped; then shut down cleanly (see the module docstring)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._ack_event = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self.client = connection.async_client(self.url)
+        self.runner = AsyncRunner(self.client)
+        sync_client = connection.sync_client(self.url)
+        self.heartbeat = Heartbeat(
+            self.app,
+            SyncRunner(sync_client),
+            self.node,
+            self.queues,
+            self.lease_ms,
+            known=self._known_snapshot,
+            on_beat=self._beat_from_thread,
+            on_fence=self._fence_from_thread,
+            info=lambda: {
+                "concurrency": self.config.concurrency,
+                "inflight": len(self.running),
+                "busy": self._busy,
+            },
+        )
+        log.info(
+            "node %s: queues %s, concurrency %d, lease %.1f s, redis %s",
+            self.node,
+            ",".join(self.queues),
+            self.config.concurrency,
+            self.config.lease,
+            connection.redact_url(self.url),
+        )
+        self.heartbeat.start()
+        self._bg = [asyncio.create_task(self._acker(), name="jobq-acker")]
+        if not self.config.burst:
+            self._bg.append(asyncio.create_task(self._listen(), name="jobq-pubsub"))
+        if self.config.maintenance:
+            self._bg.append(asyncio.create_task(self._maintain(), name="jobq-maintenance"))
+        try:
+            await self._fetch_loop()
+            await self._drain()
+        finally:
+            await self._shutdown(sync_client)
+
+    # -- fetcher --------------------------------------------------------------------------------
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _queue_order(self) -> list[str]:
+        if not self.config.weighted or len(self.queues) == 1:
+            return self.queues
+        # Weighted: a random order where a queue's chance of going first is its weight share.
+        left = list(self.queues)
+        order = []
+        while left:
+            pick = random.choices(left, weights=[self.weights[q] for q in left])[0]
+            order.append(pick)
+            left.remove(pick)
+        return order
+
+    async def _fetch_loop(self) -> None:
+        assert self._wake is not None and self.runner is not None
+        backoff = 0.05
+        cfg = self.config
+        while not self._stopping:
+            free = cfg.concurrency - self._busy
+            if free <= 0 or self._fenced:
+                self._wake.clear()
+                await self._wait(cfg.poll_interval)
+                continue
+            try:
+                got = await self._claim(free)
+                backoff = 0.05
+            except (RedisUnavailable, RedisBusy) as exc:
+                log.warning("claim failed: %s; retrying in %.2f s", exc, backoff)
+                self._reap_not_before = time.monotonic() + cfg.lease
+                await self._wait(backoff)
+                backoff = min(backoff * 2, 2.0) * random.uniform(0.8, 1.2)
+                continue
+            except JobqError:
+                log.exception("claim failed")
+                await self._wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if got:
+                # Let completions of this loop turn land, so the next claim takes them together.
+                await asyncio.sleep(0)
+                continue
+            if cfg.burst and self._busy == 0 and self._nothing_due():
+                return
+            await self._wait(self._idle_timeout())
+
+    def _nothing_due(self) -> bool:
+        if self._next_due_ms is None or self._last_now_ms is None:
+            return True
+        # Burst mode waits for due-now jobs only; future scheduled ones are left for later.
+        return self._next_due_ms > self._last_now_ms
+
+    def _idle_timeout(self) -> float:
+        timeout = self.config.poll_interval
+        if self._next_due_ms is not None and self._last_now_ms is not None:
+            until_due = (self._next_due_ms - self._last_now_ms) / 1000
+            timeout = min(timeout, max(0.001, until_due))
+        if self.config.burst:
+            timeout = min(timeout, 0.05)
+        return timeout
+
+    async def _wait(self, timeout: float) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def _claim(self, free: int) -> int:
+        assert self.runner is not None
+        got = 0
+        next_due: int | None = None
+        for q in self._queue_order():
+            want = free - got
+            if want <= 0:
+                break
+            res = await self.runner.run(
+                self.app.store.claim(q, self.node, want, self.lease_ms, now_ms=self.app.now_ms())
+            )
+            self.last_ok = time.monotonic()
+            self._last_now_ms = res.now_ms
+            if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
+                next_due = res.next_due_ms
+            for job_id, reason in res.dead:
+                log.error("queue %s: job %s dead-lettered at claim: %s", q, job_id, reason)
+                if self.metrics is not None:
+                    self.metrics.job_failed(q, "", 0.0, "dead")
+            for job in res.jobs:
+                self._start(job)
+            got += len(res.jobs)
+        self._next_due_ms = next_due
+        return got
+
+    # -- executor -------------------------------------------------------------------------------
+    def _start(self, job: ClaimedJob) -> None:
+        run = _Running(job, time.monotonic())
+        self.running[job.id] = run
+        self._busy += 1
+        self.stats["claimed"] += 1
+        if self.metrics is not None:
+            now = self._last_now_ms or 0
+            self.metrics.job_started(job.queue, job.task, max(0, now - job.ready_ms) / 1000)
+        run.task = asyncio.create_task(self._execute(run))
+
+    async def _execute(self, run: _Running) -> None:
+        job = run.job
+        try:
+            result = await self._invoke(run)
+        except asyncio.CancelledError:
+            # Lost lease or hard shutdown: nothing to ack; release or the reaper takes it back.
+            self._slot_done(run)
+            raise
+        except Retry as exc:
+            await self._fail(run, f"Retry: {exc.reason}", delay=exc.delay)
+        except Fail as exc:
+            await self._fail(run, f"Fail: {exc.reason}", dead=True)
+        except DecodeError as exc:
+            await self._fail(run, f"decode_error: {exc}", dead=True)
+        except (JobTimeout, asyncio.TimeoutError, TimeoutError):
+            await self._fail(run, f"timeout: ran longer than {job.timeout_ms / 1000:g} s")
+        except _UnknownTask as exc:
+            await self._fail(run, str(exc))
+        except Exception as exc:
+            await self._fail(run, f"{type(exc).__name__}: {exc}")
+        else:
+            try:
+                encoded = b"" if result is None else codec.encode_result(result, self.app.max_payload)
+            except EncodeError as exc:
+                log.warning(
+                    "job %s (%s, queue %s): result not stored: %s", job.id, job.task, job.queue, exc
+                )
+                encoded = b""
+            self._slot_done(run)
+            self._queue_ack(run, encoded)
+
+    async def _invoke(self, run: _Running) -> Any:
+        job = run.job
+        task = self.app.tasks.get(job.task)
+        if task is None:
+            raise _UnknownTask(f"unknown task {job.task!r}: not registered on node {self.node}")
+        args, kwargs = codec.decode_payload(job.payload)
+        timeout = job.timeout_ms / 1000 if job.timeout_ms > 0 else None
+        if task.is_async:
+            coro = task.fn(*args, **kwargs)
+            if timeout is None:
+                return await coro
+            return await asyncio.wait_for(coro, timeout)
+        call = _SyncCall(task.fn, args, kwargs)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, call)
+        if timeout is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            if not call.interrupt():
+                log.warning("job %s: could not interrupt its thread after timeout", job.id)
+            raise JobTimeout() from None
+
+    def _slot_done(self, run: _Running) -> None:
+        if run.task is not None and not getattr(run, "_freed", False):
+            run._freed = True  # type: ignore[attr-defined]
+            self._busy -= 1
+            self._poke()
+
+    async def _fail(
+        self, run: _Running, error: str, *, delay: float | None = None, dead: bool = False
+    ) -> None:
+        assert self.runner is not None
+        job = run.job
+        self._slot_done(run)
+        run_s = time.monotonic() - run.started
+        if run.lost:
+            self._stale(run)
+            return
+        run.finishing = True
+        log.warning(
+            "job %s failed: task=%s queue=%s attempt=%d/%d error=%s",
+            job.id,
+            job.task,
+            job.queue,
+            job.attempts,
+            job.max_attempts,
+            error,
+        )
+        call = self.app.store.fail(
+            job.queue,
+            self.node,
+            job.id,
+            error,
+            dead=dead,
+            delay_ms=None if delay is None else round(delay * 1000),
+            now_ms=self.app.now_ms(),
+        )
+        for attempt in range(5):
+            try:
+                res = await self.runner.run(call)
+                break
+            except (RedisUnavailable, RedisBusy) as exc:
+                log.warning("fail of job %s not recorded yet: %s", job.id, exc)
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        else:
+            # The lease will expire and the reaper applies the retry policy instead.
+            self.running.pop(job.id, None)
+            return
+        self.running.pop(job.id, None)
+        self.stats["failed"] += 1
+        if res.outcome == "lease_lost":
+            self._stale(run)
+        elif self.metrics is not None:
+            self.metrics.job_failed(job.queue, job.task, run_s, res.outcome)
+
+    def _stale(self, run: _Running) -> None:
+        self.stats["stale"] += 1
+        self.running.pop(run.job.id, None)
+        log.warning(
+            "job %s (%s, queue %s) finished after this node lost its lease: result discarded "
+            "(stale completion)",
+            run.job.id,
+            run.job.task,
+            run.job.queue,
+        )
+        if self.metrics is not None:
+            self.metrics.job_stale(run.job.queue, run.job.task)
+
+    # -- acker ----------------------------------------------------------------------------------
+    def _queue_ack(self, run: _Running, encoded: bytes) -> None:
+        assert self._ack_event is not None
+        if run.lost:
+            self._stale(run)
+            return
+        run.finishing = True
+        self._acks.setdefault(run.job.queue, []).append((run, encoded))
+        self._ack_event.set()
+
+    async def _acker(self) -> None:
+        assert self._ack_event is not None
+        while True:
+            await self._ack_event.wait()
+            self._ack_event.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            batches, self._acks = self._acks, {}
+            await asyncio.gather(
+                *(
+                    self._ack_batch(q, items[i : i + 1000])
+                    for q, items in batches.items()
+                    for i in range(0, len(items), 1000)
+                )
+            )
+
+    async def _ack_batch(self, queue: str, items: list[tuple[_Running, bytes]]) -> None:
+        assert self.runner is not None
+        call = self.app.store.ack(
+            queue, self.node, [(r.job.id, enc) for r, enc in items], now_ms=self.app.now_ms()
+        )
+        backoff = 0.05
+        while True:
+            try:
+                codes = await self.runner.run(call)
+                break
+            except (RedisUnavailable, RedisBusy) as exc:
+                # Retrying is safe: a repeated ack of a job this node finished returns 0.
+                log.warning("ack of %d job(s) failed: %s; retrying", len(items), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                if self._hard_stop is not None and self._hard_stop.is_set() and backoff >= 2.0:
+                    return
+        self.last_ok = time.monotonic()
+        m = self.metrics
+        now = time.monotonic()
+        for (run, _), code in zip(items, codes, strict=True):
+            self.running.pop(run.job.id, None)
+            if code >= 0:
+                self.stats["completed"] += 1
+                if m is not None:
+                    m.job_completed(queue, run.job.task, now - run.started)
+            elif code == -2:
+                self._stale(run)
+            else:
+                log.warning("job %s vanished before its ack (deleted by an operator?)", run.job.id)
+
+    # -- heartbeat callbacks (called on the heartbeat thread) ------------------------------------
+    def _known_snapshot(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for run in list(self.running.values()):
+            if not run.finishing and not run.lost:
+                out.setdefault(run.job.queue, set()).add(run.job.id)
+        return out
+
+    def _beat_from_thread(self, beat: BeatResult) -> None:
+        if self._loop is not None and (beat.lost or beat.unknown):
+            self._loop.call_soon_threadsafe(self._on_beat, beat)
+
+    def _on_beat(self, beat: BeatResult) -> None:
+        for q, ids in beat.lost.items():
+            for job_id in ids:
+                run = self.running.get(job_id)
+                if run is None or run.finishing:
+                    continue
+                run.lost = True
+                self.stats["lost"] += 1
+                log.error(
+                    "job %s (%s, queue %s): this node lost its lease; it will not be acked here",
+                    job_id,
+                    run.job.task,
+                    q,
+                )
+                task = self.app.tasks.get(run.job.task)
+                if run.task is not None and task is not None and task.is_async:
+                    run.task.cancel()
+                    self._stale(run)
+        for q, ids in beat.unknown.items():
+            log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
+            asyncio.ensure_future(self._release(q, sorted(ids)))
+
+    def _fence_from_thread(self, fenced: bool) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set_fenced, fenced)
+
+    def _set_fenced(self, fenced: bool) -> None:
+        self._fenced = fenced
+        if fenced:
+            # Others may take our jobs once the leases run out: stop side effects now.
+            for run in list(self.running.values()):
+                if run.finishing or run.lost:
+                    continue
+                run.lost = True
+                task = self.app.tasks.get(run.job.task)
+                if run.task is not None and task is not None and task.is_async:
+                    run.task.cancel()
+                    self._stale(run)
+        self._poke()
+
+    async def _release(self, queue: str, ids: list[str] | None) -> int:
+        assert self.runner is not None
+        total = 0
+        while True:
+            n = await self.runner.run(
+                self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms())
+            )
+            total += n
+            if ids is not None or n < 1000:
+                return total
+
+    # -- maintenance ----------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        assert self.runner is not None
+        reaper = Reaper(
+            self.app,
+            self.runner,
+            self.queues,
+            node_ttl_ms=self.node_ttl_ms,
+            interval=self.reap_interval,
+        )
+        scheduler = Scheduler(self.app, self.runner, self.queues, self.app.cron_entries)
+        next_reap = time.monotonic() + random.uniform(0, self.reap_interval)
+        next_schedule = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_schedule:
+                    next_schedule = now + self.config.schedule_interval
+                    await scheduler.run_once()
+                if now >= next_reap:
+                    next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)
+                    if now >= self._reap_not_before:
+                        report = await reaper.run_once()
+                        if self.metrics is not None:
+                            for q, ids in report.requeued.items():
+                                self.metrics.jobs_reaped(q, len(ids))
+                            for q, ids in report.dead.items():
+                                self.metrics.jobs_reaped(q, len(ids))
+            except (RedisUnavailable, RedisBusy) as exc:
+                log.warning("maintenance pass failed: %s", exc)
+                # After a reconnect, let live nodes renew before reaping anything.
+                self._reap_not_before = time.monotonic() + self.config.lease
+            except Exception:
+                log.exception("maintenance pass failed")
+            await asyncio.sleep(max(0.01, min(next_reap, next_schedule) - time.monotonic()))
+
+    # -- pub/sub --------------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        channels = [self.app.keys.wake(q) for q in self.queues]
+        make = getattr(connection, "async_pubsub_client", connection.async_client)
+        backoff = 0.1
+        while True:
+            client = None
+            try:
+                client = make(self.url, socket_timeout=None)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(*channels)
+                self.pubsub_connected = True
+                backoff = 0.1
+                self._poke()  # anything announced while we were away: look now
+                while True:
+                    msg = await pubsub.get_message(timeout=self.config.poll_interval)
+                    if msg is not None:
+                        self._poke()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.pubsub_connected:
+                    log.warning("pub/sub connection lost (%s); polling until it is back", exc)
+                self.pubsub_connected = False
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(5.0, backoff * 2)
+            finally:
+                self.pubsub_connected = False
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+
+    # -- shutdown -------------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        """Wait up to ``grace`` for running jobs (a second signal cuts it short)."""
+        assert self._hard_stop is not None
+        tasks = [r.task for r in self.running.values() if r.task is not None and not r.task.done()]
+        if not tasks or self.config.burst and not self._stopping:
+            await self._settle(tasks)
+            return
+        hard = asyncio.create_task(self._hard_stop.wait())
+        done_all = asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(
+            [hard, done_all], timeout=self.config.grace, return_when=asyncio.FIRST_COMPLETED
+        )
+        hard.cancel()
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        if not done_all.done():
+            await asyncio.wait([done_all], timeout=1.0)
+
+    async def _settle(self, tasks: list[asyncio.Task[None]]) -> None:
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown(self, sync_client: Any) -> None:
+        for t in self._bg:
+            if t.get_name() != "jobq-acker":
+                t.cancel()
+        # Finish what completed, then hand back everything else this node still holds.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_acks(), timeout=5)
+        released = 0
+        for q in self.queues:
+            try:
+                released += await self._release(q, None)
+            except Exception as exc:
+                log.error("queue %s: release failed (%s); the reaper will recover the jobs", q, exc)
+        if released:
+            log.warning("released %d unfinished job(s) back to ready", released)
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat.deregister()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+        with contextlib.suppress(Exception):
+            sync_client.close()
+        log.info(
+            "node %s stopped: %d claimed, %d completed, %d failed, %d stale",
+            self.node,
+            self.stats["claimed"],
+            self.stats["completed"],
+            self.stats["failed"],
+            self.stats["stale"],
+        )
+
+    def zombie_threads(self) -> int:
+        """Pool threads still running a task whose job was given up (timed out or released)."""
+        return max(0, sum(1 for t in threading.enumerate() if t.name.startswith("jobq-task")))
+
+
+class _UnknownTask(Exception):
+    pass
+
+
+def run_worker(
+    app: JobQ,
+    config: WorkerConfig,
+    *,
+    metrics: Metrics | None = None,
+    url: str | None = None,
+    on_start: Callable[[Worker], None] | None = None,
+) -> Worker:
+    """Run a node in this thread until it stops; installs SIGTERM/SIGINT handlers."""
+    worker = Worker(app, config, metrics=metrics, url=url)
+
+    async def main() -> None:
+        worker.install_signal_handlers()
+        if on_start is not None:
+            on_start(worker)
+        await worker.run()
+
+    asyncio.run(main())
+    return worker

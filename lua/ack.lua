@@ -1,0 +1,102 @@
+#!lua flags=allow-oom
+--[[
+  ack: finish a batch of jobs one node ran to completion. Fenced by ownership: a job is finished
+  only if it is still in this node's active list; otherwise its lease was reaped (or it was never
+  claimed here) and the ack is refused, changing nothing. A retried ack of a job this node
+  already finished is a no-op. A finished job keeps its result for retention_ms, then expires
+  (retention 0 deletes it at once); its unique key is released. Allowed under OOM.
+
+  KEYS[1]  active    LIST  jobq:{q}:active:<node>
+  KEYS[2]  leases    ZSET  jobq:{q}:leases
+  KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+
+  ARGV[1]  qprefix       "jobq:{q}:"
+  ARGV[2]  node          the acking node's id
+  ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
+  ARGV[4]  retention_ms  integer >= 0
+  ARGV[5]  n             number of jobs, 1..1000
+  then 2 fields per job: id, result (msgpack bytes, "" = no result)
+
+  Returns: one code per job: 1 finished, 0 already finished by this node, -1 no such job,
+           -2 lease lost (the ack was refused).
+  Errors:  "BADARG <field> <reason>" (nothing written).
+  Cost:    O(n * (A + log N)), A = the node's active list length.
+]]
+local rcall = redis.call
+local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
+local qprefix, node = ARGV[1], ARGV[2]
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+local function int_arg(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
+    return nil
+  end
+  return n
+end
+
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return int_arg(arg) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local now = now_ms(ARGV[3])
+if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+local retention = int_arg(ARGV[4])
+if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
+local n = int_arg(ARGV[5])
+if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
+if #ARGV ~= 5 + 2 * n then return badarg('argv', 'expected ' .. (5 + 2 * n) .. ' values') end
+if node == nil or node == '' then return badarg('node', 'empty') end
+
+local codes = {}
+local n_finished = 0
+local expire_at = now + retention
+for i = 1, n do
+  local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local jkey = qprefix .. 'job:' .. id
+  if rcall('LREM', active_key, 1, id) == 0 then
+    -- Not ours (any more). Tell a retried ack apart from a stale one.
+    local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'node')
+    if not ok or not f[1] then
+      codes[i] = -1
+    elseif f[1] == 'done' and f[2] == node then
+      codes[i] = 0
+    else
+      codes[i] = -2
+    end
+  else
+    rcall('ZREM', leases_key, id)
+    local ok, unique = pcall(rcall, 'HGET', jkey, 'unique')
+    if ok and unique then
+      local ukey = qprefix .. 'unique:' .. unique
+      if rcall('GET', ukey) == id then rcall('DEL', ukey) end
+    end
+    if retention > 0 and ok then
+      if result ~= '' then
+        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now, 'result', result)
+      else
+        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now)
+      end
+      rcall('PEXPIRE', jkey, retention)
+      rcall('ZADD', finished_key, expire_at, id)
+      n_finished = n_finished + 1
+    else
+      rcall('DEL', jkey)
+    end
+    codes[i] = 1
+  end
+end
+
+if n_finished > 0 then
+  -- The index lives as long as its newest entry; drop entries whose hash has expired (bounded).
+  rcall('PEXPIRE', finished_key, retention)
+  local gone = rcall('ZRANGEBYSCORE', finished_key, '-inf', now, 'LIMIT', 0, n + 10)
+  if #gone > 0 then rcall('ZREM', finished_key, unpack(gone)) end
+end
+return codes

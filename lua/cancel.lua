@@ -1,0 +1,71 @@
+#!lua flags=allow-oom
+--[[
+  cancel: remove a job that has not started (ready or scheduled) or that is dead-lettered, and
+  keep it as "cancelled" for the retention time. A running job cannot be cancelled (its node
+  holds it); a finished one has nothing left to cancel. Releases the job's unique key.
+
+  KEYS[1]  ready      ZSET  jobq:{q}:ready
+  KEYS[2]  scheduled  ZSET  jobq:{q}:scheduled
+  KEYS[3]  dead       ZSET  jobq:{q}:dead
+  KEYS[4]  finished   ZSET  jobq:{q}:finished
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+
+  ARGV[1]  qprefix       "jobq:{q}:"
+  ARGV[2]  id            the job id
+  ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
+  ARGV[4]  retention_ms  integer >= 0
+
+  Returns: 1 cancelled, -1 no such job, -3 running, -4 already finished.
+  Errors:  "BADARG <field> <reason>" (nothing written).
+  Cost:    O(log N).
+]]
+local rcall = redis.call
+local ready_key, sched_key, dead_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local qprefix, id = ARGV[1], ARGV[2]
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+local function int_arg(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
+    return nil
+  end
+  return n
+end
+
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return int_arg(arg) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local now = now_ms(ARGV[3])
+if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+local retention = int_arg(ARGV[4])
+if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
+if id == nil or id == '' then return badarg('id', 'empty') end
+
+local jkey = qprefix .. 'job:' .. id
+local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique')
+if not ok or not f[1] then return -1 end
+local state = f[1]
+if state == 'active' then return -3 end
+if state == 'done' or state == 'cancelled' then return -4 end
+rcall('ZREM', ready_key, id)
+rcall('ZREM', sched_key, id)
+rcall('ZREM', dead_key, id)
+if f[2] then
+  local ukey = qprefix .. 'unique:' .. f[2]
+  if rcall('GET', ukey) == id then rcall('DEL', ukey) end
+end
+if retention > 0 then
+  rcall('HSET', jkey, 'state', 'cancelled', 'finished_ms', now)
+  rcall('PEXPIRE', jkey, retention)
+  rcall('ZADD', finished_key, now + retention, id)
+  if rcall('PTTL', finished_key) < retention then rcall('PEXPIRE', finished_key, retention) end
+else
+  rcall('DEL', jkey)
+end
+return 1

@@ -1,0 +1,61 @@
+#!lua flags=allow-oom
+--[[
+  extend: the heartbeat of one node on one queue. Renews the lease of every job still in the
+  node's active list (so a job whose lease was reaped is not renewed: it is no longer in the
+  list) and records the node as alive for this queue. Returns the ids the node owns, so the
+  caller can tell which of its running jobs it lost, and which claimed jobs it does not know of
+  (a claim whose reply was lost) and must release. Allowed under OOM.
+
+  KEYS[1]  active  LIST  jobq:{q}:active:<node>
+  KEYS[2]  leases  ZSET  jobq:{q}:leases
+  KEYS[3]  nodes   ZSET  jobq:{q}:nodes         member = node id, score = last heartbeat ms
+
+  ARGV[1]  node      the node's id
+  ARGV[2]  now_ms    integer ms, or "" for the Redis server clock
+  ARGV[3]  lease_ms  integer > 0
+  ARGV[4]  limit     integer 1..10000, most ids renewed per call
+
+  Returns: {now_ms, owned ids...}
+  Errors:  "BADARG <field> <reason>" (nothing written).
+  Cost:    O(min(A, limit) * log N).
+]]
+local rcall = redis.call
+local active_key, leases_key, nodes_key = KEYS[1], KEYS[2], KEYS[3]
+local node = ARGV[1]
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+local function int_arg(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
+    return nil
+  end
+  return n
+end
+
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return int_arg(arg) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local now = now_ms(ARGV[2])
+if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+local lease = int_arg(ARGV[3])
+if lease == nil or lease <= 0 then return badarg('lease_ms', 'must be an integer > 0') end
+local limit = int_arg(ARGV[4])
+if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+if node == nil or node == '' then return badarg('node', 'empty') end
+
+local owned = rcall('LRANGE', active_key, 0, limit - 1)
+local deadline = now + lease
+for _, id in ipairs(owned) do
+  -- Also repairs an active entry that lost its lease entry.
+  rcall('ZADD', leases_key, deadline, id)
+end
+rcall('ZADD', nodes_key, now, node)
+local out = {now}
+for _, id in ipairs(owned) do out[#out + 1] = id end
+return out

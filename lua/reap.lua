@@ -1,0 +1,170 @@
+#!lua flags=allow-oom
+--[[
+  reap: recover the jobs of nodes that stopped renewing their leases. Safe when many nodes run
+  it at once: each expired lease is handled by exactly one call, since the whole step is atomic.
+  1. Every job whose lease expired (bounded by limit) leaves its node's active list: back to its
+     old place in ready (its attempt stays counted), or to the dead-letter list with reason
+     "lease_expired" when it has no attempts left.
+  2. Nodes whose heartbeat is older than node_ttl_ms: active entries that have no lease at all
+     (a repair; claim writes both) go back to ready the same way, and once a dead node's list is
+     empty its list and its entry in the queue's node set are removed.
+  An optional once-per-interval guard key saves load when many nodes reap the same queue; it is
+  not needed for correctness. Allowed under OOM.
+
+  KEYS[1]  leases     ZSET    jobq:{q}:leases
+  KEYS[2]  ready      ZSET    jobq:{q}:ready
+  KEYS[3]  dead       ZSET    jobq:{q}:dead
+  KEYS[4]  nodes      ZSET    jobq:{q}:nodes
+  KEYS[5]  seq        STRING  jobq:{q}:seq
+  KEYS[6]  reap_lock  STRING  jobq:{q}:reap-lock
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:active:<node>,
+  jobq:{q}:unique:<key>.
+
+  ARGV[1]  qprefix      "jobq:{q}:"
+  ARGV[2]  now_ms       integer ms, or "" for the Redis server clock
+  ARGV[3]  limit        integer 1..10000, most leases handled per call
+  ARGV[4]  node_ttl_ms  integer > 0, a node silent this long is dead
+  ARGV[5]  dead_max     integer >= 1
+  ARGV[6]  dead_ttl_ms  integer >= 1
+  ARGV[7]  guard_ms     integer >= 0; > 0 = skip (return {-1}) if another reap ran within it
+
+  Returns: {n_requeued, n_dead, requeued ids..., dead ids...}, or {-1} when skipped by the guard.
+  Errors:  "BADARG <field> <reason>" (nothing written).
+  Cost:    O(limit * (A + log N)).
+]]
+local rcall = redis.call
+local leases_key, ready_key, dead_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local seq_key, lock_key = KEYS[5], KEYS[6]
+local qprefix = ARGV[1]
+local PRIO_SPAN = 17592186044416 -- 2^44
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+local function int_arg(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
+    return nil
+  end
+  return n
+end
+
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return int_arg(arg) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ready_score(prio, seq)
+  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
+end
+
+-- Move a job to the dead-letter list, release its unique key, and keep the list bounded by
+-- count and age (deleting the hashes of the jobs trimmed away). Shared by claim, fail and reap.
+local function to_dead(id, reason, now, dead_max, dead_ttl)
+  local jkey = qprefix .. 'job:' .. id
+  if rcall('TYPE', jkey)['ok'] == 'hash' then
+    local unique = rcall('HGET', jkey, 'unique')
+    if unique then
+      local ukey = qprefix .. 'unique:' .. unique
+      if rcall('GET', ukey) == id then rcall('DEL', ukey) end
+    end
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+    rcall('HDEL', jkey, 'node')
+  elseif rcall('EXISTS', jkey) == 0 then
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+  end
+  rcall('ZADD', dead_key, now, id)
+  local excess = rcall('ZCARD', dead_key) - dead_max
+  if excess > 0 then
+    for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
+      rcall('DEL', qprefix .. 'job:' .. old)
+      rcall('ZREM', dead_key, old)
+    end
+  end
+  for _, old in ipairs(rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, 10)) do
+    rcall('DEL', qprefix .. 'job:' .. old)
+    rcall('ZREM', dead_key, old)
+  end
+end
+
+local now = now_ms(ARGV[2])
+if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+local limit = int_arg(ARGV[3])
+if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+local node_ttl = int_arg(ARGV[4])
+if node_ttl == nil or node_ttl <= 0 then return badarg('node_ttl_ms', 'must be > 0') end
+local dead_max = int_arg(ARGV[5])
+if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
+local dead_ttl = int_arg(ARGV[6])
+if dead_ttl == nil or dead_ttl < 1 then return badarg('dead_ttl_ms', 'must be >= 1') end
+local guard = int_arg(ARGV[7])
+if guard == nil or guard < 0 then return badarg('guard_ms', 'must be >= 0') end
+
+if guard > 0 and not rcall('SET', lock_key, now, 'NX', 'PX', guard) then return {-1} end
+
+local requeued, dead = {}, {}
+
+-- Put one job taken from a dead or silent node back to work, or bury it.
+local function recover(id)
+  local jkey = qprefix .. 'job:' .. id
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'score', 'priority')
+  if not ok or not f[4] then
+    -- No usable job hash: nothing to run. Dead-letter the id so it is seen.
+    to_dead(id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
+    dead[#dead + 1] = id
+    return
+  end
+  local attempts, max_attempts = tonumber(f[1]) or 0, tonumber(f[2]) or 1
+  if attempts >= max_attempts then
+    to_dead(id, 'lease_expired: the node running attempt ' .. attempts .. ' stopped renewing its lease',
+      now, dead_max, dead_ttl)
+    dead[#dead + 1] = id
+    return
+  end
+  local score = f[3]
+  if not score then score = ready_score(tonumber(f[4]) or 0, rcall('INCR', seq_key)) end
+  rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score,
+    'error', 'lease_expired: attempt ' .. attempts .. ' was lost with its node')
+  rcall('HDEL', jkey, 'node')
+  rcall('HINCRBY', jkey, 'reaped', 1)
+  rcall('ZADD', ready_key, score, id)
+  requeued[#requeued + 1] = id
+end
+
+-- 1. Expired leases.
+local expired = rcall('ZRANGEBYSCORE', leases_key, '-inf', now - 1, 'LIMIT', 0, limit)
+for _, id in ipairs(expired) do
+  rcall('ZREM', leases_key, id)
+  local ok, owner = pcall(rcall, 'HGET', qprefix .. 'job:' .. id, 'node')
+  local was_active = 0
+  if ok and owner then was_active = rcall('LREM', qprefix .. 'active:' .. owner, 1, id) end
+  if was_active == 1 then recover(id) end
+end
+
+-- 2. Silent nodes: repair active entries without a lease; forget nodes with nothing left.
+local budget = limit - #expired
+if budget > 0 then
+  for _, node in ipairs(rcall('ZRANGEBYSCORE', nodes_key, '-inf', now - node_ttl, 'LIMIT', 0, 10)) do
+    local akey = qprefix .. 'active:' .. node
+    for _, id in ipairs(rcall('LRANGE', akey, 0, budget - 1)) do
+      if not rcall('ZSCORE', leases_key, id) then
+        rcall('LREM', akey, 1, id)
+        recover(id)
+        budget = budget - 1
+      end
+    end
+    if rcall('LLEN', akey) == 0 then
+      rcall('DEL', akey)
+      rcall('ZREM', nodes_key, node)
+    end
+    if budget <= 0 then break end
+  end
+end
+
+if #requeued > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+local out = {#requeued, #dead}
+for _, id in ipairs(requeued) do out[#out + 1] = id end
+for _, id in ipairs(dead) do out[#out + 1] = id end
+return out

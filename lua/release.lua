@@ -1,0 +1,84 @@
+#!lua flags=allow-oom
+--[[
+  release: on graceful shutdown (or for a claimed job the node does not know of), hand jobs a
+  node holds back to ready without counting an attempt. Each job returns to its old place in
+  the ready order. Only jobs in this node's active list are touched. Allowed under OOM.
+
+  KEYS[1]  active  LIST    jobq:{q}:active:<node>
+  KEYS[2]  leases  ZSET    jobq:{q}:leases
+  KEYS[3]  ready   ZSET    jobq:{q}:ready
+  KEYS[4]  seq     STRING  jobq:{q}:seq
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>.
+
+  ARGV[1]  qprefix  "jobq:{q}:"
+  ARGV[2]  node     the node's id
+  ARGV[3]  now_ms   integer ms, or "" for the Redis server clock
+  ARGV[4]  n        0 = every job in the active list (up to 1000 per call), else 1..1000 ids
+  then n job ids
+
+  Returns: the number of jobs released.
+  Errors:  "BADARG <field> <reason>" (nothing written).
+  Cost:    O(n * (A + log N)).
+]]
+local rcall = redis.call
+local active_key, leases_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local qprefix, node = ARGV[1], ARGV[2]
+local PRIO_SPAN = 17592186044416 -- 2^44
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+local function int_arg(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
+    return nil
+  end
+  return n
+end
+
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return int_arg(arg) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ready_score(prio, seq)
+  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
+end
+
+local now = now_ms(ARGV[3])
+if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+local n = int_arg(ARGV[4])
+if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
+if #ARGV ~= 4 + n then return badarg('argv', 'expected ' .. (4 + n) .. ' values') end
+if node == nil or node == '' then return badarg('node', 'empty') end
+
+local ids
+if n == 0 then
+  ids = rcall('LRANGE', active_key, 0, 999)
+else
+  ids = {}
+  for i = 1, n do ids[i] = ARGV[4 + i] end
+end
+
+local released = 0
+for _, id in ipairs(ids) do
+  if rcall('LREM', active_key, 1, id) == 1 then
+    rcall('ZREM', leases_key, id)
+    local jkey = qprefix .. 'job:' .. id
+    local ok, f = pcall(rcall, 'HMGET', jkey, 'score', 'priority')
+    if ok and f[2] then
+      local score = f[1]
+      if not score then score = ready_score(tonumber(f[2]) or 0, rcall('INCR', seq_key)) end
+      -- The attempt never ran to an end: it does not count.
+      rcall('HINCRBY', jkey, 'attempts', -1)
+      rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score)
+      rcall('HDEL', jkey, 'node')
+      rcall('ZADD', ready_key, score, id)
+      released = released + 1
+    end
+  end
+end
+if released > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+return released
