@@ -1,7 +1,408 @@
-"""``jobq worker``: run a worker node (see :mod:`jobq.worker`)."""
+"""``jobq worker``: run a worker node (see :mod:`jobq.worker`).
+
+``-A module[:attr]`` names the application whose tasks the node runs (``attr`` defaults to the
+module's ``app``, or its only :class:`jobq.JobQ`); without it the node runs the built-in tasks
+only. ``--processes N`` forks N nodes and supervises them: SIGTERM/SIGINT are forwarded, a node
+that crashes is restarted, and the supervisor exits 0 when every node exited 0.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
 import click
 
-COMMANDS: list[click.Command] = []
+from jobq import connection
+from jobq.app import JobQ
+from jobq.cli import Settings, connection_options
+from jobq.cron import parse_duration
+from jobq.errors import InvalidInput
+from jobq.keys import Keys, validate_node, validate_queue
+from jobq.store import Store
+from jobq.worker import Worker, WorkerConfig
+
+log = logging.getLogger("jobq.cli")
+
+
+def parse_queues(text: str) -> tuple[list[tuple[str, int]], bool]:
+    """``"a,b,c"`` (strict order) or ``"critical:6,default:3,low:1"`` (weighted)."""
+    out: list[tuple[str, int]] = []
+    weighted = False
+    seen: set[str] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise InvalidInput(f"queues: empty queue name in {text!r}", "queues")
+        name, sep, weight_s = part.rpartition(":")
+        if not sep:
+            name, weight = part, 1
+        else:
+            if not weight_s.isdigit() or not 1 <= int(weight_s) <= 1000:
+                raise InvalidInput(
+                    f"queues: weight {weight_s!r} of queue {name!r} must be an integer 1-1000",
+                    "queues",
+                )
+            weight, weighted = int(weight_s), True
+        name = validate_queue(name)
+        if name in seen:
+            raise InvalidInput(f"queues: queue {name!r} is listed twice", "queues")
+        seen.add(name)
+        out.append((name, weight))
+    return out, weighted
+
+
+def load_app(spec: str) -> JobQ:
+    """Import ``module[:attr]`` and return its :class:`JobQ`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise click.BadParameter(f"{spec!r}: expected module[:attr]", param_hint="'-A'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {connection.redact(str(exc))}", param_hint="'-A'"
+        ) from None
+    if attr:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, JobQ):
+            raise click.BadParameter(
+                f"{module_name}:{attr} is not a jobq.JobQ application", param_hint="'-A'"
+            )
+        return obj
+    found = getattr(module, "app", None)
+    if isinstance(found, JobQ):
+        return found
+    apps = {id(v): v for v in vars(module).values() if isinstance(v, JobQ)}
+    if len(apps) == 1:
+        return next(iter(apps.values()))
+    what = "no jobq.JobQ" if not apps else "several jobq.JobQ objects"
+    raise click.BadParameter(
+        f"module {module_name!r} has {what}; name one with -A {module_name}:ATTR",
+        param_hint="'-A'",
+    )
+
+
+def _duration(name: str) -> Callable[[click.Context, click.Parameter, str | None], float | None]:
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+        if value is None:
+            return None
+        try:
+            secs = parse_duration(value, name)
+        except InvalidInput as exc:
+            raise click.BadParameter(str(exc)) from None
+        if secs <= 0 and name != "grace":
+            raise click.BadParameter(f"{name}: must be greater than 0")
+        return secs
+
+    return convert
+
+
+def _explicit(ctx: click.Context, sub: str, group: str) -> bool:
+    """Was a connection option given (flag or environment), rather than defaulted?"""
+    src = ctx.get_parameter_source(sub)
+    if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
+        return ctx.params.get(sub) is not None
+    parent = ctx.parent
+    if parent is None:
+        return False
+    psrc = parent.get_parameter_source(group)
+    return psrc is not None and psrc.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _bind(app: JobQ, settings: Settings, ctx: click.Context) -> str:
+    """Point the app at the command's Redis URL and prefix when they were given."""
+    if _explicit(ctx, "sub_redis_url", "redis_url") or app.url == connection.DEFAULT_URL:
+        app.url = settings.redis_url
+    if _explicit(ctx, "sub_prefix", "prefix") and settings.prefix != app.keys.prefix:
+        app.keys = Keys(settings.prefix)
+        app.store = Store(app.keys, app.limits)
+    return app.url
+
+
+def _default_queues(app: JobQ) -> list[tuple[str, int]]:
+    names = [app.defaults.queue]
+    for task in app.tasks.values():
+        if task.defaults.queue not in names:
+            names.append(task.defaults.queue)
+    return [(n, 1) for n in names]
+
+
+@click.command("worker")
+@connection_options
+@click.option(
+    "-A",
+    "--app",
+    "app_spec",
+    metavar="MODULE[:ATTR]",
+    default=None,
+    help="The application to run (its module is imported). Without it: built-in tasks only.",
+)
+@click.option(
+    "-Q",
+    "--queues",
+    default=None,
+    metavar="Q1,Q2|Q1:W1,Q2:W2",
+    help="Queues to serve: 'a,b,c' in strict order, or 'critical:6,default:3,low:1' weighted "
+    "(default: the app's default queue and the queues of its tasks, strict).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="Jobs run at once per node.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker nodes to fork and supervise.",
+)
+@click.option(
+    "--lease",
+    default="30s",
+    show_default=True,
+    callback=_duration("lease"),
+    help="Lease per claimed job; renewed every lease/3. A dead node's jobs run again after it.",
+)
+@click.option(
+    "--grace",
+    default="30s",
+    show_default=True,
+    callback=_duration("grace"),
+    help="On SIGTERM/SIGINT, how long running jobs may finish before they are released.",
+)
+@click.option("--node-id", default=None, help="This node's name (default: host-pid-random).")
+@click.option("--burst", is_flag=True, help="Exit once nothing is left to run.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve /metrics and /health on this port (off by default; node i of --processes "
+    "uses PORT+i; 0 picks a free port).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option(
+    "--poll-interval",
+    default="1s",
+    show_default=True,
+    callback=_duration("poll-interval"),
+    help="Longest idle wait between claims when no announcement arrives.",
+)
+@click.option(
+    "--reap-interval",
+    default=None,
+    callback=_duration("reap-interval"),
+    hidden=True,
+    help="Reaper pass interval (default: lease/6, at most 5 s).",
+)
+@click.option("--no-maintenance", is_flag=True, hidden=True, help="Run no reaper/scheduler.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    settings: Settings,
+    app_spec: str | None,
+    queues: str | None,
+    concurrency: int,
+    processes: int,
+    lease: float,
+    grace: float,
+    node_id: str | None,
+    burst: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+    log_format: str,
+    log_level: str,
+    poll_interval: float,
+    reap_interval: float | None,
+    no_maintenance: bool,
+) -> None:
+    """Run a worker node: claim jobs from QUEUES and run them.
+
+    SIGTERM/SIGINT: stop claiming, let running jobs finish within --grace, release the rest back
+    to ready (no attempt counted) and exit 0. A second signal releases at once.
+    """
+    from jobq import builtin, logs
+
+    logs.configure(log_format, log_level.upper())
+    if connection.redact_url(settings.redis_url) != settings.redis_url and _explicit(
+        ctx, "sub_redis_url", "redis_url"
+    ):
+        src = ctx.get_parameter_source("sub_redis_url")
+        if src is not None and src.name == "COMMANDLINE":
+            log.warning(
+                "the Redis password was given on the command line, where other users can read "
+                "it; prefer JOBQ_REDIS_URL"
+            )
+    app = load_app(app_spec) if app_spec else JobQ(settings.redis_url, prefix=settings.prefix)
+    url = _bind(app, settings, ctx)
+    builtin.register(app)
+    try:
+        if queues is not None:
+            queue_list, weighted = parse_queues(queues)
+        else:
+            queue_list, weighted = _default_queues(app), False
+        if node_id is not None:
+            validate_node(node_id if processes == 1 else f"{node_id}-{processes}")
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc)) from None
+    assert lease is not None and grace is not None and poll_interval is not None
+    config = WorkerConfig(
+        queues=queue_list,
+        weighted=weighted,
+        concurrency=concurrency,
+        lease=lease,
+        grace=grace,
+        node_id=node_id,
+        burst=burst,
+        poll_interval=poll_interval,
+        reap_interval=reap_interval,
+        maintenance=not no_maintenance,
+    )
+    if processes == 1:
+        code = _run_node(app, config, url, metrics_host, metrics_port)
+    else:
+        code = _supervise(app, config, url, processes, metrics_host, metrics_port)
+    ctx.exit(code)
+
+
+def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metrics_port: int | None) -> int:
+    """Run one node in this process until it stops. Returns the exit code."""
+    import asyncio
+
+    from jobq.metrics import Metrics, serve
+
+    # A signal that arrives before the event loop takes over is not lost: it is replayed.
+    pending: list[int] = []
+
+    def early(sig: int, _frame: Any) -> None:
+        pending.append(sig)
+
+    signal.signal(signal.SIGTERM, early)
+    signal.signal(signal.SIGINT, early)
+    node = Worker(app, config, url=url)
+    node.metrics = Metrics(app, node=node.node)
+    server: Any = None
+    if metrics_port is not None:
+        try:
+            server = serve(node.metrics, metrics_host, metrics_port, node.health)
+        except (OSError, NotImplementedError) as exc:
+            log.error("cannot serve metrics on %s:%d: %s", metrics_host, metrics_port, exc)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", metrics_host, server.port)
+
+    async def main() -> None:
+        node.install_signal_handlers()
+        loop = asyncio.get_running_loop()
+        for sig in pending:
+            loop.call_soon(node.on_signal, sig)
+        await node.run()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+    return 0
+
+
+def _supervise(
+    app: JobQ,
+    config: WorkerConfig,
+    url: str,
+    processes: int,
+    metrics_host: str,
+    metrics_port: int | None,
+) -> int:
+    """Fork ``processes`` nodes; forward SIGTERM/SIGINT; restart a node that crashes."""
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+    failed = False
+
+    def spawn(slot: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child: one node
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                node_id = None if config.node_id is None else f"{config.node_id}-{slot}"
+                cfg = dataclasses.replace(config, node_id=node_id)
+                port = None if metrics_port is None else metrics_port + slot if metrics_port else 0
+                code = _run_node(app, cfg, url, metrics_host, port)
+            except BaseException:
+                log.exception("worker node crashed")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for slot in range(processes):
+        spawn(slot)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("supervising %d worker nodes (pids %s)", processes, " ".join(map(str, children)))
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries os.wait
+            continue
+        if pid not in children:
+            continue
+        slot = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            continue
+        if stopping or config.burst:
+            failed = True
+            log.error("worker node %d (pid %d) exited with %d", slot, pid, code)
+            continue
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        log.error("worker node %d (pid %d) exited with %d; restarting it", slot, pid, code)
+        if len(restarts) > 5 * processes:
+            time.sleep(1.0)  # a crash loop: slow it down
+        if not stopping:
+            spawn(slot)
+    return 1 if failed else 0
+
+
+COMMANDS: list[click.Command] = [worker]

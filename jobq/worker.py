@@ -171,6 +171,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
         self._ack_event: asyncio.Event | None = None
+        self._ack_lock = asyncio.Lock()
         self._next_due_ms: int | None = None
         self._last_now_ms: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +186,7 @@ class Worker:
         self.client: Any = None
         self.runner: AsyncRunner | None = None
         self._bg: list[asyncio.Task[Any]] = []
+        self._side_tasks: set[asyncio.Future[Any]] = set()
 
     # -- public control -------------------------------------------------------------------------
     def stop(self, *, graceful: bool = True) -> None:
@@ -205,15 +207,15 @@ class Worker:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(sig, self.on_signal, sig)
 
-    def _on_signal(self, sig: int) -> None:
+    def on_signal(self, sig: int) -> None:
         assert self._stop_event is not None
         if self._stop_event.is_set():
             log.warning("second %s: releasing running jobs now", signal.Signals(sig).name)
         else:
             log.warning(
-                "%s: no more claims; waiting up to %.0f s for %d running job(s)",
+                "%s: no more claims; waiting up to %g s for %d running job(s)",
                 signal.Signals(sig).name,
                 self.config.grace,
                 self._busy,
@@ -406,9 +408,7 @@ class Worker:
             try:
                 encoded = b"" if result is None else codec.encode_result(result, self.app.max_payload)
             except EncodeError as exc:
-                log.warning(
-                    "job %s (%s, queue %s): result not stored: %s", job.id, job.task, job.queue, exc
-                )
+                log.warning("job %s (%s, queue %s): result not stored: %s", job.id, job.task, job.queue, exc)
                 encoded = b""
             self._slot_done(run)
             self._queue_ack(run, encoded)
@@ -521,6 +521,12 @@ class Worker:
             await self._flush_acks()
 
     async def _flush_acks(self) -> None:
+        # One flush at a time: shutdown's flush waits for the acker's batch in flight, so a
+        # completed job is never released (and run again) while its ack is on the wire.
+        async with self._ack_lock:
+            await self._flush_acks_locked()
+
+    async def _flush_acks_locked(self) -> None:
         while self._acks:
             batches, self._acks = self._acks, {}
             await asyncio.gather(
@@ -594,7 +600,9 @@ class Worker:
                     self._stale(run)
         for q, ids in beat.unknown.items():
             log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
-            asyncio.ensure_future(self._release(q, sorted(ids)))
+            t = asyncio.ensure_future(self._release(q, sorted(ids)))
+            self._side_tasks.add(t)
+            t.add_done_callback(self._side_tasks.discard)
 
     def _fence_from_thread(self, fenced: bool) -> None:
         if self._loop is not None:
@@ -618,9 +626,7 @@ class Worker:
         assert self.runner is not None
         total = 0
         while True:
-            n = await self.runner.run(
-                self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms())
-            )
+            n = await self.runner.run(self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms()))
             total += n
             if ids is not None or n < 1000:
                 return total
@@ -698,14 +704,12 @@ class Worker:
         """Wait up to ``grace`` for running jobs (a second signal cuts it short)."""
         assert self._hard_stop is not None
         tasks = [r.task for r in self.running.values() if r.task is not None and not r.task.done()]
-        if not tasks or self.config.burst and not self._stopping:
+        if not tasks or (self.config.burst and not self._stopping):
             await self._settle(tasks)
             return
-        hard = asyncio.create_task(self._hard_stop.wait())
-        done_all = asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait(
-            [hard, done_all], timeout=self.config.grace, return_when=asyncio.FIRST_COMPLETED
-        )
+        hard: asyncio.Future[Any] = asyncio.create_task(self._hard_stop.wait())
+        done_all: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait([hard, done_all], timeout=self.config.grace, return_when=asyncio.FIRST_COMPLETED)
         hard.cancel()
         for t in tasks:
             if not t.done():
