@@ -2,6 +2,12 @@
 
 The files ship inside the wheel as ``jobq/lua/*.lua`` (hatch ``force-include``); in a source
 checkout or an editable install they are read from the repository's top-level ``lua/``.
+
+Helpers every script needs (argument checks, the clock, ready scores, dead-lettering) live once in
+``lua/lib/common.lua``. The script Redis runs for an operation is that operation's file with the
+prelude inserted right after its first line (the ``#!lua`` shebang, which Redis requires to come
+first). Both parts are static files shipped in the package: no script text is ever built from
+data, and ``loadstring`` is never used (RELIABILITY SEC6).
 """
 
 from __future__ import annotations
@@ -40,10 +46,30 @@ def lua_dir() -> Path:
     raise FileNotFoundError("jobq's lua/ scripts are missing from this installation")
 
 
+#: The shared prelude, relative to :func:`lua_dir`.
+PRELUDE = Path("lib") / "common.lua"
+
+
+@cache
+def prelude() -> str:
+    """The text of ``lua/lib/common.lua``."""
+    return (lua_dir() / PRELUDE).read_text(encoding="utf-8")
+
+
+def operation_file(name: ScriptName) -> Path:
+    """The file of one operation."""
+    return lua_dir() / f"{name.value}.lua"
+
+
 @cache
 def source(name: ScriptName) -> str:
-    """The text of one script."""
-    return (lua_dir() / f"{name.value}.lua").read_text(encoding="utf-8")
+    """The full text Redis runs for one operation: its shebang line, the shared prelude, then
+    the rest of its file (header comment and body)."""
+    text = operation_file(name).read_text(encoding="utf-8")
+    shebang, sep, rest = text.partition("\n")
+    if not shebang.startswith("#!lua") or not sep:
+        raise ValueError(f"{name.value}.lua must start with a '#!lua' shebang line")
+    return f"{shebang}\n{prelude()}{rest}"
 
 
 @cache

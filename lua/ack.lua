@@ -12,7 +12,7 @@
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix       "jobq:{q}:"
-  ARGV[2]  node          the acking node's id
+  ARGV[2]  node          the acking node's id; KEYS[1] must be its active list
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
   ARGV[5]  n             number of jobs, 1..1000
@@ -23,36 +23,23 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(n * (A + log N)), A = the node's active list length.
 ]]
-local rcall = redis.call
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix, node = ARGV[1], ARGV[2]
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
+if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+local e = bad_qprefix(qprefix) or bad_node(node)
+if e then return e end
+if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 local n = int_arg(ARGV[5])
 if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
 if #ARGV ~= 5 + 2 * n then return badarg('argv', 'expected ' .. (5 + 2 * n) .. ' values') end
-if node == nil or node == '' then return badarg('node', 'empty') end
+for i = 1, n do
+  e = bad_id(ARGV[4 + 2 * i]); if e then return e end
+end
 
 local codes = {}
 local n_finished = 0
@@ -60,8 +47,9 @@ local expire_at = now + retention
 for i = 1, n do
   local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local jkey = qprefix .. 'job:' .. id
+  -- The ownership fence: only the node whose active list holds the job may finish it.
   if rcall('LREM', active_key, 1, id) == 0 then
-    -- Not ours (any more). Tell a retried ack apart from a stale one.
+    -- Not ours (any more): change nothing. Tell a retried ack apart from a stale one.
     local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'node')
     if not ok or not f[1] then
       codes[i] = -1
@@ -73,11 +61,9 @@ for i = 1, n do
   else
     rcall('ZREM', leases_key, id)
     local ok, unique = pcall(rcall, 'HGET', jkey, 'unique')
-    if ok and unique then
-      local ukey = qprefix .. 'unique:' .. unique
-      if rcall('GET', ukey) == id then rcall('DEL', ukey) end
-    end
+    if ok then release_unique(qprefix, id, unique) end
     if retention > 0 and ok then
+      -- 'node' stays on a finished job so a retried ack from the same node is told apart.
       if result ~= '' then
         rcall('HSET', jkey, 'state', 'done', 'finished_ms', now, 'result', result)
       else
@@ -95,7 +81,7 @@ end
 
 if n_finished > 0 then
   -- The index lives as long as its newest entry; drop entries whose hash has expired (bounded).
-  rcall('PEXPIRE', finished_key, retention)
+  if rcall('PTTL', finished_key) < retention then rcall('PEXPIRE', finished_key, retention) end
   local gone = rcall('ZRANGEBYSCORE', finished_key, '-inf', now, 'LIMIT', 0, n + 10)
   if #gone > 0 then rcall('ZREM', finished_key, unpack(gone)) end
 end

@@ -19,33 +19,15 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(log N).
 ]]
-local rcall = redis.call
 local ready_key, sched_key, dead_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, id = ARGV[1], ARGV[2]
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
+local e = bad_counts(4, 4) or bad_qprefix(qprefix) or bad_id(id)
+if e then return e end
 local now = now_ms(ARGV[3])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
-if id == nil or id == '' then return badarg('id', 'empty') end
 
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique')
@@ -56,10 +38,7 @@ if state == 'done' or state == 'cancelled' then return -4 end
 rcall('ZREM', ready_key, id)
 rcall('ZREM', sched_key, id)
 rcall('ZREM', dead_key, id)
-if f[2] then
-  local ukey = qprefix .. 'unique:' .. f[2]
-  if rcall('GET', ukey) == id then rcall('DEL', ukey) end
-end
+release_unique(qprefix, id, f[2])
 if retention > 0 then
   rcall('HSET', jkey, 'state', 'cancelled', 'finished_ms', now)
   rcall('PEXPIRE', jkey, retention)

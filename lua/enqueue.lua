@@ -15,8 +15,8 @@
   ARGV[1]  qprefix    the queue's key prefix, "jobq:{q}:"
   ARGV[2]  now_ms     integer ms, or "" for the Redis server clock (TIME)
   ARGV[3]  max_depth  refuse the batch when ready + scheduled + n > max_depth; 0 = no limit
-  ARGV[4]  cron_name  "" or the periodic entry's name
-  ARGV[5]  cron_tick  the tick (ms) being fired; ignored without cron_name
+  ARGV[4]  cron_name  "" or the periodic entry's name (no spaces, braces)
+  ARGV[5]  cron_tick  integer >= 0, the tick (ms) being fired; ignored without cron_name
   ARGV[6]  n          number of jobs that follow, 1..1000
   then 11 fields per job:
     id            1..128 bytes, no whitespace
@@ -25,56 +25,35 @@
     priority      integer -100..100 (higher runs first)
     delay_ms      integer >= 0, or ""          run at now + delay
     run_at_ms     integer >= 0, or ""          run at this time (past = now); wins over delay
-    max_attempts  integer >= 1
+    max_attempts  integer 1..1000000
     timeout_ms    integer >= 0 (0 = none)
     backoff_ms    integer >= 0, retry backoff base
     deadline      "" = none, an integer ms (absolute), or "+<ms>" (relative to now); a job
                   not started by then is dead-lettered as "expired"; must not be before the
                   run time
-    unique_key    "" or 1..512 bytes
+    unique_key    "" or 1..512 bytes, no control characters
 
   Returns: an array with one id per job (the new id, or the id of the job already holding it);
            an empty array when the cron tick already fired; {-5, depth} when the queue is full.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(n log N).
 ]]
-local rcall = redis.call
 local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
 local NFIELDS = 11
-local PRIO_SPAN = 17592186044416 -- 2^44: seq room under each priority
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function ready_score(prio, seq)
-  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
-end
-
+if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+local e = bad_qprefix(qprefix); if e then return e end
 local now = now_ms(ARGV[2])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local max_depth = int_arg(ARGV[3])
 if max_depth == nil or max_depth < 0 then return badarg('max_depth', 'not a non-negative integer') end
-local cron_name = ARGV[4] or ''
-local cron_tick = int_arg(ARGV[5])
-if cron_name ~= '' and (cron_tick == nil or cron_tick < 0) then
-  return badarg('cron_tick', 'not a non-negative integer')
+local cron_name = ARGV[4]
+if cron_name == nil or #cron_name > 200 or string.find(cron_name, '[%s%c{}]') then
+  return badarg('cron_name', 'invalid cron entry name')
 end
+local cron_tick = int_arg(ARGV[5])
+if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-negative integer') end
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
 if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
@@ -89,34 +68,43 @@ for i = 1, n do
     timeout = int_arg(ARGV[b + 8]), backoff = int_arg(ARGV[b + 9]),
     unique = ARGV[b + 11],
   }
-  if j.id == '' or #j.id > 128 or string.find(j.id, '[%s%c{}]') then return badarg('id', 'invalid job id') end
-  if j.task == '' or #j.task > 200 or string.find(j.task, '[%s%c]') then return badarg('task', 'invalid task name') end
-  if j.prio == nil or j.prio < -100 or j.prio > 100 then return badarg('priority', 'must be an integer -100..100') end
-  if j.max_attempts == nil or j.max_attempts < 1 then return badarg('max_attempts', 'must be an integer >= 1') end
+  e = bad_id(j.id); if e then return e end
+  if j.task == '' or #j.task > 200 or string.find(j.task, '[%s%c]') then
+    return badarg('task', 'invalid task name')
+  end
+  if j.prio == nil or j.prio < -100 or j.prio > 100 then
+    return badarg('priority', 'must be an integer -100..100')
+  end
+  if j.max_attempts == nil or j.max_attempts < 1 or j.max_attempts > 1000000 then
+    return badarg('max_attempts', 'must be an integer 1..1000000')
+  end
   if j.timeout == nil or j.timeout < 0 then return badarg('timeout', 'must be an integer ms >= 0') end
   if j.backoff == nil or j.backoff < 0 then return badarg('retry_backoff', 'must be an integer ms >= 0') end
+  if #j.unique > 512 or string.find(j.unique, '%c') then
+    return badarg('unique_key', 'longer than 512 bytes or has control characters')
+  end
+  -- Run time: an explicit run_at wins; a past run_at means now.
+  local run_at = now
+  local at_arg, delay_arg = ARGV[b + 6], ARGV[b + 5]
+  if at_arg ~= '' then
+    local at = int_arg(at_arg)
+    if at == nil or at < 0 then return badarg('run_at', 'must be an integer ms >= 0') end
+    if at > now then run_at = at end
+  elseif delay_arg ~= '' then
+    local d = int_arg(delay_arg)
+    if d == nil or d < 0 or now + d > MAX_INT then return badarg('delay', 'must be an integer ms >= 0') end
+    run_at = now + d
+  end
   local dl = ARGV[b + 10]
   if dl == '' then
     j.deadline = 0
   elseif string.sub(dl, 1, 1) == '+' then
     local rel = int_arg(string.sub(dl, 2))
-    if rel == nil or rel < 0 then return badarg('deadline', 'must be +<integer ms>') end
+    if rel == nil or rel < 0 or now + rel > MAX_INT then return badarg('deadline', 'must be +<integer ms>') end
     j.deadline = now + rel
   else
     j.deadline = int_arg(dl)
-  end
-  if j.deadline == nil or j.deadline < 0 then return badarg('deadline', 'must be an integer ms >= 0') end
-  if #j.unique > 512 then return badarg('unique_key', 'longer than 512 bytes') end
-  -- run time: an explicit run_at wins; a past run_at means now.
-  local run_at = now
-  if ARGV[b + 6] ~= '' then
-    local at = int_arg(ARGV[b + 6])
-    if at == nil or at < 0 or at > 9007199254740991 then return badarg('run_at', 'must be an integer ms >= 0') end
-    if at > now then run_at = at end
-  elseif ARGV[b + 5] ~= '' then
-    local d = int_arg(ARGV[b + 5])
-    if d == nil or d < 0 or now + d > 9007199254740991 then return badarg('delay', 'must be an integer ms >= 0') end
-    run_at = now + d
+    if j.deadline == nil or j.deadline < 0 then return badarg('deadline', 'must be an integer ms >= 0') end
   end
   if j.deadline > 0 and j.deadline < run_at then
     return badarg('deadline', 'is before the run time')
@@ -130,7 +118,7 @@ if cron_name ~= '' then
   local ckey = qprefix .. 'cron:' .. cron_name
   local last = tonumber(rcall('GET', ckey) or '-1')
   if last ~= nil and cron_tick <= last then return {} end
-  rcall('SET', ckey, string.format('%.0f', cron_tick))
+  rcall('SET', ckey, fmt_int(cron_tick))
 end
 
 -- Back-pressure: refuse the whole batch when the queue is at its maximum depth.
@@ -149,6 +137,7 @@ for i = 1, n do
   if rcall('EXISTS', jkey) == 1 then
     holder = j.id -- idempotent retry of an enqueue that already happened
   elseif j.unique ~= '' then
+    -- The key is held while its job is unfinished; ack, dead-lettering, cancel and purge free it.
     local ukey = qprefix .. 'unique:' .. j.unique
     holder = rcall('GET', ukey)
     if not holder then rcall('SET', ukey, j.id) end
@@ -160,19 +149,20 @@ for i = 1, n do
     local fields = {
       'task', j.task, 'payload', j.payload, 'priority', j.prio, 'attempts', 0,
       'max_attempts', j.max_attempts, 'timeout_ms', j.timeout, 'enqueued_ms', now,
-      'run_at_ms', string.format('%.0f', j.run_at),
+      'run_at_ms', fmt_int(j.run_at),
     }
     if j.backoff > 0 then fields[#fields + 1] = 'backoff_ms'; fields[#fields + 1] = j.backoff end
     if j.deadline > 0 then
-      fields[#fields + 1] = 'deadline_ms'; fields[#fields + 1] = string.format('%.0f', j.deadline)
+      fields[#fields + 1] = 'deadline_ms'; fields[#fields + 1] = fmt_int(j.deadline)
     end
     if j.unique ~= '' then fields[#fields + 1] = 'unique'; fields[#fields + 1] = j.unique end
     if j.run_at > now then
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'scheduled'
       rcall('HSET', jkey, unpack(fields))
-      rcall('ZADD', sched_key, string.format('%.0f', j.run_at), j.id)
+      rcall('ZADD', sched_key, fmt_int(j.run_at), j.id)
       n_sched = n_sched + 1
     else
+      -- One INCRBY reserves sequence numbers for the whole batch, in order (FIFO).
       if seq == nil then seq = rcall('INCRBY', seq_key, n) - n end
       seq = seq + 1
       local score = ready_score(j.prio, seq)

@@ -19,36 +19,23 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(min(A, limit) * log N).
 ]]
-local rcall = redis.call
 local active_key, leases_key, nodes_key = KEYS[1], KEYS[2], KEYS[3]
 local node = ARGV[1]
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+local e = bad_counts(3, 4) or bad_node(node)
+if e then return e end
+if string.sub(active_key, -(#node + 8)) ~= ':active:' .. node then
+  return badarg('node', 'does not match KEYS[1]')
 end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local now = now_ms(ARGV[2])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local lease = int_arg(ARGV[3])
 if lease == nil or lease <= 0 then return badarg('lease_ms', 'must be an integer > 0') end
 local limit = int_arg(ARGV[4])
 if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
-if node == nil or node == '' then return badarg('node', 'empty') end
 
+-- Only jobs still in this node's list are renewed: a reaped job left the list, so a node that
+-- lost a lease cannot take it back by renewing.
 local owned = rcall('LRANGE', active_key, 0, limit - 1)
 local deadline = now + lease
 for _, id in ipairs(owned) do

@@ -14,14 +14,13 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(limit * log N).
 ]]
-local rcall = redis.call
 local set_key = KEYS[1]
 local qprefix = ARGV[1]
 
-local limit = tonumber(ARGV[2])
-if limit == nil or limit ~= math.floor(limit) or limit < 1 or limit > 10000 then
-  return redis.error_reply('BADARG limit must be 1..10000')
-end
+local e = bad_counts(1, 2) or bad_qprefix(qprefix)
+if e then return e end
+local limit = int_arg(ARGV[2])
+if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
 
 local ids = rcall('ZRANGE', set_key, 0, limit - 1)
 for _, id in ipairs(ids) do
@@ -31,11 +30,10 @@ for _, id in ipairs(ids) do
   if ok and f[1] == 'active' then
     rcall('ZREM', set_key, id)
   else
-    if ok and f[2] then
-      local ukey = qprefix .. 'unique:' .. f[2]
-      if rcall('GET', ukey) == id then rcall('DEL', ukey) end
+    if ok then
+      release_unique(qprefix, id, f[2])
+      rcall('DEL', jkey)
     end
-    if ok then rcall('DEL', jkey) end
     rcall('ZREM', set_key, id)
   end
 end

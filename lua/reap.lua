@@ -32,65 +32,14 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(limit * (A + log N)).
 ]]
-local rcall = redis.call
 local leases_key, ready_key, dead_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local seq_key, lock_key = KEYS[5], KEYS[6]
 local qprefix = ARGV[1]
-local PRIO_SPAN = 17592186044416 -- 2^44
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function ready_score(prio, seq)
-  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
-end
-
--- Move a job to the dead-letter list, release its unique key, and keep the list bounded by
--- count and age (deleting the hashes of the jobs trimmed away). Shared by claim, fail and reap.
-local function to_dead(id, reason, now, dead_max, dead_ttl)
-  local jkey = qprefix .. 'job:' .. id
-  if rcall('TYPE', jkey)['ok'] == 'hash' then
-    local unique = rcall('HGET', jkey, 'unique')
-    if unique then
-      local ukey = qprefix .. 'unique:' .. unique
-      if rcall('GET', ukey) == id then rcall('DEL', ukey) end
-    end
-    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
-    rcall('HDEL', jkey, 'node')
-  elseif rcall('EXISTS', jkey) == 0 then
-    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
-  end
-  rcall('ZADD', dead_key, now, id)
-  local excess = rcall('ZCARD', dead_key) - dead_max
-  if excess > 0 then
-    for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
-      rcall('DEL', qprefix .. 'job:' .. old)
-      rcall('ZREM', dead_key, old)
-    end
-  end
-  for _, old in ipairs(rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, 10)) do
-    rcall('DEL', qprefix .. 'job:' .. old)
-    rcall('ZREM', dead_key, old)
-  end
-end
-
+local e = bad_counts(6, 7) or bad_qprefix(qprefix)
+if e then return e end
 local now = now_ms(ARGV[2])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local limit = int_arg(ARGV[3])
 if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
 local node_ttl = int_arg(ARGV[4])
@@ -112,17 +61,19 @@ local function recover(id)
   local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'score', 'priority')
   if not ok or not f[4] then
     -- No usable job hash: nothing to run. Dead-letter the id so it is seen.
-    to_dead(id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
+    to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
     dead[#dead + 1] = id
     return
   end
   local attempts, max_attempts = tonumber(f[1]) or 0, tonumber(f[2]) or 1
   if attempts >= max_attempts then
-    to_dead(id, 'lease_expired: the node running attempt ' .. attempts .. ' stopped renewing its lease',
+    to_dead(qprefix, dead_key, id,
+      'lease_expired: the node running attempt ' .. attempts .. ' stopped renewing its lease',
       now, dead_max, dead_ttl)
     dead[#dead + 1] = id
     return
   end
+  -- Back to its old place in ready (the score it had when claimed); the attempt stays counted.
   local score = f[3]
   if not score then score = ready_score(tonumber(f[4]) or 0, rcall('INCR', seq_key)) end
   rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score,
@@ -133,7 +84,8 @@ local function recover(id)
   requeued[#requeued + 1] = id
 end
 
--- 1. Expired leases.
+-- 1. Expired leases (deadline < now). Each is removed before its job is looked at, so when many
+-- reapers run, exactly one of them sees it.
 local expired = rcall('ZRANGEBYSCORE', leases_key, '-inf', now - 1, 'LIMIT', 0, limit)
 for _, id in ipairs(expired) do
   rcall('ZREM', leases_key, id)

@@ -20,39 +20,21 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(n * (A + log N)).
 ]]
-local rcall = redis.call
 local active_key, leases_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, node = ARGV[1], ARGV[2]
-local PRIO_SPAN = 17592186044416 -- 2^44
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function ready_score(prio, seq)
-  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
-end
-
+if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
+local e = bad_qprefix(qprefix) or bad_node(node)
+if e then return e end
+if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local n = int_arg(ARGV[4])
 if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
 if #ARGV ~= 4 + n then return badarg('argv', 'expected ' .. (4 + n) .. ' values') end
-if node == nil or node == '' then return badarg('node', 'empty') end
+for i = 1, n do
+  e = bad_id(ARGV[4 + i]); if e then return e end
+end
 
 local ids
 if n == 0 then
@@ -64,6 +46,7 @@ end
 
 local released = 0
 for _, id in ipairs(ids) do
+  -- Only jobs this node still holds; anything else is left alone.
   if rcall('LREM', active_key, 1, id) == 1 then
     rcall('ZREM', leases_key, id)
     local jkey = qprefix .. 'job:' .. id

@@ -17,40 +17,22 @@
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(max(n, limit) * log N).
 ]]
-local rcall = redis.call
 local dead_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
-local PRIO_SPAN = 17592186044416 -- 2^44
 
-local function badarg(field, why)
-  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
-end
-
-local function int_arg(v)
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) or n ~= n or n == math.huge or n == -math.huge then
-    return nil
-  end
-  return n
-end
-
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return int_arg(arg) end
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function ready_score(prio, seq)
-  return string.format('%.0f', (100 - prio) * PRIO_SPAN + seq)
-end
-
+if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+local e = bad_qprefix(qprefix)
+if e then return e end
 local now = now_ms(ARGV[2])
-if now == nil or now < 0 then return badarg('now_ms', 'not a non-negative integer') end
+if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local limit = int_arg(ARGV[3])
 if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
 local n = int_arg(ARGV[4])
 if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
 if #ARGV ~= 4 + n then return badarg('argv', 'expected ' .. (4 + n) .. ' values') end
+for i = 1, n do
+  e = bad_id(ARGV[4 + i]); if e then return e end
+end
 
 local ids
 if n == 0 then
@@ -63,17 +45,19 @@ end
 local moved = 0
 for _, id in ipairs(ids) do
   local jkey = qprefix .. 'job:' .. id
-  local ok, prio = pcall(rcall, 'HGET', jkey, 'priority')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'priority', 'unique')
   if rcall('ZREM', dead_key, id) == 1 then
-    if ok and prio then
-      local score = ready_score(tonumber(prio) or 0, rcall('INCR', seq_key))
+    if ok and f[1] then
+      local score = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
       rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', score)
       rcall('HDEL', jkey, 'finished_ms')
       rcall('ZADD', ready_key, score, id)
+      -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
+      if f[2] then rcall('SET', qprefix .. 'unique:' .. f[2], id, 'NX') end
       moved = moved + 1
-    else
-      -- A dead entry without a job to run (missing_job / wrong_type): nothing to retry.
-      if ok then rcall('DEL', jkey) end
+    elseif ok then
+      -- A dead entry without a job to run (missing_job): nothing to retry.
+      rcall('DEL', jkey)
     end
   end
 end

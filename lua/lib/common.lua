@@ -1,0 +1,151 @@
+--[[
+  common: the prelude every operation script shares. jobq/scripts.py loads each lua/<op>.lua and
+  inserts this file's text right after the op's first line (its "#!lua" shebang), so each script
+  Redis runs is still one static text made only of files shipped in the package (no string built
+  from data, no loadstring). Only local definitions here: no Redis call runs at load.
+
+  Conventions shared by every script:
+  - Arguments are validated before the first write (Redis never rolls a script back); a refused
+    call returns the error "BADARG <field> <reason>" and writes nothing.
+  - Integers cross ARGV as plain decimal strings ("-12", "1700000000000"), at most 2^53 - 1 in
+    magnitude, so every score and time is exact in Lua's doubles.
+  - now_ms is an ARGV: an integer, or "" for the Redis server clock (TIME).
+]]
+local rcall = redis.call
+--: The largest integer Lua's doubles hold exactly (2^53 - 1).
+local MAX_INT = 9007199254740991
+--: Ready score = (100 - priority) * PRIO_SPAN + seq: room for 2^44 sequence numbers under each
+--: of the 201 priorities, and 200 * 2^44 + 2^44 < 2^53.
+local PRIO_SPAN = 17592186044416
+
+local function badarg(field, why)
+  return redis.error_reply('BADARG ' .. field .. ' ' .. why)
+end
+
+-- An integer argument: a plain decimal string within +/- MAX_INT, else nil. Refuses "1e3",
+-- "0x10", " 5", "5.0", "nan" and "inf" (tonumber alone would take several of them).
+local function int_arg(v)
+  if type(v) ~= 'string' or #v == 0 or #v > 17 or not string.find(v, '^%-?%d+$') then
+    return nil
+  end
+  local n = tonumber(v)
+  if n == nil or n > MAX_INT or n < -MAX_INT then return nil end
+  return n
+end
+
+-- The current time in ms: the given integer, or the Redis server clock for "". nil = invalid.
+local function now_ms(arg)
+  if arg == '' then
+    local t = rcall('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local n = int_arg(arg)
+  if n == nil or n < 0 then return nil end
+  return n
+end
+
+-- An exact integer as the string Redis stores (no exponent).
+local function fmt_int(n)
+  return string.format('%.0f', n)
+end
+
+local function ready_score(prio, seq)
+  return fmt_int((100 - prio) * PRIO_SPAN + seq)
+end
+
+-- The queue's key prefix "jobq:{q}:" must be the prefix of KEYS[1]: every key a script builds
+-- from it then stays inside the queue's hash tag (same cluster slot) and inside jobq's key space.
+local function bad_qprefix(qprefix)
+  if type(qprefix) ~= 'string' or #qprefix < 4 or string.sub(qprefix, -2) ~= '}:'
+    or not string.find(qprefix, '{', 1, true)
+    or string.sub(KEYS[1], 1, #qprefix) ~= qprefix then
+    return badarg('qprefix', 'must be the queue key prefix of KEYS[1]')
+  end
+  return nil
+end
+
+-- Exact KEYS and ARGV counts (fixed-size scripts); nil when they match.
+local function bad_counts(nkeys, nargs)
+  if #KEYS ~= nkeys then return badarg('keys', 'expected ' .. nkeys .. ' keys') end
+  if #ARGV ~= nargs then return badarg('argv', 'expected ' .. nargs .. ' values, got ' .. #ARGV) end
+  return nil
+end
+
+-- A node id: 1..128 characters, no whitespace, control characters, braces or colons.
+local function bad_node(node)
+  if type(node) ~= 'string' or #node == 0 or #node > 128 or string.find(node, '[%s%c{}:]') then
+    return badarg('node', 'must be 1..128 characters without spaces, braces or colons')
+  end
+  return nil
+end
+
+-- A job id: 1..128 characters, no whitespace, control characters or braces.
+local function bad_id(id)
+  if type(id) ~= 'string' or #id == 0 or #id > 128 or string.find(id, '[%s%c{}]') then
+    return badarg('id', 'invalid job id')
+  end
+  return nil
+end
+
+-- Release a job's unique key if this job still holds it.
+local function release_unique(qprefix, id, unique)
+  if unique then
+    local ukey = qprefix .. 'unique:' .. unique
+    if rcall('GET', ukey) == id then rcall('DEL', ukey) end
+  end
+end
+
+-- Move a job to the dead-letter list with a reason, release its unique key, and keep the list
+-- bounded by count and age (deleting the hashes of the jobs trimmed away; at most 10 by age per
+-- call). A job key of a foreign type is left alone; the id is still listed so it is seen.
+local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
+  local jkey = qprefix .. 'job:' .. id
+  local jtype = rcall('TYPE', jkey)['ok']
+  if jtype == 'hash' then
+    release_unique(qprefix, id, rcall('HGET', jkey, 'unique'))
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+    rcall('HDEL', jkey, 'node')
+  elseif jtype == 'none' then
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+  end
+  rcall('ZADD', dead_key, now, id)
+  local excess = rcall('ZCARD', dead_key) - dead_max
+  if excess > 0 then
+    for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
+      rcall('DEL', qprefix .. 'job:' .. old)
+      rcall('ZREM', dead_key, old)
+    end
+  end
+  for _, old in ipairs(rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, 10)) do
+    rcall('DEL', qprefix .. 'job:' .. old)
+    rcall('ZREM', dead_key, old)
+  end
+end
+
+-- Promote up to `limit` due scheduled jobs (run-at <= now) to ready, each behind the ready jobs
+-- of its priority (a fresh sequence number). Returns how many moved.
+local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
+  if limit <= 0 then return 0 end
+  local due = rcall('ZRANGEBYSCORE', sched_key, '-inf', now, 'LIMIT', 0, limit)
+  if #due == 0 then return 0 end
+  local seq = rcall('INCRBY', seq_key, #due) - #due
+  for _, id in ipairs(due) do
+    seq = seq + 1
+    local jkey = qprefix .. 'job:' .. id
+    local ok, prio = pcall(rcall, 'HGET', jkey, 'priority')
+    if not ok then prio = false end
+    local score = ready_score(tonumber(prio or '0') or 0, seq)
+    rcall('ZREM', sched_key, id)
+    rcall('ZADD', ready_key, score, id)
+    if ok and prio then rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score) end
+  end
+  return #due
+end
+
+-- The earliest scheduled run-at in ms, or -1 when nothing is scheduled.
+local function next_due(sched_key)
+  local first = rcall('ZRANGE', sched_key, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  return -1
+end
+-- end of common prelude
