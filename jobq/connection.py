@@ -1,22 +1,51 @@
 """Building Redis clients from a URL, in one place, and keeping passwords out of sight.
 
-Supported URLs: ``redis://[user:password@]host:port/db`` and ``rediss://`` (TLS), and
-``unix://``. Every client gets socket timeouts so no call can hang on a dead peer, and a bounded
-retry with jittered backoff on connection errors (a retried script call is safe: enqueue is
-idempotent by job id, ack and fail are fenced by ownership).
+Supported URLs (``user:password@`` is optional everywhere)::
+
+    redis://[user:password@]host:port[/db]               one Redis
+    rediss://...                                          one Redis over TLS
+    unix://[user:password@]/path/to/redis.sock[?db=N]     one Redis on a Unix socket
+    redis+cluster://[user:password@]host:port[,host:port...]           Redis Cluster
+    rediss+cluster://...                                                Redis Cluster over TLS
+    redis+sentinel://[user:password@]host:port[,host:port...]/mastername[/db]   Sentinel
+    rediss+sentinel://...                                 Sentinel; TLS to the Redis servers
+
+Query parameters (all optional): ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (paths),
+``ssl_cert_reqs`` (``required`` (default), ``optional``, ``none``), ``ssl_check_hostname``
+(``true``/``false``), ``socket_timeout`` and ``socket_connect_timeout`` (seconds), ``db``, and
+for Sentinel ``sentinel_username`` / ``sentinel_password`` (when the sentinels themselves ask
+for a password) and ``sentinel_tls`` (``true``: TLS to the sentinels too). Without query
+parameters the TLS paths come from ``JOBQ_REDIS_SSL_CA_CERTS``, ``JOBQ_REDIS_SSL_CERTFILE`` and
+``JOBQ_REDIS_SSL_KEYFILE``. Any other parameter is refused with :class:`jobq.errors.InvalidInput`.
+
+Every client gets socket timeouts so no call can hang on a dead peer, and a bounded retry with
+jittered backoff on connection errors (a retried script call is safe: enqueue is idempotent by
+job id, ack and fail are fenced by ownership). Every new connection checks, with ``HELLO`` (which
+needs no ACL permission), that the server is at least :data:`MIN_REDIS_VERSION`, and raises
+:class:`jobq.errors.RedisVersionError` otherwise: the check runs at first use and again after
+every reconnect, so a failover to an older replica is caught too.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.connection
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+
+from jobq import errors
 
 #: The URL used when none is given and ``JOBQ_REDIS_URL`` is unset.
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -24,6 +53,21 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 MIN_REDIS_VERSION = (7, 0, 0)
 
 _PASSWORD_RE = re.compile(r"(?<=://)([^:@/]*):([^@/]*)@")
+_SCHEMES = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "unix": ("unix", False),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+}
+_TLS_ENV = {
+    "ssl_ca_certs": "JOBQ_REDIS_SSL_CA_CERTS",
+    "ssl_certfile": "JOBQ_REDIS_SSL_CERTFILE",
+    "ssl_keyfile": "JOBQ_REDIS_SSL_KEYFILE",
+}
+_BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def default_url() -> str:
@@ -32,19 +76,299 @@ def default_url() -> str:
 
 def redact(text: str) -> str:
     """Replace the password of every URL in ``text`` with ``***``."""
-    return _PASSWORD_RE.sub(lambda m: f"{m.group(1)}:***@", text)
+    text = _PASSWORD_RE.sub(lambda m: f"{m.group(1)}:***@", text)
+    return re.sub(r"(sentinel_password=)[^&\s]*", r"\1***", text)
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0`` (and any
+    ``sentinel_password`` query parameter)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if "@" in parts.netloc:
+        cred, netloc = parts.netloc.rsplit("@", 1)
+        if ":" in cred:
+            parts = parts._replace(netloc=f"{cred.split(':', 1)[0]}:***@{netloc}")
+    return redact(urlunsplit(parts))
 
 
+# -- URL parsing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a jobq Redis URL points at (see the module docstring)."""
+
+    kind: str  # "standalone", "unix", "cluster" or "sentinel"
+    tls: bool
+    hosts: tuple[tuple[str, int], ...] = ()
+    path: str = ""
+    db: int = 0
+    service: str = ""
+    username: str | None = None
+    password: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _bad(url: str, why: str) -> errors.InvalidInput:
+    return errors.InvalidInput(f"url: {redact_url(url)!r}: {why}", "url")
+
+
+def _hosts(url: str, netloc: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(url, f"{item!r} is not host:port")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _options(url: str, query: str, tls: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        value = values[-1]
+        if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "sentinel_username", "sentinel_password"):
+            opts[name] = value
+        elif name in ("ssl_check_hostname", "sentinel_tls"):
+            if value.lower() not in _BOOL:
+                raise _bad(url, f"{name} must be true or false")
+            opts[name] = _BOOL[value.lower()]
+        elif name == "ssl_cert_reqs":
+            if value not in ("required", "optional", "none"):
+                raise _bad(url, "ssl_cert_reqs must be required, optional or none")
+            opts[name] = value
+        elif name in ("socket_timeout", "socket_connect_timeout"):
+            try:
+                opts[name] = float(value)
+            except ValueError:
+                raise _bad(url, f"{name} must be a number of seconds") from None
+        elif name == "db":
+            if not value.isdigit():
+                raise _bad(url, "db must be a number")
+            opts[name] = int(value)
+        else:
+            raise _bad(url, f"unknown parameter {name!r}")
+    if tls:
+        for name, env in _TLS_ENV.items():
+            if name not in opts and os.environ.get(env):
+                opts[name] = os.environ[env]
+    elif any(k.startswith("ssl_") for k in opts):
+        raise _bad(url, "ssl_* parameters need a rediss:// URL")
+    return opts
+
+
+def parse_url(url: str) -> RedisTarget:
+    """Parse a jobq Redis URL; raises :class:`jobq.errors.InvalidInput` (field ``url``)."""
+    if not isinstance(url, str):
+        raise errors.InvalidInput(f"url: must be a string, got {type(url).__name__}", "url")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise _bad(url, f"scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
+    kind, tls = _SCHEMES[scheme.lower()]
+    parts = urlsplit("x://" + rest)
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        user, has_pw, pw = cred.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if has_pw else None
+    opts = _options(url, parts.query, tls)
+    db = int(opts.pop("db", 0))
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    if kind == "unix":
+        if not parts.path:
+            raise _bad(url, "unix:// needs a socket path")
+        return RedisTarget(
+            kind, tls, path=unquote(parts.path), db=db, username=username, password=password, options=opts
+        )
+    if not netloc:
+        raise _bad(url, "no host:port")
+    hosts = _hosts(url, netloc)
+    service = ""
+    if kind == "standalone":
+        if len(hosts) != 1:
+            raise _bad(url, "one host:port only (use redis+cluster:// or redis+sentinel:// for several)")
+        if segments:
+            if len(segments) != 1 or not segments[0].isdigit():
+                raise _bad(url, "the path must be a database number")
+            db = int(segments[0])
+    elif kind == "cluster":
+        if (segments and segments != ["0"]) or db:
+            raise _bad(url, "Redis Cluster has only database 0")
+    else:
+        if not segments or len(segments) > 2:
+            raise _bad(url, "sentinel URLs are redis+sentinel://host:port[,host:port]/mastername[/db]")
+        service = segments[0]
+        if len(segments) == 2:
+            if not segments[1].isdigit():
+                raise _bad(url, "the database must be a number")
+            db = int(segments[1])
+    return RedisTarget(
+        kind, tls, hosts, db=db, service=service, username=username, password=password, options=opts
+    )
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster")
+
+
+# -- the version check -------------------------------------------------------------------------------
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def _hello_version(reply: Any) -> str | None:
+    """The ``version`` field of a ``HELLO`` reply (a flat list in RESP2, a map in RESP3)."""
+    if isinstance(reply, dict):
+        v = reply.get(b"version", reply.get("version"))
+    elif isinstance(reply, (list, tuple)):
+        items = list(reply)
+        v = None
+        for k, val in zip(items[::2], items[1::2], strict=False):
+            if k in (b"version", "version"):
+                v = val
+                break
+    else:
+        return None
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def check_version(version: str | None, where: str) -> None:
+    """Raise :class:`jobq.errors.RedisVersionError` if ``version`` is older than the minimum."""
+    need = ".".join(map(str, MIN_REDIS_VERSION))
+    if version is None:
+        raise errors.RedisVersionError(
+            f"{where}: could not read the Redis version; jobq needs Redis >= {need}"
+        )
+    if parse_version(version) < MIN_REDIS_VERSION:
+        raise errors.RedisVersionError(
+            f"{where}: Redis {version} is too old; jobq needs Redis >= {need} (script flags, ACL v2)"
+        )
+
+
+def _where(conn: Any) -> str:
+    path = getattr(conn, "path", None)
+    if path:
+        return f"redis at {path}"
+    return f"redis at {getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+
+
+def _hello_args(conn: Any) -> tuple[str, str]:
+    return ("HELLO", "3" if str(getattr(conn, "protocol", 2)) == "3" else "2")
+
+
+def _sync_check(conn: Any) -> None:
+    try:
+        conn.send_command(*_hello_args(conn))
+        reply = conn.read_response()
+        version = _hello_version(reply)
+        if version is None or isinstance(reply, Exception):
+            conn.send_command("INFO", "server")
+            info = conn.read_response()
+            version = None if isinstance(info, Exception) else _info_version(info)
+    except redis.exceptions.ResponseError:
+        version = None
+    if version is None or parse_version(version) < MIN_REDIS_VERSION:
+        conn.disconnect()
+        check_version(version, _where(conn))
+
+
+async def _async_check(conn: Any) -> None:
+    try:
+        await conn.send_command(*_hello_args(conn))
+        reply = await conn.read_response()
+        version = _hello_version(reply)
+        if version is None:
+            await conn.send_command("INFO", "server")
+            version = _info_version(await conn.read_response())
+    except redis.exceptions.ResponseError:
+        version = None
+    if version is None or parse_version(version) < MIN_REDIS_VERSION:
+        await conn.disconnect()
+        check_version(version, _where(conn))
+
+
+def _info_version(info: Any) -> str | None:
+    if isinstance(info, bytes):
+        info = info.decode("utf-8", "replace")
+    if isinstance(info, dict):
+        v = info.get("redis_version")
+        return None if v is None else str(v)
+    if isinstance(info, str):
+        m = re.search(r"redis_version:([^\r\n]+)", info)
+        return m.group(1) if m else None
+    return None
+
+
+class _SyncVersionCheck:
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        super().on_connect_check_health(check_health)  # type: ignore[misc]
+        _sync_check(self)
+
+
+class _AsyncVersionCheck:
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health)  # type: ignore[misc]
+        await _async_check(self)
+
+
+class Connection(_SyncVersionCheck, redis.connection.Connection):
+    pass
+
+
+class SSLConnection(_SyncVersionCheck, redis.connection.SSLConnection):
+    pass
+
+
+class UnixConnection(_SyncVersionCheck, redis.connection.UnixDomainSocketConnection):
+    pass
+
+
+class SentinelConnection(_SyncVersionCheck, redis.sentinel.SentinelManagedConnection):
+    pass
+
+
+class SentinelSSLConnection(_SyncVersionCheck, redis.sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+class AsyncConnection(_AsyncVersionCheck, redis.asyncio.connection.Connection):
+    pass
+
+
+class AsyncSSLConnection(_AsyncVersionCheck, redis.asyncio.connection.SSLConnection):
+    pass
+
+
+class AsyncUnixConnection(_AsyncVersionCheck, redis.asyncio.connection.UnixDomainSocketConnection):
+    pass
+
+
+class AsyncSentinelConnection(_AsyncVersionCheck, redis.asyncio.sentinel.SentinelManagedConnection):
+    pass
+
+
+class RedisCluster(redis.cluster.RedisCluster):
+    """A cluster client whose every new node connection checks the server version."""
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)  # type: ignore[no-untyped-call]
+        _sync_check(connection)
+
+
+class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
+    """The asyncio cluster client, with the version check on every new node connection."""
+
+    async def on_connect(self, connection: Any) -> None:
+        await super().on_connect(connection)
+        await _async_check(connection)
+
+
+# -- client factories ---------------------------------------------------------------------------------
 def _common(socket_timeout: float | None, health_check_interval: int) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
@@ -56,24 +380,147 @@ def _common(socket_timeout: float | None, health_check_interval: int) -> dict[st
     }
 
 
+def _tls_kwargs(t: RedisTarget) -> dict[str, Any]:
+    if not t.tls:
+        return {}
+    o = t.options
+    out: dict[str, Any] = {"ssl_cert_reqs": o.get("ssl_cert_reqs", "required")}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"):
+        if name in o:
+            out[name] = o[name]
+    return out
+
+
+def _auth(t: RedisTarget) -> dict[str, Any]:
+    return {"username": t.username, "password": t.password}
+
+
+def _timeouts(t: RedisTarget, opts: dict[str, Any]) -> None:
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if name in t.options:
+            opts[name] = t.options[name]
+
+
+def _sentinel_kwargs(t: RedisTarget) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+        "username": t.options.get("sentinel_username"),
+        "password": t.options.get("sentinel_password"),
+    }
+    if t.options.get("sentinel_tls"):
+        out["ssl"] = True
+        out.update(_tls_kwargs(t))
+    return out
+
+
 def sync_client(
     url: str, *, socket_timeout: float | None = 10.0, health_check_interval: int = 0, **kw: Any
-) -> redis.Redis:
-    """A synchronous client for ``url``."""
+) -> Any:
+    """A synchronous client for ``url``: a ``redis.Redis``, or a ``redis.cluster.RedisCluster``
+    for ``redis+cluster://`` URLs (both speak the same commands and scripts)."""
+    t = parse_url(url)
     opts = _common(socket_timeout, health_check_interval)
+    _timeouts(t, opts)
+    opts.update(_auth(t))
+    if t.kind == "cluster":
+        retry = opts.pop("retry")
+        opts.pop("retry_on_error")
+        opts.update(_tls_kwargs(t))
+        if t.tls:
+            opts["ssl"] = True
+        opts.update(kw)
+        return RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
+            retry=retry,
+            **opts,
+        )
+    if t.kind == "sentinel":
+        opts.update(_tls_kwargs(t))
+        opts.update(kw)
+        sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+        scls = SentinelSSLConnection if t.tls else SentinelConnection
+        return sentinel.master_for(t.service, db=t.db, connection_class=scls, **opts)  # type: ignore[no-untyped-call]
+    opts.update(_tls_kwargs(t))
     opts.update(kw)
-    return redis.Redis.from_url(url, **opts)
+    if t.kind == "unix":
+        pool = redis.ConnectionPool(connection_class=UnixConnection, path=t.path, db=t.db, **opts)
+    else:
+        host, port = t.hosts[0]
+        cls = SSLConnection if t.tls else Connection
+        pool = redis.ConnectionPool(connection_class=cls, host=host, port=port, db=t.db, **opts)
+    return redis.Redis.from_pool(pool)
 
 
 def async_client(
     url: str, *, socket_timeout: float | None = 10.0, health_check_interval: int = 0, **kw: Any
-) -> redis.asyncio.Redis:
-    """An asyncio client for ``url``."""
+) -> Any:
+    """An asyncio client for ``url``: ``redis.asyncio.Redis``, or
+    ``redis.asyncio.cluster.RedisCluster`` for ``redis+cluster://`` URLs."""
+    t = parse_url(url)
     opts = _common(socket_timeout, health_check_interval)
     opts["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3)
+    _timeouts(t, opts)
+    opts.update(_auth(t))
+    if t.kind == "cluster":
+        retry = opts.pop("retry")
+        opts.pop("retry_on_error")
+        opts.update(_tls_kwargs(t))
+        if t.tls:
+            opts["ssl"] = True
+        opts.update(kw)
+        return AsyncRedisCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts],
+            retry=retry,
+            **opts,
+        )
+    if t.kind == "sentinel":
+        if t.tls:
+            raise _bad(url, "rediss+sentinel:// is not supported by the asyncio client yet")
+        opts.update(kw)
+        sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+        return sentinel.master_for(t.service, db=t.db, connection_class=AsyncSentinelConnection, **opts)
+    opts.update(_tls_kwargs(t))
     opts.update(kw)
-    return redis.asyncio.Redis.from_url(url, **opts)
+    apool: redis.asyncio.ConnectionPool
+    if t.kind == "unix":
+        apool = redis.asyncio.ConnectionPool(
+            connection_class=AsyncUnixConnection, path=t.path, db=t.db, **opts
+        )
+    else:
+        host, port = t.hosts[0]
+        acls = AsyncSSLConnection if t.tls else AsyncConnection
+        apool = redis.asyncio.ConnectionPool(connection_class=acls, host=host, port=port, db=t.db, **opts)
+    return redis.asyncio.Redis.from_pool(apool)
 
 
-def parse_version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+def async_pubsub_client(url: str, **kw: Any) -> Any:
+    """An asyncio client whose ``.pubsub()`` works for every URL kind. On a cluster it is a plain
+    client on the first reachable node: Redis Cluster forwards every ``PUBLISH`` to all nodes, so
+    one node hears every queue's announcements."""
+    t = parse_url(url)
+    if t.kind != "cluster":
+        return async_client(url, **kw)
+    scheme = "rediss" if t.tls else "redis"
+    cred = ""
+    if t.username or t.password:
+        from urllib.parse import quote
+
+        cred = f"{quote(t.username or '', safe='')}:{quote(t.password or '', safe='')}@"
+    host, port = _first_reachable(t)
+    query = "&".join(f"{k}={v}" for k, v in t.options.items() if k.startswith("ssl_"))
+    single = f"{scheme}://{cred}{host}:{port}/0" + (f"?{query}" if query else "")
+    return async_client(single, **kw)
+
+
+def _first_reachable(t: RedisTarget) -> tuple[str, int]:
+    """The first seed node that accepts a TCP connection (cheap; the pub/sub client retries)."""
+    import socket
+
+    for host, port in t.hosts:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return host, port
+        except OSError:
+            continue
+    return t.hosts[0]

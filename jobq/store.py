@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
+import redis.cluster
 
 from jobq import errors
 from jobq.keys import Keys
@@ -498,6 +499,18 @@ class SyncRunner:
         its own). Raises the first error after every call has run."""
         if len(calls) == 1:
             return [self.run(calls[0])]
+        if isinstance(self.client, redis.cluster.RedisCluster):
+            # Cluster pipelines refuse EVALSHA: one round trip per call (each up to MAX_BATCH jobs).
+            got: list[Any] = []
+            first: BaseException | None = None
+            for c in calls:
+                try:
+                    got.append(self.run(c))
+                except errors.JobqError as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
+            return got
         try:
             pipe = self.client.pipeline(transaction=False)
             for c in calls:
