@@ -1,0 +1,171 @@
+"""Network faults between jobq and Redis, through the chaos proxy (RELIABILITY.md F6, F6b, F7, F8).
+
+Every test puts a :class:`tests.harness.chaos_proxy.ChaosProxy` between one jobq client (or one
+worker node) and a real redis-server, injects the fault, and checks what Redis holds afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import redis
+
+from jobq import JobQ, RedisUnavailable
+from jobq.connection import sync_client
+from jobq.scripts import ScriptName, source
+from jobq.store import SyncRunner
+from tests.harness import proxy_fixtures
+from tests.harness.redis_server import RedisServer
+
+pytestmark = [pytest.mark.fault]
+
+chaos_proxy = proxy_fixtures.chaos_proxy
+seed = proxy_fixtures.seed
+thread_workers = proxy_fixtures.thread_workers
+
+Q = "net"
+
+
+def _no_retry_client(url: str) -> redis.Redis:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return sync_client(url, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+
+
+# -- F8: lost replies ------------------------------------------------------------------------------
+class TestLostReplies:
+    """F8. The command runs on Redis, its reply is lost and the connection drops: the Jepsen
+    "unknown" outcome. jobq's answer is client-generated ids (enqueue), ownership fencing (ack)
+    and the heartbeat's release of claimed jobs the node never heard of (claim)."""
+
+    N = proxy_fixtures.scale(50, 200)
+
+    def test_enqueue_retried_with_same_id_gives_exactly_one_job(
+        self, redis_server: RedisServer, r: redis.Redis, chaos_proxy, seed: int
+    ) -> None:
+        proxy = chaos_proxy(redis_server)
+        url = proxy.url(redis_server.url)
+        # (a) The client's own connection retry re-sends the script after the drop.
+        app = JobQ(url)
+        app.enqueue("t", [0], queue=Q, job_id="warm")  # scripts loaded, connection open
+        for i in range(self.N):
+            proxy.drop_next_reply()
+            job = app.enqueue("t", [i], queue=Q, job_id=f"auto-{i}")
+            assert job.id == f"auto-{i}"
+        assert proxy.stats.dropped_replies == self.N
+        # (b) No connection retry: the caller sees RedisUnavailable and retries with the same id.
+        manual = JobQ(url, client=_no_retry_client(url))
+        manual.enqueue("t", [0], queue=Q, job_id="warm2")
+        raised = 0
+        for i in range(self.N):
+            proxy.drop_next_reply()
+            try:
+                manual.enqueue("t", [i], queue=Q, job_id=f"man-{i}")
+            except RedisUnavailable:
+                raised += 1
+                # The "unknown" outcome: it did run. Retrying with the same id is a no-op.
+                assert r.exists(app.keys.job(Q, f"man-{i}"))
+                manual.enqueue("t", [i], queue=Q, job_id=f"man-{i}")
+        assert raised == self.N
+        # (c) A batch through one pipelined round trip, reply lost, retried as a whole.
+        reqs = [{"task": "t", "args": [i], "queue": Q, "job_id": f"batch-{i}"} for i in range(100)]
+        proxy.drop_next_reply()
+        assert [j.id for j in app.enqueue_many(reqs)] == [f"batch-{i}" for i in range(100)]
+
+        ready = {m.decode() for m in r.zrange(app.keys.ready(Q), 0, -1)}
+        expected = {"warm", "warm2"} | {f"{p}-{i}" for p in ("auto", "man") for i in range(self.N)}
+        expected |= {f"batch-{i}" for i in range(100)}
+        assert ready == expected  # exactly one job per id, none lost
+        assert r.zcard(app.keys.ready(Q)) == len(expected)
+        for job_id in expected:
+            assert r.hget(app.keys.job(Q, job_id), "attempts") == b"0"
+        app.close()
+        manual.close()
+
+    def test_lost_claim_reply_jobs_neither_lost_nor_run_twice_at_once(
+        self, redis_server: RedisServer, r: redis.Redis, app: JobQ, chaos_proxy, seed: int
+    ) -> None:
+        """Node A claims through the proxy, and loses every other claim reply; node B claims
+        directly. A job is handed out to exactly one caller at a time; the jobs A claimed
+        without hearing of it stay leased to A (B cannot take them) until A's heartbeat finds
+        them in its active list and releases them, and then B gets them."""
+        rng = random.Random(seed)
+        n = self.N * 2
+        app.enqueue_many([{"task": "t", "args": [i], "queue": Q, "job_id": f"j{i}"} for i in range(n)])
+        proxy = chaos_proxy(redis_server)
+        a = SyncRunner(sync_client(proxy.url(redis_server.url)))
+        b = app.runner
+        store = app.store
+        lease = 60_000  # long: nothing here may be reaped
+        handed: dict[str, str] = {}  # job -> who got it
+        known_a: set[str] = set()
+        drops = 0
+        for _ in range(n):
+            if rng.random() < 0.5:
+                proxy.drop_next_reply()
+                drops += 1
+            got = a.run(store.claim(Q, "node-a", 1, lease)).jobs
+            for j in got:
+                assert j.id not in handed, f"{j.id} handed out twice"
+                handed[j.id] = "a"
+                known_a.add(j.id)
+            for j in b.run(store.claim(Q, "node-b", 1, lease)).jobs:
+                assert j.id not in handed, f"{j.id} handed out twice"
+                handed[j.id] = "b"
+        # What A holds in Redis but never heard of: the claims whose reply was lost.
+        assert r.zcard(app.keys.ready(Q)) == 0
+        owned = set(a.run(store.extend(Q, "node-a", lease)).owned)
+        unknown = owned - known_a
+        assert known_a <= owned
+        assert 0 < len(unknown) <= drops
+        assert not unknown & set(handed)
+        # B cannot take them while they are leased to A...
+        assert b.run(store.claim(Q, "node-b", 1000, lease)).jobs == []
+        # ... until A releases them (the worker's heartbeat does so after two beats).
+        assert a.run(store.release(Q, "node-a", sorted(unknown))) == len(unknown)
+        for j in b.run(store.claim(Q, "node-b", 1000, lease)).jobs:
+            assert j.id not in handed, f"{j.id} handed out twice"
+            handed[j.id] = "b"
+        assert set(handed) == {f"j{i}" for i in range(n)}  # none lost
+        # The release gave back the attempt the lost claim counted: one attempt per job.
+        for i in range(n):
+            assert r.hget(app.keys.job(Q, f"j{i}"), "attempts") == b"1"
+
+    def test_lost_ack_reply_retried_ack_is_idempotent(
+        self, redis_server: RedisServer, r: redis.Redis, app: JobQ, chaos_proxy
+    ) -> None:
+        app.enqueue_many([{"task": "t", "args": [i], "queue": Q, "job_id": f"j{i}"} for i in range(self.N)])
+        proxy = chaos_proxy(redis_server)
+        a = SyncRunner(sync_client(proxy.url(redis_server.url)))
+        manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
+        store = app.store
+        jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+        assert len(jobs) == self.N
+        r.script_load(source(ScriptName.ACK))  # a lost NOSCRIPT reply would prove nothing
+        replayed = 0
+        for i, j in enumerate(jobs):
+            runner = a if i % 2 == 0 else manual
+            runner.client.ping()  # the connection is up: the drop hits the ack's own reply
+            proxy.drop_next_reply()
+            call = store.ack(Q, "node-a", [(j.id, b"\xa2ok")])
+            try:
+                # The connection's retry re-sends: the second ack sees "already finished by us".
+                codes = runner.run(call)
+            except RedisUnavailable:
+                assert runner is manual
+                codes = a.run(call)  # the caller retries the unknown outcome
+            assert codes == [0], "the ack ran before its reply was lost; the retry must say so"
+            replayed += 1
+            assert r.hget(app.keys.job(Q, j.id), "state") == b"done"
+            finished = r.hget(app.keys.job(Q, j.id), "finished_ms")
+            # Another retry: no error, no second "finished" transition.
+            time.sleep(0.002)
+            assert a.run(call) == [0]
+            assert r.hget(app.keys.job(Q, j.id), "finished_ms") == finished
+        assert replayed == self.N
+        assert r.llen(app.keys.active(Q, "node-a")) == 0
+        assert r.zcard(app.keys.leases(Q)) == 0
+        assert r.zcard(app.keys.finished(Q)) == self.N
