@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -192,6 +193,14 @@ class JobQ:
             an int for every queue, or a mapping of queue name to limit (0 = no limit).
         clock: a :class:`jobq.clock.FakeClock` for tests; production uses Redis time.
         client: an existing synchronous redis-py client to use instead of ``url``.
+        shards: hot queues split over N shards, ``{"hot": 3}``: jobs for ``hot`` go to
+            ``hot#0`` .. ``hot#2`` (the shard is chosen by a hash of the job id, or of the unique
+            key when one is given), and a worker serving ``hot`` claims from every shard. Each
+            shard is its own hash tag, so on Redis Cluster the shards spread over the nodes.
+            Priority order holds within a shard; see the README for the bound across shards.
+        durable: enqueue (and the worker's ack) wait until one replica has the write (``WAIT 1
+            durable_timeout``); an enqueue no replica acknowledged raises
+            :class:`jobq.errors.NotReplicated`. Not supported on Redis Cluster.
     """
 
     def __init__(
@@ -207,6 +216,9 @@ class JobQ:
         default_queue: str = "default",
         clock: Clock | None = None,
         client: Any = None,
+        shards: Mapping[str, int] | None = None,
+        durable: bool = False,
+        durable_timeout: float = 1.0,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \t\n"):
             raise errors.InvalidInput(f"prefix: {prefix!r} is not a valid key prefix", "prefix")
@@ -229,6 +241,25 @@ class JobQ:
         self._client = client
         self._runner: SyncRunner | None = None
         self._known_queues: set[str] = set()
+        self.shards: dict[str, int] = {}
+        for name, n in (shards or {}).items():
+            if "#" in validate_queue(name):
+                raise errors.InvalidQueueName(f"shards: {name!r}: a sharded queue's name has no '#'")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+                raise errors.InvalidInput(f"shards: {name!r} must have 1..1024 shards, got {n!r}", "shards")
+            self.shards[name] = n
+        self._rotation = 0
+        if durable:
+            from jobq.connection import is_cluster_url
+
+            if is_cluster_url(self.url):
+                raise errors.InvalidInput("durable: not supported on Redis Cluster", "durable")
+            self.store.wait_replicas = 1
+            self.store.wait_timeout_ms = max(
+                1, seconds_to_ms(durable_timeout, "durable_timeout", errors.InvalidInput)
+            )
+        #: Called as ``hook(queue, task, n)`` after jobs were accepted (metrics subscribe here).
+        self.on_enqueued: list[Callable[[str, str, int], None]] = []
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -265,11 +296,37 @@ class JobQ:
 
     def queue_shards(self, queue: str) -> list[str]:
         """The physical queues a logical queue is stored in (one unless it is sharded)."""
-        return [queue]
+        n = self.shards.get(queue, 1)
+        return [queue] if n == 1 else [f"{queue}#{i}" for i in range(n)]
+
+    def shard_for(self, queue: str, key: str) -> str:
+        """The shard of ``queue`` a job goes to: a hash of its job id (or unique key), so a
+        retried enqueue with the same id lands on the same shard and stays a no-op."""
+        n = self.shards.get(queue, 1)
+        return queue if n == 1 else f"{queue}#{zlib.crc32(key.encode('utf-8', 'surrogatepass')) % n}"
+
+    def rotate_shards(self, queues: list[str]) -> list[str]:
+        """``queues`` with each run of one queue's shards rotated one step further per call, so a
+        busy worker's claim rounds start at each shard in turn instead of draining shard 0 first."""
+        if not self.shards:
+            return queues
+        self._rotation += 1
+        out: list[str] = []
+        i = 0
+        while i < len(queues):
+            base = queues[i].partition("#")[0]
+            j = i + 1
+            while j < len(queues) and queues[j].partition("#")[0] == base:
+                j += 1
+            k = self._rotation % (j - i)
+            out += queues[i + k : j] + queues[i : i + k]
+            i = j
+        return out
 
     def depth_limit(self, queue: str) -> int:
+        """The max depth of ``queue`` (of each shard, for a sharded queue)."""
         if isinstance(self.max_depth, Mapping):
-            return int(self.max_depth.get(queue, 0))
+            return int(self.max_depth.get(queue.partition("#")[0], 0))
         return int(self.max_depth)
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -397,6 +454,8 @@ class JobQ:
         if not isinstance(req.kwargs, Mapping) or not all(isinstance(k, str) for k in req.kwargs):
             raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
         payload = codec.encode_payload(req.args, dict(req.kwargs), self.max_payload)
+        if queue in self.shards:
+            queue = self.shard_for(queue, unique_key or job_id)
         return queue, JobSpec(
             id=job_id,
             task=task,
@@ -469,6 +528,7 @@ class JobQ:
         q, spec = self.prepare(req)
         self._register_queue(q)
         ids = self.run(self.store.enqueue(q, [spec], now_ms=self.now_ms(), max_depth=self.depth_limit(q)))
+        self._notify_enqueued([(q, spec.task)])
         return Job(self, ids[0], q)
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
@@ -505,7 +565,18 @@ class JobQ:
         for idxs, ids in zip(slots, results, strict=True):
             for i, job_id in zip(idxs, ids, strict=True):
                 jobs[i] = Job(self, job_id, prepared[i][0])
+        self._notify_enqueued([(q, spec.task) for q, spec in prepared])
         return [j for j in jobs if j is not None]
+
+    def _notify_enqueued(self, items: list[tuple[str, str]]) -> None:
+        if not self.on_enqueued:
+            return
+        counts: dict[tuple[str, str], int] = {}
+        for item in items:
+            counts[item] = counts.get(item, 0) + 1
+        for hook in self.on_enqueued:
+            for (q, task), n in counts.items():
+                hook(q, task, n)
 
     # -- reading --------------------------------------------------------------------------------
     def job(self, job_id: str, queue: str | None = None) -> Job:

@@ -1,13 +1,183 @@
-"""Logging setup for jobq's processes.
+"""Logging setup for jobq's processes: text or JSON lines, with secrets redacted.
 
-INTERFACE CONTRACT: ``configure(fmt="text"|"json", level="INFO")`` sets up the root handler once.
-The ops work adds the JSON formatter and secret redaction.
+``configure(fmt="text"|"json", level="INFO")`` installs one handler on the root logger (calling it
+again replaces that handler, never stacks a second one). Both formats carry the job fields a
+caller passes through ``extra=`` (``job_id``, ``task``, ``queue``, ``attempt``, ``error``, and
+``node``, ``outcome``, ``delay_s``)::
+
+    log.warning("job failed", extra={"job_id": j.id, "task": j.task, "queue": j.queue,
+                                     "attempt": 2, "error": "ValueError: bad"})
+
+JSON: one object per line with ``time`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``message``,
+the job fields that were given, and ``exc`` (the traceback) when there is one.
+
+Every record that reaches the handler passes :class:`RedactingFilter` first, whatever logger it
+came from (handler filters apply to propagated records; logger filters would not): passwords in
+URLs (``redis://user:***@host``), ``Authorization``/``Proxy-Authorization`` values, ``Bearer``
+tokens, ``password=``-style pairs, and the literal values of ``JOBQ_SMTP_PASSWORD``,
+``JOBQ_HTTP_TOKEN`` and the password in ``JOBQ_REDIS_URL`` are replaced with ``***``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import sys
+import threading
+import time
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from jobq.connection import redact as redact_urls
+
+#: The ``extra=`` fields both formats show, in this order.
+JOB_FIELDS = ("job_id", "task", "queue", "attempt", "error", "node", "outcome", "delay_s")
+FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Environment variables whose values are secrets wherever they appear.
+SECRET_ENV = ("JOBQ_SMTP_PASSWORD", "JOBQ_HTTP_TOKEN")
+
+_MASK = "***"
+_HEADER_RE = re.compile(
+    r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]key|cookie)(\W{0,3}\s*[:=]\s*['\"]?)"
+    r"([^'\"\r\n,}]+)"
+)
+_BEARER_RE = re.compile(r"(?i)\b(bearer|basic|token)(\s+)([A-Za-z0-9._~+/=-]{4,})")
+_PAIR_RE = re.compile(r"(?i)\b(password|passwd|pwd|secret)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",}&]+)")
+
+_extra_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_MAX_EXTRA_SECRETS = 256
 
 
-def configure(fmt: str = "text", level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def add_secret(value: str | None) -> None:
+    """Redact this literal value from every log record from now on (short values are ignored:
+    masking every "a" would destroy the logs). Bounded; for process-wide secrets."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            if len(_extra_secrets) < _MAX_EXTRA_SECRETS:
+                _extra_secrets.add(value)
+
+
+def _env_secrets() -> list[str]:
+    out = [os.environ.get(name, "") for name in SECRET_ENV]
+    url = os.environ.get("JOBQ_REDIS_URL", "")
+    if url:
+        try:
+            out.append(urlsplit(url).password or "")
+        except ValueError:
+            pass
+    with _secrets_lock:
+        out.extend(_extra_secrets)
+    # Longest first, so a secret containing another is masked whole.
+    return sorted((s for s in out if len(s) >= 4), key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret jobq knows of replaced by ``***``."""
+    text = redact_urls(text)
+    text = _HEADER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MASK}", text)
+    text = _BEARER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MASK}", text)
+    text = _PAIR_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MASK}", text)
+    for secret in _env_secrets():
+        text = text.replace(secret, _MASK)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Renders each record's message once, redacted, and redacts its job fields and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: keep the raw template
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        for name in ("error", "url"):
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, redact(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+            # The formatter would render exc_info again, unredacted: keep only the text.
+            record.exc_info = None
+        return True
+
+
+def _job_fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in JOB_FIELDS:
+        value = record.__dict__.get(name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-01T00:00:00.000Z WARNING jobq.worker: message job_id=... task=...``"""
+
+    converter = time.gmtime  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{super().formatTime(record, datefmt)}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _job_fields(record)
+        if not fields:
+            return line
+        head, sep, tail = line.partition("\n")
+        extras = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items())
+        return f"{head} {extras}{sep}{tail}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, job fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(_job_fields(record))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+_handler: logging.Handler | None = None
+
+
+def configure(fmt: str = "text", level: str = "INFO", *, stream: IO[str] | None = None) -> logging.Handler:
+    """Send every log record to ``stream`` (default stderr) as ``fmt`` lines at ``level`` and
+    above, redacted. Replaces the handler an earlier call installed. Returns the handler."""
+    global _handler
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"log format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    lvl = level.upper()
+    if lvl not in LEVELS:
+        raise ValueError(f"log level: {level!r} is not one of {', '.join(LEVELS)}")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    _handler = handler
+    return handler

@@ -1,0 +1,335 @@
+"""Inspection and repair of queues, jobs and nodes: what ``jobq stats/jobs/dead/queue/nodes``,
+the HTTP API and the per-queue metrics share.
+
+Reading functions (:func:`queue_stats`, :func:`list_jobs`, :func:`nodes`, :func:`job_info`) use
+plain read commands only (ZCARD, ZRANGE, HMGET, ...): they never write, so they are safe on a
+production Redis at any time. The repairing functions (:func:`pause`, :func:`resume`,
+:func:`purge`, :func:`retry_dead`, :func:`cancel`) go through the admin Lua scripts where a job
+moves, and loop in bounded calls so that no call blocks Redis for long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobq import errors
+from jobq.app import JobInfo, JobQ, validate_job_id
+from jobq.keys import validate_queue
+
+#: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
+PRIO_SPAN = 2**44
+#: Job ids read per priority band when looking for the oldest ready job (see queue_stats).
+OLDEST_SAMPLE = 8
+#: Most queues one stats call reports (the registry could be large; the rest are skipped).
+MAX_QUEUES = 1000
+#: Most jobs one list call returns.
+MAX_LIST = 1000
+
+#: States ``list_jobs`` accepts: where to look, newest or oldest first.
+LIST_STATES = ("ready", "scheduled", "active", "dead", "done", "cancelled")
+#: What ``purge`` can empty.
+PURGE_STATES = ("ready", "scheduled", "dead", "finished")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue's depths, read in one moment (a pipeline) from Redis."""
+
+    queue: str
+    #: Jobs runnable now.
+    ready: int
+    #: Delayed and retry-backoff jobs.
+    scheduled: int
+    #: Jobs claimed by a node (their leases).
+    active: int
+    #: Jobs in the dead-letter list.
+    dead: int
+    #: Finished (done or cancelled) jobs still kept for their retention time.
+    finished: int
+    paused: bool
+    #: Nodes serving this queue whose last heartbeat is within ``node_ttl``.
+    nodes: int
+    #: Seconds the oldest ready job has waited since it became ready (0 when none); see
+    #: :func:`queue_stats` for how it is measured.
+    oldest_ready_age_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A worker node as its heartbeat last recorded it."""
+
+    node: str
+    #: The node's hash is present (it expires three leases after the last heartbeat).
+    live: bool
+    heartbeat_ms: int
+    heartbeat_age_s: float
+    queues: list[str] = field(default_factory=list)
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
+    inflight: int | None = None
+    busy: int | None = None
+    started_ms: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _s(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def server_now_ms(app: JobQ) -> int:
+    """Now on the Redis clock (or the app's fake clock in tests)."""
+    fake = app.now_ms()
+    if fake is not None:
+        return fake
+    secs, micros = app.client.time()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+def queues(app: JobQ) -> list[str]:
+    """Every queue ever enqueued to (the ``jobq:queues`` registry), sorted."""
+    return sorted(_s(q) for q in app.client.smembers(app.keys.queues))
+
+
+def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
+    """The smallest ``ready_ms`` among the heads of each priority band of the ready ZSET.
+
+    The ready ZSET orders by priority first, so its first member is the next to run, not the
+    one waiting longest: a low-priority job may have waited far longer. Within one priority the
+    order is FIFO, so the oldest job of each band is at (or, for a job the reaper or a release
+    put back in its old place with a fresh ``ready_ms``, near) the head of its band. This reads
+    the first ``OLDEST_SAMPLE`` ids of each band present: one ZRANGE per band present (at most
+    201) and one HMGET per sampled id, pipelined. Plain reads only.
+    """
+    c, key = app.client, app.keys.ready(queue)
+    heads: list[str] = []
+    start: str | float = "-inf"
+    for _ in range(202):
+        rows = c.zrangebyscore(key, start, "+inf", start=0, num=OLDEST_SAMPLE, withscores=True)
+        if not rows:
+            break
+        band = int(rows[0][1]) // PRIO_SPAN
+        heads.extend(_s(m) for m, score in rows if int(score) // PRIO_SPAN == band)
+        start = (band + 1) * PRIO_SPAN
+    if not heads:
+        return None
+    pipe = c.pipeline(transaction=False)
+    for job_id in heads:
+        pipe.hget(app.keys.job(queue, job_id), "ready_ms")
+    times = [int(v) for v in pipe.execute() if v is not None]
+    return min(times) if times else None
+
+
+def queue_stats(
+    app: JobQ, names: Iterable[str] | None = None, *, node_ttl_s: float = 60.0
+) -> list[QueueStats]:
+    """Depths of ``names`` (default: every registered queue, at most ``MAX_QUEUES``).
+
+    ``oldest_ready_age_s`` is Redis time now minus the oldest ``ready_ms`` (the moment a job
+    last became runnable: enqueued, promoted from scheduled, retried without delay, released or
+    reaped) among the heads of the ready ZSET's priority bands (see :func:`_oldest_ready_ms`).
+    """
+    qs = [validate_queue(q) for q in names] if names is not None else queues(app)
+    qs = qs[:MAX_QUEUES]
+    if not qs:
+        return []
+    now = server_now_ms(app)
+    k = app.keys
+    pipe = app.client.pipeline(transaction=False)
+    for q in qs:
+        pipe.zcard(k.ready(q))
+        pipe.zcard(k.scheduled(q))
+        pipe.zcard(k.leases(q))
+        pipe.zcard(k.dead(q))
+        pipe.zcard(k.finished(q))
+        pipe.exists(k.paused(q))
+        pipe.zcount(k.queue_nodes(q), now - int(node_ttl_s * 1000), "+inf")
+    raw = pipe.execute()
+    out = []
+    for i, q in enumerate(qs):
+        ready, sched, active, dead, finished, paused, n_nodes = (int(x) for x in raw[i * 7 : i * 7 + 7])
+        oldest = _oldest_ready_ms(app, q) if ready else None
+        age = 0.0 if oldest is None else max(0, now - oldest) / 1000
+        out.append(QueueStats(q, ready, sched, active, dead, finished, bool(paused), n_nodes, age))
+    return out
+
+
+def totals(stats: Sequence[QueueStats]) -> dict[str, int]:
+    keys = ("ready", "scheduled", "active", "dead", "finished")
+    return {name: sum(getattr(s, name) for s in stats) for name in keys}
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+def job_info(app: JobQ, job_id: str, queue: str | None = None, *, with_args: bool = True) -> JobInfo:
+    """One job's stored fields. Raises :class:`jobq.errors.JobNotFound`."""
+    validate_job_id(job_id)
+    info = app.job(job_id, queue).info(with_args=with_args)
+    if info.state.value == "unknown":
+        raise errors.JobNotFound(f"no job {job_id!r} in queue {info.queue!r}")
+    return info
+
+
+def _ids(app: JobQ, queue: str, state: str, limit: int) -> list[str]:
+    k, c = app.keys, app.client
+    if state == "ready":
+        raw = c.zrange(k.ready(queue), 0, limit - 1)
+    elif state == "scheduled":
+        raw = c.zrange(k.scheduled(queue), 0, limit - 1)
+    elif state == "active":
+        raw = c.zrange(k.leases(queue), 0, limit - 1)
+    elif state == "dead":
+        raw = c.zrevrange(k.dead(queue), 0, limit - 1)  # most recent first
+    else:
+        # done and cancelled share the finished ZSET: keep the ones in the state asked for.
+        ids = [_s(x) for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
+        pipe = c.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(k.job(queue, job_id), "state")
+        states = pipe.execute() if ids else []
+        return [i for i, st in zip(ids, states, strict=True) if st is not None and _s(st) == state][:limit]
+    return [_s(x) for x in raw]
+
+
+def list_jobs(
+    app: JobQ,
+    queue: str | None = None,
+    state: str | None = None,
+    *,
+    limit: int = 100,
+    with_args: bool = False,
+) -> list[JobInfo]:
+    """Jobs of ``queue`` (default: every queue) in ``state`` (default: every state, in the
+    order of ``LIST_STATES``), at most ``limit``. Ready jobs come in run order, scheduled ones by
+    run time, active ones by lease deadline, dead and finished ones most recent first."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+        raise errors.InvalidInput(f"limit: must be an integer 1..{MAX_LIST}, got {limit!r}", "limit")
+    if state is not None and state not in LIST_STATES:
+        raise errors.InvalidInput(f"state: must be one of {', '.join(LIST_STATES)}, got {state!r}", "state")
+    qs = [validate_queue(queue)] if queue is not None else queues(app)
+    states = [state] if state is not None else list(LIST_STATES)
+    out: list[JobInfo] = []
+    for q in qs:
+        for st in states:
+            for job_id in _ids(app, q, st, limit - len(out)):
+                info = app.job(job_id, q).info(with_args=with_args)
+                if st in ("done", "cancelled") and info.state.value != st:
+                    continue
+                if info.state.value == "unknown":
+                    continue
+                out.append(info)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+# -- nodes ------------------------------------------------------------------------------------------
+def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[NodeInfo]:
+    """Nodes in the ``jobq:nodes`` registry, most recent heartbeat first. A node is ``live`` while
+    its hash exists (it expires three leases after its last heartbeat); gone nodes are listed
+    only with ``include_gone`` (a clean exit removes the node from the registry)."""
+    now = server_now_ms(app)
+    rows = app.client.zrevrange(app.keys.nodes, 0, limit - 1, withscores=True)
+    pipe = app.client.pipeline(transaction=False)
+    for node, _ in rows:
+        pipe.hgetall(app.keys.node(_s(node)))
+    hashes = pipe.execute() if rows else []
+    out = []
+    for (node, score), h in zip(rows, hashes, strict=True):
+        d = {_s(k): _s(v) for k, v in h.items()}
+        if not d and not include_gone:
+            continue
+
+        def num(name: str, d: dict[str, str] = d) -> int | None:
+            v = d.get(name)
+            return int(v) if v is not None and v.lstrip("-").isdigit() else None
+
+        out.append(
+            NodeInfo(
+                node=_s(node),
+                live=bool(d),
+                heartbeat_ms=int(score),
+                heartbeat_age_s=max(0, now - int(score)) / 1000,
+                queues=[q for q in d.get("queues", "").split(",") if q],
+                host=d.get("host"),
+                pid=num("pid"),
+                concurrency=num("concurrency"),
+                inflight=num("inflight"),
+                busy=num("busy"),
+                started_ms=num("started_ms"),
+            )
+        )
+    return out
+
+
+def live_node_count(app: JobQ, *, node_ttl_s: float = 60.0) -> int:
+    """Nodes whose last heartbeat is within ``node_ttl_s`` (one ZCOUNT)."""
+    now = server_now_ms(app)
+    return int(app.client.zcount(app.keys.nodes, now - int(node_ttl_s * 1000), "+inf"))
+
+
+# -- repair -----------------------------------------------------------------------------------------
+def pause(app: JobQ, queue: str) -> bool:
+    """Stop nodes claiming from ``queue`` (running jobs finish; enqueues still land). Returns
+    False if it was already paused."""
+    return bool(app.client.set(app.keys.paused(validate_queue(queue)), "1", nx=True))
+
+
+def resume(app: JobQ, queue: str) -> bool:
+    """Let nodes claim from ``queue`` again; jobs resume in the order they were in. Returns False
+    if it was not paused."""
+    return bool(app.client.delete(app.keys.paused(validate_queue(queue))))
+
+
+def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled")) -> dict[str, int]:
+    """Delete every job of ``queue`` in ``states`` (never running ones), 1,000 per script call.
+    Returns the number deleted per state."""
+    q = validate_queue(queue)
+    for st in states:
+        if st not in PURGE_STATES:
+            raise errors.InvalidInput(
+                f"state: cannot purge {st!r} (one of {', '.join(PURGE_STATES)})", "state"
+            )
+    out: dict[str, int] = {}
+    for st in states:
+        total = 0
+        while True:
+            n = app.run(app.store.purge(q, st, limit=1000))
+            total += n
+            if n == 0:
+                break
+        out[st] = total
+    return out
+
+
+def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> int:
+    """Move dead-lettered jobs of ``queue`` back to ready with fresh attempts: the given ids, or
+    all of them (1,000 per script call). Returns how many moved."""
+    q = validate_queue(queue)
+    if job_ids:
+        ids = [validate_job_id(i) for i in job_ids]
+        return sum(
+            app.run(app.store.retry_dead(q, ids[i : i + 1000], now_ms=app.now_ms()))
+            for i in range(0, len(ids), 1000)
+        )
+    total = 0
+    while True:
+        n = app.run(app.store.retry_dead(q, None, limit=1000, now_ms=app.now_ms()))
+        total += n
+        if n < 1000:
+            return total
+
+
+def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
+    """Cancel a job that has not started; returns its queue. Raises
+    :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable`."""
+    validate_job_id(job_id)
+    job = app.job(job_id, queue)
+    job.cancel()
+    return job.queue
