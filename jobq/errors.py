@@ -120,6 +120,11 @@ class RedisVersionError(StoreError):
     """The Redis server is older than the minimum jobq supports."""
 
 
+class NotReplicated(StoreError):
+    """Durable mode: the primary took the write but no replica acknowledged it in time, so a
+    failover may lose it. Retrying an enqueue with the same job id is safe."""
+
+
 class ScriptError(StoreError):
     """A Lua script refused its arguments or returned an unexpected reply."""
 

@@ -52,13 +52,14 @@ from dataclasses import dataclass
 
 from jobq.errors import InvalidQueueName, InvalidTaskName
 
-#: Queue names: letters, digits and ``. _ - # /``; no braces (hash tags), colons (key
-#: separators), whitespace or control characters. ``#`` is reserved for shard suffixes.
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,128}$")
+#: Queue names: letters, digits and ``. _ - /``; no braces (hash tags), colons (key
+#: separators), whitespace or control characters. ``#`` appears only in a shard suffix ``#N``
+#: (``hot#0`` .. ``hot#2`` are the shards of ``JobQ(shards={"hot": 3})``).
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,128}(#[0-9]{1,4})?$")
 #: Task names: printable, no whitespace or control characters; dotted paths and ``module:attr``.
 _TASK_RE = re.compile(r"^[A-Za-z0-9._\-:/<>]{1,200}$")
 #: Node ids: as queue names, up to 128 characters.
-_NODE_RE = _QUEUE_RE
+_NODE_RE = re.compile(r"^[A-Za-z0-9._\-/]{1,128}$")
 
 MAX_QUEUE_NAME = 128
 
@@ -70,7 +71,8 @@ def validate_queue(name: object) -> str:
     if not _QUEUE_RE.match(name):
         raise InvalidQueueName(
             f"queue: {name[:140]!r} is not a valid queue name (1-{MAX_QUEUE_NAME} characters of "
-            "A-Z a-z 0-9 . _ - /; no braces, colons, spaces or control characters)"
+            "A-Z a-z 0-9 . _ - /, optionally a shard suffix #N; no braces, colons, spaces or "
+            "control characters)"
         )
     return name
 

@@ -8,6 +8,7 @@ NOSCRIPT) and map every Redis error to the :mod:`jobq.errors` tree in one place.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ class Call(Generic[T]):
     parse: Callable[[Any], T]
     #: The queue the call is about, for error messages.
     queue: str = field(default="")
+    #: Durable mode: (replicas, timeout ms) the runner waits for with ``WAIT`` on the same
+    #: connection right after the script; (0, 0) = do not wait.
+    wait: tuple[int, int] = field(default=(0, 0))
 
 
 def _s(v: Any) -> str:
@@ -145,6 +149,10 @@ class Store:
     def __init__(self, keys: Keys, limits: Limits | None = None) -> None:
         self.keys = keys
         self.limits = limits or Limits()
+        #: Durable mode (``JobQ(durable=True)``): enqueue and ack calls wait for this many
+        #: replicas, up to ``wait_timeout_ms``.
+        self.wait_replicas = 0
+        self.wait_timeout_ms = 1000
 
     # -- producer -------------------------------------------------------------------------------
     def enqueue(
@@ -194,6 +202,7 @@ class Store:
             args,
             parse,
             queue,
+            (self.wait_replicas, self.wait_timeout_ms),
         )
 
     # -- worker ---------------------------------------------------------------------------------
@@ -265,7 +274,14 @@ class Store:
         for job_id, result in items:
             args += (job_id, result)
         keys = [k.active(queue, node), k.leases(queue), k.finished(queue)]
-        return Call(ScriptName.ACK, keys, args, lambda raw: [int(x) for x in raw], queue)
+        return Call(
+            ScriptName.ACK,
+            keys,
+            args,
+            lambda raw: [int(x) for x in raw],
+            queue,
+            (self.wait_replicas, self.wait_timeout_ms),
+        )
 
     def fail(
         self,
@@ -476,6 +492,22 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
 
 
 # -- execution -----------------------------------------------------------------------------------
+def _check_replicated(call: Call[Any], acked: Any) -> None:
+    """Durable mode: an enqueue no replica acknowledged raises (the caller may retry it with the
+    same job id); an ack only logs, since the job has run and must not run again for it."""
+    want, timeout_ms = call.wait
+    got = acked if isinstance(acked, int) else -1
+    if got >= want:
+        return
+    msg = (
+        f"{call.script.value} on queue {call.queue!r}: written to the primary but acknowledged by "
+        f"{max(got, 0)} of {want} replica(s) within {timeout_ms} ms; a failover now may lose it"
+    )
+    if call.script is ScriptName.ENQUEUE:
+        raise errors.NotReplicated(msg)
+    logging.getLogger("jobq.store").warning("%s", msg)
+
+
 SyncClient = Any  # redis.Redis | redis.cluster.RedisCluster
 AsyncClient = Any  # redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
@@ -488,11 +520,29 @@ class SyncRunner:
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
 
     def run(self, call: Call[T]) -> T:
+        if call.wait[0] > 0:
+            return self._run_wait(call)
         try:
             raw = self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
+
+    def _run_wait(self, call: Call[T]) -> T:
+        """The script and ``WAIT`` pipelined on one connection (``WAIT`` counts the replicas
+        that have every write of *its* connection)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
+            pipe.execute_command("WAIT", *call.wait)
+            raw, acked = pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            raise map_error(exc, call.script.value, call.queue) from None
+        if isinstance(raw, Exception):
+            raise map_error(raw, call.script.value, call.queue)
+        out = call.parse(raw)
+        _check_replicated(call, acked)
+        return out
 
     def run_many(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one pipelined round trip (not a transaction: each script is atomic on
@@ -534,8 +584,24 @@ class AsyncRunner:
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
 
     async def run(self, call: Call[T]) -> T:
+        if call.wait[0] > 0:
+            return await self._run_wait(call)
         try:
             raw = await self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
+
+    async def _run_wait(self, call: Call[T]) -> T:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            await self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
+            pipe.execute_command("WAIT", *call.wait)
+            raw, acked = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            raise map_error(exc, call.script.value, call.queue) from None
+        if isinstance(raw, Exception):
+            raise map_error(raw, call.script.value, call.queue)
+        out = call.parse(raw)
+        _check_replicated(call, acked)
+        return out

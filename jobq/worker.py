@@ -352,7 +352,7 @@ class Worker:
         assert self.runner is not None
         got = 0
         next_due: int | None = None
-        for q in self._queue_order():
+        for q in self.app.rotate_shards(self._queue_order()):
             want = free - got
             if want <= 0:
                 break
