@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobq import codec, connection
+from jobq import codec, connection, redis_checks
 from jobq.app import JobQ
 from jobq.errors import (
     DecodeError,
@@ -266,6 +266,7 @@ class Worker:
             self.config.lease,
             connection.redact_url(self.url),
         )
+        self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
         self.heartbeat.start()
         self._bg = [asyncio.create_task(self._acker(), name="jobq-acker")]
         if not self.config.burst:
