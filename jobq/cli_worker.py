@@ -321,11 +321,17 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:  # a signal before the handlers were installed
-        return 0
     finally:
         if server is not None:
             server.close()
+    if node.zombie_threads():
+        # A sync task overran and its thread cannot be stopped; the job was released (or failed)
+        # already. Do not let the interpreter wait for the thread at exit.
+        log.warning("%d task thread(s) still running at exit: abandoning them", node.zombie_threads())
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

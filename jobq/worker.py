@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobq import codec, connection, redis_checks
+from jobq import codec, connection, faults, redis_checks
 from jobq.app import JobQ
 from jobq.errors import (
     DecodeError,
@@ -98,13 +98,14 @@ class _Running:
     lost: bool = False
     #: An ack or fail for it is on its way: the heartbeat must not call it lost.
     finishing: bool = False
-    thread_id: int | None = None
+    #: Its concurrency slot was given back.
+    freed: bool = False
 
 
 class _SyncCall:
     """Runs a plain function in the pool and lets the loop interrupt it on timeout."""
 
-    __slots__ = ("args", "done", "fn", "kwargs", "thread_id")
+    __slots__ = ("abandoned", "args", "done", "fn", "kwargs", "thread_id")
 
     def __init__(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
         self.fn = fn
@@ -112,8 +113,13 @@ class _SyncCall:
         self.kwargs = kwargs
         self.thread_id: int | None = None
         self.done = False
+        #: The loop stopped waiting for it: if it has not started yet, it never will.
+        self.abandoned = False
 
     def __call__(self) -> Any:
+        if self.abandoned:
+            self.done = True
+            raise JobTimeout("gave up before the task started")
         self.thread_id = threading.get_ident()
         try:
             return self.fn(*self.args, **self.kwargs)
@@ -187,6 +193,7 @@ class Worker:
         self.runner: AsyncRunner | None = None
         self._bg: list[asyncio.Task[Any]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
+        self._sync_calls: set[_SyncCall] = set()
 
     # -- public control -------------------------------------------------------------------------
     def stop(self, *, graceful: bool = True) -> None:
@@ -368,6 +375,8 @@ class Worker:
                 log.error("queue %s: job %s dead-lettered at claim: %s", q, job_id, reason)
                 if self.metrics is not None:
                     self.metrics.job_failed(q, "", 0.0, "dead")
+            if res.jobs:
+                faults.crash_point("after_claim")
             for job in res.jobs:
                 self._start(job)
             got += len(res.jobs)
@@ -375,7 +384,16 @@ class Worker:
         return got
 
     # -- executor -------------------------------------------------------------------------------
+    def _forget(self, run: _Running) -> None:
+        if self.running.get(run.job.id) is run:
+            del self.running[run.job.id]
+
     def _start(self, job: ClaimedJob) -> None:
+        old = self.running.get(job.id)
+        if old is not None and not old.finishing:
+            # Claimed again while an earlier attempt still runs here: that attempt's lease was
+            # reaped, so it is lost even if the heartbeat has not noticed yet.
+            self._lose(old, "claimed again after its lease was reaped")
         run = _Running(job, time.monotonic())
         self.running[job.id] = run
         self._busy += 1
@@ -387,6 +405,7 @@ class Worker:
 
     async def _execute(self, run: _Running) -> None:
         job = run.job
+        faults.crash_point("mid_execute")
         try:
             result = await self._invoke(run)
         except asyncio.CancelledError:
@@ -427,20 +446,27 @@ class Worker:
                 return await coro
             return await asyncio.wait_for(coro, timeout)
         call = _SyncCall(task.fn, args, kwargs)
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, call)
-        if timeout is None:
-            return await fut
+        self._sync_calls.add(call)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, call)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            if not call.interrupt():
-                log.warning("job %s: could not interrupt its thread after timeout", job.id)
-            raise JobTimeout() from None
+            if timeout is None:
+                return await fut
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                if call.thread_id is not None and not call.interrupt():
+                    log.warning("job %s: could not interrupt its thread after timeout", job.id)
+                raise JobTimeout() from None
+        finally:
+            # Given up (timeout, lost lease, shutdown): never start it if it is still queued in
+            # the pool; if its thread is still running, it is a zombie until it returns.
+            call.abandoned = True
+            if call.done:
+                self._sync_calls.discard(call)
 
     def _slot_done(self, run: _Running) -> None:
-        if run.task is not None and not getattr(run, "_freed", False):
-            run._freed = True  # type: ignore[attr-defined]
+        if run.task is not None and not run.freed:
+            run.freed = True
             self._busy -= 1
             self._poke()
 
@@ -452,7 +478,7 @@ class Worker:
         self._slot_done(run)
         run_s = time.monotonic() - run.started
         if run.lost:
-            self._stale(run)
+            self._discard(run)
             return
         run.finishing = True
         log.warning(
@@ -482,9 +508,9 @@ class Worker:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         else:
             # The lease will expire and the reaper applies the retry policy instead.
-            self.running.pop(job.id, None)
+            self._forget(run)
             return
-        self.running.pop(job.id, None)
+        self._forget(run)
         self.stats["failed"] += 1
         if res.outcome == "lease_lost":
             self._stale(run)
@@ -492,8 +518,9 @@ class Worker:
             self.metrics.job_failed(job.queue, job.task, run_s, res.outcome)
 
     def _stale(self, run: _Running) -> None:
+        """Redis refused the ack or fail: another node holds the job now (stale completion)."""
         self.stats["stale"] += 1
-        self.running.pop(run.job.id, None)
+        self._forget(run)
         log.warning(
             "job %s (%s, queue %s) finished after this node lost its lease: result discarded "
             "(stale completion)",
@@ -504,11 +531,18 @@ class Worker:
         if self.metrics is not None:
             self.metrics.job_stale(run.job.queue, run.job.task)
 
+    def _discard(self, run: _Running) -> None:
+        """A job known lost (and counted) finished here: drop its outcome, tell nobody."""
+        self._forget(run)
+        log.info(
+            "job %s (%s): finished after its lease was lost; outcome discarded", run.job.id, run.job.task
+        )
+
     # -- acker ----------------------------------------------------------------------------------
     def _queue_ack(self, run: _Running, encoded: bytes) -> None:
         assert self._ack_event is not None
         if run.lost:
-            self._stale(run)
+            self._discard(run)
             return
         run.finishing = True
         self._acks.setdefault(run.job.queue, []).append((run, encoded))
@@ -544,9 +578,11 @@ class Worker:
             queue, self.node, [(r.job.id, enc) for r, enc in items], now_ms=self.app.now_ms()
         )
         backoff = 0.05
+        faults.crash_point("before_ack")
         while True:
             try:
                 codes = await self.runner.run(call)
+                faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
                 # Retrying is safe: a repeated ack of a job this node finished returns 0.
@@ -559,7 +595,7 @@ class Worker:
         m = self.metrics
         now = time.monotonic()
         for (run, _), code in zip(items, codes, strict=True):
-            self.running.pop(run.job.id, None)
+            self._forget(run)
             if code >= 0:
                 self.stats["completed"] += 1
                 if m is not None:
@@ -582,28 +618,36 @@ class Worker:
             self._loop.call_soon_threadsafe(self._on_beat, beat)
 
     def _on_beat(self, beat: BeatResult) -> None:
-        for q, ids in beat.lost.items():
+        for ids in beat.lost.values():
             for job_id in ids:
                 run = self.running.get(job_id)
-                if run is None or run.finishing:
-                    continue
-                run.lost = True
-                self.stats["lost"] += 1
-                log.error(
-                    "job %s (%s, queue %s): this node lost its lease; it will not be acked here",
-                    job_id,
-                    run.job.task,
-                    q,
-                )
-                task = self.app.tasks.get(run.job.task)
-                if run.task is not None and task is not None and task.is_async:
-                    run.task.cancel()
-                    self._stale(run)
+                if run is not None and not run.finishing:
+                    self._lose(run, "this node lost its lease")
         for q, ids in beat.unknown.items():
             log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
             t = asyncio.ensure_future(self._release(q, sorted(ids)))
             self._side_tasks.add(t)
             t.add_done_callback(self._side_tasks.discard)
+
+    def _lose(self, run: _Running, why: str) -> None:
+        """The job is no longer ours: count it, never ack it, stop it if it is async."""
+        if run.lost:
+            return
+        run.lost = True
+        self.stats["lost"] += 1
+        log.error(
+            "job %s (%s, queue %s): %s; it will not be acked here",
+            run.job.id,
+            run.job.task,
+            run.job.queue,
+            why,
+        )
+        if self.metrics is not None:
+            self.metrics.job_stale(run.job.queue, run.job.task)
+        task = self.app.tasks.get(run.job.task)
+        if run.task is not None and task is not None and task.is_async:
+            run.task.cancel()  # a sync one runs on in its thread; its outcome is discarded
+            self._forget(run)
 
     def _fence_from_thread(self, fenced: bool) -> None:
         if self._loop is not None:
@@ -614,13 +658,8 @@ class Worker:
         if fenced:
             # Others may take our jobs once the leases run out: stop side effects now.
             for run in list(self.running.values()):
-                if run.finishing or run.lost:
-                    continue
-                run.lost = True
-                task = self.app.tasks.get(run.job.task)
-                if run.task is not None and task is not None and task.is_async:
-                    run.task.cancel()
-                    self._stale(run)
+                if not run.finishing:
+                    self._lose(run, "fenced: lease renewals failing")
         self._poke()
 
     async def _release(self, queue: str, ids: list[str] | None) -> int:
@@ -655,6 +694,8 @@ class Worker:
                     next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)
                     if now >= self._reap_not_before:
                         report = await reaper.run_once()
+                        if report.requeued:
+                            self._poke()  # the reap announces too; don't wait for pub/sub
                         if self.metrics is not None:
                             for q, ids in report.requeued.items():
                                 self.metrics.jobs_reaped(q, len(ids))
@@ -759,7 +800,9 @@ class Worker:
 
     def zombie_threads(self) -> int:
         """Pool threads still running a task whose job was given up (timed out or released)."""
-        return max(0, sum(1 for t in threading.enumerate() if t.name.startswith("jobq-task")))
+        for call in [c for c in self._sync_calls if c.done]:
+            self._sync_calls.discard(call)
+        return sum(1 for c in self._sync_calls if c.abandoned and c.thread_id is not None)
 
 
 class _UnknownTask(Exception):

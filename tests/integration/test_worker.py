@@ -1,0 +1,420 @@
+"""The worker node in-process, against a real redis-server: executor, retries, timeouts, queue
+order, lost leases, the heartbeat thread, graceful and hard stops, pub/sub fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import jobq
+from jobq import JobQ, JobState
+from jobq.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.integration
+
+
+def burst(app: JobQ, **cfg: Any) -> Worker:
+    """Run one node in burst mode until nothing runnable is left."""
+    cfg.setdefault("queues", [("default", 1)])
+    w = Worker(app, WorkerConfig(burst=True, **cfg))
+    asyncio.run(w.run())
+    return w
+
+
+class Background:
+    """A node running on its own thread (and loop) until ``stop()``."""
+
+    def __init__(self, app: JobQ, **cfg: Any) -> None:
+        cfg.setdefault("queues", [("default", 1)])
+        self.worker = Worker(app, WorkerConfig(**cfg))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while self.worker._loop is None or self.worker._stop_event is None:
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.005)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.worker.run())
+        except BaseException as exc:  # pragma: no cover - reported by join()
+            self.error = exc
+
+    def stop(self, graceful: bool = True) -> None:
+        self.worker.stop(graceful=graceful)
+
+    def join(self, timeout: float = 30) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_for(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def bg() -> Iterator[list[Background]]:
+    """Background nodes started by a test are stopped at its end even if it fails."""
+    started: list[Background] = []
+    yield started
+    for b in started:
+        if b.thread.is_alive():
+            b.stop(graceful=False)
+            b.thread.join(10)
+
+
+# -- executor ---------------------------------------------------------------------------------
+
+
+def test_sync_and_async_tasks_run_and_store_results(app: JobQ, r: redis.Redis) -> None:
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def amul(a: int, b: int) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"product": a * b}
+
+    jobs = [add.enqueue(i, 1) for i in range(30)] + [amul.enqueue(i, 2) for i in range(30)]
+    w = burst(app, concurrency=8)
+
+    assert [j.result(timeout=0) for j in jobs[:30]] == [i + 1 for i in range(30)]
+    assert [j.result(timeout=0) for j in jobs[30:]] == [{"product": i * 2} for i in range(30)]
+    assert w.stats["completed"] == 60 and w.stats["failed"] == 0
+    info = jobs[0].info()
+    assert info.state is JobState.DONE and info.attempts == 1
+    # Nothing left running or leased.
+    assert r.zcard(app.keys.ready("default")) == 0
+    assert r.zcard(app.keys.leases("default")) == 0
+    assert r.llen(app.keys.active("default", w.node)) == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_at_most_concurrency_jobs_run_at_once(app: JobQ, kind: str) -> None:
+    lock = threading.Lock()
+    now = [0]
+    peak = [0]
+
+    def enter() -> None:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+
+    def leave() -> None:
+        with lock:
+            now[0] -= 1
+
+    if kind == "sync":
+
+        @app.task(name="busy")
+        def busy_sync() -> None:
+            enter()
+            time.sleep(0.03)
+            leave()
+    else:
+
+        @app.task(name="busy")
+        async def busy_async() -> None:
+            enter()
+            await asyncio.sleep(0.03)
+            leave()
+
+    app.enqueue_many([{"task": "busy"} for _ in range(40)])
+    w = burst(app, concurrency=4)
+    assert w.stats["completed"] == 40
+    assert peak[0] == 4  # the limit is reached and never exceeded
+
+
+def test_retry_and_fail_from_a_task(app: JobQ) -> None:
+    @app.task(max_attempts=5)
+    def again() -> None:
+        raise jobq.Retry(delay=30)
+
+    @app.task(max_attempts=5)
+    def give_up() -> None:
+        raise jobq.Fail("card declined")
+
+    j1, j2 = again.enqueue(), give_up.enqueue()
+    burst(app)
+
+    i1 = j1.info()
+    assert i1.state is JobState.SCHEDULED and i1.attempts == 1
+    assert i1.run_at_ms is not None and i1.started_ms is not None
+    assert 29_000 <= i1.run_at_ms - i1.started_ms <= 31_000  # the delay the task asked for
+    assert "Retry" in (i1.error or "")
+    i2 = j2.info()
+    assert i2.state is JobState.DEAD and i2.attempts == 1  # no retries despite max_attempts=5
+    assert "card declined" in (i2.error or "")
+
+
+def test_unknown_task_fails_clearly_and_follows_the_retry_policy(app: JobQ) -> None:
+    retried = app.enqueue("billing.nosuch", (1,), max_attempts=2, retry_backoff=60)
+    dead = app.enqueue("billing.nosuch", (2,), max_attempts=1)
+    w = burst(app)
+
+    i = retried.info()
+    assert i.state is JobState.SCHEDULED and i.attempts == 1
+    assert "unknown task 'billing.nosuch'" in (i.error or "")
+    d = dead.info()
+    assert d.state is JobState.DEAD and "unknown task 'billing.nosuch'" in (d.error or "")
+    assert w.stats["failed"] == 2
+
+
+def test_sync_and_async_jobs_that_overrun_their_timeout_are_failed_and_retried(
+    app: JobQ, r: redis.Redis
+) -> None:
+    interrupted: list[str] = []
+
+    @app.task(timeout=0.3, max_attempts=3, retry_backoff=0.01)
+    def slow_sync(key: str) -> str:
+        if r.incr(key) == 1:
+            try:
+                for _ in range(1000):  # 10 s unless interrupted
+                    time.sleep(0.01)
+            except jobq.JobTimeout:
+                interrupted.append("sync")
+                raise
+        return "sync ok"
+
+    @app.task(timeout=0.3, max_attempts=3, retry_backoff=0.01)
+    async def slow_async(key: str) -> str:
+        if r.incr(key) == 1:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                interrupted.append("async")
+                raise
+        return "async ok"
+
+    js, ja = slow_sync.enqueue("t:sync"), slow_async.enqueue("t:async")
+    t0 = time.monotonic()
+    w = burst(app)
+    assert time.monotonic() - t0 < 5  # neither ran its 10 s
+    # The async one was cancelled; the sync one gets JobTimeout raised in its thread.
+    wait_for(lambda: sorted(interrupted) == ["async", "sync"], 5, "both interrupted")
+    for job in (js, ja):
+        info = job.info()
+        assert info.attempts == 1 and info.state in (JobState.SCHEDULED, JobState.READY)
+        assert "timeout" in (info.error or "")
+    assert w.stats["failed"] == 2
+    # The retry runs (and now finishes in time).
+    for _ in range(100):  # burst exits while the retry is still backing off: run it again
+        if js.status() is JobState.DONE and ja.status() is JobState.DONE:
+            break
+        time.sleep(0.02)
+        burst(app)
+    assert js.result(timeout=0) == "sync ok" and ja.result(timeout=0) == "async ok"
+    assert js.info().attempts == 2 and ja.info().attempts == 2
+
+
+def test_a_queued_sync_job_never_starts_after_its_timeout(app: JobQ, r: redis.Redis) -> None:
+    # One thread; a job stuck in a system call holds it past its timeout. The next job's
+    # timeout runs out while it waits for the thread: it must be failed, never started later.
+    @app.task(timeout=0.2, max_attempts=1)
+    def stuck(key: str) -> None:
+        r.incr(key)
+        time.sleep(0.6)  # not interruptible: a zombie until it returns
+
+    stuck.enqueue("started")
+    stuck.enqueue("started")
+    w = burst(app, concurrency=1)
+    time.sleep(0.8)  # let the zombie finish
+    assert int(r.get("started") or 0) == 1
+    assert w.stats["failed"] == 2
+
+
+# -- queues -----------------------------------------------------------------------------------
+
+
+def test_strict_queue_order(app: JobQ) -> None:
+    order: list[str] = []
+
+    @app.task
+    def note(q: str) -> None:
+        order.append(q)
+
+    for _ in range(5):
+        app.enqueue(note, ("low",), queue="low")
+    for _ in range(5):
+        app.enqueue(note, ("high",), queue="high")
+    burst(app, queues=[("high", 1), ("low", 1)], concurrency=1)
+    assert order == ["high"] * 5 + ["low"] * 5
+
+
+def test_weighted_queue_order_follows_weights(app: JobQ) -> None:
+    w = Worker(app, WorkerConfig(queues=[("critical", 6), ("default", 3), ("low", 1)], weighted=True))
+    first = collections.Counter(w._queue_order()[0] for _ in range(5000))
+    assert abs(first["critical"] / 5000 - 0.6) < 0.05
+    assert abs(first["default"] / 5000 - 0.3) < 0.05
+    assert abs(first["low"] / 5000 - 0.1) < 0.05
+    assert sorted(w._queue_order()) == ["critical", "default", "low"]
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def test_a_job_whose_lease_was_lost_is_never_acked_by_its_old_node(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    started = threading.Event()
+    runs: list[int] = []
+
+    @app.task
+    async def long(n: int) -> str:
+        runs.append(n)
+        started.set()
+        await asyncio.sleep(0.6 if len(runs) == 1 else 0)
+        return "ok"
+
+    job = long.enqueue(1)
+    b = Background(app, lease=0.6, maintenance=False)
+    bg.append(b)
+    assert started.wait(10)
+    # Another node's reaper decides the lease expired (time moved past it).
+    now = r.time()
+    far = int(now[0]) * 1000 + 60_000
+    res = app.run(app.store.reap("default", node_ttl_ms=1_200, limit=100, guard_ms=0, now_ms=far))
+    assert res.requeued == [job.id]
+    # The old node notices at its next beat, gives the attempt up, and runs the job again.
+    wait_for(lambda: job.status() is JobState.DONE, 10, "second run")
+    b.stop()
+    b.join()
+    assert b.worker.stats["lost"] == 1 and b.worker.stats["stale"] == 0  # cancelled, not acked
+    assert b.worker.stats["completed"] == 1
+    info = job.info()
+    assert info.attempts == 2 and info.reaped == 1 and len(runs) == 2
+
+
+def test_heartbeat_keeps_leases_while_a_task_blocks_the_event_loop(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    @app.task
+    async def blocker() -> None:
+        time.sleep(1.5)  # blocks the loop for 2.5 leases
+
+    @app.task
+    async def patient() -> None:
+        await asyncio.sleep(1.6)
+
+    jobs = [patient.enqueue(), blocker.enqueue()]
+    b = Background(app, lease=0.6, maintenance=False)
+    bg.append(b)
+    wait_for(lambda: r.zcard(app.keys.leases("default")) == 2, 5, "claims")
+    reaped: list[str] = []
+    deadline = time.monotonic() + 1.4
+    while time.monotonic() < deadline:  # a reaper on Redis time throughout
+        res = app.run(app.store.reap("default", node_ttl_ms=1_200, limit=100, guard_ms=0))
+        reaped += res.requeued + res.dead
+        time.sleep(0.05)
+    assert reaped == []
+    wait_for(lambda: all(j.status() is JobState.DONE for j in jobs), 10, "jobs done")
+    b.stop()
+    b.join()
+    assert b.worker.stats["lost"] == 0
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+def test_graceful_stop_finishes_running_jobs_within_grace(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    @app.task
+    def work(n: int) -> int:
+        r.incr(f"ran:{n}")
+        time.sleep(0.3)
+        return n
+
+    jobs = [work.enqueue(n) for n in range(10)]
+    b = Background(app, concurrency=4, grace=10)
+    bg.append(b)
+    wait_for(lambda: len(r.keys("ran:*")) >= 4, 5, "4 running")
+    b.stop()
+    b.join()
+    states = collections.Counter(j.status() for j in jobs)
+    done = [j for j in jobs if j.status() is JobState.DONE]
+    assert len(done) >= 4 and states[JobState.DONE] + states[JobState.READY] == 10
+    for j in jobs:  # nothing ran twice, nothing left claimed
+        info = j.info()
+        assert int(r.get(f"ran:{info.args[0]}") or 0) == (1 if info.state is JobState.DONE else 0)  # type: ignore[index]
+        assert info.attempts == (1 if info.state is JobState.DONE else 0)
+    assert r.llen(app.keys.active("default", b.worker.node)) == 0
+    assert r.zcard(app.keys.leases("default")) == 0
+
+
+def test_jobs_still_running_after_grace_are_released_without_counting_an_attempt(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    @app.task
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    jobs = [forever.enqueue() for _ in range(3)]
+    b = Background(app, grace=0.2)
+    bg.append(b)
+    wait_for(lambda: r.zcard(app.keys.leases("default")) == 3, 5, "claims")
+    t0 = time.monotonic()
+    b.stop()
+    b.join()
+    assert time.monotonic() - t0 < 3
+    for j in jobs:
+        info = j.info()
+        assert info.state is JobState.READY and info.attempts == 0
+    assert r.zcard(app.keys.ready("default")) == 3
+    assert r.llen(app.keys.active("default", b.worker.node)) == 0
+
+
+def test_a_second_stop_releases_at_once(app: JobQ, r: redis.Redis, bg: list[Background]) -> None:
+    @app.task
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    jobs = [forever.enqueue() for _ in range(2)]
+    b = Background(app, grace=60)
+    bg.append(b)
+    wait_for(lambda: r.zcard(app.keys.leases("default")) == 2, 5, "claims")
+    t0 = time.monotonic()
+    b.stop()
+    time.sleep(0.2)
+    assert b.thread.is_alive()  # still inside its 60 s grace
+    b.stop()
+    b.join()
+    assert time.monotonic() - t0 < 3
+    assert [j.info().state for j in jobs] == [JobState.READY, JobState.READY]
+
+
+# -- wakeups ----------------------------------------------------------------------------------
+
+
+def test_jobs_are_picked_up_when_pubsub_is_down(app: JobQ, r: redis.Redis, bg: list[Background]) -> None:
+    @app.task
+    def ping() -> str:
+        return "pong"
+
+    b = Background(app, poll_interval=0.3)
+    bg.append(b)
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+    # Idle and subscribed: a new job is announced and starts well inside the poll interval.
+    t0 = time.monotonic()
+    assert ping.enqueue().result(timeout=5, poll_interval=0.005) == "pong"
+    assert time.monotonic() - t0 < 0.25
+    # Cut the subscription: jobs still start within the poll interval, and it comes back.
+    r.client_kill_filter(_type="pubsub")
+    assert ping.enqueue().result(timeout=5) == "pong"
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub reconnect")
+    b.stop()
+    b.join()
