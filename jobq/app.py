@@ -10,8 +10,10 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from enum import Enum
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from jobq import codec, errors
@@ -38,6 +40,10 @@ T = TypeVar("T")
 
 #: Largest time in ms that Lua handles exactly (2^53 - 1).
 MAX_TIME_MS = 2**53 - 1
+#: Numbers accepted as seconds. ``int``, ``Decimal`` and ``Fraction`` convert to ms exactly (so
+#: every ms up to 2^53 - 1 can be given); a ``float`` is rounded to the microsecond first, so
+#: ``1.1`` is 1100 ms, not 1101.
+Seconds = int | float | Decimal | Fraction
 #: Options accepted by every enqueue path (Python, CLI flags, HTTP fields), with the same names.
 OPTION_NAMES = (
     "queue",
@@ -82,13 +88,13 @@ class EnqueueRequest:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     queue: str | None = None
     priority: int | None = None
-    delay: float | timedelta | None = None
-    run_at: datetime | float | None = None
+    delay: Seconds | timedelta | None = None
+    run_at: datetime | Seconds | None = None
     max_attempts: int | None = None
-    timeout: float | timedelta | None = None
-    deadline: datetime | timedelta | float | None = None
+    timeout: Seconds | timedelta | None = None
+    deadline: datetime | timedelta | Seconds | None = None
     unique_key: str | None = None
-    retry_backoff: float | timedelta | None = None
+    retry_backoff: Seconds | timedelta | None = None
     job_id: str | None = None
 
 
@@ -102,40 +108,54 @@ class TaskDefaults:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _number(value: object, name: str, exc: type[errors.InvalidInput]) -> float:
+def _seconds(value: object, name: str, exc: type[errors.InvalidInput]) -> float | Fraction:
     if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return Fraction(value.days * 86_400 + value.seconds) + Fraction(value.microseconds, 1_000_000)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, Fraction)):
         raise exc(f"{name}: must be a number of seconds, got {type(value).__name__} {value!r}")
-    f = float(value)
-    if math.isnan(f) or math.isinf(f):
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise exc(f"{name}: must be a finite number of seconds, got {value!r}")
+        return value
+    if isinstance(value, Decimal) and not value.is_finite():
         raise exc(f"{name}: must be a finite number of seconds, got {value!r}")
-    return f
+    return Fraction(value)
+
+
+def _to_ms(secs: float | Fraction, value: object, name: str, exc: type[errors.InvalidInput]) -> int:
+    """Seconds to whole ms, rounding up (never earlier or shorter than asked)."""
+    ms = secs * 1000
+    if ms > MAX_TIME_MS:
+        raise exc(f"{name}: {value!r} is beyond the largest supported time (2^53 - 1 ms)")
+    if isinstance(ms, float):
+        return math.ceil(round(ms, 3))
+    return math.ceil(ms)
 
 
 def seconds_to_ms(value: object, name: str, exc: type[errors.InvalidInput]) -> int:
     """A non-negative duration in seconds (or a timedelta) as integer ms."""
-    f = _number(value, name, exc)
-    if f < 0:
-        raise exc(f"{name}: must not be negative, got {value!r}")
-    ms = math.ceil(f * 1000)
-    if ms > MAX_TIME_MS:
-        raise exc(f"{name}: {value!r} is too large")
-    return ms
-
-
-def timestamp_ms(value: object, name: str, exc: type[errors.InvalidInput]) -> int:
-    """An absolute time (aware or local naive datetime, or epoch seconds) as integer ms."""
-    if isinstance(value, datetime):
-        secs = value.timestamp()
-    else:
-        secs = _number(value, name, exc)
+    secs = _seconds(value, name, exc)
     if secs < 0:
+        raise exc(f"{name}: must not be negative, got {value!r}")
+    return _to_ms(secs, value, name, exc)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def timestamp_ms(value: object, name: str, exc: type[errors.InvalidInput], *, past_ok: bool = False) -> int:
+    """An absolute time (an aware datetime, a naive one in local time, or epoch seconds) as
+    integer ms. With ``past_ok`` a time before 1970 becomes 0 (a run time in the past = now)."""
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo is not None else value.astimezone()
+        secs = _seconds(aware - _EPOCH, name, exc)
+    else:
+        secs = _seconds(value, name, exc)
+    if secs < 0:
+        if past_ok:
+            return 0
         raise exc(f"{name}: must not be before 1970, got {value!r}")
-    ms = math.ceil(secs * 1000)
-    if ms > MAX_TIME_MS:
-        raise exc(f"{name}: {value!r} is beyond the largest supported time")
-    return ms
+    return _to_ms(secs, value, name, exc)
 
 
 def validate_priority(value: object) -> int:
@@ -343,8 +363,8 @@ class JobQ:
         queue: str | None = None,
         priority: int = 0,
         max_attempts: int = 3,
-        timeout: float | timedelta | None = None,
-        retry_backoff: float | timedelta = 1.0,
+        timeout: Seconds | timedelta | None = None,
+        retry_backoff: Seconds | timedelta = 1.0,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -356,8 +376,8 @@ class JobQ:
         queue: str | None = None,
         priority: int = 0,
         max_attempts: int = 3,
-        timeout: float | timedelta | None = None,
-        retry_backoff: float | timedelta = 1.0,
+        timeout: Seconds | timedelta | None = None,
+        retry_backoff: Seconds | timedelta = 1.0,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a ``def`` or ``async def`` function as a task.
 
@@ -434,7 +454,7 @@ class JobQ:
         if req.delay is not None:
             delay_ms = seconds_to_ms(req.delay, "delay", errors.InvalidDelay)
         if req.run_at is not None:
-            run_at_ms = timestamp_ms(req.run_at, "run_at", errors.InvalidRunAt)
+            run_at_ms = timestamp_ms(req.run_at, "run_at", errors.InvalidRunAt, past_ok=True)
         deadline = ""
         if req.deadline is not None:
             if isinstance(req.deadline, timedelta):
@@ -488,13 +508,13 @@ class JobQ:
         *,
         queue: str | None = None,
         priority: int | None = None,
-        delay: float | timedelta | None = None,
-        run_at: datetime | float | None = None,
+        delay: Seconds | timedelta | None = None,
+        run_at: datetime | Seconds | None = None,
         max_attempts: int | None = None,
-        timeout: float | timedelta | None = None,
-        deadline: datetime | timedelta | float | None = None,
+        timeout: Seconds | timedelta | None = None,
+        deadline: datetime | timedelta | Seconds | None = None,
         unique_key: str | None = None,
-        retry_backoff: float | timedelta | None = None,
+        retry_backoff: Seconds | timedelta | None = None,
         job_id: str | None = None,
     ) -> Job:
         """Enqueue one job of ``task`` (a name, so producers need not import the task).
