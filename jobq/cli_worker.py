@@ -24,7 +24,7 @@ from jobq import connection
 from jobq.app import JobQ
 from jobq.cli import Settings, connection_options
 from jobq.cron import parse_duration
-from jobq.errors import InvalidInput
+from jobq.errors import InvalidInput, JobqError
 from jobq.keys import Keys, validate_node, validate_queue
 from jobq.store import Store
 from jobq.worker import Worker, WorkerConfig
@@ -250,7 +250,8 @@ def worker(
         ctx, "sub_redis_url", "redis_url"
     ):
         src = ctx.get_parameter_source("sub_redis_url")
-        if src is not None and src.name == "COMMANDLINE":
+        psrc = ctx.parent.get_parameter_source("redis_url") if ctx.parent is not None else None
+        if any(s is not None and s.name == "COMMANDLINE" for s in (src, psrc)):
             log.warning(
                 "the Redis password was given on the command line, where other users can read "
                 "it; prefer JOBQ_REDIS_URL"
@@ -321,6 +322,9 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
 
     try:
         asyncio.run(main())
+    except JobqError as exc:  # fatal at startup: wrong password, missing permission, old Redis
+        log.error("worker node %s cannot run: %s", node.node, connection.redact(str(exc)))
+        return 1
     finally:
         if server is not None:
             server.close()

@@ -273,6 +273,14 @@ class Worker:
             self.config.lease,
             connection.redact_url(self.url),
         )
+        try:
+            if not await self._probe():
+                return  # stopped before Redis ever answered: nothing was claimed
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+            sync_client.close()
+            raise
         self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
         self.heartbeat.start()
         self._bg = [asyncio.create_task(self._acker(), name="jobq-acker")]
@@ -285,6 +293,30 @@ class Worker:
             await self._drain()
         finally:
             await self._shutdown(sync_client)
+
+    async def _probe(self) -> bool:
+        """Wait until Redis answers a script call. A wrong password, a missing permission or an
+        old Redis is fatal (raised); an unreachable or busy Redis is retried until it answers
+        or the node is stopped (then returns False)."""
+        assert self.runner is not None and self._stop_event is not None
+        backoff = 0.1
+        warned = False
+        while not self._stop_event.is_set():
+            try:
+                q = self.queues[0]
+                await self.runner.run(self.app.store.promote(q, limit=1, now_ms=self.app.now_ms()))
+                self.last_ok = time.monotonic()
+                if warned:
+                    log.warning("Redis answers now")
+                return True
+            except (RedisUnavailable, RedisBusy) as exc:
+                if not warned:
+                    log.warning("Redis is not reachable yet (%s); retrying", exc)
+                    warned = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), backoff * random.uniform(0.8, 1.2))
+            backoff = min(2.0, backoff * 2)
+        return False
 
     # -- fetcher --------------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -306,6 +338,7 @@ class Worker:
     async def _fetch_loop(self) -> None:
         assert self._wake is not None and self.runner is not None
         backoff = 0.05
+        errors = 0
         cfg = self.config
         while not self._stopping:
             free = cfg.concurrency - self._busy
@@ -316,17 +349,28 @@ class Worker:
             try:
                 got = await self._claim(free)
                 backoff = 0.05
+                if errors:
+                    log.warning("claims succeed again after %d failure(s)", errors)
             except (RedisUnavailable, RedisBusy) as exc:
-                log.warning("claim failed: %s; retrying in %.2f s", exc, backoff)
+                errors += 1
+                if errors == 1 or errors % 10 == 0:
+                    log.warning("claim failed (%d in a row): %s; retrying", errors, exc)
                 self._reap_not_before = time.monotonic() + cfg.lease
                 await self._wait(backoff)
                 backoff = min(backoff * 2, 2.0) * random.uniform(0.8, 1.2)
                 continue
-            except JobqError:
-                log.exception("claim failed")
+            except JobqError as exc:
+                # Not a connection problem (permissions revoked, a script error): keep trying,
+                # but with one traceback, then a line every few tries.
+                errors += 1
+                if errors == 1:
+                    log.exception("claim failed")
+                elif errors % 20 == 0:
+                    log.error("claim still failing (%d tries): %s", errors, exc)
                 await self._wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            errors = 0
             if got:
                 # Let completions of this loop turn land, so the next claim takes them together.
                 await asyncio.sleep(0)
@@ -636,7 +680,7 @@ class Worker:
         run.lost = True
         self.stats["lost"] += 1
         log.error(
-            "job %s (%s, queue %s): %s; it will not be acked here",
+            "job %s (%s, queue %s): %s; it will not be acked here (stale completion)",
             run.job.id,
             run.job.task,
             run.job.queue,
