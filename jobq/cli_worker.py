@@ -303,11 +303,12 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
     signal.signal(signal.SIGTERM, early)
     signal.signal(signal.SIGINT, early)
     node = Worker(app, config, url=url)
-    node.metrics = Metrics(app, node=node.node)
+    node.metrics = metrics = Metrics(app, node=node.node, queues=node.queues)
+    metrics.node_gauges_from(lambda: (len(node.running), node.busy))
     server: Any = None
     if metrics_port is not None:
         try:
-            server = serve(node.metrics, metrics_host, metrics_port, node.health)
+            server = serve(metrics, metrics_host, metrics_port, node.health)
         except (OSError, NotImplementedError) as exc:
             log.error("cannot serve metrics on %s:%d: %s", metrics_host, metrics_port, exc)
             return 1

@@ -229,6 +229,11 @@ class Worker:
             )
         self._request_stop(True)
 
+    @property
+    def busy(self) -> int:
+        """Concurrency slots in use (jobs running; not those waiting for their ack)."""
+        return self._busy
+
     def health(self) -> tuple[bool, str]:
         """Healthy = a recent successful round trip through a script (not a bare PING)."""
         age = time.monotonic() - self.last_ok
