@@ -154,6 +154,8 @@ class Heartbeat:
             pipe.zadd(k.nodes, {self.node: now_ms})
             pipe.hset(k.node(self.node), mapping=info)
             pipe.pexpire(k.node(self.node), self.lease_ms * 3)
+            # Killed nodes never deregister: drop registry entries as old as an expired node hash.
+            pipe.zremrangebyscore(k.nodes, "-inf", now_ms - self.lease_ms * 3)
             pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
             pipe.get(k.epoch)
             *_, epoch = pipe.execute()

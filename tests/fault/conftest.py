@@ -6,13 +6,18 @@
 - ``worker_fleet``: a factory ``worker_fleet(url=None, **options) -> WorkerFleet``
   (default URL: the session redis-server, flushed); every fleet is torn down after the test
   (SIGCONT + SIGKILL of whatever still runs).
-- ``nightly``: the nightly tier (``JOBQ_NIGHTLY=1``); tests marked ``nightly`` skip without it.
+- ``figures``: ``figures("F1", trials=3, lost=0, ...)`` prints the measured figures and, when
+  ``JOBQ_RESULTS_FILE`` is set (scripts/nightly sets it), appends them there as a JSON line.
+- tests marked ``nightly`` run only with ``JOBQ_NIGHTLY=1`` (scripts/nightly); counts that
+  differ between the tiers come from :func:`tier`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "nightly" in item.keywords:
             item.add_marker(skip)
+
+
+def tier(ci: int, nightly: int) -> int:
+    """A trial count (or size) for the running tier."""
+    return nightly if NIGHTLY else ci
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[..., None]:
+    def record(test_id: str, **values: Any) -> None:
+        line = {"test": test_id, "nodeid": request.node.nodeid, "tier": "nightly" if NIGHTLY else "ci"}
+        line.update(values)
+        line["t"] = time.time()
+        print(f"\nFIGURES {json.dumps(line, default=str)}")
+        path = os.environ.get("JOBQ_RESULTS_FILE")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(line, default=str) + "\n")
+
+    return record
 
 
 @pytest.fixture
