@@ -700,7 +700,11 @@ class BoundTask:
         task_kwargs = {}
         for k, v in kwargs.items():
             if k.startswith("_") and not k.startswith("__"):
-                opts.update(_check_options({k[1:]: v}))
+                if k[1:] not in OPTION_NAMES:
+                    raise errors.InvalidInput(
+                        f"{k}: unknown option (options are _{', _'.join(OPTION_NAMES)})", k
+                    )
+                opts[k[1:]] = v
             else:
                 task_kwargs[k] = v
         opts = {k: v for k, v in opts.items() if v is not None}

@@ -546,30 +546,27 @@ class SyncRunner:
 
     def run_many(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one pipelined round trip (not a transaction: each script is atomic on
-        its own). Raises the first error after every call has run."""
+        its own). Raises the first error after every call has run.
+
+        The pipeline carries bare EVALSHAs: redis-py's pipelined ``Script`` would first send a
+        ``SCRIPT EXISTS`` round trip. A call answered NOSCRIPT did not run, so only those calls
+        are sent again, through ``Script`` (which loads the script)."""
         if len(calls) == 1:
             return [self.run(calls[0])]
-        if isinstance(self.client, redis.cluster.RedisCluster):
-            # Cluster pipelines refuse EVALSHA: one round trip per call (each up to MAX_BATCH jobs).
-            got: list[Any] = []
-            first: BaseException | None = None
-            for c in calls:
-                try:
-                    got.append(self.run(c))
-                except errors.JobqError as exc:
-                    first = first or exc
-            if first is not None:
-                raise first
-            return got
         try:
             pipe = self.client.pipeline(transaction=False)
             for c in calls:
-                self._scripts[c.script](keys=c.keys, args=c.args, client=pipe)
+                pipe.evalsha(self._scripts[c.script].sha, len(c.keys), *c.keys, *c.args)
             raws = pipe.execute(raise_on_error=False)
         except Exception as exc:
             raise map_error(exc, calls[0].script.value, calls[0].queue) from None
         out = []
         for c, raw in zip(calls, raws, strict=True):
+            if isinstance(raw, redis.exceptions.NoScriptError):
+                try:
+                    raw = self._scripts[c.script](keys=c.keys, args=c.args, client=self.client)
+                except Exception as exc:
+                    raw = exc
             if isinstance(raw, Exception):
                 raise map_error(raw, c.script.value, c.queue)
             out.append(c.parse(raw))
