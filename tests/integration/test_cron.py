@@ -1,0 +1,160 @@
+"""Cron: the schedule parser, and exactly one enqueue per tick across many nodes whose clocks
+disagree (controlled time), and across real worker nodes (Redis time)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+import redis
+
+from jobq import FakeClock, InvalidInput, JobQ
+from jobq.connection import async_client
+from jobq.cron import CronSchedule, parse_duration
+from jobq.scheduler import Scheduler
+from jobq.store import AsyncRunner
+from jobq.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.integration
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "now", "tick"),
+    [
+        ("*/5 * * * *", "2026-03-04 10:17:59", "2026-03-04 10:15:00"),
+        ("*/5 * * * *", "2026-03-04 10:15:00", "2026-03-04 10:15:00"),
+        ("0 9 * * mon-fri", "2026-03-07 12:00:00", "2026-03-06 09:00:00"),  # Sat -> Fri
+        ("30 2 1 * *", "2026-03-04 00:00:00", "2026-03-01 02:30:00"),
+        ("0 0 13 * fri", "2026-03-14 00:00:00", "2026-03-13 00:00:00"),  # dom OR dow
+        ("0 0 * * 7", "2026-03-10 00:00:00", "2026-03-08 00:00:00"),  # 7 = Sunday
+        ("@hourly", "2026-03-04 10:59:00", "2026-03-04 10:00:00"),
+        ("@daily", "2026-03-04 10:59:00", "2026-03-04 00:00:00"),
+        ("0 0 29 feb *", "2026-03-04 00:00:00", "2024-02-29 00:00:00"),
+    ],
+)
+def test_prev_tick(schedule: str, now: str, tick: str) -> None:
+    assert CronSchedule.parse(schedule).prev_tick(ms(now)) == ms(tick)
+
+
+def test_every_is_aligned_to_the_epoch() -> None:
+    s = CronSchedule.parse("@every 30s")
+    assert s.prev_tick(ms("2026-03-04 10:00:44")) == ms("2026-03-04 10:00:30")
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "* * * *", "61 * * * *", "*/0 * * * *", "5-1 * * * *", "* * * foo *", "@every x"]
+)
+def test_bad_schedules_are_refused_naming_the_field(bad: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        CronSchedule.parse(bad)
+    assert err.value.field == "schedule"
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("250ms") == 0.25 and parse_duration("30s") == 30
+    assert parse_duration("2m") == 120 and parse_duration("1.5") == 1.5
+    with pytest.raises(InvalidInput) as err:
+        parse_duration("30x", "lease")
+    assert err.value.field == "lease"
+
+
+# -- exactly once across nodes ----------------------------------------------------------------
+
+
+def test_five_nodes_with_skewed_clocks_enqueue_each_of_20_ticks_exactly_once(
+    redis_url: str, r: redis.Redis
+) -> None:
+    seed = int(os.environ.get("JOBQ_TEST_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)
+    m0 = ms("2026-03-04 10:00:00")
+    skews_s = [-7.0, -3.0, 0.0, 4.0, 9.0]
+    # Every node's true time starts 10 s after tick 0 and ends 10 s after tick 19: with these
+    # skews each node sees ticks 0..19 only, so exactly 20 enqueues are right.
+    start, end = m0 + 10_000, m0 + 19 * 60_000 + 10_000
+    apps = [JobQ(redis_url, clock=FakeClock(start + round(s * 1000))) for s in skews_s]
+    for a in apps:
+
+        @a.periodic("* * * * *", name="report", queue="cron")
+        def report() -> None: ...
+
+    async def run() -> list[tuple[str, int, str]]:
+        client = async_client(redis_url)
+        runner = AsyncRunner(client)
+        scheds = [Scheduler(a, runner, ["cron"], a.cron_entries) for a in apps]
+        fired: list[tuple[str, int, str]] = []
+        now = start
+        while now < end:
+            order = list(range(5))
+            rng.shuffle(order)  # nodes start, stop and race in any order
+            for i in order:
+                if rng.random() < 0.8:  # a node may skip a pass (busy, restarting)
+                    fired += (await scheds[i].run_once()).fired
+            step = min(rng.randint(500, 15_000), end - now)
+            now += step
+            for a in apps:
+                assert isinstance(a.clock, FakeClock)
+                a.clock.advance(step / 1000)
+        await client.aclose()
+        return fired
+
+    fired = asyncio.run(run())
+    ticks = [tick for _, tick, _ in fired]
+    assert sorted(ticks) == [m0 + i * 60_000 for i in range(20)], f"seed {seed}"
+    assert r.zcard(apps[0].keys.ready("cron")) == 20, f"seed {seed}"
+    for a in apps:
+        a.close()
+
+
+def test_worker_nodes_fire_cron_once_per_tick_on_redis_time(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = JobQ(redis_url)
+    ran: list[float] = []
+
+    @app.periodic("@every 200ms", name="beat", queue="cron")
+    async def beat() -> None:
+        ran.append(asyncio.get_running_loop().time())
+
+    cfg: dict[str, Any] = {"queues": [("cron", 1)], "schedule_interval": 0.03, "poll_interval": 0.1}
+    workers = [Worker(app, WorkerConfig(node_id=f"cron-{i}", **cfg)) for i in range(5)]
+
+    async def run() -> tuple[int, int]:
+        t0 = redis_ms(r)
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        await asyncio.sleep(2.0)
+        t1 = redis_ms(r)
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*tasks)
+        return t0, t1
+
+    with caplog.at_level(logging.INFO, logger="jobq.scheduler"):
+        t0, t1 = asyncio.run(run())
+    ticks = [int(m.group(1)) for m in map(TICK_RE.search, caplog.messages) if m]
+    assert len(ticks) == len(set(ticks)), "a tick was enqueued twice"
+    assert all(t % 200 == 0 for t in ticks)
+    expected = (t1 - t0) // 200  # ticks that passed while the 5 nodes ran
+    assert expected - 3 <= len(ticks) <= expected + 1, (len(ticks), expected)
+    assert len(ran) == len(ticks) == r.zcard(app.keys.finished("cron"))
+    app.close()
+
+
+TICK_RE = re.compile(r"cron beat: enqueued tick (\d+) as job")
+
+
+def redis_ms(r: redis.Redis) -> int:
+    sec, usec = r.time()
+    return int(sec) * 1000 + int(usec) // 1000
