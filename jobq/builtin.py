@@ -20,6 +20,7 @@ and never stored in a result; errors name the URL without its credentials or que
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json as jsonlib
 import logging
@@ -31,7 +32,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobq.app import JobQ
 from jobq.errors import Fail, Retry
@@ -87,6 +88,31 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+def _request_parts(
+    url: str, headers: Mapping[str, str] | None, body: str | None, json: Any
+) -> tuple[str, dict[str, str], bytes | None]:
+    """The URL (without credentials), headers and body bytes of a webhook request."""
+    hdrs = dict(headers or {})
+    data: bytes | None = None
+    if json is not None:
+        data = jsonlib.dumps(json, separators=(",", ":")).encode()
+        if not any(k.lower() == "content-type" for k in hdrs):
+            hdrs["Content-Type"] = "application/json"
+    elif body is not None:
+        if not isinstance(body, str):
+            raise Fail("webhook: body must be a string (use json for structured data)")
+        data = body.encode()
+    hdrs.setdefault("User-Agent", "jobq-webhook")
+    parts = urlsplit(url)
+    if parts.username is not None:
+        # urllib does not take credentials from the URL: send them as Basic auth.
+        if not any(k.lower() == "authorization" for k in hdrs):
+            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            hdrs["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url, hdrs, data
+
+
 def webhook(
     url: str,
     method: str = "POST",
@@ -99,7 +125,7 @@ def webhook(
     to 4 KiB); 5xx, 408/425/429, timeouts and connection errors retry (429/503 honour
     ``Retry-After``); any other answer (other 4xx, 3xx) fails without retry. ``json`` sends a JSON
     body with ``Content-Type: application/json``; ``body`` sends text as is. Redirects are not
-    followed."""
+    followed. Credentials in the URL (``https://user:pw@host/``) are sent as Basic auth."""
     if (
         not isinstance(url, str)
         or urlsplit(url).scheme not in ("http", "https")
@@ -120,17 +146,7 @@ def webhook(
         raise Fail("webhook: give body or json, not both")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
         raise Fail(f"webhook: timeout must be a number of seconds in (0, 600], got {timeout!r}")
-    hdrs = dict(headers or {})
-    data: bytes | None = None
-    if json is not None:
-        data = jsonlib.dumps(json, separators=(",", ":")).encode()
-        if not any(k.lower() == "content-type" for k in hdrs):
-            hdrs["Content-Type"] = "application/json"
-    elif body is not None:
-        if not isinstance(body, str):
-            raise Fail("webhook: body must be a string (use json for structured data)")
-        data = body.encode()
-    hdrs.setdefault("User-Agent", "jobq-webhook")
+    url, hdrs, data = _request_parts(url, headers, body, json)
     req = urllib.request.Request(url, data=data, headers=hdrs, method=m)
     try:
         with _opener.open(req, timeout=float(timeout)) as resp:
