@@ -538,6 +538,14 @@ class Worker:
             job.attempts,
             job.max_attempts,
             error,
+            extra={
+                "job_id": job.id,
+                "task": job.task,
+                "queue": job.queue,
+                "attempt": job.attempts,
+                "error": error,
+                "node": self.node,
+            },
         )
         call = self.app.store.fail(
             job.queue,
