@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,16 @@ from tests.harness.redis_server import RedisServer
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    """One throwaway redis-server for the session; tests flush it before use."""
+    """One throwaway redis-server for the session; tests flush it before use. With
+    ``JOBQ_TEST_REDIS=cluster`` it is a 3-primary Redis Cluster instead (tests/harness/cluster.py),
+    so ``redis_url``, ``r`` and ``app`` speak to the cluster (scripts/check runs a subset so)."""
+    if os.environ.get("JOBQ_TEST_REDIS") == "cluster":
+        from tests.harness.cluster import RedisClusterHarness
+
+        cluster = RedisClusterHarness(primaries=3).start()
+        yield cluster  # type: ignore[misc]
+        cluster.cleanup()
+        return
     server = RedisServer().start()
     yield server
     server.cleanup()

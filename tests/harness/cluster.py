@@ -17,6 +17,25 @@ from tests.harness.redis_server import RedisServer, free_port
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
+class AdminCluster(RedisCluster):
+    """A cluster client for tests whose key-space commands see every primary (redis-py sends
+    ``KEYS`` and ``DBSIZE`` to one random node by default)."""
+
+    def keys(self, pattern: Any = "*", **kw: Any) -> Any:
+        kw.setdefault("target_nodes", RedisCluster.PRIMARIES)
+        out = super().keys(pattern, **kw)
+        return [k for ks in out.values() for k in ks] if isinstance(out, dict) else out
+
+    def dbsize(self, **kw: Any) -> Any:
+        kw.setdefault("target_nodes", RedisCluster.PRIMARIES)
+        out = super().dbsize(**kw)
+        return sum(out.values()) if isinstance(out, dict) else out
+
+    def flushall(self, *args: Any, **kw: Any) -> Any:
+        kw.setdefault("target_nodes", RedisCluster.PRIMARIES)
+        return super().flushall(*args, **kw)
+
+
 @dataclass
 class RedisClusterHarness:
     """``primaries`` primaries, ``replicas`` replicas per primary; ``url`` is the jobq cluster URL."""
@@ -97,8 +116,8 @@ class RedisClusterHarness:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[: self.primaries])
 
-    def admin_client(self, **kw: Any) -> RedisCluster:
-        return RedisCluster(
+    def admin_client(self, **kw: Any) -> AdminCluster:
+        return AdminCluster(
             startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in self.nodes[: self.primaries]],
             socket_timeout=5,
             **kw,
