@@ -266,7 +266,7 @@ def worker(
             queue_list, weighted = _default_queues(app), False
         if node_id is not None:
             validate_node(node_id if processes == 1 else f"{node_id}-{processes}")
-    except InvalidInput as exc:
+    except (InvalidInput, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
     assert lease is not None and grace is not None and poll_interval is not None
     config = WorkerConfig(
@@ -300,8 +300,7 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
     def early(sig: int, _frame: Any) -> None:
         pending.append(sig)
 
-    signal.signal(signal.SIGTERM, early)
-    signal.signal(signal.SIGINT, early)
+    previous = {sig: signal.signal(sig, early) for sig in (signal.SIGTERM, signal.SIGINT)}
     node = Worker(app, config, url=url)
     node.metrics = metrics = Metrics(app, node=node.node, queues=node.queues)
     metrics.node_gauges_from(lambda: (len(node.running), node.busy))
@@ -311,6 +310,8 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
             server = serve(metrics, metrics_host, metrics_port, node.health)
         except (OSError, NotImplementedError) as exc:
             log.error("cannot serve metrics on %s:%d: %s", metrics_host, metrics_port, exc)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             return 1
         log.info("metrics on http://%s:%d/metrics", metrics_host, server.port)
 
@@ -329,6 +330,8 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
     finally:
         if server is not None:
             server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if node.zombie_threads():
         # A sync task overran and its thread cannot be stopped; the job was released (or failed)
         # already. Do not let the interpreter wait for the thread at exit.
