@@ -393,7 +393,8 @@ class JobQ:
                 timeout=None
                 if timeout is None
                 else seconds_to_ms(timeout, "timeout", errors.InvalidTimeout) / 1000,
-                retry_backoff=seconds_to_ms(retry_backoff, "retry_backoff", errors.InvalidDelay) / 1000,
+                retry_backoff=seconds_to_ms(retry_backoff, "retry_backoff", errors.InvalidRetryBackoff)
+                / 1000,
             )
             task_name = validate_task_name(name or f"{f.__module__}.{f.__qualname__}")
             t: Task[P, R] = Task(self, task_name, f, defaults)
@@ -446,7 +447,7 @@ class JobQ:
             timeout_ms = 0 if d.timeout is None else round(d.timeout * 1000)
         backoff_ms = round(d.retry_backoff * 1000)
         if req.retry_backoff is not None:
-            backoff_ms = seconds_to_ms(req.retry_backoff, "retry_backoff", errors.InvalidDelay)
+            backoff_ms = seconds_to_ms(req.retry_backoff, "retry_backoff", errors.InvalidRetryBackoff)
         if req.delay is not None and req.run_at is not None:
             raise errors.InvalidDelay("delay: give either delay or run_at, not both")
         delay_ms = None

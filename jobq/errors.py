@@ -56,6 +56,10 @@ class InvalidDelay(InvalidInput):
     field = "delay"
 
 
+class InvalidRetryBackoff(InvalidInput):
+    field = "retry_backoff"
+
+
 class InvalidRunAt(InvalidInput):
     field = "run_at"
 

@@ -451,6 +451,7 @@ class Store:
 _BADARG_ERRORS: dict[str, type[errors.InvalidInput]] = {
     "priority": errors.InvalidPriority,
     "delay": errors.InvalidDelay,
+    "retry_backoff": errors.InvalidRetryBackoff,
     "run_at": errors.InvalidRunAt,
     "deadline": errors.InvalidDeadline,
     "max_attempts": errors.InvalidMaxAttempts,
