@@ -74,7 +74,8 @@ class Heartbeat:
         self.failures = 0
         self._unknown_prev: dict[str, set[str]] = {}
         self.epoch: bytes | None = None
-        self.started_ms = int(time.time() * 1000)
+        #: Redis time of the first beat (node clocks are never read for shared time).
+        self.started_ms: int | None = None
 
     # -- thread ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,8 +103,7 @@ class Heartbeat:
         """Renew every lease this node holds; return what was lost and what is unknown."""
         known_before = self._known()
         calls = [
-            self.app.store.extend(q, self.node, self.lease_ms, now_ms=self.app.now_ms())
-            for q in self.queues
+            self.app.store.extend(q, self.node, self.lease_ms, now_ms=self.app.now_ms()) for q in self.queues
         ]
         try:
             results = self.runner.run_many(calls)
@@ -141,6 +141,8 @@ class Heartbeat:
     def _register(self, now_ms: int) -> None:
         """The node registry for operators (jobq nodes) and the epoch check."""
         k = self.app.keys
+        if self.started_ms is None:
+            self.started_ms = now_ms
         try:
             info = {
                 "queues": ",".join(self.queues),

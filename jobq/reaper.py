@@ -78,8 +78,7 @@ class Reaper:
                 if res.dead:
                     report.dead.setdefault(q, []).extend(res.dead)
                     log.error(
-                        "queue %s: dead-lettered %d job(s) whose lease expired on their last "
-                        "attempt: %s",
+                        "queue %s: dead-lettered %d job(s) whose lease expired on their last attempt: %s",
                         q,
                         len(res.dead),
                         ", ".join(res.dead[:10]),

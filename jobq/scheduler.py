@@ -33,9 +33,7 @@ class ScheduleReport:
 
 
 class Scheduler:
-    def __init__(
-        self, app: JobQ, runner: AsyncRunner, queues: list[str], cron: list[CronEntry]
-    ) -> None:
+    def __init__(self, app: JobQ, runner: AsyncRunner, queues: list[str], cron: list[CronEntry]) -> None:
         self.app = app
         self.runner = runner
         self.queues = queues
@@ -45,9 +43,7 @@ class Scheduler:
         report = ScheduleReport()
         for q in self.queues:
             while True:
-                res = await self.runner.run(
-                    self.app.store.promote(q, limit=1000, now_ms=self.app.now_ms())
-                )
+                res = await self.runner.run(self.app.store.promote(q, limit=1000, now_ms=self.app.now_ms()))
                 report.promoted += res.promoted
                 report.now_ms = res.now_ms
                 if res.next_due_ms is not None and (

@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobq.worker")
 
+#: Seconds of pub/sub silence before the subscription is probed with a PING (and given up on when
+#: the PONG does not come within as long again).
+PUBSUB_PING_INTERVAL = 5.0
+
 
 @dataclass
 class WorkerConfig:
@@ -563,6 +567,10 @@ class Worker:
             except (RedisUnavailable, RedisBusy) as exc:
                 log.warning("fail of job %s not recorded yet: %s", job.id, exc)
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+            except JobqError as exc:
+                log.error("fail of job %s refused: %s; its lease will run out", job.id, exc)
+                self._forget(run)
+                return
         else:
             # The lease will expire and the reaper applies the retry policy instead.
             self._forget(run)
@@ -648,6 +656,13 @@ class Worker:
                 backoff = min(2.0, backoff * 2)
                 if self._hard_stop is not None and self._hard_stop.is_set() and backoff >= 2.0:
                     return
+            except JobqError as exc:
+                # Not a connection problem: the jobs are left to their leases (the heartbeat
+                # releases them once they are unknown here); they run again, never get lost.
+                log.error("ack of %d job(s) refused: %s", len(items), exc)
+                for run, _ in items:
+                    self._forget(run)
+                return
         self.last_ok = time.monotonic()
         m = self.metrics
         now = time.monotonic()
@@ -666,7 +681,9 @@ class Worker:
     def _known_snapshot(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
         for run in list(self.running.values()):
-            if not run.finishing and not run.lost:
+            # A job whose ack or fail is on its way is still ours (and must stay leased) until
+            # Redis confirms; only a lost one is not.
+            if not run.lost:
                 out.setdefault(run.job.queue, set()).add(run.job.id)
         return out
 
@@ -772,7 +789,7 @@ class Worker:
         make = getattr(connection, "async_pubsub_client", connection.async_client)
         backoff = 0.1
         while True:
-            client = None
+            client = pubsub = None
             try:
                 client = make(self.url, socket_timeout=None)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -780,10 +797,22 @@ class Worker:
                 self.pubsub_connected = True
                 backoff = 0.1
                 self._poke()  # anything announced while we were away: look now
+                heard = time.monotonic()
+                ping_sent: float | None = None
                 while True:
                     msg = await pubsub.get_message(timeout=self.config.poll_interval)
+                    now = time.monotonic()
                     if msg is not None:
-                        self._poke()
+                        heard, ping_sent = now, None
+                        if msg.get("type") != "pong":
+                            self._poke()
+                        continue
+                    # A silently dead connection (a partition) raises nothing: probe it.
+                    if ping_sent is not None and now - ping_sent > PUBSUB_PING_INTERVAL:
+                        raise ConnectionError("pub/sub connection silent: ping unanswered")
+                    if ping_sent is None and now - heard > PUBSUB_PING_INTERVAL:
+                        await pubsub.ping()
+                        ping_sent = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -794,6 +823,9 @@ class Worker:
                 backoff = min(5.0, backoff * 2)
             finally:
                 self.pubsub_connected = False
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
                 if client is not None:
                     with contextlib.suppress(Exception):
                         await client.aclose()
