@@ -1,0 +1,231 @@
+"""Script ARGV fuzz (RELIABILITY B3): every Lua script, called with a valid argument vector that
+has one or more values made bad (missing, extra, non-numeric, negative, huge, empty, foreign key
+prefix, bad ids), answers a "BADARG <field> ..." error and leaves the keyspace unchanged, because
+every script validates before its first write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jobq
+from jobq.scripts import ScriptName, source
+from jobq.store import Call
+from tests.integration.core_support import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+LATER = T0 + 3_600_000  # the leases below have expired by then
+Q = "fuzz"
+
+NOT_INT = ["", "abc", "1.5", "1e3", "0x10", " 5", "5 ", "nan", "inf", "-inf", str(2**53), "9" * 30, "+5"]
+NOW_BAD = [v for v in NOT_INT if v != ""] + ["-1", "-9007199254740991"]
+
+
+def int_bad(lo: int | None, hi: int | None) -> list[str]:
+    out = list(NOT_INT)
+    if lo is not None:
+        out += [str(lo - 1), str(lo - 10**6)]
+    if hi is not None:
+        out += [str(hi + 1), str(hi + 10**9)]
+    return out
+
+
+OPT_INT_BAD = [v for v in NOT_INT if v != ""] + ["-1"]  # "" is valid: "not given"
+QPREFIX_BAD = ["", "x", "jobq:{other}:", "jobq:{fuzz}", "jobq:", "{fuzz}:", "jobq:{fuzz}:ready"]
+NODE_BAD = ["", "a b", "x{y}", "a:b", "n\n", "x" * 129, "other-node"]
+ID_BAD = ["", "a b", "{x}", "x" * 129, "a\tb"]
+
+#: Per script: 1-based ARGV position -> bad values for it.
+BAD: dict[ScriptName, dict[int, list[str]]] = {
+    ScriptName.ENQUEUE: {
+        1: QPREFIX_BAD,
+        2: NOW_BAD,
+        3: int_bad(0, None),
+        4: ["a b", "{x}", "a\nb"],
+        5: int_bad(0, None),
+        6: int_bad(1, 1000),
+        7: ID_BAD,
+        8: ["", "a b", "x" * 201, "a\nb"],
+        10: int_bad(-100, 100),
+        11: [*OPT_INT_BAD, str(2**53 - 1)],  # delay: now + delay beyond 2^53
+        12: OPT_INT_BAD,
+        13: int_bad(1, 1_000_000),
+        14: int_bad(0, None),
+        15: int_bad(0, None),
+        16: ["abc", "+", "+-1", "-5", "1.5", "+1e3", "1", str(T0 - 1)],  # deadline; "1" is before now
+        17: ["u" * 513, "a\x01b"],
+    },
+    ScriptName.CLAIM: {
+        1: QPREFIX_BAD,
+        2: NODE_BAD,
+        3: NOW_BAD,
+        4: int_bad(1, None),
+        5: int_bad(0, 1000),
+        6: int_bad(0, 10_000),
+        7: int_bad(1, None),
+        8: int_bad(1, None),
+    },
+    ScriptName.ACK: {
+        1: QPREFIX_BAD,
+        2: NODE_BAD,
+        3: NOW_BAD,
+        4: int_bad(0, None),
+        5: int_bad(1, 1000),
+        6: ID_BAD,
+    },
+    ScriptName.FAIL: {
+        1: QPREFIX_BAD,
+        2: NODE_BAD,
+        3: NOW_BAD,
+        4: ID_BAD,
+        6: ["", "x", "RETRY", "dead "],
+        7: OPT_INT_BAD,
+        8: ["", "abc", "-0.1", "1.5", "nan", "inf"],
+        9: int_bad(0, None),
+        10: int_bad(1, None),
+        11: int_bad(1, None),
+    },
+    ScriptName.EXTEND: {
+        1: NODE_BAD,
+        2: NOW_BAD,
+        3: int_bad(1, None),
+        4: int_bad(1, 10_000),
+    },
+    ScriptName.RELEASE: {
+        1: QPREFIX_BAD,
+        2: NODE_BAD,
+        3: NOW_BAD,
+        4: int_bad(0, 1000),
+        5: ID_BAD,
+    },
+    ScriptName.REAP: {
+        1: QPREFIX_BAD,
+        2: NOW_BAD,
+        3: int_bad(1, 10_000),
+        4: int_bad(1, None),
+        5: int_bad(1, None),
+        6: int_bad(1, None),
+        7: int_bad(0, None),
+    },
+    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, 10_000)},
+    ScriptName.CANCEL: {1: QPREFIX_BAD, 2: ID_BAD, 3: NOW_BAD, 4: int_bad(0, None)},
+    ScriptName.RETRY_DEAD: {
+        1: QPREFIX_BAD,
+        2: NOW_BAD,
+        3: int_bad(1, 10_000),
+        4: int_bad(0, 1000),
+        5: ID_BAD,
+    },
+    ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, 10_000)},
+}
+
+
+@pytest.fixture
+def seeded(redis_url: str) -> Iterator[tuple[jobq.JobQ, dict[ScriptName, Call[Any]]]]:
+    """A queue with jobs in every state, and for each script a call that is valid and would write
+    (so a script that wrote before validating would show up in the snapshot)."""
+    app = jobq.JobQ(redis_url, clock=jobq.FakeClock(T0))
+    s = app.store
+    for i in range(4):
+        app.enqueue("t", queue=Q, job_id=f"r{i}", unique_key=f"u{i}")
+    app.enqueue("t", queue=Q, job_id="s0", delay=60)
+    app.run(s.claim(Q, "n1", 2, 30_000, now_ms=T0))  # r0, r1 active on n1
+    app.run(s.extend(Q, "n1", 30_000, now_ms=T0))
+    app.enqueue("t", queue=Q, job_id="d0", max_attempts=1)
+    app.run(s.claim(Q, "n2", 2, 30_000, now_ms=T0))  # r2, r3 on n2
+    app.run(s.fail(Q, "n2", "r2", "boom", dead=True, now_ms=T0))  # r2 dead
+    calls: dict[ScriptName, Call[Any]] = {
+        ScriptName.ENQUEUE: s.enqueue(
+            Q, [app.prepare(jobq.EnqueueRequest("t", queue=Q, job_id="new"))[1]], now_ms=T0
+        ),
+        ScriptName.CLAIM: s.claim(Q, "n1", 5, 30_000, now_ms=LATER),
+        ScriptName.ACK: s.ack(Q, "n1", [("r0", b"\x01")], now_ms=T0),
+        ScriptName.FAIL: s.fail(Q, "n1", "r1", "err", jitter=0.5, now_ms=T0),
+        ScriptName.EXTEND: s.extend(Q, "n1", 30_000, now_ms=T0),
+        ScriptName.RELEASE: s.release(Q, "n2", ["r3"], now_ms=T0),
+        ScriptName.REAP: s.reap(Q, node_ttl_ms=1000, now_ms=LATER),
+        ScriptName.PROMOTE: s.promote(Q, now_ms=LATER),
+        ScriptName.CANCEL: s.cancel(Q, "s0", now_ms=T0),
+        ScriptName.RETRY_DEAD: s.retry_dead(Q, ["r2"], now_ms=T0),
+        ScriptName.PURGE: s.purge(Q, "ready"),
+    }
+    assert set(calls) == set(ScriptName) == set(BAD)
+    yield app, calls
+    app.close()
+
+
+def raw_call(r: redis.Redis) -> Callable[[Call[Any], list[Any]], Any]:
+    scripts = {n: r.register_script(source(n)) for n in ScriptName}
+
+    def call(c: Call[Any], argv: list[Any]) -> Any:
+        return scripts[c.script](keys=c.keys, args=argv, client=r)
+
+    return call
+
+
+def test_every_base_call_is_valid_and_writes(
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis
+) -> None:
+    """The fuzz below starts from these calls: each must be accepted and change the keyspace."""
+    _, calls = seeded
+    call = raw_call(r)
+    for name, c in calls.items():
+        before = snapshot(r)
+        call(c, list(c.args))
+        assert snapshot(r) != before, name
+
+
+def mutate(data: st.DataObject, name: ScriptName, argv: list[Any]) -> list[Any]:
+    kind = data.draw(st.sampled_from(["bad-values", "missing", "extra"]), label="kind")
+    if kind == "missing":
+        k = data.draw(st.integers(1, len(argv)), label="drop")
+        return argv[: len(argv) - k]
+    if kind == "extra":
+        extra = data.draw(
+            st.lists(st.sampled_from(["", "1", "x", "-1"]), min_size=1, max_size=3), label="extra"
+        )
+        return argv + extra
+    spec = BAD[name]
+    positions = data.draw(st.sets(st.sampled_from(sorted(spec)), min_size=1, max_size=3), label="positions")
+    out = list(argv)
+    for p in positions:
+        out[p - 1] = data.draw(st.sampled_from(spec[p]), label=f"ARGV[{p}]")
+    return out
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bad_argv_is_refused_with_badarg_and_changes_nothing(
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis, data: st.DataObject
+) -> None:
+    _, calls = seeded
+    call = raw_call(r)
+    name = data.draw(st.sampled_from(sorted(ScriptName, key=lambda n: n.value)), label="script")
+    c = calls[name]
+    argv = mutate(data, name, list(c.args))
+    before, size = snapshot(r), r.dbsize()
+    with pytest.raises(redis.exceptions.ResponseError, match=r"^BADARG \w+ ") as info:
+        call(c, argv)
+    assert "BUSY" not in str(info.value)
+    assert_unchanged(r, before, size)
+
+
+def test_wrong_key_count_is_refused(
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis
+) -> None:
+    _, calls = seeded
+    call = raw_call(r)
+    before, size = snapshot(r), r.dbsize()
+    for name, c in calls.items():
+        for keys in (c.keys[:-1], [*c.keys, c.keys[0]]):
+            with pytest.raises(redis.exceptions.ResponseError, match=r"^BADARG"):
+                call(Call(c.script, keys, c.args, c.parse), list(c.args))
+        assert name
+    assert_unchanged(r, before, size)
