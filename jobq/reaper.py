@@ -86,3 +86,34 @@ class Reaper:
                 if len(res.requeued) + len(res.dead) < self.limit:
                     break
         return report
+
+
+async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: list[str]) -> int:
+    """At start-up: jobs already in this node's active lists were claimed by an earlier process
+    with the same node id that died before finishing them (a crash, then a restart under a fixed
+    ``--node-id``). Handle them as a reaped lease would: the attempt stays counted, the job is
+    retried at once, or dead-lettered with reason ``lease_expired`` when no attempt is left.
+    (Releasing them instead would uncount the attempt, and a task that crashes its node would
+    run forever: RELIABILITY F11.) Returns the number of jobs recovered."""
+    recovered = 0
+    for q in queues:
+        for raw in await runner.client.lrange(app.keys.active(q, node), 0, 999):
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            res = await runner.run(
+                app.store.fail(
+                    q,
+                    node,
+                    job_id,
+                    "lease_expired: its node restarted before the attempt finished",
+                    delay_ms=0,
+                    now_ms=app.now_ms(),
+                )
+            )
+            if res.outcome in ("retry", "dead"):
+                recovered += 1
+                if res.outcome == "retry":  # counted like a reap: every re-run is visible
+                    await runner.client.hincrby(app.keys.job(q, job_id), "reaped", 1)
+                log.warning(
+                    "queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome
+                )
+    return recovered

@@ -47,7 +47,7 @@ from jobq.errors import (
 )
 from jobq.heartbeat import BeatResult, Heartbeat
 from jobq.keys import validate_node
-from jobq.reaper import Reaper
+from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
 from jobq.store import AsyncRunner, ClaimedJob, SyncRunner
 
@@ -291,6 +291,10 @@ class Worker:
             sync_client.close()
             raise
         self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
+        try:  # before the heartbeat, which would release them with their attempt uncounted
+            await recover_inherited(self.app, self.runner, self.node, self.queues)
+        except JobqError as exc:
+            log.warning("could not recover jobs left by an earlier run of this node: %s", exc)
         self.heartbeat.start()
         self._bg = [asyncio.create_task(self._acker(), name="jobq-acker")]
         if not self.config.burst:

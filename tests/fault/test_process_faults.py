@@ -8,7 +8,10 @@ trials of each; ``scripts/nightly`` (``JOBQ_NIGHTLY=1``) runs the 100-trial vers
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +24,7 @@ from jobq.faults import CRASH_EXIT_CODE
 from tests.fault.conftest import tier
 from tests.harness.checker import Snapshot, assert_invariants, check, wait_drained
 from tests.harness.fleet import Node, WorkerFleet
-from tests.harness.history import History, Producer
+from tests.harness.history import ARECORD_TASK, History, Producer
 
 pytestmark = [pytest.mark.fault]
 
@@ -196,3 +199,326 @@ def test_f1_crash_points(
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
     run = run_f1(fleet, history, app, r, seed, [point] * tier(1, 10))
     check_f1(run, history, r, seed, fleet, figures, f"F1-{point}")
+
+
+# -- F2: SIGTERM with 20 in flight and 50 queued ----------------------------------------------------
+def test_f2_sigterm_graceful(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    """Every running job finishes within grace; nothing else is claimed; exit 0; 0 duplicates."""
+    rng = random.Random(seed)
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history)
+    exits: list[float] = []
+    trials = tier(2, 20)
+    for i in range(trials):
+        victim = fleet.spawn(f"v{i}", concurrency=20)
+        # All 70 jobs take 0.3-2 s: shorter than the grace, longer than the signal delay.
+        ids = prod.enqueue_batch(70, per_job=[{"sleep": rng.uniform(0.3, 2.0)} for _ in range(70)])
+        wait_until(lambda v=victim: r.llen(active_key(v)) == 20, 10, "20 in flight")
+        time.sleep(rng.uniform(0.02, 0.2))
+        assert r.llen(active_key(victim)) == 20
+        t0 = time.monotonic()
+        victim.term()
+        rc = victim.wait(GRACE + 5)
+        exits.append(time.monotonic() - t0)
+        assert rc == 0, victim.log_text()[-3000:]
+        assert exits[-1] <= GRACE + 1, f"exit took {exits[-1]:.2f} s; {ctx(seed, history)}"
+        assert not r.exists(active_key(victim))
+        # 20 ran here; the 50 queued were never claimed, so their attempt count is 0.
+        ran = {a.job_id for a in history.attempts() if a.node == victim.name}
+        assert len(ran) == 20
+        snap = Snapshot.take(r)
+        for jid in ids:
+            js = snap.jobs[jid]
+            if jid in ran:
+                assert js.state == "done" and js.attempts == 1, (jid, js)
+            else:
+                assert js.state == "ready" and js.attempts == 0, (jid, js)
+        # Another node runs the rest.
+        helper = fleet.spawn(f"h{i}", concurrency=20)
+        wait_drained(r, [Q], timeout=30)
+        helper.term()
+        assert helper.wait(GRACE + 5) == 0
+    snap = Snapshot.take(r)
+    rep = check(history, snap)
+    rep.assert_ok(ctx(seed, history))
+    assert not rep.duplicates, rep.duplicates
+    assert all(js.attempts == 1 and js.state == "done" for js in snap.jobs.values())
+    assert_invariants(r, ctx(seed, history), reapers_running=False)
+    figures(
+        "F2",
+        trials=trials,
+        jobs=rep.enqueued_ok,
+        lost=len(rep.lost),
+        duplicates=len(rep.duplicates),
+        exit_max_s=round(max(exits), 2),
+        exit_bound_s=GRACE + 1,
+        seed=seed,
+    )
+
+
+def test_f2_second_signal_releases_at_once(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    """Jobs longer than the grace: a second SIGTERM exits < 1 s, releasing every job held,
+    attempt counts unchanged; another node then runs each exactly once more."""
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history)
+    victim = fleet.spawn("v0", concurrency=20)
+    ids = prod.enqueue_batch(70, slow=30.0, slow_node="v0", sleep=0.05)
+    wait_until(lambda: r.llen(active_key(victim)) == 20, 10, "20 in flight")
+    time.sleep(0.3)
+    victim.term()
+    time.sleep(0.5)
+    assert victim.alive(), "exited before the grace ended although its jobs run 30 s"
+    t0 = time.monotonic()
+    victim.term()
+    rc = victim.wait(10)
+    took = time.monotonic() - t0
+    assert rc == 0, victim.log_text()[-3000:]
+    assert took < 1.0, f"second signal: exit took {took:.2f} s"
+    assert not r.exists(active_key(victim))
+    snap = Snapshot.take(r)
+    assert all(snap.jobs[j].state == "ready" and snap.jobs[j].attempts == 0 for j in ids), [
+        (j, snap.jobs[j]) for j in ids if snap.jobs[j].attempts
+    ]
+    fleet.spawn("h0", concurrency=20)
+    wait_drained(r, [Q], timeout=30)
+    snap = Snapshot.take(r)
+    rep = check(history, snap, allow_release=True)
+    rep.assert_ok(ctx(seed, history))
+    assert len(rep.duplicates) == 20 and all(n == 2 for n in rep.duplicates.values())
+    assert all(js.attempts == 1 and js.state == "done" for js in snap.jobs.values())
+    figures(
+        "F2-second-signal",
+        jobs=rep.enqueued_ok,
+        released=20,
+        lost=len(rep.lost),
+        exit_after_second_signal_s=round(took, 2),
+        bound_s=1.0,
+        seed=seed,
+    )
+
+
+# -- F3: SIGSTOP beyond the lease, then SIGCONT -----------------------------------------------------
+@pytest.mark.parametrize("task", ["sync", "async"])
+def test_f3_sigstop_beyond_lease(
+    task: str, worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    rng = random.Random(seed)
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history, task=ARECORD_TASK if task == "async" else "fault.record")
+    victim, helper = fleet.start(2, concurrency=10)
+    notice: list[float] = []
+    trials = tier(1, 10)
+    n = 10
+    for _ in range(trials):
+        stale_before = len([ln for ln in victim.log_text().splitlines() if "stale completion" in ln])
+        ids = claim_all_on(
+            victim, [helper], r, lambda: prod.enqueue_batch(n, sleep=2.0 + rng.uniform(0, 0.3)), n
+        )
+        time.sleep(0.3)
+        victim.stop()
+        time.sleep(3 * LEASE)
+        # Meanwhile the helper re-ran them all (reaped at <= lease + reap, 2 s each).
+        by_job = history.by_job()
+        assert all(
+            any(a.node == helper.name and a.outcome == "ok" for a in by_job.get(j, [])) for j in ids
+        ), f"helper did not finish every job while the victim was stopped; {ctx(seed, history)}"
+        victim.cont()
+
+        def noticed(before: int = stale_before) -> bool:
+            lines = [ln for ln in victim.log_text().splitlines() if "stale completion" in ln]
+            return len(lines) - before >= n
+
+        notice.append(wait_until(noticed, 10, "victim counts its stale jobs"))
+        wait_drained(r, [Q], timeout=20)
+        # G4: the resumed node claims again (helper frozen so the work must go to the victim).
+        resumed = claim_all_on(victim, [helper], r, lambda: prod.enqueue_batch(3, sleep=0.1), 3)
+        wait_drained(r, [Q], timeout=10)
+        assert all(a.node == victim.name for j in resumed for a in history.by_job()[j])
+    snap = Snapshot.take(r)
+    rep = check(history, snap, stale_reported=fleet.stale_count())
+    rep.assert_ok(ctx(seed, history))
+    by_job = history.by_job()
+    stopped_ids = [j for j, runs in by_job.items() if len(runs) > 1]
+    assert len(stopped_ids) == n * trials
+    for jid in stopped_ids:
+        js = snap.jobs[jid]
+        # One extra start, tied to one reap; the winner's result stands.
+        assert len(by_job[jid]) == 2 and js.reaped == 1, (jid, js, by_job[jid])
+        assert js.node == helper.name and js.result["node"] == helper.name, (jid, js)
+    # Every run of the stopped node was refused (sync: ack refused / result dropped; async:
+    # cancelled or refused) and counted once.
+    assert rep.non_winner_ok + rep.cancelled == n * trials == rep.stale_reported, rep.summary()
+    # It noticed within one heartbeat interval after resuming (+ scheduling slack).
+    assert max(notice) <= LEASE / 3 + 1.0, notice
+    assert_invariants(
+        r, ctx(seed, history), reap_interval_ms=int(REAP * 1000), node_ttl_ms=int(NODE_TTL * 1000)
+    )
+    assert not fleet.crashes()
+    figures(
+        f"F3-{task}",
+        trials=trials,
+        jobs=rep.enqueued_ok,
+        lost=len(rep.lost),
+        extra_starts_per_job_max=max(len(by_job[j]) - 1 for j in stopped_ids),
+        stale_refused=rep.stale_reported,
+        notice_max_s=round(max(notice), 2),
+        seed=seed,
+    )
+
+
+# -- F11: poison pill ------------------------------------------------------------------------------
+def test_f11_poison_pill(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history)
+    nodes = fleet.start(2, concurrency=5)
+    for node in nodes:
+        fleet.supervise(node)
+    n = 1000
+    ok = prod.enqueue_batch(n // 2, options={"max_attempts": 5})
+    poison = "poison-pill"
+    assert prod.enqueue(poison, mode="exit", options={"max_attempts": 3}) == "enqueue_ok"
+    ok += prod.enqueue_batch(n - n // 2, options={"max_attempts": 5})
+    wait_until(lambda: r.hget(f"jobq:{{{Q}}}:job:{poison}", "state") == b"dead", 60, "poison dead")
+    wait_drained(r, [Q], timeout=60)
+    snap = Snapshot.take(r)
+    js = snap.jobs[poison]
+    assert js.state == "dead" and js.attempts == 3, js
+    assert js.error and js.error.startswith("lease_expired"), js.error
+    assert len([a for a in history.attempts() if a.job_id == poison]) == 3
+    rep = check(history, snap)
+    rep.assert_ok(ctx(seed, history))
+    assert set(rep.dead) == {poison} and rep.completed == n
+    restarts = sum(node.restarts for node in nodes)
+    assert restarts == 3, [(node.name, node.exit_codes) for node in nodes]
+    assert sorted(c for node in nodes for c in node.exit_codes) == [1, 1, 1]
+    figures("F11", jobs=n, completed=rep.completed, poison_claims=js.attempts, restarts=restarts, seed=seed)
+
+
+# -- F12: a sync task stuck in a system call --------------------------------------------------------
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return 0
+
+
+def test_f12_sync_task_stuck_in_recv(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # never accepts, never sends: connect() succeeds, recv() blocks
+    host, port = silent.getsockname()
+    addr = f"{host}:{port}"
+    try:
+        fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+        prod = Producer(app, history)
+        a = fleet.spawn("a", concurrency=1)
+        baseline = _threads(a.pid)
+        peak = [baseline]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.02):
+                peak[0] = max(peak[0], _threads(a.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stuck = "stuck-recv"
+        prod.enqueue(
+            stuck,
+            mode="recv",
+            addr=addr,
+            sleep=8.0,
+            options={"timeout": 1.0, "max_attempts": 2, "retry_backoff": 0},
+        )
+        wait_until(lambda: any(x.job_id == stuck for x in history.attempts()), 10, "stuck job starts")
+        t_start = next(x.t_start for x in history.attempts() if x.job_id == stuck)
+        wait_until(
+            lambda: (r.hget(f"jobq:{{{Q}}}:job:{stuck}", "error") or b"").startswith(b"timeout"),
+            10,
+            "the job is failed with a timeout",
+        )
+        t_failed = time.time()
+        fail_latency = t_failed - t_start
+        # Its only thread is a zombie now: the node must not claim work it cannot start.
+        b = fleet.spawn("b", concurrency=2)
+        ids = prod.enqueue_batch(10, sleep=0.05)
+        wait_until(lambda: all(j in history.completed() for j in ids), 15, "other jobs complete")
+        wait_until(lambda: r.hget(f"jobq:{{{Q}}}:job:{stuck}", "state") == b"dead", 15, "stuck job dead")
+        assert all(x.node == "b" for j in ids for x in history.by_job()[j]), (
+            "node a claimed work it could not run"
+        )
+        stop.set()
+        sampler.join()
+        t0 = time.monotonic()
+        a.term()
+        rc = a.wait(GRACE + 5)
+        took = time.monotonic() - t0
+        assert rc == 0 and took <= GRACE + 1, (rc, took)
+        zombie_lines = [ln for ln in a.log_text().splitlines() if "still running at exit" in ln]
+        b.term()
+        assert b.wait(GRACE + 5) == 0
+    finally:
+        silent.close()
+    snap = Snapshot.take(r)
+    # Attempt 1 failed with a timeout that its stuck thread could not record.
+    rep = check(history, snap, explained={stuck: 1})
+    rep.assert_ok(ctx(seed, history))
+    assert snap.jobs[stuck].attempts == 2 and snap.jobs[stuck].error.startswith("timeout")
+    assert fail_latency <= 1.0 + LEASE / 3 + 0.5, fail_latency
+    assert peak[0] <= baseline + 1, (baseline, peak)
+    figures(
+        "F12",
+        fail_latency_s=round(fail_latency, 2),
+        bound_s=round(1.0 + LEASE / 3, 2),
+        threads_baseline=baseline,
+        threads_peak=peak[0],
+        concurrency=1,
+        zombie_exit_log=zombie_lines[-1] if zombie_lines else "",
+        lost=len(rep.lost),
+        seed=seed,
+    )
+
+
+# -- F13: an async task blocks the event loop for 3 x lease -----------------------------------------
+def test_f13_async_task_blocks_the_loop(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history, task=ARECORD_TASK)
+    a, helper = fleet.start(2, concurrency=10)
+
+    def enqueue() -> list[str]:
+        others = prod.enqueue_batch(8, sleep=1.0)
+        prod.enqueue("blocker", mode="block", sleep=3 * LEASE, options={"timeout": 2.0, "max_attempts": 1})
+        return [*others, "blocker"]
+
+    ids = claim_all_on(a, [helper], r, enqueue, 9)
+    wait_drained(r, [Q], timeout=30)
+    snap = Snapshot.take(r)
+    rep = check(history, snap)
+    rep.assert_ok(ctx(seed, history))
+    reaps = sum(snap.jobs[j].reaped for j in ids)
+    assert reaps == 0, {j: snap.jobs[j].reaped for j in ids}
+    assert not rep.duplicates
+    assert all(x.node == a.name for j in ids for x in history.by_job()[j])
+    # The blocker overran its 2 s timeout while it held the loop; at its first await the
+    # timeout fires: failed (max_attempts=1: dead) with a timeout error, never reaped.
+    blocker = snap.jobs["blocker"]
+    assert blocker.state == "dead" and (blocker.error or "").startswith("timeout"), blocker
+    assert not fleet.crashes()
+    figures(
+        "F13",
+        reaps_of_other_jobs=reaps,
+        duplicates=len(rep.duplicates),
+        blocker_state=blocker.state,
+        blocker_error=blocker.error,
+        seed=seed,
+    )

@@ -19,7 +19,9 @@ How to use it, after the faults and once the queue is drained (:func:`wait_drain
   by a planned failure of an earlier attempt (an ``error``/``timeout`` end) or by a reap (the
   job hash's ``reaped`` counter, which the reap script increments each time it takes a job back
   from a node whose lease expired); with ``allow_release=True`` also by a release (a graceful
-  shutdown gave it back unfinished). Anything else is an **unexplained duplicate**: a violation.
+  shutdown gave it back unfinished); ``explained={job_id: n}`` adds re-runs the test knows are
+  planned but the task could not record (a sync task timed out while stuck in a system call has
+  no end record). Anything else is an **unexplained duplicate**: a violation.
 - **stale**: ``non_winner_ok`` = successful runs whose result is not the stored one (their ack
   must have been refused or never sent), ``cancelled`` = async runs cancelled after losing the
   lease; with ``stale_reported`` the test compares these with what the nodes counted. A stored
@@ -162,6 +164,7 @@ def check(
     *,
     stale_reported: int | None = None,
     allow_release: bool = False,
+    explained: dict[str, int] | None = None,
 ) -> Report:
     """Compare what was enqueued, what ran (history) and where each job ended (snapshot)."""
     rep = Report(stale_reported=stale_reported)
@@ -219,8 +222,8 @@ def check(
         rep.duplicates[jid] = len(runs)
         failed = sum(1 for a in runs[:-1] if a.outcome in FAILED_OUTCOMES)
         unfinished = sum(1 for a in runs[:-1] if a.outcome is None or a.outcome == "cancelled")
-        explained = failed + reaped + (unfinished if allow_release else 0)
-        if len(runs) - 1 > explained:
+        allowed = failed + reaped + (unfinished if allow_release else 0) + (explained or {}).get(jid, 0)
+        if len(runs) - 1 > allowed:
             if js is None:
                 why = "job hash gone (take the snapshot before retention ends)"
             else:

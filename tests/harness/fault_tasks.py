@@ -6,12 +6,16 @@ rest by keyword:
 
 - ``queue``: the job's queue (to read its attempt counter); the producer fills it in;
 - ``sleep``: seconds to run (sync: ``time.sleep``; async: ``asyncio.sleep``);
+- ``slow`` / ``slow_node``: run ``slow`` seconds instead when on node ``slow_node`` (a job that
+  must outlast a shutdown on one node and be quick on the others);
 - ``mode``:
   - ``"ok"`` (default): run ``sleep`` seconds, return ``{"node", "pid", "attempt"}``;
   - ``"fail_first"``: raise ``RuntimeError`` while the attempt is <= ``fail_until``;
   - ``"exit"``: the poison pill, ``os._exit(1)`` on every attempt (after its start record);
-  - ``"recv"``: block in ``socket.recv`` on ``addr`` (``"host:port"`` of a silent server);
-  - ``"block"`` (async only): ``time.sleep(sleep)`` on the event loop, blocking it.
+  - ``"recv"``: block in ``socket.recv`` on ``addr`` (``"host:port"`` of a silent server) for
+    ``sleep`` seconds (default 60);
+  - ``"block"`` (async only): ``time.sleep(sleep)`` on the event loop, blocking it, then
+    ``await asyncio.sleep(0.2)``.
 
 The app reads ``JOBQ_REDIS_URL`` like the worker, and ``JOBQ_FAULT_RESULT_TTL`` (seconds) for
 result retention. ``JOBQ_HISTORY_REDIS_URL`` (default: ``JOBQ_REDIS_URL``) is where the task reads
@@ -113,8 +117,12 @@ def record(
     mode: str = "ok",
     fail_until: int = 0,
     addr: str = "",
+    slow: float = 0.0,
+    slow_node: str = "",
 ) -> dict[str, Any]:
     run, attempt = _start(job_id, queue)
+    if slow_node == _NODE:
+        sleep = slow
     outcome = "error"
     try:
         if mode == "exit":
@@ -122,7 +130,7 @@ def record(
         if mode == "fail_first" and attempt <= fail_until:
             raise RuntimeError(f"planned failure of attempt {attempt}")
         if mode == "recv":
-            _blocking_recv(addr, 60.0)
+            _blocking_recv(addr, sleep or 60.0)
         elif sleep:
             time.sleep(sleep)
         outcome = "ok"
@@ -143,8 +151,12 @@ async def arecord(
     sleep: float = 0.0,
     mode: str = "ok",
     fail_until: int = 0,
+    slow: float = 0.0,
+    slow_node: str = "",
 ) -> dict[str, Any]:
     run, attempt = _start(job_id, queue)
+    if slow_node == _NODE:
+        sleep = slow
     outcome = "error"
     try:
         if mode == "exit":
@@ -152,7 +164,8 @@ async def arecord(
         if mode == "fail_first" and attempt <= fail_until:
             raise RuntimeError(f"planned failure of attempt {attempt}")
         if mode == "block":
-            time.sleep(sleep)  # blocks the event loop on purpose (F13)
+            time.sleep(sleep)  # blocks the event loop on purpose (F13) ...
+            await asyncio.sleep(0.2)  # ... then awaits: the first point its timeout can act
         elif sleep:
             await asyncio.sleep(sleep)
         outcome = "ok"
