@@ -24,9 +24,31 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError(f"msgpack ext type {code} is not allowed in jobq payloads")
 
 
+#: The encodings of msgpack's timestamp extension (type -1): fixext 4, fixext 8 and ext 8 with
+#: 12 bytes. msgpack decodes it into a ``msgpack.Timestamp`` without calling ``ext_hook``.
+_TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def _find_timestamp(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, msgpack.Timestamp):
+            return True
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return False
+
+
 def _unpack(data: bytes) -> Any:
     # The size limit is checked by the callers before unpacking.
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True)
+    value = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True)
+    # Only when the bytes could hold a timestamp extension is the value walked (rare).
+    if any(m in data for m in _TIMESTAMP_MARKERS) and _find_timestamp(value):
+        raise DecodeError("msgpack timestamp extension is not allowed in jobq payloads")
+    return value
 
 
 def _pack(value: Any, field: str) -> bytes:
