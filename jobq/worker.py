@@ -104,12 +104,20 @@ class _Running:
     finishing: bool = False
     #: Its concurrency slot was given back.
     freed: bool = False
+    #: A sync job given up (timeout) whose thread still runs: it keeps its slot until it returns,
+    #: so the node never runs more threads than its concurrency nor claims work it cannot start.
+    zombie: bool = False
 
 
 class _SyncCall:
-    """Runs a plain function in the pool and lets the loop interrupt it on timeout."""
+    """Runs a plain function in the pool and lets the loop interrupt it on timeout.
 
-    __slots__ = ("abandoned", "args", "done", "fn", "kwargs", "thread_id")
+    The interrupt is an asynchronous exception, so it must never land outside the task (in the
+    pool's own code, where it would kill the pool thread): it is only sent while the task runs,
+    under a lock the thread takes to mark the task done, and one that arrives as the task returns
+    is absorbed here."""
+
+    __slots__ = ("abandoned", "args", "done", "fn", "kwargs", "lock", "thread_id")
 
     def __init__(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
         self.fn = fn
@@ -119,26 +127,43 @@ class _SyncCall:
         self.done = False
         #: The loop stopped waiting for it: if it has not started yet, it never will.
         self.abandoned = False
+        self.lock = threading.Lock()
 
     def __call__(self) -> Any:
-        if self.abandoned:
-            self.done = True
-            raise JobTimeout("gave up before the task started")
-        self.thread_id = threading.get_ident()
+        with self.lock:
+            if self.abandoned:
+                self.done = True
+                raise JobTimeout("gave up before the task started")
+            self.thread_id = threading.get_ident()
+        finished = False
+        result: Any = None
         try:
-            return self.fn(*self.args, **self.kwargs)
-        finally:
-            self.done = True
+            try:
+                result = self.fn(*self.args, **self.kwargs)
+                finished = True
+            finally:
+                with self.lock:
+                    self.done = True
+        except JobTimeout:
+            self.done = True  # it may have landed while the thread was marking itself done
+            if not finished:
+                raise
+        return result
 
     def interrupt(self) -> bool:
         """Raise JobTimeout in the thread at its next bytecode. A thread blocked in a system
         call notices only when the call returns (the documented caveat)."""
-        if self.thread_id is None or self.done:
-            return False
-        n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self.thread_id), ctypes.py_object(JobTimeout)
-        )
-        return bool(n == 1)
+        with self.lock:
+            if self.thread_id is None or self.done:
+                return False
+            n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread_id), ctypes.py_object(JobTimeout)
+            )
+            return bool(n == 1)
+
+    def give_up(self) -> None:
+        with self.lock:
+            self.abandoned = True
 
 
 class Worker:
@@ -511,18 +536,25 @@ class Worker:
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
-                if call.thread_id is not None and not call.interrupt():
-                    log.warning("job %s: could not interrupt its thread after timeout", job.id)
+                if call.thread_id is not None and not call.done:
+                    if not call.interrupt():
+                        log.warning("job %s: could not interrupt its thread after timeout", job.id)
+                    run.zombie = True
+                    fut.add_done_callback(lambda _: self._zombie_done(run))
                 raise JobTimeout() from None
         finally:
             # Given up (timeout, lost lease, shutdown): never start it if it is still queued in
             # the pool; if its thread is still running, it is a zombie until it returns.
-            call.abandoned = True
+            call.give_up()
             if call.done:
                 self._sync_calls.discard(call)
 
+    def _zombie_done(self, run: _Running) -> None:
+        run.zombie = False
+        self._slot_done(run)
+
     def _slot_done(self, run: _Running) -> None:
-        if run.task is not None and not run.freed:
+        if run.task is not None and not run.freed and not run.zombie:
             run.freed = True
             self._busy -= 1
             self._poke()

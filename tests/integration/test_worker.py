@@ -221,20 +221,27 @@ def test_sync_and_async_jobs_that_overrun_their_timeout_are_failed_and_retried(
     assert js.info().attempts == 2 and ja.info().attempts == 2
 
 
-def test_a_queued_sync_job_never_starts_after_its_timeout(app: JobQ, r: redis.Redis) -> None:
-    # One thread; a job stuck in a system call holds it past its timeout. The next job's
-    # timeout runs out while it waits for the thread: it must be failed, never started later.
-    @app.task(timeout=0.2, max_attempts=1)
-    def stuck(key: str) -> None:
-        r.incr(key)
-        time.sleep(0.6)  # not interruptible: a zombie until it returns
+def test_a_timed_out_sync_job_keeps_its_slot_until_its_thread_returns(app: JobQ) -> None:
+    # One slot; a job stuck in a system call holds its thread past its timeout. The job is failed
+    # at its timeout, but the node claims nothing more until the thread is free: it never runs
+    # more threads than its concurrency, nor claims work it could not start.
+    spans: list[tuple[float, float]] = []
 
-    stuck.enqueue("started")
-    stuck.enqueue("started")
+    @app.task(timeout=0.2, max_attempts=1)
+    def stuck() -> None:
+        t0 = time.monotonic()
+        try:
+            time.sleep(0.6)  # not interruptible: a zombie until it returns...
+        finally:  # ...where the JobTimeout sent at its timeout is raised
+            spans.append((t0, time.monotonic()))
+
+    first, second = stuck.enqueue(), stuck.enqueue()
     w = burst(app, concurrency=1)
-    time.sleep(0.8)  # let the zombie finish
-    assert int(r.get("started") or 0) == 1
-    assert w.stats["failed"] == 2
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]  # never both at once
+    for job in (first, second):
+        info = job.info()
+        assert info.state is JobState.DEAD and "timeout" in (info.error or "")
+    assert w.stats["failed"] == 2 and w.zombie_threads() == 0
 
 
 # -- queues -----------------------------------------------------------------------------------
