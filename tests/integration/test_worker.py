@@ -425,3 +425,26 @@ def test_jobs_are_picked_up_when_pubsub_is_down(app: JobQ, r: redis.Redis, bg: l
     wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub reconnect")
     b.stop()
     b.join()
+
+
+def test_an_idle_node_starts_a_delayed_job_when_it_comes_due(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    started: list[int] = []
+
+    @app.task
+    def later() -> None:
+        sec, usec = r.time()
+        started.append(int(sec) * 1000 + int(usec) // 1000)
+
+    # A long poll interval: only the next-due time the claim reports can wake it in time.
+    b = Background(app, poll_interval=30)
+    bg.append(b)
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+    job = later.enqueue(_delay=0.5)
+    run_at = job.info().run_at_ms
+    assert run_at is not None
+    wait_for(lambda: job.status() is JobState.DONE, 5, "the delayed job")
+    assert run_at <= started[0] <= run_at + 250  # never early; late by a claim at most
+    b.stop()
+    b.join()
