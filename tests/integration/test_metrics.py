@@ -96,16 +96,31 @@ def test_worker_counters_histograms_and_queue_gauges(metrics_app: JobQ, r: redis
     r.hset(app.keys.job("paused-q", old.id), "ready_ms", secs * 1000 + micros // 1000 - 100_000)
     assert r.zrange(app.keys.ready("paused-q"), 0, 0)[0].decode() != old.id
 
-    # When: a burst worker drains what is runnable.
+    # When: a running node works through what is runnable, and is scraped over HTTP.
     w = Worker(
-        app, WorkerConfig(queues=[("mq", 1)], burst=True, concurrency=4, node_id="n-metrics"), metrics=m
+        app,
+        WorkerConfig(queues=[("mq", 1)], concurrency=4, node_id="n-metrics", poll_interval=0.1),
+        metrics=m,
     )
-    asyncio.run(w.run())
+    thread = threading.Thread(target=lambda: asyncio.run(w.run()), daemon=True)
+    thread.start()
     server = serve(m, "127.0.0.1", 0, w.health)
     try:
+
+        def done(s: Samples) -> bool:
+            return (
+                val(s, "jobq_jobs_completed_total", queue="mq", task="ok") == 3
+                and val(s, "jobq_jobs_dead_lettered_total", queue="mq", task="flaky") == 1
+                and val(s, "jobq_jobs_dead_lettered_total", queue="mq", task="fatal") == 1
+            )
+
+        wait_for(lambda: done(scrape(server.port)[1]))
         text, s = scrape(server.port)
     finally:
+        w.stop()
+        thread.join(30)
         server.close()
+    assert not thread.is_alive()
 
     # Then: counters match the work done.
     assert val(s, "jobq_jobs_enqueued_total", queue="mq", task="ok") == 5
