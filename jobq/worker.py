@@ -214,6 +214,7 @@ class Worker:
         self._stop_event: asyncio.Event | None = None
         self._hard_stop: asyncio.Event | None = None
         self._reap_not_before = 0.0
+        self._promoted_at = 0.0
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
         self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0}
@@ -441,11 +442,13 @@ class Worker:
     async def _claim(self, free: int) -> int:
         assert self.runner is not None
         got = 0
+        visited = 0
         next_due: int | None = None
         for q in self.app.rotate_shards(self._queue_order()):
             want = free - got
             if want <= 0:
                 break
+            visited += 1
             res = await self.runner.run(
                 self.app.store.claim(q, self.node, want, self.lease_ms, now_ms=self.app.now_ms())
             )
@@ -462,6 +465,8 @@ class Worker:
             for job in res.jobs:
                 self._start(job)
             got += len(res.jobs)
+        if visited == len(self.queues):
+            self._promoted_at = time.monotonic()  # claim promoted every queue's due jobs
         self._next_due_ms = next_due
         return got
 
@@ -799,7 +804,10 @@ class Worker:
             try:
                 if now >= next_schedule:
                     next_schedule = now + self.config.schedule_interval
-                    await scheduler.run_once()
+                    # An idle node's claims promote due jobs already: skip the extra round trips
+                    # unless cron needs the pass (or the node is too busy to claim).
+                    if self.app.cron_entries or now - self._promoted_at > self.config.schedule_interval:
+                        await scheduler.run_once()
                 if now >= next_reap:
                     next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)
                     if now >= self._reap_not_before:
