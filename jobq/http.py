@@ -192,6 +192,12 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------------------
     def _send(self, status: int, body: bytes, ctype: str = "application/json", **headers: str) -> None:
+        if not getattr(self, "_body_read", False) and self.headers.get("Content-Length", "0").strip() not in (
+            "",
+            "0",
+        ):
+            # A request body we did not read would be parsed as the next request: close instead.
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -232,6 +238,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HttpError(413, f"body: {length} bytes is over the {self.api.max_body}-byte limit", "body")
         raw = self.rfile.read(length)
+        self._body_read = True
         if len(raw) < length:
             self.close_connection = True
             raise HttpError(400, "body: shorter than its Content-Length", "body")
@@ -242,6 +249,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         started = time.monotonic()
+        self._body_read = False
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}

@@ -209,6 +209,30 @@ def test_oversized_body_is_refused_before_it_is_read(api: tuple[JobQ, Client], r
     assert r.dbsize() == 0
 
 
+def test_unread_body_closes_the_connection(redis_url: str) -> None:
+    app = JobQ(redis_url)
+    server = ApiServer(app, "127.0.0.1", 0, token="t0ken").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            body = b'{"task": "t"}'
+            # A refused POST (no token) followed by a second request on the same connection: the
+            # unread body must not be taken for the next request.
+            s.sendall(
+                b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+                + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 401")
+        assert data.count(b"HTTP/1.1 ") == 1 and b"connection: close" in data.lower()
+    finally:
+        server.close()
+        app.close()
+
+
 def test_queue_full_is_503_with_retry_after_and_nothing_stored(
     api: tuple[JobQ, Client], r: redis.Redis
 ) -> None:
