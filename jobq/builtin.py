@@ -184,7 +184,9 @@ def smtp_settings() -> dict[str, Any]:
     ``JOBQ_SMTP_HOST`` (default localhost), ``JOBQ_SMTP_PORT`` (default 25, 587 with starttls,
     465 with ssl), ``JOBQ_SMTP_TLS`` (``none``, ``starttls`` or ``ssl``; ``true``/``false`` mean
     starttls/none), ``JOBQ_SMTP_USER`` and ``JOBQ_SMTP_PASSWORD`` (login only when a user is set),
-    ``JOBQ_SMTP_FROM`` (default sender), ``JOBQ_SMTP_TIMEOUT`` (seconds, default 30)."""
+    ``JOBQ_SMTP_FROM`` (default sender), ``JOBQ_SMTP_TIMEOUT`` (seconds, default 30),
+    ``JOBQ_SMTP_CA_FILE`` (a CA bundle to verify the server's certificate with, for a private CA;
+    certificates are always verified)."""
     tls = _env("JOBQ_SMTP_TLS", "none").lower()
     tls = {
         "true": "starttls",
@@ -210,6 +212,7 @@ def smtp_settings() -> dict[str, Any]:
         "password": os.environ.get("JOBQ_SMTP_PASSWORD", ""),
         "sender": _env("JOBQ_SMTP_FROM"),
         "timeout": timeout,
+        "ca_file": _env("JOBQ_SMTP_CA_FILE") or None,
     }
 
 
@@ -271,14 +274,17 @@ def send_email(
         smtp: smtplib.SMTP
         if cfg["tls"] == "ssl":
             smtp = smtplib.SMTP_SSL(
-                cfg["host"], cfg["port"], timeout=cfg["timeout"], context=ssl.create_default_context()
+                cfg["host"],
+                cfg["port"],
+                timeout=cfg["timeout"],
+                context=ssl.create_default_context(cafile=cfg["ca_file"]),
             )
         else:
             smtp = smtplib.SMTP(cfg["host"], cfg["port"], timeout=cfg["timeout"])
         with smtp:
             smtp.ehlo()
             if cfg["tls"] == "starttls":
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=ssl.create_default_context(cafile=cfg["ca_file"]))
                 smtp.ehlo()
             if cfg["user"]:
                 smtp.login(cfg["user"], cfg["password"])

@@ -7,11 +7,15 @@ import asyncio
 import base64
 import json
 import logging
+import shutil
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,9 +166,13 @@ class SmtpSink(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, user: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, user: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.messages: list[dict[str, Any]] = []
         self.user, self.password = user, password
+        self.tls = tls
+        self.tls_sessions = 0
         self.reject: dict[str, str] = {}
         super().__init__(("127.0.0.1", 0), _SmtpHandler)
         self.port = self.server_address[1]
@@ -186,6 +194,56 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
         self.wfile.write(line.encode() + b"\r\n")
 
     def handle(self) -> None:
+        try:
+            self.session()
+        finally:
+            if isinstance(self.request, ssl.SSLSocket):  # socketserver closes only the plain one
+                self.rfile.close()
+                self.wfile.close()
+                self.request.close()
+
+    def ehlo(self) -> None:
+        self.reply("250-sink")
+        if self.server.tls is not None and not isinstance(self.request, ssl.SSLSocket):
+            self.reply("250-STARTTLS")
+        if self.server.user is not None:
+            self.reply("250-AUTH PLAIN")
+        self.reply("250 SIZE 1000000")
+
+    def auth(self, line: str) -> bool:
+        parts = line.split(" ")
+        token = parts[2] if len(parts) > 2 else ""
+        if not token:
+            self.reply("334 ")
+            token = self.rfile.readline().decode().strip()
+        _, user, pw = base64.b64decode(token).decode().split("\0")
+        ok = (user, pw) == (self.server.user, self.server.password)
+        self.reply("235 ok" if ok else "535 5.7.8 authentication failed")
+        return ok
+
+    def starttls(self) -> bool:
+        assert self.server.tls is not None
+        self.reply("220 go ahead")
+        try:
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return False  # the client refused our certificate
+        self.server.tls_sessions += 1
+        self.rfile = self.request.makefile("rb")
+        self.wfile = self.request.makefile("wb", buffering=0)
+        return True
+
+    def data(self) -> bytes:
+        self.reply("354 end with .")
+        lines = []
+        while True:
+            chunk = self.rfile.readline()
+            if chunk in (b".\r\n", b""):
+                break
+            lines.append(chunk[1:] if chunk.startswith(b"..") else chunk)
+        return b"".join(lines)
+
+    def session(self) -> None:
         authed = self.server.user is None
         sender, rcpts = "", []
         self.reply("220 sink ESMTP")
@@ -196,21 +254,14 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
             line = raw.decode().rstrip("\r\n")
             verb = line.split(" ", 1)[0].upper()
             if verb == "EHLO":
-                self.reply("250-sink")
-                if self.server.user is not None:
-                    self.reply("250-AUTH PLAIN")
-                self.reply("250 SIZE 1000000")
+                self.ehlo()
+            elif verb == "STARTTLS" and self.server.tls is not None:
+                if not self.starttls():
+                    return
             elif verb == "HELO":
                 self.reply("250 sink")
             elif verb == "AUTH":
-                parts = line.split(" ")
-                token = parts[2] if len(parts) > 2 else ""
-                if not token:
-                    self.reply("334 ")
-                    token = self.rfile.readline().decode().strip()
-                _, user, pw = base64.b64decode(token).decode().split("\0")
-                authed = (user, pw) == (self.server.user, self.server.password)
-                self.reply("235 ok" if authed else "535 5.7.8 authentication failed")
+                authed = self.auth(line)
             elif verb == "MAIL":
                 if not authed:
                     self.reply("530 5.7.0 authentication required")
@@ -225,14 +276,8 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
                     rcpts.append(addr)
                     self.reply("250 ok")
             elif verb == "DATA":
-                self.reply("354 end with .")
-                data = []
-                while True:
-                    chunk = self.rfile.readline()
-                    if chunk in (b".\r\n", b""):
-                        break
-                    data.append(chunk[1:] if chunk.startswith(b"..") else chunk)
-                self.server.messages.append({"from": sender, "to": rcpts, "data": b"".join(data).decode()})
+                data = self.data()
+                self.server.messages.append({"from": sender, "to": rcpts, "data": data.decode()})
                 self.reply("250 queued")
             elif verb in ("RSET", "NOOP"):
                 self.reply("250 ok")
@@ -296,6 +341,54 @@ def test_email_server_down_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOBQ_SMTP_FROM", "jobq@example.com")
     with pytest.raises(EmailError):
         send_email("a@example.com", "s", "b")
+
+
+@pytest.fixture
+def tls_smtp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[SmtpSink, Path]]:
+    """A STARTTLS sink with a self-signed certificate for 127.0.0.1 (made with openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    sink = SmtpSink(user="mailer", password=SMTP_PASSWORD, tls=ctx)
+    for name, value in {
+        "JOBQ_SMTP_HOST": "127.0.0.1",
+        "JOBQ_SMTP_PORT": str(sink.port),
+        "JOBQ_SMTP_USER": "mailer",
+        "JOBQ_SMTP_PASSWORD": SMTP_PASSWORD,
+        "JOBQ_SMTP_TLS": "starttls",
+        "JOBQ_SMTP_FROM": "jobq@example.com",
+        "JOBQ_SMTP_TIMEOUT": "5",
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield sink, cert
+    sink.close()
+
+
+def test_email_over_starttls_verifies_the_certificate(
+    tls_smtp: tuple[SmtpSink, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink, cert = tls_smtp
+    # Not trusted (no CA given): refused before any credential is sent, and retried.
+    with pytest.raises(EmailError, match="CERTIFICATE_VERIFY_FAILED"):
+        send_email("a@example.com", "s", "b")
+    assert sink.messages == []
+    monkeypatch.setenv("JOBQ_SMTP_CA_FILE", str(cert))
+    send_email("a@example.com", "over tls", "b")
+    assert sink.tls_sessions == 1
+    (msg,) = sink.messages
+    assert "Subject: over tls" in msg["data"]
 
 
 @pytest.mark.parametrize(
