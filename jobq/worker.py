@@ -911,8 +911,13 @@ class Worker:
                 log.error("queue %s: release failed (%s); the reaper will recover the jobs", q, exc)
         if released:
             log.warning("released %d unfinished job(s) back to ready", released)
-        for t in self._bg:
-            t.cancel()
+        # redis-py's asyncio client can swallow a cancel that lands inside a command (the task
+        # then loops on): cancel again until every background task has ended.
+        pending = set(self._bg)
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*self._bg, return_exceptions=True)
         if self.heartbeat is not None:
             self.heartbeat.stop()
