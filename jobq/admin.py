@@ -92,7 +92,10 @@ def server_now_ms(app: JobQ) -> int:
     fake = app.now_ms()
     if fake is not None:
         return fake
-    secs, micros = app.client.time()
+    reply = app.client.time()
+    if isinstance(reply, dict):  # a cluster client may answer per node
+        reply = next(iter(reply.values()))
+    secs, micros = reply
     return int(secs) * 1000 + int(micros) // 1000
 
 

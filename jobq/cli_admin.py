@@ -152,8 +152,13 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
         try:
             data = json.loads(line)
             if isinstance(data, dict):
-                # Command-line options are defaults for the lines that do not set them.
-                data = {**{k: v for k, v in options.items() if v is not None}, **data}
+                # Command-line options are defaults for the lines that do not set them (a line
+                # that sets its own run time replaces both --delay and --at).
+                defaults = {k: v for k, v in options.items() if v is not None}
+                if any(data.get(k) is not None for k in ("delay", "run_at", "scheduled_at")):
+                    defaults.pop("delay", None)
+                    defaults.pop("run_at", None)
+                data = {**defaults, **data}
             req = admin.request_from_json(data)
             app.prepare(req)  # full validation, no I/O
         except (ValueError, errors.InvalidInput) as exc:

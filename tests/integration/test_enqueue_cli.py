@@ -146,6 +146,19 @@ def test_bulk_from_stdin_with_cli_defaults(redis_url: str, app: JobQ, r: redis.R
     assert r.zcard(app.keys.ready("bulkq")) == 3
 
 
+def test_a_line_schedule_replaces_the_cli_default(redis_url: str, app: JobQ, r: redis.Redis) -> None:
+    stdin = (
+        json.dumps({"task": "t", "scheduled_at": "2040-01-01T00:00:00Z"}) + "\n" + json.dumps({"task": "t"})
+    )
+    code, out, err = run(redis_url, "enqueue", "--from-file", "-", "--delay", "1h", "--json", input=stdin)
+    assert code == 0, err
+    first, second = (json.loads(line)["id"] for line in out.splitlines())
+    assert app.job(first, "default").info().run_at_ms == 2208988800000
+    info = app.job(second, "default").info()
+    assert info.run_at_ms is not None and info.enqueued_ms is not None
+    assert 3_599_000 <= info.run_at_ms - info.enqueued_ms <= 3_601_000
+
+
 def test_bulk_with_bad_lines_writes_nothing_and_names_the_lines(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
