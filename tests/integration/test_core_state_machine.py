@@ -340,7 +340,7 @@ def test_queue_state_machine(redis_server: RedisServer) -> None:
     run_state_machine_as_test(
         QueueMachine,
         settings=settings(
-            max_examples=150,
+            max_examples=300,
             stateful_step_count=50,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
