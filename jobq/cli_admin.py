@@ -222,7 +222,7 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
 @click.option(
     "--skip-invalid", is_flag=True, help="With --from-file: enqueue the valid lines, skip the rest."
 )
-@_json_option
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "queue"} JSON lines instead of bare ids.')
 def enqueue(
     settings: Settings,
     task: str | None,
