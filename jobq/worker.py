@@ -414,7 +414,9 @@ class Worker:
                 # Let completions of this loop turn land, so the next claim takes them together.
                 await asyncio.sleep(0)
                 continue
-            if cfg.burst and self._busy == 0 and self._nothing_due():
+            # Burst: done when nothing runs, no ack or fail is still on its way (a Retry(0) puts
+            # its job straight back to ready), and nothing is due.
+            if cfg.burst and self._busy == 0 and not self.running and self._nothing_due():
                 return
             await self._wait(self._idle_timeout())
 

@@ -270,6 +270,16 @@ def test_processes_option_runs_and_supervises_n_nodes(fleet: Fleet, qapp: JobQ, 
     # Long-running: SIGTERM to the supervisor reaches every node; all exit 0.
     sup = fleet.start("sup", "--processes", "2", "--node-id", "s")
     wait_until(lambda: {"s-0", "s-1"} <= node_ids(r, qapp), 20, "2 nodes registered", fleet)
+
+    # A node that dies is restarted (same slot, new process).
+    def pid_of(node: str) -> int:
+        return int(r.hget(qapp.keys.node(node), "pid") or 0)
+
+    old_pid = pid_of("s-1")
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: pid_of("s-1") not in (0, old_pid), 20, "node s-1 restarted", fleet)
+    assert "restarting it" in fleet.log("sup")
+
     fleet.signal("sup", signal.SIGTERM)
     assert fleet.wait_exit("sup", 10) == 0, fleet.log("sup")
     assert not ({"s-0", "s-1"} & node_ids(r, qapp))  # both deregistered on their way out

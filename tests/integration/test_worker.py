@@ -161,6 +161,21 @@ def test_retry_and_fail_from_a_task(app: JobQ) -> None:
     assert "card declined" in (i2.error or "")
 
 
+def test_burst_waits_for_an_immediate_retry(app: JobQ) -> None:
+    tries: list[int] = []
+
+    @app.task(max_attempts=3)
+    async def twice() -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            raise jobq.Retry(delay=0)
+        return "second time"
+
+    job = twice.enqueue()
+    burst(app)
+    assert job.result(timeout=0) == "second time" and job.info().attempts == 2
+
+
 def test_unknown_task_fails_clearly_and_follows_the_retry_policy(app: JobQ) -> None:
     retried = app.enqueue("billing.nosuch", (1,), max_attempts=2, retry_backoff=60)
     dead = app.enqueue("billing.nosuch", (2,), max_attempts=1)
