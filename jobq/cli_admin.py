@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from jobq import admin, builtin, connection, errors
+from jobq import admin, builtin, connection, errors, strict_json
 from jobq.app import EnqueueRequest, JobInfo, JobQ
 from jobq.cli import Settings, connection_options
 
@@ -107,7 +107,7 @@ def _age(seconds: float) -> str:
 # -- enqueue --------------------------------------------------------------------------------------------
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        return strict_json.loads(text)
     except ValueError as exc:
         raise click.UsageError(f"{what}: not valid JSON: {exc}") from None
 
@@ -150,7 +150,7 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
     bad: list[str] = []
     for lineno, line in _read_lines(source):
         try:
-            data = json.loads(line)
+            data = strict_json.loads(line)
             if isinstance(data, dict):
                 # Command-line options are defaults for the lines that do not set them (a line
                 # that sets its own run time replaces both --delay and --at).

@@ -39,7 +39,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from jobq import admin, connection, errors
+from jobq import admin, connection, errors, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
 
@@ -243,7 +243,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HttpError(400, "body: shorter than its Content-Length", "body")
         try:
-            return json.loads(raw)
+            return strict_json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
             raise HttpError(400, f"body: not valid JSON: {exc}", "body") from None
 

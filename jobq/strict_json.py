@@ -1,0 +1,20 @@
+"""Strict JSON input for the CLI, NDJSON and HTTP edges.
+
+Python's ``json.loads`` accepts ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON
+(RFC 8259) and would reach a task as a float it never expected. Every place jobq reads JSON from
+a user goes through :func:`loads`, which refuses them with a ``ValueError`` naming the token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _refuse(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON (no NaN or Infinity)")
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` without the NaN/Infinity extension."""
+    return json.loads(text, parse_constant=_refuse)
