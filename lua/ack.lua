@@ -44,6 +44,8 @@ end
 local codes = {}
 local n_finished = 0
 local expire_at = now + retention
+-- Lease removals and finished-index entries are written with one command each, after the loop.
+local unlease, finished_add = {}, {}
 for i = 1, n do
   local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local jkey = qprefix .. 'job:' .. id
@@ -59,7 +61,7 @@ for i = 1, n do
       codes[i] = -2
     end
   else
-    rcall('ZREM', leases_key, id)
+    unlease[#unlease + 1] = id
     local ok, unique = pcall(rcall, 'HGET', jkey, 'unique')
     if ok then release_unique(qprefix, id, unique) end
     if retention > 0 and ok then
@@ -70,7 +72,7 @@ for i = 1, n do
         rcall('HSET', jkey, 'state', 'done', 'finished_ms', now)
       end
       rcall('PEXPIRE', jkey, retention)
-      rcall('ZADD', finished_key, expire_at, id)
+      finished_add[#finished_add + 1] = expire_at; finished_add[#finished_add + 1] = id
       n_finished = n_finished + 1
     else
       rcall('DEL', jkey)
@@ -79,7 +81,9 @@ for i = 1, n do
   end
 end
 
+if #unlease > 0 then rcall('ZREM', leases_key, unpack(unlease)) end
 if n_finished > 0 then
+  rcall('ZADD', finished_key, unpack(finished_add))
   -- The index lives as long as its newest entry; drop entries whose hash has expired (bounded).
   if rcall('PTTL', finished_key) < retention then rcall('PEXPIRE', finished_key, retention) end
   local gone = rcall('ZRANGEBYSCORE', finished_key, '-inf', now, 'LIMIT', 0, n + 10)

@@ -62,6 +62,8 @@ end
 promote_due(qprefix, sched_key, ready_key, seq_key, now, promote_limit)
 
 local claimed, dead = {}, {}
+-- The active-list pushes and the leases are written with one command each, after the loop.
+local push, lease_add = {}, {}
 if max_jobs > 0 then
   local popped = rcall('ZPOPMIN', ready_key, max_jobs)
   for i = 1, #popped, 2 do
@@ -83,14 +85,19 @@ if max_jobs > 0 then
     else
       local attempts = rcall('HINCRBY', jkey, 'attempts', 1)
       rcall('HSET', jkey, 'state', 'active', 'node', node, 'started_ms', now)
-      rcall('RPUSH', active_key, id)
-      rcall('ZADD', leases_key, now + lease, id)
+      push[#push + 1] = id
+      lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed
       claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2] or ''
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
       claimed[c + 7] = f[6] or now
     end
   end
+end
+
+if #push > 0 then
+  rcall('RPUSH', active_key, unpack(push))
+  rcall('ZADD', leases_key, unpack(lease_add))
 end
 
 local out = {now, next_due(sched_key), #claimed / 7, #dead / 2}

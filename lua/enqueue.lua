@@ -130,6 +130,8 @@ end
 local ids = {}
 local n_ready, n_sched = 0, 0
 local seq = nil
+-- Members for one ZADD per set at the end (score, id, score, id, ...).
+local ready_add, sched_add = {}, {}
 for i = 1, n do
   local j = jobs[i]
   local jkey = qprefix .. 'job:' .. j.id
@@ -159,7 +161,7 @@ for i = 1, n do
     if j.run_at > now then
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'scheduled'
       rcall('HSET', jkey, unpack(fields))
-      rcall('ZADD', sched_key, fmt_int(j.run_at), j.id)
+      sched_add[#sched_add + 1] = fmt_int(j.run_at); sched_add[#sched_add + 1] = j.id
       n_sched = n_sched + 1
     else
       -- One INCRBY reserves sequence numbers for the whole batch, in order (FIFO).
@@ -170,11 +172,13 @@ for i = 1, n do
       fields[#fields + 1] = 'ready_ms'; fields[#fields + 1] = now
       fields[#fields + 1] = 'score'; fields[#fields + 1] = score
       rcall('HSET', jkey, unpack(fields))
-      rcall('ZADD', ready_key, score, j.id)
+      ready_add[#ready_add + 1] = score; ready_add[#ready_add + 1] = j.id
       n_ready = n_ready + 1
     end
   end
 end
+if n_ready > 0 then rcall('ZADD', ready_key, unpack(ready_add)) end
+if n_sched > 0 then rcall('ZADD', sched_key, unpack(sched_add)) end
 
 -- Wake idle workers: "r" = runnable now, "s" = a new scheduled time to wait for.
 if n_ready > 0 then
