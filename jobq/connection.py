@@ -369,14 +369,19 @@ class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
 
 
 # -- client factories ---------------------------------------------------------------------------------
+_RETRIED: tuple[type[redis.exceptions.RedisError], ...] = (redis.exceptions.ConnectionError,)
+
+
 def _common(socket_timeout: float | None, health_check_interval: int) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": 5.0,
         "socket_keepalive": True,
         "health_check_interval": health_check_interval,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        # Retried: connection errors only. A timed-out call is not re-sent: that would block the
+        # caller for several socket timeouts on a partitioned link (F6: never past one + 1 s).
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3, _RETRIED),
+        "retry_on_error": list(_RETRIED),
     }
 
 
@@ -459,7 +464,7 @@ def async_client(
     ``redis.asyncio.cluster.RedisCluster`` for ``redis+cluster://`` URLs."""
     t = parse_url(url)
     opts = _common(socket_timeout, health_check_interval)
-    opts["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3)
+    opts["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3, _RETRIED)
     _timeouts(t, opts)
     opts.update(_auth(t))
     if t.kind == "cluster":

@@ -17,12 +17,12 @@ from jobq.connection import sync_client
 from jobq.scripts import ScriptName, source
 from jobq.store import SyncRunner
 from tests.harness import proxy_fixtures
+from tests.harness.proxy_fixtures import wait_for
 from tests.harness.redis_server import RedisServer
 
 pytestmark = [pytest.mark.fault]
 
 chaos_proxy = proxy_fixtures.chaos_proxy
-seed = proxy_fixtures.seed
 thread_workers = proxy_fixtures.thread_workers
 
 Q = "net"
@@ -169,3 +169,166 @@ class TestLostReplies:
         assert r.llen(app.keys.active(Q, "node-a")) == 0
         assert r.zcard(app.keys.leases(Q)) == 0
         assert r.zcard(app.keys.finished(Q)) == self.N
+
+
+# -- F6 / F6b: partitions ------------------------------------------------------------------------
+LEASE = 2.0
+REAP = 0.5
+
+
+def _partitioned_fleet(worker_fleet, server: RedisServer, proxy, socket_timeout: float = 1.0):  # type: ignore[no-untyped-def]
+    """Node "a" reaches Redis only through ``proxy`` (socket timeout 1 s); its test task reads
+    its attempt counter directly. Returns the fleet and node a."""
+    fleet = worker_fleet(server.url, concurrency=5, lease=LEASE, reap_interval=REAP, poll_interval=0.2)
+    a = fleet.spawn(
+        "a",
+        env={
+            "JOBQ_REDIS_URL": proxy.url(server.url) + f"?socket_timeout={socket_timeout:g}",
+            "JOBQ_HISTORY_REDIS_URL": server.url,
+        },
+    )
+    return fleet, a
+
+
+def _hold_jobs_on(r: redis.Redis, node: str, n: int, timeout: float = 10.0) -> None:
+    wait_for(lambda: r.llen(f"jobq:{{fault}}:active:{node}") >= n, timeout)
+
+
+def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServer, chaos_proxy) -> None:
+    """F6 (a): through a blackholed link, every jobq client call (sync and async, scripts and
+    plain commands) gives up within socket_timeout + 1 s, instead of hanging (redis-py#2243) or
+    retrying its timeout several times over."""
+    import asyncio
+
+    from jobq.connection import async_client
+
+    proxy = chaos_proxy(redis_server)
+    url = proxy.url(redis_server.url) + "?socket_timeout=1"
+    app = JobQ(url)
+    app.enqueue("t", [0], queue=Q)  # connected, scripts loaded
+    sync_runner = app.runner
+    proxy.blackhole()
+    durations = []
+    for call in (
+        lambda: app.enqueue("t", [1], queue=Q),
+        lambda: sync_runner.run(app.store.claim(Q, "n", 1, 2000)),
+        lambda: sync_runner.run_many([app.store.extend(Q, "n", 2000), app.store.extend(Q, "n", 2000)]),
+        lambda: app.client.get("x"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(RedisUnavailable if call is not None else Exception):
+            try:
+                call()
+            except redis.exceptions.RedisError as exc:
+                raise RedisUnavailable(str(exc)) from exc
+        durations.append(time.monotonic() - t0)
+
+    async def async_calls() -> list[float]:
+        from jobq.store import AsyncRunner
+
+        proxy.heal()
+        client = async_client(url)
+        runner = AsyncRunner(client)
+        await runner.run(app.store.extend(Q, "n", 2000))
+        proxy.blackhole()
+        out = []
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(RedisUnavailable):
+                await runner.run(app.store.claim(Q, "n", 1, 2000))
+            out.append(time.monotonic() - t0)
+        proxy.heal()
+        await client.aclose()
+        return out
+
+    durations += asyncio.run(async_calls())
+    print(f"F6a: blocked call durations {[round(d, 2) for d in durations]} (socket_timeout 1 s)")
+    assert max(durations) <= 1.0 + 1.0, durations
+    app.close()
+
+
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(2, 10)))
+def test_f6_partition_self_fence_rerun_heal(
+    redis_server: RedisServer, r: redis.Redis, chaos_proxy, worker_fleet, history, seed: int, trial: int
+) -> None:
+    """Partition node a for 3 x lease while it runs 5 async jobs. It fences itself (cancels
+    them) before its lease can expire; b and c re-run them within lease + reap + 1 s; the two
+    runs of a job never overlap; after the heal a's results are never stored, its lost jobs are
+    counted, and it claims again within 5 s. 0 lost."""
+    from tests.harness.checker import Snapshot, check, wait_drained
+    from tests.harness.history import ARECORD_TASK, Producer
+
+    proxy = chaos_proxy(redis_server)
+    fleet, a = _partitioned_fleet(worker_fleet, redis_server, proxy)
+    app = JobQ(redis_server.url)
+    prod = Producer(app, history, task=ARECORD_TASK)
+    held = prod.enqueue_batch(5, sleep=6.0)  # outlasts the partition's start comfortably
+    _hold_jobs_on(r, "a", 5)
+    fleet.start(2)
+    time.sleep(0.3)
+    t_part = time.time()
+    proxy.blackhole()
+    # While partitioned: new work goes to b and c only.
+    during = prod.enqueue_batch(10, sleep=0.2)
+    time.sleep(3 * LEASE)
+    t_heal = time.time()
+    proxy.heal()
+    after = prod.enqueue_batch(40, sleep=0.3)
+    wait_drained(r, ["fault"], 60)
+    snap = Snapshot.take(r)
+    fleet.shutdown()
+    report = check(history, snap, stale_reported=fleet.stale_count())
+    report.assert_ok(f"seed={seed} history={history.dir}")
+    runs = history.by_job()
+    # (b) a fenced itself: its async runs were cancelled before its lease could expire.
+    for jid in held:
+        on_a = [x for x in runs[jid] if x.node == "a"]
+        again = [x for x in runs[jid] if x.node != "a"]
+        assert len(on_a) == 1 and on_a[0].outcome == "cancelled", runs[jid]
+        assert on_a[0].t_end is not None and on_a[0].t_end - t_part <= LEASE, on_a[0]
+        # (c) others re-ran it within lease + reap + 1 s, never while a still ran it.
+        assert len(again) == 1 and again[0].outcome == "ok", runs[jid]
+        assert again[0].t_start - t_part <= LEASE + REAP + 1.0, again[0].t_start - t_part
+        assert again[0].t_start >= on_a[0].t_end, "re-run overlapped the fenced node's run"
+        assert snap.jobs[jid].node != "a"
+    # a stopped claiming at once.
+    assert not [x for jid in during for x in runs[jid] if x.node == "a"]
+    # (d) its lost jobs are counted (one "stale completion" line each), and it resumed.
+    assert len(a.log_text().split("stale completion")) - 1 >= len(held)
+    resumed = [x.t_start - t_heal for jid in after for x in runs[jid] if x.node == "a"]
+    assert resumed and min(resumed) <= 5.0, f"a resumed {min(resumed or [99]):.2f} s after the heal"
+    # (e) 0 lost (the checker above), and no crash.
+    assert fleet.crashes() == []
+    app.close()
+
+
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(2, 10)))
+def test_f6b_short_partition_no_duplicates_no_reaps(
+    redis_server: RedisServer, r: redis.Redis, chaos_proxy, worker_fleet, history, seed: int, trial: int
+) -> None:
+    """A partition of 0.5 x lease: renewals resume in time, nothing is reaped or run twice."""
+    from tests.harness.checker import Snapshot, check, wait_drained
+    from tests.harness.history import ARECORD_TASK, RECORD_TASK, Producer
+
+    proxy = chaos_proxy(redis_server)
+    fleet, a = _partitioned_fleet(worker_fleet, redis_server, proxy)
+    app = JobQ(redis_server.url)
+    held = Producer(app, history, task=ARECORD_TASK).enqueue_batch(3, sleep=2.5)
+    held += Producer(app, history, task=RECORD_TASK).enqueue_batch(2, sleep=2.5)
+    _hold_jobs_on(r, "a", 5)
+    fleet.start(1)
+    proxy.blackhole()
+    time.sleep(0.5 * LEASE)
+    proxy.heal()
+    Producer(app, history).enqueue_batch(20, sleep=0.05)
+    wait_drained(r, ["fault"], 60)
+    snap = Snapshot.take(r)
+    fleet.shutdown()
+    report = check(history, snap)
+    report.assert_ok(f"seed={seed} history={history.dir}")
+    assert report.duplicates == {}, report.summary()
+    assert report.reaped_jobs == 0 and all(js.reaped == 0 for js in snap.jobs.values())
+    assert all(snap.jobs[j].node == "a" for j in held), "a lost a job to a short partition"
+    assert fleet.stale_count() == 0
+    assert a.log_text().count("fencing") == 0
+    app.close()
