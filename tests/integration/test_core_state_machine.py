@@ -1,5 +1,6 @@
-"""A hypothesis state machine drives enqueue, claim, ack, fail, extend, reap, release and cancel
-against a real redis-server and a Python model of the queue, with three nodes and a fake clock
+"""A hypothesis state machine drives enqueue, claim, ack, fail, extend, reap, release, cancel,
+promote and retry_dead against a real redis-server and a Python model of the queue, with three
+nodes and a fake clock
 (every script gets an explicit now_ms, so leases expire exactly when the model says).
 
 After every step the whole queue is read back from Redis and compared with the model: the ready
@@ -299,6 +300,28 @@ class QueueMachine(RuleBasedStateMachine):
             job.cancel()
             self.free_unique(j)
             j.place, j.state = "finished", "cancelled"
+
+    @rule(limit=st.integers(1, 3))
+    def promote(self, limit: int) -> None:
+        res = self.app.run(self.app.store.promote(QUEUE, limit=limit, now_ms=self.now))
+        due = sorted(
+            (j for j in self.jobs.values() if j.place == "scheduled" and j.run_at <= self.now),
+            key=lambda j: (j.run_at, j.id),
+        )
+        for j in due[:limit]:
+            self.to_ready(j, new_seq=True)
+        assert res.promoted == len(due[:limit])
+
+    @precondition(lambda self: any(j.place == "dead" for j in self.jobs.values()))
+    @rule(idx=st.integers(min_value=0))
+    def retry_dead(self, idx: int) -> None:
+        dead = sorted(j.id for j in self.jobs.values() if j.place == "dead")
+        j = self.jobs[dead[idx % len(dead)]]
+        assert self.app.run(self.app.store.retry_dead(QUEUE, [j.id], now_ms=self.now)) == 1
+        j.attempts = 0
+        self.to_ready(j, new_seq=True)
+        if j.unique is not None and j.unique not in self.uniques:
+            self.uniques[j.unique] = j.id
 
     @rule(ms=st.sampled_from([500, 10_000, LEASE_MS, LEASE_MS + 1]))
     def advance(self, ms: int) -> None:
