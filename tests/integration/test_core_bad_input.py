@@ -5,6 +5,7 @@ before and after (DBSIZE and a DUMP of every key)."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -271,3 +272,20 @@ def test_hypothesis_bad_options_are_refused_and_write_nothing(
         fapp.enqueue("t", [1], **{"queue": Q, fld: value})
     assert fld in str(info.value)
     assert_unchanged(r, before, size)
+
+
+def test_rejections_are_fast(fapp: jobq.JobQ) -> None:
+    """B1: p99 rejection time through the API is at most 5 ms (the 100 MiB payload aside, whose
+    cost is building the 100 MiB argument)."""
+    times: list[float] = []
+    for _ in range(10):
+        for case_id, _fld, _exc, call in CASES:
+            if "100MiB" in case_id:
+                continue
+            t0 = time.perf_counter()
+            with pytest.raises(jobq.InvalidInput):
+                call(fapp)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    p99 = times[int(len(times) * 0.99)]
+    assert p99 <= 0.005, f"p99 {p99 * 1000:.2f} ms"
