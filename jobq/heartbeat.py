@@ -71,6 +71,7 @@ class Heartbeat:
         #: monotonic time of the last beat where every queue renewed.
         self.last_ok = time.monotonic()
         self.fenced = False
+        self._fence_lock = threading.Lock()
         self.failures = 0
         self._unknown_prev: dict[str, set[str]] = {}
         self.epoch: bytes | None = None
@@ -82,6 +83,14 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"jobq-heartbeat-{self.node}")
         self._thread.daemon = True
         self._thread.start()
+        # The fence must not wait for a renewal call stuck on a dead link (it can block for the
+        # whole socket timeout, longer than the lease): a watchdog checks the clock on its own.
+        watch = threading.Thread(target=self._watch, name=f"jobq-fence-{self.node}", daemon=True)
+        watch.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(0.25, self.interval / 4)):
+            self._check_fence()
 
     def stop(self) -> None:
         self._stop.set()
@@ -105,6 +114,8 @@ class Heartbeat:
         calls = [
             self.app.store.extend(q, self.node, self.lease_ms, now_ms=self.app.now_ms()) for q in self.queues
         ]
+        # Redis ran the renewal at some time after this: measuring silence from here is safe.
+        sent = time.monotonic()
         try:
             results = self.runner.run_many(calls)
         except JobqError as exc:
@@ -115,7 +126,7 @@ class Heartbeat:
         if self.failures:
             log.info("lease renewal recovered after %d failure(s)", self.failures)
         self.failures = 0
-        self.last_ok = time.monotonic()
+        self.last_ok = sent
         now_ms = results[0].now_ms if results else 0
         known_after = self._known()
         lost: dict[str, set[str]] = {}
@@ -173,6 +184,10 @@ class Heartbeat:
                 self._on_epoch_change()
 
     def _check_fence(self) -> None:
+        with self._fence_lock:
+            self._check_fence_locked()
+
+    def _check_fence_locked(self) -> None:
         silent = time.monotonic() - self.last_ok
         # Fence before the lease can run out: others may take the jobs once it has.
         margin = min(self.interval, self.lease_ms / 1000 / 6)

@@ -176,14 +176,16 @@ LEASE = 2.0
 REAP = 0.5
 
 
-def _partitioned_fleet(worker_fleet, server: RedisServer, proxy, socket_timeout: float = 1.0):  # type: ignore[no-untyped-def]
-    """Node "a" reaches Redis only through ``proxy`` (socket timeout 1 s); its test task reads
-    its attempt counter directly. Returns the fleet and node a."""
+def _partitioned_fleet(worker_fleet, server: RedisServer, proxy, socket_timeout: float | None = None):  # type: ignore[no-untyped-def]
+    """Node "a" reaches Redis only through ``proxy`` (with the default socket timeout, 10 s, far
+    longer than the lease, unless told); its test task reads its attempt counter directly.
+    Returns the fleet and node a."""
     fleet = worker_fleet(server.url, concurrency=5, lease=LEASE, reap_interval=REAP, poll_interval=0.2)
+    query = "" if socket_timeout is None else f"?socket_timeout={socket_timeout:g}"
     a = fleet.spawn(
         "a",
         env={
-            "JOBQ_REDIS_URL": proxy.url(server.url) + f"?socket_timeout={socket_timeout:g}",
+            "JOBQ_REDIS_URL": proxy.url(server.url) + query,
             "JOBQ_HISTORY_REDIS_URL": server.url,
         },
     )
