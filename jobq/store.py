@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -462,6 +463,17 @@ _BADARG_ERRORS: dict[str, type[errors.InvalidInput]] = {
 }
 
 
+def _script_command(script: str, msg: str) -> str:
+    """The command on the script line a Redis error names (``@user_script:40`` -> ``'TIME'``)."""
+    m = re.search(r"@user_script:(\d+)", msg)
+    try:
+        line = source(ScriptName(script)).splitlines()[int(m.group(1)) - 1] if m else ""
+    except (ValueError, IndexError):
+        line = ""
+    cmd = re.search(r"(?:rcall|redis\.p?call)\(\s*['\"]([A-Za-z]+)['\"]", line)
+    return f"'{cmd.group(1).lower()}'" if cmd else "a command (or key/channel) it needs"
+
+
 def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseException:
     """Turn a redis-py exception into the matching :mod:`jobq.errors` exception."""
     where = f"{script} on queue {queue!r}" if queue else script or "redis call"
@@ -476,6 +488,11 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
         ("NOAUTH", "WRONGPASS", "NOPERM")
     ):
         return errors.RedisAuthError(f"{where}: {msg}")
+    if "user executing the script can't" in msg:
+        return errors.RedisAuthError(
+            f"{where}: NOPERM: the Redis ACL user has no permission to run {_script_command(script, msg)} "
+            "inside the script (grant the commands of the jobq ACL in the README)"
+        )
     if isinstance(exc, redis.exceptions.BusyLoadingError) or msg.startswith("BUSY"):
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
