@@ -232,7 +232,7 @@ def test_sigterm_with_jobs_in_flight_loses_none_runs_none_twice_exits_0(
 
     # Another node finishes the rest: every job ran exactly once.
     fleet.start("drain", "--concurrency", "20", "--burst")
-    assert fleet.wait_exit("drain", 30) == 0
+    assert fleet.wait_exit("drain", 30) == 0, fleet.log("drain")
     assert fleet.counts("F") == collections.Counter(range(30))
     assert fleet.counts("S") == collections.Counter(range(30))
 
