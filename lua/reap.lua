@@ -8,6 +8,7 @@
   2. Nodes whose heartbeat is older than node_ttl_ms: active entries that have no lease at all
      (a repair; claim writes both) go back to ready the same way, and once a dead node's list is
      empty its list and its entry in the queue's node set are removed.
+  3. Dead letters older than dead_ttl_ms are deleted (at most 100 per call).
   An optional once-per-interval guard key saves load when many nodes reap the same queue; it is
   not needed for correctness. Allowed under OOM.
 
@@ -114,6 +115,9 @@ if budget > 0 then
     if budget <= 0 then break end
   end
 end
+
+-- 3. Dead letters past their age bound, even when nothing new dies (bounded).
+trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, 100)
 
 if #requeued > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
 local out = {#requeued, #dead}

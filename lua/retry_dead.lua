@@ -51,6 +51,7 @@ for _, id in ipairs(ids) do
       local score = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
       rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', score)
       rcall('HDEL', jkey, 'finished_ms')
+      rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
       rcall('ZADD', ready_key, score, id)
       -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
       if f[2] then rcall('SET', qprefix .. 'unique:' .. f[2], id, 'NX') end

@@ -95,20 +95,9 @@ local function release_unique(qprefix, id, unique)
   end
 end
 
--- Move a job to the dead-letter list with a reason, release its unique key, and keep the list
--- bounded by count and age (deleting the hashes of the jobs trimmed away; at most 10 by age per
--- call). A job key of a foreign type is left alone; the id is still listed so it is seen.
-local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
-  local jkey = qprefix .. 'job:' .. id
-  local jtype = rcall('TYPE', jkey)['ok']
-  if jtype == 'hash' then
-    release_unique(qprefix, id, rcall('HGET', jkey, 'unique'))
-    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
-    rcall('HDEL', jkey, 'node')
-  elseif jtype == 'none' then
-    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
-  end
-  rcall('ZADD', dead_key, now, id)
+-- Keep a queue's dead-letter list bounded: at most dead_max entries (the oldest go first), and
+-- none older than dead_ttl (at most `age_limit` removed per call). Trimmed jobs are deleted.
+local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, age_limit)
   local excess = rcall('ZCARD', dead_key) - dead_max
   if excess > 0 then
     for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
@@ -116,10 +105,31 @@ local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
       rcall('ZREM', dead_key, old)
     end
   end
-  for _, old in ipairs(rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, 10)) do
+  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, age_limit)
+  for _, old in ipairs(aged) do
     rcall('DEL', qprefix .. 'job:' .. old)
     rcall('ZREM', dead_key, old)
   end
+end
+
+-- Move a job to the dead-letter list with a reason, release its unique key, and trim the list.
+-- The job hash expires after dead_ttl on its own too (retry_dead makes it permanent again), so a
+-- dead job never outlives its age bound even when nothing trims the list. A job key of a foreign
+-- type is left alone; the id is still listed so it is seen.
+local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
+  local jkey = qprefix .. 'job:' .. id
+  local jtype = rcall('TYPE', jkey)['ok']
+  if jtype == 'hash' then
+    release_unique(qprefix, id, rcall('HGET', jkey, 'unique'))
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+    rcall('HDEL', jkey, 'node')
+    rcall('PEXPIRE', jkey, dead_ttl)
+  elseif jtype == 'none' then
+    rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
+    rcall('PEXPIRE', jkey, dead_ttl)
+  end
+  rcall('ZADD', dead_key, now, id)
+  trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, 10)
 end
 
 -- Promote up to `limit` due scheduled jobs (run-at <= now) to ready, each behind the ready jobs

@@ -205,3 +205,24 @@ def test_retention_zero_deletes_at_once_and_dead_letters_are_bounded(redis_url: 
         assert set(r.scan_iter()) == permanent | {app.keys.job(Q, i).encode() for i in dead}
     finally:
         app.close()
+
+
+def test_dead_letters_expire_by_age_even_when_nothing_new_dies(redis_url: str, r: redis.Redis) -> None:
+    clock = jobq.FakeClock(T0)
+    app = jobq.JobQ(redis_url, clock=clock, dead_ttl=60)
+    try:
+        jobs = app.enqueue_many(jobq.EnqueueRequest("t", queue=Q, max_attempts=1) for _ in range(3))
+        res = app.run(app.store.claim(Q, "n1", 3, 60_000, now_ms=app.now_ms()))
+        for j in res.jobs:
+            app.run(app.store.fail(Q, "n1", j.id, "boom", now_ms=app.now_ms()))
+        # A dead job's hash carries the age bound as a TTL (a backstop; I5)...
+        assert all(0 < r.pttl(app.keys.job(Q, j.id)) <= 60_000 for j in jobs)
+        # ... and retrying it makes it permanent again.
+        app.run(app.store.retry_dead(Q, [jobs[0].id], now_ms=app.now_ms()))
+        assert r.pttl(app.keys.job(Q, jobs[0].id)) == -1
+        clock.advance(61)
+        app.run(app.store.reap(Q, node_ttl_ms=60_000, now_ms=app.now_ms()))
+        assert r.zcard(app.keys.dead(Q)) == 0
+        assert [r.exists(app.keys.job(Q, j.id)) for j in jobs] == [1, 0, 0]
+    finally:
+        app.close()
