@@ -142,6 +142,8 @@ for i = 1, n do
     -- The key is held while its job is unfinished; ack, dead-lettering, cancel and purge free it.
     local ukey = qprefix .. 'unique:' .. j.unique
     holder = rcall('GET', ukey)
+    -- A key whose holder's hash is gone (deleted or evicted from outside jobq) is stale: take it.
+    if holder and rcall('EXISTS', qprefix .. 'job:' .. holder) == 0 then holder = nil end
     if not holder then rcall('SET', ukey, j.id) end
   end
   if holder then

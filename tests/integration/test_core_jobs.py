@@ -284,3 +284,13 @@ def test_enqueue_many_validates_everything_first(fapp: jobq.JobQ, r: redis.Redis
         fapp.enqueue_many([{"task": "t", "queue": Q}, {"task": "t", "max_attempts": 0}])
     assert_unchanged(r, before, size)
     assert fapp.enqueue_many([]) == []
+
+
+def test_a_unique_key_whose_holder_vanished_is_taken_over(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    first = fapp.enqueue("t", queue=Q, unique_key="k")
+    # The holder's hash disappears behind jobq's back (deleted by hand, evicted, ...).
+    r.delete(first.key)
+    r.zrem(fapp.keys.ready(Q), first.id)
+    second = fapp.enqueue("t", queue=Q, unique_key="k")
+    assert second.id != first.id
+    assert r.get(fapp.keys.unique(Q, "k")) == second.id.encode()
