@@ -44,6 +44,7 @@ import redis.cluster
 import redis.sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+from redis.utils import check_protocol_version
 
 from jobq import errors
 
@@ -258,35 +259,48 @@ def _where(conn: Any) -> str:
 
 
 def _hello_args(conn: Any) -> tuple[str, str]:
-    return ("HELLO", "3" if str(getattr(conn, "protocol", 2)) == "3" else "2")
+    return ("HELLO", "3" if check_protocol_version(getattr(conn, "protocol", None), 3) else "2")
+
+
+def _old_server(conn: Any, exc: Exception) -> errors.RedisVersionError:
+    need = ".".join(map(str, MIN_REDIS_VERSION))
+    return errors.RedisVersionError(
+        f"{_where(conn)}: the server does not know HELLO ({exc}), so it is older than Redis 6; "
+        f"jobq needs Redis >= {need}"
+    )
 
 
 def _sync_check(conn: Any) -> None:
-    try:
-        conn.send_command(*_hello_args(conn))
-        reply = conn.read_response()
-        version = _hello_version(reply)
-        if version is None or isinstance(reply, Exception):
-            conn.send_command("INFO", "server")
-            info = conn.read_response()
-            version = None if isinstance(info, Exception) else _info_version(info)
-    except redis.exceptions.ResponseError:
-        version = None
+    # redis-py's own RESP3 handshake already holds the HELLO reply; else ask (HELLO needs no
+    # ACL permission), and fall back to INFO for servers without HELLO.
+    version = _hello_version(getattr(conn, "handshake_metadata", None))
+    if version is None:
+        try:
+            conn.send_command(*_hello_args(conn))
+            version = _hello_version(conn.read_response())
+        except redis.exceptions.ResponseError:
+            try:
+                conn.send_command("INFO", "server")
+                version = _info_version(conn.read_response())
+            except redis.exceptions.ResponseError:
+                version = None
     if version is None or parse_version(version) < MIN_REDIS_VERSION:
         conn.disconnect()
         check_version(version, _where(conn))
 
 
 async def _async_check(conn: Any) -> None:
-    try:
-        await conn.send_command(*_hello_args(conn))
-        reply = await conn.read_response()
-        version = _hello_version(reply)
-        if version is None:
-            await conn.send_command("INFO", "server")
-            version = _info_version(await conn.read_response())
-    except redis.exceptions.ResponseError:
-        version = None
+    version = _hello_version(getattr(conn, "handshake_metadata", None))
+    if version is None:
+        try:
+            await conn.send_command(*_hello_args(conn))
+            version = _hello_version(await conn.read_response())
+        except redis.exceptions.ResponseError:
+            try:
+                await conn.send_command("INFO", "server")
+                version = _info_version(await conn.read_response())
+            except redis.exceptions.ResponseError:
+                version = None
     if version is None or parse_version(version) < MIN_REDIS_VERSION:
         await conn.disconnect()
         check_version(version, _where(conn))
@@ -304,15 +318,31 @@ def _info_version(info: Any) -> str | None:
     return None
 
 
+def _no_hello(exc: Exception) -> bool:
+    return "unknown command" in str(exc).lower() and "hello" in str(exc).lower()
+
+
 class _SyncVersionCheck:
     def on_connect_check_health(self, check_health: bool = True) -> None:
-        super().on_connect_check_health(check_health)  # type: ignore[misc]
+        try:
+            super().on_connect_check_health(check_health)  # type: ignore[misc]
+        except redis.exceptions.ResponseError as exc:
+            if not _no_hello(exc):
+                raise
+            self.disconnect()  # type: ignore[attr-defined]
+            raise _old_server(self, exc) from None
         _sync_check(self)
 
 
 class _AsyncVersionCheck:
     async def on_connect_check_health(self, check_health: bool = True) -> None:
-        await super().on_connect_check_health(check_health)  # type: ignore[misc]
+        try:
+            await super().on_connect_check_health(check_health)  # type: ignore[misc]
+        except redis.exceptions.ResponseError as exc:
+            if not _no_hello(exc):
+                raise
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise _old_server(self, exc) from None
         await _async_check(self)
 
 
@@ -352,6 +382,15 @@ class AsyncSentinelConnection(_AsyncVersionCheck, redis.asyncio.sentinel.Sentine
     pass
 
 
+def _cluster_version_error(exc: Exception) -> Exception:
+    """redis-py reports a node it could not initialise as ``RedisClusterException``; when the
+    cause was jobq's version check, raise that instead."""
+    msg = str(exc)
+    if "jobq needs Redis >=" in msg and isinstance(exc, redis.exceptions.RedisClusterException):
+        return errors.RedisVersionError(msg[msg.find("redis at ") :] if "redis at " in msg else msg)
+    return exc
+
+
 class RedisCluster(redis.cluster.RedisCluster):
     """A cluster client whose every new node connection checks the server version."""
 
@@ -366,6 +405,13 @@ class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
     async def on_connect(self, connection: Any) -> None:
         await super().on_connect(connection)
         await _async_check(connection)
+
+    async def initialize(self, *args: Any, **kw: Any) -> AsyncRedisCluster:
+        try:
+            await super().initialize(*args, **kw)
+        except redis.exceptions.RedisClusterException as exc:
+            raise _cluster_version_error(exc) from None
+        return self
 
 
 # -- client factories ---------------------------------------------------------------------------------
@@ -435,11 +481,17 @@ def sync_client(
         if t.tls:
             opts["ssl"] = True
         opts.update(kw)
-        return RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
-            retry=retry,
-            **opts,
-        )
+        try:
+            return RedisCluster(
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
+                retry=retry,
+                **opts,
+            )
+        except redis.exceptions.RedisClusterException as exc:
+            err = _cluster_version_error(exc)
+            if err is exc:
+                raise errors.RedisUnavailable(f"redis cluster {redact_url(url)}: {exc}") from None
+            raise err from None
     if t.kind == "sentinel":
         opts.update(_tls_kwargs(t))
         opts.update(kw)
