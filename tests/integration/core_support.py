@@ -14,12 +14,18 @@ from jobq.keys import Keys
 
 def snapshot(r: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:
     """Every key with its DUMP and whether it has a TTL: equal snapshots = identical keyspace."""
+    keys = list(r.scan_iter(count=1000))
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.dump(key)
+        pipe.pttl(key)
+    raw = pipe.execute()
     out: dict[bytes, tuple[bytes, bool]] = {}
-    for key in r.scan_iter(count=1000):
-        dumped = r.dump(key)
+    for i, key in enumerate(keys):
+        dumped, pttl = raw[2 * i], raw[2 * i + 1]
         if dumped is None:  # expired between SCAN and DUMP
             continue
-        out[key] = (dumped, r.pttl(key) >= 0)
+        out[key] = (dumped, pttl >= 0)
     return out
 
 

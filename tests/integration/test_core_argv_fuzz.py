@@ -200,14 +200,18 @@ def mutate(data: st.DataObject, name: ScriptName, argv: list[Any]) -> list[Any]:
     return out
 
 
+@pytest.mark.parametrize("name", sorted(ScriptName, key=lambda n: n.value), ids=lambda n: n.value)
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_bad_argv_is_refused_with_badarg_and_changes_nothing(
-    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis, data: st.DataObject
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]],
+    r: redis.Redis,
+    name: ScriptName,
+    data: st.DataObject,
 ) -> None:
+    """500 bad argument vectors per script (B3)."""
     _, calls = seeded
     call = raw_call(r)
-    name = data.draw(st.sampled_from(sorted(ScriptName, key=lambda n: n.value)), label="script")
     c = calls[name]
     argv = mutate(data, name, list(c.args))
     before, size = snapshot(r), r.dbsize()
