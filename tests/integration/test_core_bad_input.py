@@ -260,7 +260,7 @@ BAD_OPTIONS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_hypothesis_bad_options_are_refused_and_write_nothing(
     fapp: jobq.JobQ, r: redis.Redis, data: st.DataObject

@@ -1,7 +1,7 @@
 """A hypothesis state machine drives enqueue, claim, ack, fail, extend, reap, release, cancel,
 promote and retry_dead against a real redis-server and a Python model of the queue, with three
-nodes and a fake clock
-(every script gets an explicit now_ms, so leases expire exactly when the model says).
+nodes and a fake clock (every script gets an explicit now_ms, so leases expire exactly when the
+model says).
 
 After every step the whole queue is read back from Redis and compared with the model: the ready
 order (priority, then FIFO), the scheduled set, each node's active list, the leases, the dead and
