@@ -149,3 +149,26 @@ def test_no_pickle_anywhere_in_the_package() -> None:
                 if n.split(".")[0] in FORBIDDEN_MODULES:
                     offenders.append(f"{path.name}:{node.lineno} import {n}")
     assert not offenders
+
+
+def test_decode_100k_random_byte_strings_fast() -> None:
+    """SEC3: 100,000 random byte strings (seeded, half starting with a container header) decode
+    to plain data or raise DecodeError, with p99 under 1 ms."""
+    import random
+    import time
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    heads = [b"\x92", b"\x93", b"\x81", b"\xdc\x00\x10", b"\xde\x00\x04", b""]
+    times = []
+    for _ in range(100_000):
+        data = rng.choice(heads) + rng.randbytes(rng.randrange(0, 48))
+        t0 = time.perf_counter()
+        try:
+            value = codec.decode(data)
+        except jobq.DecodeError:
+            value = None
+        times.append(time.perf_counter() - t0)
+        assert is_plain(value), (seed, data)
+    times.sort()
+    assert times[99_000] < 0.001, f"p99 {times[99_000] * 1e3:.3f} ms (seed {seed})"
