@@ -177,6 +177,17 @@ class Metrics:
         )
         self.inflight = Gauge("jobq_node_jobs_in_flight", "Jobs this node holds", registry=r)
         self.busy = Gauge("jobq_node_busy_slots", "Concurrency slots in use on this node", registry=r)
+        self.epoch_changes = Counter(
+            "jobq_redis_epoch_changes", "Times this node found the Redis dataset wiped", registry=r
+        )
+        self.eviction_policy_ok = Gauge(
+            "jobq_redis_eviction_policy_ok",
+            "1: maxmemory-policy is noeviction; 0: Redis may evict jobs; -1: could not check",
+            registry=r,
+        )
+        self.pubsub_connected = Gauge(
+            "jobq_pubsub_connected", "1 while the wake-up subscription is connected", registry=r
+        )
         self.collector: QueueCollector | None = None
         if collect_queues:
             self.collector = QueueCollector(app, queues, node_ttl_s=node_ttl_s)
@@ -224,6 +235,15 @@ class Metrics:
     def set_node_gauges(self, inflight: int, busy: int) -> None:
         self.inflight.set(inflight)
         self.busy.set(busy)
+
+    def redis_epoch_changed(self) -> None:
+        self.epoch_changes.inc()
+
+    def set_eviction_policy_ok(self, ok: bool | None) -> None:
+        self.eviction_policy_ok.set(-1 if ok is None else int(ok))
+
+    def pubsub_from(self, source: Callable[[], bool]) -> None:
+        self.pubsub_connected.set_function(lambda: float(source()))
 
     def node_gauges_from(self, source: Callable[[], tuple[int, int]]) -> None:
         """Read (in flight, busy) from ``source`` at scrape time instead of being told."""

@@ -294,6 +294,7 @@ class Worker:
             known=self._known_snapshot,
             on_beat=self._beat_from_thread,
             on_fence=self._fence_from_thread,
+            on_epoch_change=None if self.metrics is None else self.metrics.redis_epoch_changed,
             info=lambda: {
                 "concurrency": self.config.concurrency,
                 "inflight": len(self.running),
@@ -317,6 +318,9 @@ class Worker:
             sync_client.close()
             raise
         self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
+        if self.metrics is not None:
+            self.metrics.set_eviction_policy_ok(self.eviction_policy_ok)
+            self.metrics.pubsub_from(lambda: self.pubsub_connected)
         try:  # before the heartbeat, which would release them with their attempt uncounted
             await recover_inherited(self.app, self.runner, self.node, self.queues)
         except JobqError as exc:

@@ -391,3 +391,51 @@ def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History
         app.close()
     finally:
         server.cleanup()
+
+
+def test_f4c_redis_restarts_empty(worker_fleet, history: History, seed: int) -> None:
+    """Redis comes back empty (no persistence) while 20 jobs run. Every node logs the CRITICAL
+    epoch line once and counts it in jobq_redis_epoch_changes_total; none crashes or restarts;
+    the acks of the vanished jobs are refused without errors; new work runs within 5 s."""
+    from tests.harness.history import RECORD_TASK
+
+    server = RedisServer(persistence="none").start()
+    try:
+        admin = server.admin_client()
+        fleet = worker_fleet(
+            server.url,
+            concurrency=5,
+            lease=2.0,
+            reap_interval=0.5,
+            poll_interval=0.2,
+            extra_args=["--metrics-port", "0"],
+        )
+        nodes = fleet.start(4)
+        ports = {n.name: _metrics_port(n) for n in nodes}
+        app = JobQ(server.url)
+        Producer(app, history, task=RECORD_TASK).enqueue_batch(20, sleep=2.0)
+        wait_for(lambda: admin.zcard("jobq:{fault}:leases") == 20, 10)
+        server.restart(wipe=True)
+        t_up = time.monotonic()
+        admin = server.admin_client()
+        # New enqueues work at once, and run within 5 s.
+        after = Producer(app, history).enqueue_batch(40, sleep=0.01)
+        assert len(after) == 40
+        wait_for(lambda: set(after) <= history.completed(), 5.0)
+        print(f"F4c: new jobs done {time.monotonic() - t_up:.2f} s after the empty restart")
+        time.sleep(3.0)  # the old jobs finish and try to ack
+        for n in nodes:
+            lines = [ln for ln in n.log_text().splitlines() if "Redis dataset lost (epoch changed)" in ln]
+            assert len(lines) == 1, (n.name, lines)
+            assert "CRITICAL" in lines[0]
+            m = re.search(r"^jobq_redis_epoch_changes_total (\S+)$", _scrape(ports[n.name]), re.M)
+            assert m is not None and float(m.group(1)) == 1.0, n.name
+            assert n.alive() and n.restarts == 0
+        assert fleet.crashes() == []
+        assert fleet.grep(r" ERROR .*(ack|fail) .*(error|failed)") == []
+        # The old jobs are gone with the dataset: nothing of them came back or ran twice.
+        assert admin.zcard("jobq:{fault}:ready") == 0
+        fleet.shutdown()
+        app.close()
+    finally:
+        server.cleanup()
