@@ -547,15 +547,20 @@ class JobQ:
 
     def enqueue_request(self, req: EnqueueRequest) -> Job:
         q, spec = self.prepare(req)
-        self._register_queue(q)
         ids = self.run(self.store.enqueue(q, [spec], now_ms=self.now_ms(), max_depth=self.depth_limit(q)))
+        # Registered after the job is stored, so a refused enqueue writes nothing at all.
+        self._register_queue(q)
         self._notify_enqueued([(q, spec.task)])
         return Job(self, ids[0], q)
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
         writes nothing), then each queue's jobs go in script calls of up to 1,000 jobs,
-        pipelined into one round trip. Mappings take the keys of :class:`EnqueueRequest`."""
+        pipelined into one round trip. Mappings take the keys of :class:`EnqueueRequest`.
+
+        Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
+        check (a deadline already past on the Redis clock, ``max_depth``) refuses the calls it
+        applies to while the others are stored; the first such error is raised after all ran."""
         prepared: list[tuple[str, JobSpec]] = []
         for i, r in enumerate(requests):
             req = r if isinstance(r, EnqueueRequest) else request_from_mapping(r, index=i)
@@ -574,14 +579,20 @@ class JobQ:
         slots: list[list[int]] = []
         now = self.now_ms()
         for q, items in by_queue.items():
-            self._register_queue(q)
             for start in range(0, len(items), MAX_BATCH):
                 chunk = items[start : start + MAX_BATCH]
                 calls.append(
                     self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
                 )
                 slots.append([i for i, _ in chunk])
-        results = self.runner.run_many(calls)
+        results = self.runner.run_many(calls, return_exceptions=True)
+        # Queues are registered once something is stored in them, so a refused batch writes nothing.
+        for call, res in zip(calls, results, strict=True):
+            if not isinstance(res, BaseException):
+                self._register_queue(call.queue)
+        first_error = next((res for res in results if isinstance(res, BaseException)), None)
+        if first_error is not None:
+            raise first_error
         jobs: list[Job | None] = [None] * len(prepared)
         for idxs, ids in zip(slots, results, strict=True):
             for i, job_id in zip(idxs, ids, strict=True):

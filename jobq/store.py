@@ -562,14 +562,15 @@ class SyncRunner:
         _check_replicated(call, acked)
         return out
 
-    def run_many(self, calls: Sequence[Call[Any]]) -> list[Any]:
+    def run_many(self, calls: Sequence[Call[Any]], *, return_exceptions: bool = False) -> list[Any]:
         """Run calls in one pipelined round trip (not a transaction: each script is atomic on
-        its own). Raises the first error after every call has run.
+        its own). Raises the first error after every call has run, or with
+        ``return_exceptions`` puts each call's (mapped) error in its place in the result.
 
         The pipeline carries bare EVALSHAs: redis-py's pipelined ``Script`` would first send a
         ``SCRIPT EXISTS`` round trip. A call answered NOSCRIPT did not run, so only those calls
         are sent again, through ``Script`` (which loads the script)."""
-        if len(calls) == 1:
+        if len(calls) == 1 and not return_exceptions:
             return [self.run(calls[0])]
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -588,8 +589,17 @@ class SyncRunner:
                 except Exception as exc:
                     raw = exc
             if isinstance(raw, Exception):
-                raise map_error(raw, c.script.value, c.queue)
-            out.append(c.parse(raw))
+                mapped = map_error(raw, c.script.value, c.queue)
+                if not return_exceptions:
+                    raise mapped
+                out.append(mapped)
+                continue
+            try:
+                out.append(c.parse(raw))
+            except errors.JobqError as exc:  # a reply that means an error (QueueFull)
+                if not return_exceptions:
+                    raise
+                out.append(exc)
         return out
 
 

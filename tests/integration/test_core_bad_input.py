@@ -289,3 +289,23 @@ def test_rejections_are_fast(fapp: jobq.JobQ) -> None:
     times.sort()
     p99 = times[int(len(times) * 0.99)]
     assert p99 <= 0.005, f"p99 {p99 * 1000:.2f} ms"
+
+
+def test_a_refused_first_enqueue_to_a_new_queue_writes_nothing_at_all(redis_url: str, r: redis.Redis) -> None:
+    """Even the queue registry is written only once a job is stored."""
+    app = jobq.JobQ(redis_url, clock=jobq.FakeClock(T0))
+    try:
+        with pytest.raises(errors.InvalidDeadline):
+            app.enqueue("t", queue="fresh", deadline=(T0 - 1) / 1000)
+        with pytest.raises(errors.InvalidDeadline):
+            app.enqueue_many([{"task": "t", "queue": "fresh2", "deadline": (T0 - 1) / 1000}] * 3)
+        assert r.dbsize() == 0
+        # A batch over two queues where Redis refuses one: the other is stored and registered.
+        with pytest.raises(errors.InvalidDeadline):
+            app.enqueue_many(
+                [{"task": "t", "queue": "ok"}, {"task": "t", "queue": "late", "deadline": (T0 - 1) / 1000}]
+            )
+        assert r.smembers(app.keys.queues) == {b"ok"}
+        assert r.zcard(app.keys.ready("ok")) == 1 and not r.exists(app.keys.ready("late"))
+    finally:
+        app.close()
