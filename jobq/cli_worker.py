@@ -343,6 +343,19 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
     return 0
 
 
+def _term_with_parent(parent: int) -> None:
+    """Linux: get SIGTERM (a graceful stop) if the supervisor dies, rather than run on orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _supervise(
     app: JobQ,
     config: WorkerConfig,
@@ -353,6 +366,7 @@ def _supervise(
 ) -> int:
     """Fork ``processes`` nodes; forward SIGTERM/SIGINT; restart a node that crashes."""
     children: dict[int, int] = {}  # pid -> slot
+    parent = os.getpid()
     stopping = False
     failed = False
 
@@ -365,6 +379,7 @@ def _supervise(
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _term_with_parent(parent)
                 node_id = None if config.node_id is None else f"{config.node_id}-{slot}"
                 cfg = dataclasses.replace(config, node_id=node_id)
                 port = None if metrics_port is None else metrics_port + slot if metrics_port else 0
