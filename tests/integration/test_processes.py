@@ -285,6 +285,12 @@ def test_processes_option_runs_and_supervises_n_nodes(fleet: Fleet, qapp: JobQ, 
     assert not ({"s-0", "s-1"} & node_ids(r, qapp))  # both deregistered on their way out
     assert sup.returncode == 0
 
+    # A supervisor killed outright takes its nodes down gracefully (they never run orphaned).
+    fleet.start("orphans", "--processes", "2", "--node-id", "o")
+    wait_until(lambda: {"o-0", "o-1"} <= node_ids(r, qapp), 20, "2 nodes registered", fleet)
+    fleet.signal("orphans", signal.SIGKILL)
+    wait_until(lambda: not ({"o-0", "o-1"} & node_ids(r, qapp)), 20, "nodes stopped", fleet)
+
 
 def test_idle_workers_start_a_new_job_quickly(fleet: Fleet, qapp: JobQ, r: redis.Redis) -> None:
     for name in ("a", "b"):
