@@ -541,10 +541,19 @@ class SyncRunner:
         if call.wait[0] > 0:
             return self._run_wait(call)
         try:
-            raw = self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
+            raw = self._call(call)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
+
+    def _call(self, call: Call[Any]) -> Any:
+        script = self._scripts[call.script]
+        try:
+            return script(keys=call.keys, args=call.args, client=self.client)
+        except redis.exceptions.NoScriptError:
+            # SCRIPT FLUSH between redis-py's reload and its EVALSHA retry: EVAL (the same
+            # static file's text) cannot miss. NOSCRIPT means the call did not run.
+            return self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
 
     def _run_wait(self, call: Call[T]) -> T:
         """The script and ``WAIT`` pipelined on one connection (``WAIT`` counts the replicas
@@ -585,7 +594,7 @@ class SyncRunner:
         for c, raw in zip(calls, raws, strict=True):
             if isinstance(raw, redis.exceptions.NoScriptError):
                 try:
-                    raw = self._scripts[c.script](keys=c.keys, args=c.args, client=self.client)
+                    raw = self._call(c)
                 except Exception as exc:
                     raw = exc
             if isinstance(raw, Exception):
@@ -614,10 +623,18 @@ class AsyncRunner:
         if call.wait[0] > 0:
             return await self._run_wait(call)
         try:
-            raw = await self._scripts[call.script](keys=call.keys, args=call.args, client=self.client)
+            raw = await self._call(call)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
+
+    async def _call(self, call: Call[Any]) -> Any:
+        script = self._scripts[call.script]
+        try:
+            return await script(keys=call.keys, args=call.args, client=self.client)
+        except redis.exceptions.NoScriptError:
+            # See SyncRunner._call: flushed between the reload and the retry.
+            return await self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
 
     async def _run_wait(self, call: Call[T]) -> T:
         try:

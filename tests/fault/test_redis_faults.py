@@ -439,3 +439,62 @@ def test_f4c_redis_restarts_empty(worker_fleet, history: History, seed: int) -> 
         app.close()
     finally:
         server.cleanup()
+
+
+# -- F5: SCRIPT FLUSH storm ------------------------------------------------------------------------
+def test_f5_script_flush_storm_under_load(
+    redis_server: RedisServer, r: redis.Redis, worker_fleet, history: History, seed: int
+) -> None:
+    """SCRIPT FLUSH every 100 ms while producers enqueue (single and batch) and 4 nodes claim,
+    ack, extend and reap: every EVALSHA may meet NOSCRIPT, and nobody may notice."""
+    from tests.harness.checker import Snapshot, check, wait_drained
+
+    duration = float(proxy_fixtures.scale(15, 60))
+    fleet = worker_fleet(redis_server.url, concurrency=5, lease=2.0, reap_interval=0.5, poll_interval=0.2)
+    fleet.start(4)
+    app = JobQ(redis_server.url)
+    single = Producer(app, history)
+    flushes = 0
+    noscript_before = _noscript_count(r)
+    stop = threading.Event()
+
+    def flusher() -> None:
+        nonlocal flushes
+        c = redis_server.admin_client()
+        while not stop.wait(0.1):
+            c.script_flush()
+            flushes += 1
+        c.close()
+
+    t = threading.Thread(target=flusher, daemon=True)
+    t.start()
+    t_end = time.monotonic() + duration
+    with _LoadThread(app, history, batch=50, pause=0.1, sleep=0.005):
+        while time.monotonic() < t_end:
+            single.enqueue(sleep=0.005)
+            time.sleep(0.01)
+    stop.set()
+    t.join()
+    wait_drained(r, ["fault"], 60)
+    snap = Snapshot.take(r)
+    fleet.shutdown()
+    report = check(history, snap, stale_reported=fleet.stale_count())
+    noscript = _noscript_count(r) - noscript_before
+    print(
+        f"F5: {flushes} flushes in {duration:.0f} s, {noscript} NOSCRIPT replies handled; {report.summary()}"
+    )
+    report.assert_ok(f"seed={seed} history={history.dir}")
+    assert report.enqueue_error == 0 and report.enqueue_unknown == 0, "a producer saw an error"
+    assert report.duplicates == {}
+    assert all(a.outcome == "ok" for a in history.attempts())
+    assert noscript > 0, "no script was ever reloaded: the storm did not bite"
+    assert fleet.grep(r"NOSCRIPT|Traceback") == []
+    problems = [ln for ln in fleet.grep(r" (WARNING|ERROR|CRITICAL) ") if "SIGTERM" not in ln]
+    assert problems == [], problems[:10]
+    app.close()
+
+
+def _noscript_count(r: redis.Redis) -> int:
+    stats = r.info("errorstats")
+    entry = stats.get("errorstat_NOSCRIPT")
+    return int(entry["count"]) if isinstance(entry, dict) else 0
