@@ -414,10 +414,12 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
                 continue
             errors = 0
-            if got:
+            if got >= free:
                 # Let completions of this loop turn land, so the next claim takes them together.
                 await asyncio.sleep(0)
                 continue
+            # A short claim: every queue is empty. Wait for an announcement (S5: one claim per
+            # node per wake-up, not two).
             # Burst: done when nothing runs, no ack or fail is still on its way (a Retry(0) puts
             # its job straight back to ready), and nothing is due.
             if cfg.burst and self._busy == 0 and not self.running and self._nothing_due():
@@ -568,7 +570,8 @@ class Worker:
         if run.task is not None and not run.freed and not run.zombie:
             run.freed = True
             self._busy -= 1
-            self._poke()
+            if self._busy + 1 >= self.config.concurrency:
+                self._poke()  # the fetcher waits for a free slot (else it waits for work)
 
     async def _fail(
         self, run: _Running, error: str, *, delay: float | None = None, dead: bool = False

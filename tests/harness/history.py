@@ -139,10 +139,13 @@ class History:
     def log_enqueue(self, job_id: str, status: str, error: str = "") -> None:
         self.log_enqueues([job_id], status, error)
 
-    def log_enqueues(self, job_ids: Iterable[str], status: str, error: str = "") -> None:
+    def log_enqueues(
+        self, job_ids: Iterable[str], status: str, error: str = "", t: float | None = None
+    ) -> None:
+        """Log outcomes; ``t`` = when the enqueue call was made (default: now)."""
         if self._producer is None:
             self._producer = RecordFile(self.dir / f"producer-{os.getpid()}.jsonl", fsync=self.fsync)
-        t = time.time()
+        t = time.time() if t is None else t
         recs: list[dict[str, Any]] = []
         for jid in job_ids:
             rec: dict[str, Any] = {"ev": "enqueue", "job": jid, "status": status, "t": t}
@@ -259,13 +262,14 @@ class Producer:
                     {"task": task or self.task, "args": [jid, seq], "kwargs": kw, "job_id": jid, **opts}
                 )
             status, err = ENQUEUE_OK, ""
+            t_call = time.time()
             try:
                 self.app.enqueue_many(reqs)
             except _DEFINITE as exc:
                 status, err = ENQUEUE_ERROR, f"{type(exc).__name__}: {exc}"
             except Exception as exc:
                 status, err = ENQUEUE_UNKNOWN, f"{type(exc).__name__}: {exc}"
-            self.history.log_enqueues(ids, status, err)
+            self.history.log_enqueues(ids, status, err, t=t_call)
             if status == ENQUEUE_OK:
                 ok.extend(ids)
         return ok
