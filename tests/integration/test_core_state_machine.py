@@ -203,6 +203,27 @@ class QueueMachine(RuleBasedStateMachine):
         jid, node = held[idx % len(held)]
         self.ack(node, sorted(self.jobs).index(jid))
 
+    @precondition(lambda self: self.jobs)
+    @rule(node=st.sampled_from(NODES), idx=st.integers(min_value=0))
+    def ack_batch(self, node: str, idx: int) -> None:
+        """One ack call for everything the node holds, plus one job picked at random (often not
+        the node's: refused in the same call without disturbing the others)."""
+        ids = [*self.active[node], self.pick(idx).id]
+        codes = self.app.run(self.app.store.ack(QUEUE, node, [(i, b"") for i in ids], now_ms=self.now))
+        want = []
+        for jid in ids:
+            j = self.jobs[jid]
+            if j.place == "active" and j.node == node:
+                self.leave_active(j)
+                self.free_unique(j)
+                j.place, j.state, j.finisher = "finished", "done", node
+                want.append(1)
+            elif j.state == "done" and j.finisher == node:
+                want.append(0)
+            else:
+                want.append(-2)
+        assert codes == want
+
     @precondition(lambda self: any(self.active.values()))
     @rule(idx=st.integers(min_value=0), dead=st.booleans(), delay=st.sampled_from([None, 0, 2_000]))
     def fail_owned(self, idx: int, dead: bool, delay: int | None) -> None:
