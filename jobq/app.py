@@ -244,6 +244,11 @@ class JobQ:
             raise errors.InvalidInput(f"prefix: {prefix!r} is not a valid key prefix", "prefix")
         if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
             raise errors.InvalidInput("max_payload: must be a positive integer", "max_payload")
+        if isinstance(dead_max, bool) or not isinstance(dead_max, int) or dead_max < 1:
+            raise errors.InvalidInput(f"dead_max: must be an integer >= 1, got {dead_max!r}", "dead_max")
+        depths = max_depth.values() if isinstance(max_depth, Mapping) else [max_depth]
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+            raise errors.InvalidInput("max_depth: must be an integer >= 0 (0 = no limit)", "max_depth")
         self.url = url or default_url()
         self.keys = Keys(prefix)
         self.limits = Limits(

@@ -93,6 +93,12 @@ def test_app_settings_are_checked() -> None:
         jobq.JobQ("redis://127.0.0.1:1/0", prefix="a{b}")
     with pytest.raises(jobq.InvalidInput, match="max_payload"):
         jobq.JobQ("redis://127.0.0.1:1/0", max_payload=0)
+    with pytest.raises(jobq.InvalidInput, match="dead_max"):
+        jobq.JobQ("redis://127.0.0.1:1/0", dead_max=0)
+    with pytest.raises(jobq.InvalidInput, match="max_depth"):
+        jobq.JobQ("redis://127.0.0.1:1/0", max_depth={"q": -1})
+    with pytest.raises(jobq.InvalidInput, match="result_ttl"):
+        jobq.JobQ("redis://127.0.0.1:1/0", result_ttl=-1)
     app = jobq.JobQ("redis://127.0.0.1:1/0")
     with pytest.raises(jobq.InvalidInput, match="priority"):
         app.task(priority=101)(lambda: None)
