@@ -294,3 +294,20 @@ def test_a_unique_key_whose_holder_vanished_is_taken_over(fapp: jobq.JobQ, r: re
     second = fapp.enqueue("t", queue=Q, unique_key="k")
     assert second.id != first.id
     assert r.get(fapp.keys.unique(Q, "k")) == second.id.encode()
+
+
+@pytest.mark.parametrize(
+    ("attempt", "jitter", "delay_ms"),
+    [(1, 0.0, 1_500), (1, 1.0, 2_500), (3, 0.5, 8_000), (30, 0.5, 3_600_000)],
+    ids=["first-low", "first-high", "third", "capped"],
+)
+def test_fail_backoff_is_exponential_with_jitter_and_capped(
+    fapp: jobq.JobQ, attempt: int, jitter: float, delay_ms: int, r: redis.Redis
+) -> None:
+    job = fapp.enqueue("t", queue=Q, max_attempts=100, retry_backoff=2)
+    assert claim(fapp, "n1") == [job.id]
+    r.hset(job.key, "attempts", attempt)  # as if this were attempt number `attempt`
+    res = fapp.run(fapp.store.fail(Q, "n1", job.id, "boom", jitter=jitter, now_ms=fapp.now_ms()))
+    # base 2 s x 2^(attempt-1), times 0.75 + 0.5 x jitter, at most 1 h
+    assert (res.outcome, res.run_at_ms) == ("retry", T0 + delay_ms)
+    assert job.status() is jobq.JobState.SCHEDULED
