@@ -311,3 +311,19 @@ def test_fail_backoff_is_exponential_with_jitter_and_capped(
     # base 2 s x 2^(attempt-1), times 0.75 + 0.5 x jitter, at most 1 h
     assert (res.outcome, res.run_at_ms) == ("retry", T0 + delay_ms)
     assert job.status() is jobq.JobState.SCHEDULED
+
+
+def test_enqueue_announces_new_work_on_the_queue_channel(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    ps = r.pubsub(ignore_subscribe_messages=True)
+    ps.subscribe(fapp.keys.wake(Q))
+    try:
+        fapp.enqueue("t", queue=Q)
+        fapp.enqueue("t", queue=Q, delay=60)
+        got = []
+        while len(got) < 2:
+            msg = ps.get_message(timeout=5)
+            assert msg is not None, got
+            got.append(msg["data"])
+        assert got == [b"r", b"s"]  # runnable now; a new scheduled time
+    finally:
+        ps.close()
