@@ -4,6 +4,7 @@ handle, per-call options and enqueue_many's round trips."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -314,16 +315,19 @@ def test_fail_backoff_is_exponential_with_jitter_and_capped(
 
 
 def test_enqueue_announces_new_work_on_the_queue_channel(fapp: jobq.JobQ, r: redis.Redis) -> None:
-    ps = r.pubsub(ignore_subscribe_messages=True)
+    ps = r.pubsub()
     ps.subscribe(fapp.keys.wake(Q))
     try:
+        confirmed = ps.get_message(timeout=10)  # subscribed before anything is published
+        assert confirmed is not None and confirmed["type"] == "subscribe"
         fapp.enqueue("t", queue=Q)
         fapp.enqueue("t", queue=Q, delay=60)
-        got = []
-        while len(got) < 2:
-            msg = ps.get_message(timeout=5)
-            assert msg is not None, got
-            got.append(msg["data"])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            msg = ps.get_message(timeout=1)
+            if msg is not None:
+                got.append(msg["data"])
         assert got == [b"r", b"s"]  # runnable now; a new scheduled time
     finally:
         ps.close()
