@@ -414,6 +414,31 @@ class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
         return self
 
 
+class SentinelRedis(redis.Redis):
+    """The client ``master_for`` returns; closing it also closes its connections to the
+    sentinels."""
+
+    jobq_sentinel: Any = None
+
+    def close(self) -> None:
+        super().close()
+        if self.jobq_sentinel is not None:
+            for s in self.jobq_sentinel.sentinels:
+                s.close()
+
+
+class AsyncSentinelRedis(redis.asyncio.Redis):
+    """The asyncio client ``master_for`` returns; ``aclose`` also closes the sentinel clients."""
+
+    jobq_sentinel: Any = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.jobq_sentinel is not None:
+            for s in self.jobq_sentinel.sentinels:
+                await s.aclose()
+
+
 # -- client factories ---------------------------------------------------------------------------------
 _RETRIED: tuple[type[redis.exceptions.RedisError], ...] = (redis.exceptions.ConnectionError,)
 
@@ -497,7 +522,11 @@ def sync_client(
         opts.update(kw)
         sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
         scls = SentinelSSLConnection if t.tls else SentinelConnection
-        return sentinel.master_for(t.service, db=t.db, connection_class=scls, **opts)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            t.service, db=t.db, connection_class=scls, redis_class=SentinelRedis, **opts
+        )
+        client.jobq_sentinel = sentinel
+        return client
     opts.update(_tls_kwargs(t))
     opts.update(kw)
     if t.kind == "unix":
@@ -536,7 +565,15 @@ def async_client(
             raise _bad(url, "rediss+sentinel:// is not supported by the asyncio client yet")
         opts.update(kw)
         sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
-        return sentinel.master_for(t.service, db=t.db, connection_class=AsyncSentinelConnection, **opts)
+        aclient = sentinel.master_for(
+            t.service,
+            db=t.db,
+            connection_class=AsyncSentinelConnection,
+            redis_class=AsyncSentinelRedis,
+            **opts,
+        )
+        aclient.jobq_sentinel = sentinel
+        return aclient
     opts.update(_tls_kwargs(t))
     opts.update(kw)
     apool: redis.asyncio.ConnectionPool
