@@ -98,3 +98,17 @@ def test_max_depth_refuses_the_whole_batch(redis_url: str, r: redis.Redis) -> No
         app.enqueue_many(jobq.EnqueueRequest("t", queue="other") for _ in range(5))  # no limit there
     finally:
         app.close()
+
+
+def test_claim_dead_letters_corrupt_entries_instead_of_running_them(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    """B2 at the script level: an id in ready whose job hash is missing, or whose job key holds
+    another type, is dead-lettered with the reason; the good job behind them is claimed."""
+    good = fapp.enqueue("t", queue=Q, priority=-1)
+    r.zadd(fapp.keys.ready(Q), {"ghost": 1, "wrong": 2})
+    r.set(fapp.keys.job(Q, "wrong"), "not a hash")
+    res = fapp.run(fapp.store.claim(Q, "n1", 10, 1000, now_ms=fapp.now_ms()))
+    assert [j.id for j in res.jobs] == [good.id]
+    assert sorted(res.dead) == [("ghost", "missing_job"), ("wrong", "wrong_type")]
+    assert r.get(fapp.keys.job(Q, "wrong")) == b"not a hash"  # never overwritten
+    assert fapp.job("ghost", Q).info().error == "missing_job"
+    check_invariants(read_places(r, fapp.keys, Q, ["n1"]), [good.id, "ghost", "wrong"])
