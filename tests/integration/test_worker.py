@@ -217,23 +217,21 @@ def test_sync_and_async_jobs_that_overrun_their_timeout_are_failed_and_retried(
 
     js, ja = slow_sync.enqueue("t:sync"), slow_async.enqueue("t:async")
     t0 = time.monotonic()
-    w = burst(app)
+    failed = burst(app).stats["failed"]
     assert time.monotonic() - t0 < 5  # neither ran its 10 s
     # The async one was cancelled; the sync one gets JobTimeout raised in its thread.
     wait_for(lambda: sorted(interrupted) == ["async", "sync"], 5, "both interrupted")
-    for job in (js, ja):
-        info = job.info()
-        assert info.attempts == 1 and info.state in (JobState.SCHEDULED, JobState.READY)
-        assert "timeout" in (info.error or "")
-    assert w.stats["failed"] == 2
-    # The retry runs (and now finishes in time).
-    for _ in range(100):  # burst exits while the retry is still backing off: run it again
+    # The retry runs (and now finishes in time); the node may have run it already.
+    for _ in range(100):  # burst exits while a retry is still backing off: run it again
         if js.status() is JobState.DONE and ja.status() is JobState.DONE:
             break
         time.sleep(0.02)
-        burst(app)
+        failed += burst(app).stats["failed"]
     assert js.result(timeout=0) == "sync ok" and ja.result(timeout=0) == "async ok"
-    assert js.info().attempts == 2 and ja.info().attempts == 2
+    for job in (js, ja):
+        info = job.info()
+        assert info.attempts == 2 and "timeout: ran longer than 0.3 s" in (info.error or "")
+    assert failed == 2
 
 
 def test_a_timed_out_sync_job_keeps_its_slot_until_its_thread_returns(app: JobQ) -> None:
