@@ -46,7 +46,7 @@ from jobq.errors import (
     Retry,
 )
 from jobq.heartbeat import BeatResult, Heartbeat
-from jobq.keys import validate_node
+from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
 from jobq.store import AsyncRunner, ClaimedJob, SyncRunner
@@ -192,7 +192,7 @@ class Worker:
         self.queues: list[str] = []
         self.weights: dict[str, int] = {}
         for logical, weight in cfg.queues:
-            for q in app.queue_shards(logical):
+            for q in app.queue_shards(validate_queue(logical)):
                 if q not in self.weights:
                     self.queues.append(q)
                     self.weights[q] = max(1, weight)

@@ -275,6 +275,15 @@ def test_strict_queue_order(app: JobQ) -> None:
     assert order == ["high"] * 5 + ["low"] * 5
 
 
+def test_bad_configuration_is_refused(app: JobQ) -> None:
+    with pytest.raises(jobq.InvalidInput, match="queue"):
+        Worker(app, WorkerConfig(queues=[("bad{name}", 1)]))
+    with pytest.raises(ValueError, match="concurrency"):
+        Worker(app, WorkerConfig(concurrency=0))
+    with pytest.raises(ValueError, match="lease"):
+        Worker(app, WorkerConfig(lease=0))
+
+
 def test_weighted_queue_order_follows_weights(app: JobQ) -> None:
     w = Worker(app, WorkerConfig(queues=[("critical", 6), ("default", 3), ("low", 1)], weighted=True))
     first = collections.Counter(w._queue_order()[0] for _ in range(5000))
