@@ -309,14 +309,17 @@ class Worker:
             self.config.lease,
             connection.redact_url(self.url),
         )
+        ready = False
         try:
-            if not await self._probe():
-                return  # stopped before Redis ever answered: nothing was claimed
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.client.aclose()
-            sync_client.close()
-            raise
+            ready = await self._probe()
+        finally:
+            if not ready:  # a fatal error, or stopped before Redis answered: nothing was claimed
+                with contextlib.suppress(Exception):
+                    await self.client.aclose()
+                sync_client.close()
+                self._pool.shutdown(wait=False)
+        if not ready:
+            return
         self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
         if self.metrics is not None:
             self.metrics.set_eviction_policy_ok(self.eviction_policy_ok)

@@ -470,3 +470,17 @@ def test_an_idle_node_starts_a_delayed_job_when_it_comes_due(
     assert run_at <= started[0] <= run_at + 250  # never early; late by a claim at most
     b.stop()
     b.join()
+
+
+def test_a_node_waits_for_an_unreachable_redis_and_stops_cleanly(
+    app: JobQ, bg: list[Background], caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.harness.redis_server import free_port
+
+    dead = JobQ(f"redis://127.0.0.1:{free_port()}/0")
+    b = Background(dead)
+    bg.append(b)
+    wait_for(lambda: "not reachable yet" in caplog.text, 10, "the retry warning")
+    b.stop()
+    b.join(10)
+    assert b.worker.stats["claimed"] == 0
