@@ -421,10 +421,12 @@ class SentinelRedis(redis.Redis):
     jobq_sentinel: Any = None
 
     def close(self) -> None:
-        super().close()
-        if self.jobq_sentinel is not None:
-            for s in self.jobq_sentinel.sentinels:
-                s.close()
+        try:
+            super().close()
+        finally:
+            if self.jobq_sentinel is not None:
+                for s in self.jobq_sentinel.sentinels:
+                    s.close()
 
 
 class AsyncSentinelRedis(redis.asyncio.Redis):
@@ -433,10 +435,13 @@ class AsyncSentinelRedis(redis.asyncio.Redis):
     jobq_sentinel: Any = None
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
-        if self.jobq_sentinel is not None:
-            for s in self.jobq_sentinel.sentinels:
-                await s.aclose()
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.jobq_sentinel is not None:
+                for s in self.jobq_sentinel.sentinels:
+                    await s.connection_pool.disconnect(inuse_connections=True)
+                    await s.aclose()
 
 
 # -- client factories ---------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class SentinelGroup:
     sentinels: int = 3
     down_after_ms: int = 500
     failover_timeout_ms: int = 2000
+    #: The port replicas replicate from (a chaos proxy in front of the primary); 0 = the primary.
+    replica_upstream: int = 0
     primary: RedisServer = field(default_factory=RedisServer)
     replica_servers: list[RedisServer] = field(default_factory=list)
     sentinel_procs: list[SentinelProcess] = field(default_factory=list)
@@ -60,7 +62,8 @@ class SentinelGroup:
         try:
             self.primary.start()
             for _ in range(self.replicas):
-                rep = RedisServer(extra=["--replicaof", "127.0.0.1", str(self.primary.port)])
+                upstream = self.replica_upstream or self.primary.port
+                rep = RedisServer(extra=["--replicaof", "127.0.0.1", str(upstream)])
                 self.replica_servers.append(rep.start())
             self.wait_replicas_in_sync()
             for _ in range(self.sentinels):
