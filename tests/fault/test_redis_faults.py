@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -498,3 +499,90 @@ def _noscript_count(r: redis.Redis) -> int:
     stats = r.info("errorstats")
     entry = stats.get("errorstat_NOSCRIPT")
     return int(entry["count"]) if isinstance(entry, dict) else 0
+
+
+# -- F9: clock skew --------------------------------------------------------------------------------
+SKEW_SITECUSTOMIZE = """
+import os, time
+_offset = float(os.environ.get("JOBQ_TEST_CLOCK_OFFSET", "0"))
+if _offset:
+    _time, _time_ns = time.time, time.time_ns
+    time.time = lambda: _time() + _offset
+    time.time_ns = lambda: _time_ns() + int(_offset * 1e9)
+"""
+
+
+def test_f9_clock_skew_changes_nothing(
+    redis_server: RedisServer, r: redis.Redis, worker_fleet, history: History, seed: int, tmp_path: Path
+) -> None:
+    """Worker processes whose clocks are off by -5 s, +5 s and +1 h (time.time shifted at
+    interpreter start): jobs outlasting the lease are never reaped early, and delayed jobs start
+    no earlier than their run time on the Redis clock, and at most poll interval + 100 ms later.
+    (Cron ticks are minutes; their exactly-once firing is tested with the fake clock.)"""
+    from tests.harness.checker import Snapshot, check, wait_drained
+    from tests.harness.fleet import REPO
+
+    site = tmp_path / "skew"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SKEW_SITECUSTOMIZE)
+    poll = 0.2
+    fleet = worker_fleet(redis_server.url, concurrency=8, lease=2.0, reap_interval=0.5, poll_interval=poll)
+    for name, offset in (("minus5s", -5), ("plus5s", 5), ("plus1h", 3600)):
+        fleet.spawn(
+            name,
+            env={
+                "JOBQ_TEST_CLOCK_OFFSET": str(offset),
+                "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+            },
+        )
+    probe = fleet.nodes["plus1h"]
+    assert probe.alive()
+    app = JobQ(redis_server.url)
+    prod = Producer(app, history)
+    long_ids = prod.enqueue_batch(9, sleep=3.0)  # 1.5 x lease: renewed, never reaped (slots left free)
+    delayed = [
+        prod.enqueue(sleep=0.0, options={"delay": 0.5 + 0.1 * i})
+        for i in range(proxy_fixtures.scale(20, 100))
+    ]
+    assert set(delayed) == {"enqueue_ok"}
+    wait_drained(r, ["fault"], 60)
+    snap = Snapshot.take(r)
+    fleet.shutdown()
+    report = check(history, snap)
+    report.assert_ok(f"seed={seed} history={history.dir}")
+    assert report.duplicates == {} and report.reaped_jobs == 0, report.summary()
+    assert all(snap.jobs[j].reaped == 0 for j in long_ids)
+    early, late = [], []
+    for e in history.enqueues():
+        if e.job_id in long_ids:
+            continue
+        started, run_at = (
+            int(x) for x in r.hmget(app.keys.job("fault", e.job_id), "started_ms", "run_at_ms")
+        )
+        if started < run_at:
+            early.append((e.job_id, run_at - started))
+        if started > run_at + (poll + 0.1) * 1000:
+            late.append((e.job_id, started - run_at))
+    print(f"F9: delayed jobs early {early}, late {late}")
+    assert early == []
+    assert late == []
+    # The nodes' clocks really were off: their records are stamped with the skewed time.
+    t_redis = r.time()[0]
+    by_node = {a.node: a.t_start for a in history.attempts()}
+    assert by_node["plus1h"] - t_redis > 3000
+    app.close()
+
+
+def test_f9_lease_and_schedule_paths_never_read_the_node_clock() -> None:
+    """Static: shared time (leases, run times, deadlines, cron ticks) comes from Redis TIME or a
+    test clock's now_ms; the modules on those paths never read the wall clock."""
+    root = Path(__file__).resolve().parents[2] / "jobq"
+    paths = ["app", "clock", "cron", "heartbeat", "reaper", "scheduler", "store", "worker", "keys"]
+    pattern = re.compile(r"\btime\.time(_ns)?\(|datetime\.(now|utcnow|today)\(|\bdate\.today\(")
+    hits = [
+        f"{name}.py:{i}: {line.strip()}"
+        for name in paths
+        for i, line in enumerate((root / f"{name}.py").read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert hits == []
