@@ -215,6 +215,7 @@ class Worker:
         self._hard_stop: asyncio.Event | None = None
         self._reap_not_before = 0.0
         self._promoted_at = 0.0
+        self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
         self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0}
@@ -417,7 +418,7 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
                 continue
             errors = 0
-            if got >= free:
+            if got >= free or self._claim_more:
                 # Let completions of this loop turn land, so the next claim takes them together.
                 await asyncio.sleep(0)
                 continue
@@ -454,6 +455,7 @@ class Worker:
         assert self.runner is not None
         got = 0
         visited = 0
+        self._claim_more = False
         next_due: int | None = None
         for q in self.app.rotate_shards(self._queue_order()):
             want = free - got
@@ -476,6 +478,8 @@ class Worker:
             for job in res.jobs:
                 self._start(job)
             got += len(res.jobs)
+            if res.dead and len(res.jobs) + len(res.dead) >= want:
+                self._claim_more = True  # dead-lettered entries filled the batch: look again
         if visited == len(self.queues):
             self._promoted_at = time.monotonic()  # claim promoted every queue's due jobs
         self._next_due_ms = next_due

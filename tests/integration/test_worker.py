@@ -8,6 +8,7 @@ import collections
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -484,3 +485,31 @@ def test_a_node_waits_for_an_unreachable_redis_and_stops_cleanly(
     b.stop()
     b.join(10)
     assert b.worker.stats["claimed"] == 0
+
+
+def test_expired_jobs_filling_a_claim_do_not_delay_the_next_job(
+    redis_url: str, r: redis.Redis, bg: list[Background]
+) -> None:
+    clock = jobq.FakeClock()
+    app = JobQ(redis_url, clock=clock)
+
+    @app.task
+    def work() -> str:
+        return "ran"
+
+    # Due in 5 s; three of them expire 0.5 s after that, the last one never.
+    expired = [app.enqueue(work, delay=5, deadline=timedelta(seconds=5.5)) for _ in range(3)]
+    job = app.enqueue(work, delay=5)
+    b = Background(app, concurrency=3, poll_interval=30, maintenance=False)
+    bg.append(b)
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+    time.sleep(0.1)  # let the node settle into its (30 s) idle wait
+    clock.advance(10)
+    r.publish(app.keys.wake("default"), "r")
+    # Its claim pops the 3 expired jobs (dead-lettered) and nothing else: the node must look
+    # again at once rather than after its poll interval.
+    assert job.result(timeout=5, poll_interval=0.01) == "ran"
+    assert [j.status() for j in expired] == [JobState.DEAD] * 3
+    b.stop()
+    b.join()
+    app.close()
