@@ -331,12 +331,13 @@ def test_s3_thundering_herd(
     n = int(os.environ.get("JOBQ_S3_JOBS", 1_000_000))
     history.fsync = False
     now_ms = int(r.time()[0]) * 1000
-    due = now_ms + 1000 * max(60, n // 10_000)  # after the enqueue is done
+    due = now_ms + 5000 + n * 1000 // 15_000  # after the enqueue is done (~25k jobs/s here)
     prod = Producer(app, history)
     t_enq = time.monotonic()
     ok = prod.enqueue_batch(n, options={"run_at": due / 1000})
     t_enq = time.monotonic() - t_enq
     assert len(ok) == n
+    assert int(r.time()[0]) * 1000 < due, "the enqueue took longer than planned: jobs became due early"
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
     nodes = fleet.start(10, concurrency=20)
     r.config_set("slowlog-log-slower-than", 10000)
@@ -384,8 +385,10 @@ def test_s4_reconnect_storm(
     fresh_server.start()
     admin = fresh_server.admin_client()
     app = JobQ(fresh_server.url)
-    n_nodes = int(os.environ.get("JOBQ_S4_NODES", 50))
-    fleet = worker_fleet(fresh_server.url, lease=LEASE, grace=GRACE, reap_interval=REAP)
+    n_nodes = int(os.environ.get("JOBQ_S4_NODES", 35))  # about 6 connections each: ~200
+    # Default lease (30 s): heartbeats every 10 s spread the reconnects; a 2 s test lease would
+    # force every heartbeat to reconnect within 0.7 s.
+    fleet = worker_fleet(fresh_server.url, lease=30.0, grace=GRACE, reap_interval=5.0, poll_interval=1.0)
     fleet.start(n_nodes, concurrency=2)
     prod = Producer(app, history)
     prod.enqueue_batch(200, sleep=0.05)
@@ -398,6 +401,7 @@ def test_s4_reconnect_storm(
     fresh_server.start()
     t_up = time.monotonic()
     admin = fresh_server.admin_client()
+    up_ms = int(admin.time()[0]) * 1000
     samples: list[tuple[float, int]] = []
     while time.monotonic() - t_up < 10:
         samples.append((time.monotonic() - t_up, int(admin.info("clients")["connected_clients"]) - 1))
@@ -409,8 +413,12 @@ def test_s4_reconnect_storm(
     ids = prod.enqueue_batch(100, sleep=0.01)
     wait_drained(admin, [Q], timeout=30)
     recovery = time.monotonic() - t_r
-    now_ms = int(admin.time()[0]) * 1000
-    fresh = sum(1 for _, s in admin.zrange("jobq:nodes", 0, -1, withscores=True) if now_ms - s < 5000)
+    # Every node heartbeats again (one heartbeat interval, lease / 3 = 10 s, after the restart).
+    while time.monotonic() - t_up < 12:
+        fresh = sum(1 for _, s in admin.zrange("jobq:nodes", 0, -1, withscores=True) if s >= up_ms)
+        if fresh == n_nodes:
+            break
+        time.sleep(0.2)
     snap = Snapshot.take(admin)
     rep = check(history, snap)
     figures(
