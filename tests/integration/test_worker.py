@@ -513,3 +513,31 @@ def test_expired_jobs_filling_a_claim_do_not_delay_the_next_job(
     b.stop()
     b.join()
     app.close()
+
+
+def test_a_silent_pubsub_connection_is_detected_and_replaced(
+    redis_url: str,
+    redis_server: Any,
+    bg: list[Background],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jobq import worker as worker_module
+    from tests.harness.chaos_proxy import ChaosProxy
+
+    # A partition raises nothing on an idle subscription: only the PING probe can tell.
+    monkeypatch.setattr(worker_module, "PUBSUB_PING_INTERVAL", 0.3)
+    proxy = ChaosProxy(redis_server.port).start()
+    try:
+        app = JobQ(proxy.url(redis_url))
+        b = Background(app, poll_interval=0.2, maintenance=False)
+        bg.append(b)
+        wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+        proxy.blackhole()
+        wait_for(lambda: not b.worker.pubsub_connected, 5, "the silent subscription noticed")
+        proxy.pass_()
+        wait_for(lambda: b.worker.pubsub_connected, 10, "pub/sub back after the heal")
+        b.stop()
+        b.join()
+        app.close()
+    finally:
+        proxy.stop()
