@@ -649,7 +649,7 @@ def request_from_mapping(data: Mapping[str, Any], index: int | None = None) -> E
     allowed = {"task", "args", "kwargs", *OPTION_NAMES}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise errors.InvalidInput(f"{where}{unknown[0]}: unknown field", str(unknown[0]))
+        raise errors.InvalidInput(f"{where}{unknown[0]!r}: unknown field", str(unknown[0]))
     if "task" not in data:
         raise errors.InvalidTaskName(f"{where}task: missing")
     args = data.get("args", ())

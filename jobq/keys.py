@@ -68,7 +68,7 @@ def validate_queue(name: object) -> str:
     """Return ``name`` if it is a valid queue name, else raise :class:`InvalidQueueName`."""
     if not isinstance(name, str):
         raise InvalidQueueName(f"queue: must be a string, got {type(name).__name__}")
-    if not _QUEUE_RE.match(name):
+    if not _QUEUE_RE.fullmatch(name):  # fullmatch: "$" would accept a trailing newline
         raise InvalidQueueName(
             f"queue: {name[:140]!r} is not a valid queue name (1-{MAX_QUEUE_NAME} characters of "
             "A-Z a-z 0-9 . _ - /, optionally a shard suffix #N; no braces, colons, spaces or "
@@ -81,7 +81,7 @@ def validate_task_name(name: object) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
     if not isinstance(name, str):
         raise InvalidTaskName(f"task: must be a string, got {type(name).__name__}")
-    if not _TASK_RE.match(name):
+    if not _TASK_RE.fullmatch(name):
         raise InvalidTaskName(
             f"task: {name[:210]!r} is not a valid task name (1-200 characters of "
             "A-Z a-z 0-9 . _ - : / < >; no spaces or control characters)"
@@ -91,7 +91,7 @@ def validate_task_name(name: object) -> str:
 
 def validate_node(name: str) -> str:
     """Return ``name`` if it is a valid node id, else raise ``ValueError``."""
-    if not _NODE_RE.match(name):
+    if not _NODE_RE.fullmatch(name):
         raise ValueError(f"node id: {name!r} must be 1-128 characters of A-Z a-z 0-9 . _ - /")
     return name
 

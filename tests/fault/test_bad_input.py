@@ -7,16 +7,21 @@ Redis is fed to a running worker (B2).
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
 import redis
+from hypothesis import strategies as st
 
 from jobq import JobQ
 from jobq.codec import encode_payload
@@ -25,7 +30,6 @@ from tests.harness.proxy_fixtures import ThreadWorker, keyspace
 
 pytestmark = [pytest.mark.fault]
 
-seed = proxy_fixtures.seed
 thread_workers = proxy_fixtures.thread_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,3 +190,180 @@ def test_b6_ndjson_one_bad_line_in_1000_all_or_nothing(redis_url: str, r: redis.
     assert res.returncode == 0, res.stdout + res.stderr
     assert r.zcard(JobQ(redis_url).keys.ready(Q)) == 1000
     assert time.monotonic() - t0 < 30
+
+
+# -- B1 over HTTP, B5: the HTTP API ------------------------------------------------------------------
+def _http_api(url: str) -> Iterator[tuple[JobQ, int]]:
+    from jobq.http import ApiServer
+
+    app = JobQ(url)
+    server = ApiServer(app, port=0).start()
+    try:
+        yield app, server.port
+    finally:
+        server.close()
+        app.close()
+
+
+@pytest.fixture
+def http_api(redis_url: str) -> Iterator[tuple[JobQ, int]]:
+    yield from _http_api(redis_url)
+
+
+def _request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    ctype: str | None = "application/json",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    hdrs = dict(headers or {})
+    if ctype is not None:
+        hdrs["Content-Type"] = ctype
+    t0 = time.monotonic()
+    try:
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data, time.monotonic() - t0
+    finally:
+        conn.close()
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+#: (body, expected status, field the error must name)
+BAD_HTTP: list[tuple[bytes, int, str]] = [
+    (b"{bad json", 400, "body"),
+    (b"\xff\xfe\x00garbage", 400, "body"),
+    (b'{"task": "t", "args": [NaN]}', 400, "body"),
+    (b'{"task": "t", "args": [Infinity]}', 400, "body"),
+    (('{"task": "t", "args": ' + _deep(10_000) + "}").encode(), 400, "body"),
+    (json.dumps({"task": "t\n"}).encode(), 400, "task"),
+    (json.dumps({"task": "t", "priority": 1000}).encode(), 400, "priority"),
+    (json.dumps({"task": "t", "priority": "high"}).encode(), 400, "priority"),
+    (json.dumps({"task": "t", "delay": "30x"}).encode(), 400, "delay"),
+    (json.dumps({"task": "t", "delay": -1}).encode(), 400, "delay"),
+    (json.dumps({"task": "t", "run_at": 2**60}).encode(), 400, "run_at"),
+    (json.dumps({"task": "t", "run_at": 2000, "deadline": 1000}).encode(), 400, "deadline"),
+    (json.dumps({"task": "t", "max_attempts": 0}).encode(), 400, "max_attempts"),
+    (json.dumps({"task": "t", "queue": ""}).encode(), 400, "queue"),
+    (json.dumps({"task": "t", "queue": "a{b}"}).encode(), 400, "queue"),
+    (json.dumps({"task": "t", "queue": "a b"}).encode(), 400, "queue"),
+    (json.dumps({"task": "t", "queue": "q\n"}).encode(), 400, "queue"),
+    (json.dumps({"task": "t", "queue": "q\u0000"}).encode(), 400, "queue"),
+    (json.dumps({"task": "t", "queue": "x" * 300}).encode(), 400, "queue"),
+    (json.dumps({"task": "bad\u0001task"}).encode(), 400, "task"),
+    (json.dumps({"task": "t", "unique_key": "u" * 600}).encode(), 400, "unique_key"),
+    (json.dumps({"task": "t", "kwargs": [1]}).encode(), 400, "kwargs"),
+    (json.dumps({"task": "t", "nope": 1}).encode(), 400, "nope"),
+    (json.dumps({"args": [1]}).encode(), 400, "task"),
+    (json.dumps([{"task": "t"}, {"task": "t", "priority": 999}]).encode(), 400, "priority"),
+    (json.dumps({"task": "t", "args": ["x" * (1024 * 1024)]}).encode(), 400, "payload"),
+    (b'{"task": "t", "args": ["' + b"x" * (3 * 1024 * 1024) + b'"]}', 413, "body"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"), BAD_HTTP, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD_HTTP)]
+)
+def test_b1_http_rejects_naming_the_field_nothing_written(
+    http_api: tuple[JobQ, int], r: redis.Redis, body: bytes, status: int, field: str
+) -> None:
+    app, port = http_api
+    app.enqueue("t", [1], queue="default")
+    before = keyspace(r)
+    got, data, _ = _request(port, "POST", "/jobs", body)
+    assert got == status, (got, data[:300])
+    err = json.loads(data)
+    assert err.get("field", "").replace("-", "_").lower().endswith(field), err
+    assert keyspace(r) == before
+
+
+def test_b5_http_limits_413_fast_415_411(http_api: tuple[JobQ, int], r: redis.Redis) -> None:
+    _, port = http_api
+    before = keyspace(r)
+    # 100 MiB announced, a few bytes sent: refused without reading, at once.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        t0 = time.monotonic()
+        s.sendall(
+            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 104857600\r\n\r\n{"task": '
+        )
+        head = s.recv(65536)
+        took = time.monotonic() - t0
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert took <= 0.1, f"413 took {took * 1000:.0f} ms"
+    status, data, _ = _request(port, "POST", "/jobs", b'{"task": "t"}', ctype="text/plain")
+    assert status == 415 and json.loads(data)["field"] == "Content-Type"
+    status, data, _ = _request(port, "POST", "/jobs", b'{"task": "t"}', ctype=None)
+    assert status == 415
+    assert keyspace(r) == before
+
+
+# Hypothesis strategies for B5: any JSON, job-like objects with hostile field values, raw bytes.
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = "task args kwargs queue priority delay run_at scheduled_at max_attempts timeout deadline"
+_fields = st.sampled_from([*_FIELDS.split(), "unique_key", "retry_backoff", "job_id", "bogus"])
+_job = st.dictionaries(_fields, _json, max_size=6).map(lambda d: {"task": "t", **d})
+_body = st.one_of(
+    _json.map(lambda v: json.dumps(v).encode()),
+    _job.map(lambda v: json.dumps(v).encode()),
+    st.lists(_job, max_size=5).map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=64),
+)
+_path = st.one_of(
+    st.sampled_from(["/jobs", "/jobs/", "/stats", "/health", "/metrics", "/openapi.json", "/", "/nope"]),
+    st.text(alphabet="abcdefghij0123456789-_%{}", max_size=12).map(lambda s: "/jobs/" + s),
+    st.sampled_from(["/jobs?queue=", "/jobs?queue=a{b", "/jobs?state=zzz&limit=-1", "/jobs?limit=abc"]),
+)
+
+
+def test_b5_http_fuzz_no_5xx(http_api: tuple[JobQ, int], seed: int) -> None:
+    """Random methods, paths, content types and bodies against the API: never a 5xx, and every
+    4xx is a JSON error (with the field for 400/411/413/415)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    _, port = http_api
+    seen: dict[int, int] = {}
+
+    @hseed(seed)
+    @settings(
+        max_examples=proxy_fixtures.scale(800, 10_000),
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD"]),
+        path=_path,
+        body=_body,
+        ctype=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]),
+    )
+    def one(method: str, path: str, body: bytes, ctype: str | None) -> None:
+        send = body if method in ("POST", "PUT", "PATCH", "DELETE") else None
+        status, data, _ = _request(port, method, path, send, ctype=ctype)
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, (method, path, body[:200], status, data[:300])
+        if 400 <= status < 500 and method != "HEAD":
+            err = json.loads(data)
+            assert isinstance(err.get("error"), str)
+            if status in (400, 411, 413, 415):
+                assert isinstance(err.get("field"), str), err  # may be "" for an unknown "" key
+
+    one()
+    print(f"B5: statuses {dict(sorted(seen.items()))}")
