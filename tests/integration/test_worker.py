@@ -162,7 +162,19 @@ def test_retry_and_fail_from_a_task(app: JobQ) -> None:
     assert "card declined" in (i2.error or "")
 
 
-def test_burst_waits_for_an_immediate_retry(app: JobQ) -> None:
+def test_burst_waits_for_an_immediate_retry(app: JobQ, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobq.scripts import ScriptName
+    from jobq.store import AsyncRunner
+
+    # A slow fail call: the node must not decide it is done while the fail is on its way.
+    real_run = AsyncRunner.run
+
+    async def slow_fail(self: AsyncRunner, call: Any) -> Any:
+        if call.script is ScriptName.FAIL:
+            await asyncio.sleep(0.3)
+        return await real_run(self, call)
+
+    monkeypatch.setattr(AsyncRunner, "run", slow_fail)
     tries: list[int] = []
 
     @app.task(max_attempts=3)
