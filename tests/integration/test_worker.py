@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -553,3 +554,29 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
         app.close()
     finally:
         proxy.stop()
+
+
+def test_heartbeat_renews_every_lease_third_in_one_round_trip(
+    app: JobQ, bg: list[Background], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobq.scripts import ScriptName
+    from jobq.store import SyncRunner
+
+    beats: list[tuple[float, list[str]]] = []
+    real = SyncRunner.run_many
+
+    def spy(self: SyncRunner, calls: Any) -> Any:
+        if calls and all(c.script is ScriptName.EXTEND for c in calls):
+            beats.append((time.monotonic(), [c.queue for c in calls]))
+        return real(self, calls)
+
+    monkeypatch.setattr(SyncRunner, "run_many", spy)
+    b = Background(app, queues=[("a", 1), ("b", 1), ("c", 1)], lease=0.6, maintenance=False)
+    bg.append(b)
+    wait_for(lambda: len(beats) >= 6, 5, "6 beats")
+    b.stop()
+    b.join()
+    # One pipelined round trip per beat renews every queue; beats come every lease / 3.
+    assert all(sorted(qs) == ["a", "b", "c"] for _, qs in beats)
+    gaps = sorted(t2 - t1 for (t1, _), (t2, _) in itertools.pairwise(beats[:6]))
+    assert 0.15 <= gaps[len(gaps) // 2] <= 0.3, gaps  # the median: robust to a loaded machine
