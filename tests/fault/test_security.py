@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -239,6 +240,29 @@ def test_sec5_metrics_binds_loopback_by_default(redis_url: str, tmp_path: Path) 
         assert proc.wait(20) == 0
 
 
+def test_sec5_http_api_binds_loopback_by_default(redis_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobq", "serve", "--port", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_worker_env(redis_url, tmp_path),
+            cwd=ROOT,
+        )
+    try:
+        m = _wait_for_line(log, r"HTTP API on http://([\d.]+):(\d+)", 20)
+        assert m.group(1) == "127.0.0.1"
+        port = int(m.group(2))
+        socks = _listening(proc.pid)
+        assert socks == [f"127.0.0.1:{port}"], socks
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
 # -- SEC4: the canary password ---------------------------------------------------------------------
 CANARY = "CANARY-7f3a9c2e51d04b8a"
 
@@ -326,6 +350,65 @@ def test_sec4_canary_password_appears_nowhere(tmp_path: Path) -> None:
         bad.send_signal(signal.SIGTERM)
         bad.wait(30)
         seen["worker (unreachable redis)"] = (tmp_path / "unreachable.log").read_text(errors="replace")
+        # The HTTP API and the producer/inspection CLI, with the URL in the environment.
+        serve_log = tmp_path / "serve.log"
+        with serve_log.open("wb") as out:
+            api = subprocess.Popen(
+                [sys.executable, "-m", "jobq", "serve", "--port", "0"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_worker_env(url, tmp_path),
+                cwd=ROOT,
+            )
+        try:
+            m = _wait_for_line(serve_log, r"HTTP API on http://[\d.]+:(\d+)", 20)
+            api_port = int(m.group(1))
+            body = b'{"task": "tests.integration.worker_tasks.record", "args": [7], "queue": "proc"}'
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{api_port}/jobs", body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                seen["http POST /jobs"] = resp.read().decode()
+            for path in ("/health", "/stats", "/metrics", "/jobs?queue=proc"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{api_port}{path}", timeout=5) as resp:
+                    seen[f"http {path}"] = resp.read().decode()
+            seen["ps serve"] = subprocess.run(
+                ["ps", "-o", "args=", "-p", str(api.pid)], capture_output=True, text=True
+            ).stdout
+            server.kill()  # connection errors through the API
+            for path in ("/health", "/stats", "/jobs?queue=proc"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}{path}", timeout=10) as resp:
+                        seen[f"http {path} (redis down)"] = resp.read().decode()
+                except urllib.error.HTTPError as exc:
+                    seen[f"http {path} (redis down)"] = f"{exc.code} " + exc.read().decode(errors="replace")
+            down = subprocess.run(
+                [sys.executable, "-m", "jobq", "enqueue", "t", "[1]"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+                env=_worker_env(url, tmp_path),
+            )
+            seen["cli enqueue (redis down)"] = down.stdout + down.stderr
+            assert down.returncode != 0
+            server.start()
+        finally:
+            api.send_signal(signal.SIGTERM)
+            api.wait(20)
+        seen["serve output"] = serve_log.read_text(errors="replace")
+        for cmd in (["enqueue", "t", "[1]", "-q", "proc"], ["stats"], ["nodes"], ["jobs", "--help"]):
+            res = subprocess.run(
+                [sys.executable, "-m", "jobq", *cmd],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+                env=_worker_env(url, tmp_path),
+            )
+            seen[f"cli {' '.join(cmd)}"] = res.stdout + res.stderr
+            assert res.returncode == 0, (cmd, res.stdout, res.stderr)
+        seen["CLIENT LIST (end)"] = repr(server.admin_client().client_list())
         seen["redis log"] = (server.dir / "redis.log").read_text(errors="replace")
     finally:
         server.cleanup()
