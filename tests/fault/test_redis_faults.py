@@ -22,6 +22,7 @@ import redis
 
 from jobq import JobQ, RedisOutOfMemory
 from jobq.errors import RedisBusy
+from jobq.metrics import Metrics
 from tests.harness import proxy_fixtures
 from tests.harness.fleet import Node
 from tests.harness.history import History, Producer
@@ -170,8 +171,13 @@ def test_f15_eviction_policy_warning_at_worker_start(
     policy = server.maxmemory_policy
     app = make_app(server.url, Runs())
     caplog.set_level(logging.WARNING, logger="jobq")
-    w = ThreadWorker(app, queues=[(Q, 1)], concurrency=1, lease=2, burst=True).start()
+    w = ThreadWorker(app, queues=[(Q, 1)], concurrency=1, lease=2, burst=True)
+    metrics = Metrics(app, node=w.node, collect_queues=False)
+    w.worker.metrics = metrics
+    w.start()
     assert w.join(30) and w.error is None
+    gauge = metrics.registry.get_sample_value("jobq_redis_eviction_policy_ok")
+    assert gauge == (0.0 if warned else 1.0)
     hits = [
         r for r in caplog.records if r.levelno == logging.WARNING and "maxmemory-policy" in r.getMessage()
     ]
