@@ -267,7 +267,8 @@ def test_f6_partition_self_fence_rerun_heal(
     fleet, a = _partitioned_fleet(worker_fleet, redis_server, proxy)
     app = JobQ(redis_server.url)
     prod = Producer(app, history, task=ARECORD_TASK)
-    held = prod.enqueue_batch(5, sleep=6.0)  # outlasts the partition's start comfortably
+    held = prod.enqueue_batch(3, sleep=6.0)  # outlasts the partition's start comfortably
+    held_sync = Producer(app, history).enqueue_batch(2, sleep=6.0)
     _hold_jobs_on(r, "a", 5)
     fleet.start(2)
     time.sleep(0.3)
@@ -296,10 +297,21 @@ def test_f6_partition_self_fence_rerun_heal(
         assert again[0].t_start - t_part <= LEASE + REAP + 1.0, again[0].t_start - t_part
         assert again[0].t_start >= on_a[0].t_end, "re-run overlapped the fenced node's run"
         assert snap.jobs[jid].node != "a"
+    # Its sync jobs cannot be cancelled: flagged at the fence, they run on, their results are
+    # never stored, and the others re-run them (an overlap a sync task must tolerate).
+    a_log = a.log_text()
+    for jid in held_sync:
+        on_a = [x for x in runs[jid] if x.node == "a"]
+        again = [x for x in runs[jid] if x.node != "a"]
+        assert len(on_a) == 1 and len(again) == 1 and again[0].outcome == "ok", runs[jid]
+        assert again[0].t_start - t_part <= LEASE + REAP + 1.0
+        assert snap.jobs[jid].node != "a" and snap.jobs[jid].result["node"] != "a"
+        flagged = [ln for ln in a_log.splitlines() if jid in ln and "fenced" in ln]
+        assert len(flagged) == 1, flagged
     # a stopped claiming at once.
     assert not [x for jid in during for x in runs[jid] if x.node == "a"]
     # (d) its lost jobs are counted (one "stale completion" line each), and it resumed.
-    assert len(a.log_text().split("stale completion")) - 1 >= len(held)
+    assert a_log.count("stale completion") == len(held) + len(held_sync)
     resumed = [x.t_start - t_heal for jid in after for x in runs[jid] if x.node == "a"]
     assert resumed and min(resumed) <= 5.0, f"a resumed {min(resumed or [99]):.2f} s after the heal"
     # (e) 0 lost (the checker above), and no crash.
