@@ -382,6 +382,10 @@ class AsyncSentinelConnection(_AsyncVersionCheck, redis.asyncio.sentinel.Sentine
     pass
 
 
+class AsyncSentinelSSLConnection(_AsyncVersionCheck, redis.asyncio.sentinel.SentinelManagedSSLConnection):
+    pass
+
+
 def _cluster_version_error(exc: Exception) -> Exception:
     """redis-py reports a node it could not initialise as ``RedisClusterException``; when the
     cause was jobq's version check, raise that instead."""
@@ -566,14 +570,13 @@ def async_client(
             **opts,
         )
     if t.kind == "sentinel":
-        if t.tls:
-            raise _bad(url, "rediss+sentinel:// is not supported by the asyncio client yet")
+        opts.update(_tls_kwargs(t))
         opts.update(kw)
         sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
         aclient = sentinel.master_for(
             t.service,
             db=t.db,
-            connection_class=AsyncSentinelConnection,
+            connection_class=AsyncSentinelSSLConnection if t.tls else AsyncSentinelConnection,
             redis_class=AsyncSentinelRedis,
             **opts,
         )

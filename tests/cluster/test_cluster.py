@@ -178,6 +178,9 @@ def test_shard_declaration_is_validated(cluster_url: str) -> None:
         JobQ(cluster_url, shards={"hot#1": 2})
     with pytest.raises(errors.InvalidQueueName):
         JobQ(cluster_url).enqueue("t", queue="hot#x")
+    with pytest.raises(errors.InvalidInput) as e:
+        JobQ(cluster_url, durable=True)  # WAIT per slot owner is not offered on a cluster
+    assert e.value.field == "durable"
 
 
 def test_sharded_queue_spreads_jobs_over_nodes_and_one_worker_drains_all(
