@@ -217,6 +217,14 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     hidden=True,
     help="Reaper pass interval (default: lease/6, at most 5 s).",
 )
+@click.option(
+    "--max-zombies",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Drain and exit 0 once this many timed-out sync tasks are stuck in their threads "
+    "(so a supervisor restarts the node); 0 = never.",
+)
 @click.option("--no-maintenance", is_flag=True, hidden=True, help="Run no reaper/scheduler.")
 @click.pass_context
 def worker(
@@ -236,6 +244,7 @@ def worker(
     log_level: str,
     poll_interval: float,
     reap_interval: float | None,
+    max_zombies: int,
     no_maintenance: bool,
 ) -> None:
     """Run a worker node: claim jobs from QUEUES and run them.
@@ -280,6 +289,7 @@ def worker(
         poll_interval=poll_interval,
         reap_interval=reap_interval,
         maintenance=not no_maintenance,
+        max_zombies=max_zombies,
     )
     if processes == 1:
         code = _run_node(app, config, url, metrics_host, metrics_port)

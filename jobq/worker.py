@@ -84,6 +84,9 @@ class WorkerConfig:
     node_ttl: float | None = None
     #: Run the reaper and scheduler loops on this node.
     maintenance: bool = True
+    #: Drain and exit (0) once this many zombie threads (timed-out sync tasks whose threads
+    #: still run, holding their slots) pile up, so a supervisor can restart the node; 0 = never.
+    max_zombies: int = 0
 
 
 def default_node_id() -> str:
@@ -561,6 +564,7 @@ class Worker:
                         log.warning("job %s: could not interrupt its thread after timeout", job.id)
                     run.zombie = True
                     fut.add_done_callback(lambda _: self._zombie_done(run))
+                    asyncio.get_running_loop().call_soon(self._check_zombies)
                 raise JobTimeout() from None
         finally:
             # Given up (timeout, lost lease, shutdown): never start it if it is still queued in
@@ -568,6 +572,12 @@ class Worker:
             call.give_up()
             if call.done:
                 self._sync_calls.discard(call)
+
+    def _check_zombies(self) -> None:
+        limit, n = self.config.max_zombies, self.zombie_threads()
+        if limit and n >= limit and not self._stopping:
+            log.error("%d zombie thread(s) (--max-zombies %d): draining this node to exit", n, limit)
+            self._request_stop(True)
 
     def _zombie_done(self, run: _Running) -> None:
         run.zombie = False

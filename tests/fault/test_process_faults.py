@@ -522,3 +522,47 @@ def test_f13_async_task_blocks_the_loop(
         blocker_error=blocker.error,
         seed=seed,
     )
+
+
+def test_f12_max_zombies_drains_and_exits(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    """``--max-zombies 1``: the first stuck thread makes the node drain and exit 0 within grace;
+    another node runs the retry and the rest of the queue."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    host, port = silent.getsockname()
+    try:
+        fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+        prod = Producer(app, history)
+        a = fleet.spawn("a", concurrency=2, extra=["--max-zombies", "1"])
+        stuck = "stuck-recv"
+        prod.enqueue(
+            stuck,
+            mode="recv",
+            addr=f"{host}:{port}",
+            sleep=8.0,
+            options={"timeout": 1.0, "max_attempts": 2, "retry_backoff": 0},
+        )
+        ids = prod.enqueue_batch(5, sleep=0.5)
+        rc = a.wait(15)
+        t_exit = time.time()
+        assert rc == 0, a.log_text()[-3000:]
+        t_start = next(x.t_start for x in history.attempts() if x.job_id == stuck and x.node == "a")
+        took = t_exit - t_start - 1.0  # from the timeout to the exit
+        assert took <= GRACE + 1, took
+        assert "--max-zombies 1" in a.log_text()
+        assert not r.exists(active_key(a))
+        fleet.spawn("b", concurrency=2)
+        wait_until(lambda: r.hget(f"jobq:{{{Q}}}:job:{stuck}", "state") == b"dead", 20, "stuck job dead")
+        wait_drained(r, [Q], timeout=20)
+    finally:
+        silent.close()
+    snap = Snapshot.take(r)
+    rep = check(history, snap, explained={stuck: 1}, allow_release=True)
+    rep.assert_ok(ctx(seed, history))
+    assert all(snap.jobs[j].state == "done" for j in ids)
+    figures(
+        "F12-max-zombies", exit_code=rc, exit_after_timeout_s=round(took, 2), bound_s=GRACE + 1, seed=seed
+    )
