@@ -252,7 +252,7 @@ def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServe
     app.close()
 
 
-@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(2, 10)))
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(10, 100)))
 def test_f6_partition_self_fence_rerun_heal(
     redis_server: RedisServer, r: redis.Redis, chaos_proxy, worker_fleet, history, seed: int, trial: int
 ) -> None:
@@ -319,7 +319,7 @@ def test_f6_partition_self_fence_rerun_heal(
     app.close()
 
 
-@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(2, 10)))
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(3, 20)))
 def test_f6b_short_partition_no_duplicates_no_reaps(
     redis_server: RedisServer, r: redis.Redis, chaos_proxy, worker_fleet, history, seed: int, trial: int
 ) -> None:

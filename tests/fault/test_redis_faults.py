@@ -296,7 +296,7 @@ class _LoadThread:
         self.thread.join(30)
 
 
-@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(2, 50)))
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(5, 50)))
 def test_f4_kill9_redis_aof_everysec_restart(
     worker_fleet, history: History, seed: int, trial: int, tmp_path: Path
 ) -> None:

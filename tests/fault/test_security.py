@@ -24,10 +24,7 @@ import jobq
 from jobq import codec
 from jobq.errors import DecodeError
 from jobq.scripts import lua_dir
-from tests.harness import proxy_fixtures
 from tests.harness.redis_server import RedisServer
-
-seed = proxy_fixtures.seed
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "jobq"

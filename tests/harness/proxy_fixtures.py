@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,17 +42,9 @@ def chaos_proxy() -> Iterator[Callable[[RedisServer], ChaosProxy]]:
         p.stop()
 
 
-@pytest.fixture
-def seed(request: pytest.FixtureRequest) -> int:
-    """A logged, reproducible seed: ``JOBQ_TEST_SEED=<n>`` re-runs a failure."""
-    value = int(os.environ.get("JOBQ_TEST_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"\n{request.node.nodeid}: seed={value} (re-run with JOBQ_TEST_SEED={value})")
-    log.warning("%s: seed=%d", request.node.nodeid, value)
-    return value
-
-
-#: ``ci`` (default) or ``nightly`` (``JOBQ_TIER=nightly``): the longer, many-trial versions.
-TIER = os.environ.get("JOBQ_TIER", "ci")
+#: ``ci`` (default) or ``nightly`` (``JOBQ_NIGHTLY=1``, as scripts/nightly sets, or
+#: ``JOBQ_TIER=nightly``): the longer, many-trial versions.
+TIER = "nightly" if os.environ.get("JOBQ_NIGHTLY") == "1" else os.environ.get("JOBQ_TIER", "ci")
 
 
 def scale(ci: int, nightly: int) -> int:
