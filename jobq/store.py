@@ -2,8 +2,9 @@
 
 :class:`Store` builds one typed :class:`Call` per script (keys from :mod:`jobq.keys`, ARGV in the
 order of the script's header, a parser for its reply); it does no I/O. :class:`SyncRunner` and
-:class:`AsyncRunner` execute calls through redis-py ``Script`` objects (EVALSHA, reloaded on
-NOSCRIPT) and map every Redis error to the :mod:`jobq.errors` tree in one place.
+:class:`AsyncRunner` execute calls as a bare EVALSHA (on NOSCRIPT: SCRIPT LOAD and EVALSHA again,
+then EVAL of the same shipped text if a SCRIPT FLUSH came in between) and map every Redis error to
+the :mod:`jobq.errors` tree in one place.
 """
 
 from __future__ import annotations
@@ -531,29 +532,61 @@ AsyncClient = Any  # redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
 class SyncRunner:
-    """Runs calls on a synchronous redis-py client (standalone or cluster)."""
+    """Runs calls on a synchronous redis-py client (standalone or cluster).
+
+    A call is one bare ``EVALSHA`` through ``execute_command`` (routed by its keys on a cluster),
+    without redis-py's ``Script`` wrapper in the way. NOSCRIPT means the call did not run: the
+    script is loaded and the EVALSHA sent again; if a SCRIPT FLUSH lands between the two, EVAL of
+    the same static file's text cannot miss."""
 
     def __init__(self, client: SyncClient) -> None:
         self.client = client
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
+        self._shas: dict[ScriptName, str] = {n: str(s.sha) for n, s in self._scripts.items()}
+
+    def sha(self, name: ScriptName) -> str:
+        """The EVALSHA digest this runner sends for ``name``."""
+        return self._shas[name]
 
     def run(self, call: Call[T]) -> T:
         if call.wait[0] > 0:
             return self._run_wait(call)
         try:
-            raw = self._call(call)
+            raw = self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
+        except redis.exceptions.NoScriptError:
+            try:
+                raw = self._reload_and_run(call)
+            except Exception as exc:
+                raise map_error(exc, call.script.value, call.queue) from None
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
 
-    def _call(self, call: Call[Any]) -> Any:
-        script = self._scripts[call.script]
+    def _load(self, name: ScriptName) -> None:
+        self.client.script_load(self._scripts[name].script)
+
+    def _reload_and_run(self, call: Call[Any]) -> Any:
+        self._load(call.script)
         try:
-            return script(keys=call.keys, args=call.args, client=self.client)
+            return self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
         except redis.exceptions.NoScriptError:
-            # SCRIPT FLUSH between redis-py's reload and its EVALSHA retry: EVAL (the same
-            # static file's text) cannot miss. NOSCRIPT means the call did not run.
+            # SCRIPT FLUSH between the load and the retry: EVAL (the same static file's text)
+            # cannot miss. NOSCRIPT means the call did not run.
+            script = self._scripts[call.script]
             return self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
+
+    def _call(self, call: Call[Any]) -> Any:
+        """One call, raw reply, redis-py exceptions unmapped."""
+        try:
+            return self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
+        except redis.exceptions.NoScriptError:
+            return self._reload_and_run(call)
 
     def _run_wait(self, call: Call[T]) -> T:
         """The script and ``WAIT`` pipelined on one connection (``WAIT`` counts the replicas
@@ -613,28 +646,52 @@ class SyncRunner:
 
 
 class AsyncRunner:
-    """Runs calls on an asyncio redis-py client (standalone or cluster)."""
+    """Runs calls on an asyncio redis-py client (standalone or cluster); bare EVALSHA with the
+    NOSCRIPT handling of :class:`SyncRunner`."""
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
+        self._shas: dict[ScriptName, str] = {n: str(s.sha) for n, s in self._scripts.items()}
+
+    def sha(self, name: ScriptName) -> str:
+        return self._shas[name]
 
     async def run(self, call: Call[T]) -> T:
         if call.wait[0] > 0:
             return await self._run_wait(call)
         try:
-            raw = await self._call(call)
+            raw = await self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
+        except redis.exceptions.NoScriptError:
+            try:
+                raw = await self._reload_and_run(call)
+            except Exception as exc:
+                raise map_error(exc, call.script.value, call.queue) from None
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         return call.parse(raw)
 
-    async def _call(self, call: Call[Any]) -> Any:
+    async def _reload_and_run(self, call: Call[Any]) -> Any:
         script = self._scripts[call.script]
+        await self.client.script_load(script.script)
         try:
-            return await script(keys=call.keys, args=call.args, client=self.client)
+            return await self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
         except redis.exceptions.NoScriptError:
-            # See SyncRunner._call: flushed between the reload and the retry.
+            # See SyncRunner._reload_and_run: flushed between the load and the retry.
             return await self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
+
+    async def _call(self, call: Call[Any]) -> Any:
+        """One call, raw reply, redis-py exceptions unmapped."""
+        try:
+            return await self.client.execute_command(
+                "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
+            )
+        except redis.exceptions.NoScriptError:
+            return await self._reload_and_run(call)
 
     async def _run_wait(self, call: Call[T]) -> T:
         try:

@@ -32,6 +32,7 @@ if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
+local now_s = fmt_int(now)
 local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 local n = int_arg(ARGV[5])
@@ -67,11 +68,11 @@ for i = 1, n do
     if retention > 0 and ok then
       -- 'node' stays on a finished job so a retried ack from the same node is told apart.
       if result ~= '' then
-        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now, 'result', result)
+        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s, 'result', result)
       else
-        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now)
+        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s)
       end
-      rcall('PEXPIRE', jkey, retention)
+      rcall('PEXPIRE', jkey, ARGV[4]) -- retention_ms, canonical (int_arg)
       finished_add[#finished_add + 1] = expire_at; finished_add[#finished_add + 1] = id
       n_finished = n_finished + 1
     else

@@ -3,9 +3,10 @@
   claim: lease up to N runnable jobs of one queue to one node. Due scheduled jobs are promoted
   to ready first; then the best jobs are popped from ready (highest priority, FIFO within a
   priority), pushed to the node's active list, leased until now + lease_ms, and their attempt is
-  counted. A job whose deadline has passed is dead-lettered with reason "expired" instead of
-  being claimed; so are ids with a missing or foreign-typed job key. A paused queue claims
-  nothing. Allowed under OOM, so a full Redis can still drain its backlog.
+  counted; the job hash gets state active, node, started_ms, attempts and its ready score. A job
+  whose deadline has passed is dead-lettered with reason "expired" instead of being claimed; so
+  are ids with a missing or foreign-typed job key. A paused queue claims nothing. Allowed under
+  OOM, so a full Redis can still drain its backlog.
 
   KEYS[1]  ready      ZSET    jobq:{q}:ready
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled
@@ -29,7 +30,7 @@
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms),
             n_dead x (id, reason)}
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O((max_jobs + promote_limit) * log N).
+  Cost:    O((max_jobs + promote_limit) * log N); per claimed job one HMGET and one HSET.
 ]]
 local ready_key, sched_key, active_key, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dead_key, paused_key, seq_key = KEYS[5], KEYS[6], KEYS[7]
@@ -40,6 +41,7 @@ if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[3]') end
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
+local now_s = fmt_int(now)
 local lease = int_arg(ARGV[4])
 if lease == nil or lease <= 0 then return badarg('lease_ms', 'must be an integer > 0') end
 local max_jobs = int_arg(ARGV[5])
@@ -83,14 +85,17 @@ if max_jobs > 0 then
       dead[#dead + 1] = id; dead[#dead + 1] = 'expired'
       to_dead(qprefix, dead_key, id, 'expired', now, dead_max, dead_ttl)
     else
-      local attempts = rcall('HINCRBY', jkey, 'attempts', 1)
-      rcall('HSET', jkey, 'state', 'active', 'node', node, 'started_ms', now)
+      -- The attempt is counted from the value just read (one HSET, no HINCRBY); the ready score
+      -- is kept on the job so reap and release can put it back in its old place.
+      local attempts = (tonumber(f[3]) or 0) + 1
+      rcall('HSET', jkey, 'attempts', attempts, 'state', 'active', 'node', node,
+        'started_ms', now_s, 'score', popped[i + 1])
       push[#push + 1] = id
       lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed
       claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2] or ''
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
-      claimed[c + 7] = f[6] or now
+      claimed[c + 7] = f[6] or now_s
     end
   end
 end

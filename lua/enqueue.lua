@@ -33,10 +33,22 @@
                   run time
     unique_key    "" or 1..512 bytes, no control characters
 
+  Job hash fields written: task, payload, priority, attempts (0), max_attempts, timeout_ms,
+  enqueued_ms, run_at_ms, state, and ready_ms (ready jobs); backoff_ms only when it is not fail's
+  default of 1000 (0 included: no backoff), deadline_ms and unique only when set. The ready score
+  is not stored here: claim records it when it pops the job (reap and release read it there).
+
+  Wake-up ("r" = runnable now, "s" = an earlier scheduled time to wait for) on jobq:{q}:wake,
+  only when it can matter: "r" when ready was empty before this call (a waiting worker saw it
+  empty, and every later empty -> non-empty change is announced by whoever made it), else "s"
+  when a new scheduled job runs before every job already scheduled (a waiting worker sleeps
+  until the earliest run time it saw, or its poll interval).
+
   Returns: an array with one id per job (the new id, or the id of the job already holding it);
            an empty array when the cron tick already fired; {-5, depth} when the queue is full.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n log N).
+  Cost:    O(n log N); per new ready job EXISTS + HSET (+ GET/SET with a unique key), then per call
+           TIME, INCRBY, EXISTS, ZADD and at most one PUBLISH.
 ]]
 local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
@@ -46,6 +58,7 @@ if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
 local e = bad_qprefix(qprefix); if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
+local now_s = fmt_int(now)
 local max_depth = int_arg(ARGV[3])
 if max_depth == nil or max_depth < 0 then return badarg('max_depth', 'not a non-negative integer') end
 local cron_name = ARGV[4]
@@ -60,17 +73,33 @@ if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * N
 
 -- Validate every job before the first write: Redis never rolls a script back.
 local jobs = {}
+local b_of = {} -- each job's ARGV offset
+-- The jobs of a batch usually share their options: each distinct integer text is parsed once.
+local memo = {}
+local function int_memo(v)
+  local x = memo[v]
+  if x == nil then
+    x = int_arg(v) or false
+    memo[v] = x
+  end
+  return x or nil
+end
+local last_task = nil -- a batch usually repeats one task name: check each distinct run once
 for i = 1, n do
   local b = 6 + (i - 1) * NFIELDS
+  -- Integers are validated in canonical form (int_arg), so their ARGV text is stored as given.
   local j = {
     id = ARGV[b + 1], task = ARGV[b + 2], payload = ARGV[b + 3],
-    prio = int_arg(ARGV[b + 4]), max_attempts = int_arg(ARGV[b + 7]),
-    timeout = int_arg(ARGV[b + 8]), backoff = int_arg(ARGV[b + 9]),
-    unique = ARGV[b + 11],
+    prio = int_memo(ARGV[b + 4]), max_attempts = int_memo(ARGV[b + 7]),
+    timeout = int_memo(ARGV[b + 8]), backoff = int_memo(ARGV[b + 9]),
+    unique = ARGV[b + 11], prio_s = ARGV[b + 4],
   }
   e = bad_id(j.id); if e then return e end
-  if j.task == '' or #j.task > 200 or string.find(j.task, '[%s%c]') then
-    return badarg('task', 'invalid task name')
+  if j.task ~= last_task then
+    if j.task == '' or #j.task > 200 or string.find(j.task, '[%s%c]') then
+      return badarg('task', 'invalid task name')
+    end
+    last_task = j.task
   end
   if j.prio == nil or j.prio < -100 or j.prio > 100 then
     return badarg('priority', 'must be an integer -100..100')
@@ -111,6 +140,7 @@ for i = 1, n do
   end
   j.run_at = run_at
   jobs[i] = j
+  b_of[i] = b
 end
 
 -- A cron tick fires once: only a tick newer than the last one recorded enqueues.
@@ -122,14 +152,17 @@ if cron_name ~= '' then
 end
 
 -- Back-pressure: refuse the whole batch when the queue is at its maximum depth.
+local n_was_ready = nil
 if max_depth > 0 then
-  local depth = rcall('ZCARD', ready_key) + rcall('ZCARD', sched_key)
+  n_was_ready = rcall('ZCARD', ready_key)
+  local depth = n_was_ready + rcall('ZCARD', sched_key)
   if depth + n > max_depth then return {-5, depth} end
 end
 
 local ids = {}
 local n_ready, n_sched = 0, 0
 local seq = nil
+local sched_min = nil
 -- Members for one ZADD per set at the end (score, id, score, id, ...).
 local ready_add, sched_add = {}, {}
 for i = 1, n do
@@ -151,41 +184,49 @@ for i = 1, n do
   else
     ids[i] = j.id
     local fields = {
-      'task', j.task, 'payload', j.payload, 'priority', j.prio, 'attempts', 0,
-      'max_attempts', j.max_attempts, 'timeout_ms', j.timeout, 'enqueued_ms', now,
-      'run_at_ms', fmt_int(j.run_at),
+      'task', j.task, 'payload', j.payload, 'priority', j.prio_s, 'attempts', '0',
+      'max_attempts', ARGV[b_of[i] + 7], 'timeout_ms', ARGV[b_of[i] + 8], 'enqueued_ms', now_s,
     }
-    if j.backoff > 0 then fields[#fields + 1] = 'backoff_ms'; fields[#fields + 1] = j.backoff end
+    -- fail.lua's default base is 1000 ms; any other value (0 = retry at once) is kept.
+    if j.backoff ~= 1000 then fields[#fields + 1] = 'backoff_ms'; fields[#fields + 1] = ARGV[b_of[i] + 9] end
     if j.deadline > 0 then
       fields[#fields + 1] = 'deadline_ms'; fields[#fields + 1] = fmt_int(j.deadline)
     end
     if j.unique ~= '' then fields[#fields + 1] = 'unique'; fields[#fields + 1] = j.unique end
     if j.run_at > now then
+      local at = fmt_int(j.run_at)
+      fields[#fields + 1] = 'run_at_ms'; fields[#fields + 1] = at
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'scheduled'
       rcall('HSET', jkey, unpack(fields))
-      sched_add[#sched_add + 1] = fmt_int(j.run_at); sched_add[#sched_add + 1] = j.id
+      sched_add[#sched_add + 1] = at; sched_add[#sched_add + 1] = j.id
       n_sched = n_sched + 1
+      if sched_min == nil or j.run_at < sched_min then sched_min = j.run_at end
     else
       -- One INCRBY reserves sequence numbers for the whole batch, in order (FIFO).
       if seq == nil then seq = rcall('INCRBY', seq_key, n) - n end
       seq = seq + 1
-      local score = ready_score(j.prio, seq)
+      fields[#fields + 1] = 'run_at_ms'; fields[#fields + 1] = now_s
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'ready'
-      fields[#fields + 1] = 'ready_ms'; fields[#fields + 1] = now
-      fields[#fields + 1] = 'score'; fields[#fields + 1] = score
+      fields[#fields + 1] = 'ready_ms'; fields[#fields + 1] = now_s
       rcall('HSET', jkey, unpack(fields))
-      ready_add[#ready_add + 1] = score; ready_add[#ready_add + 1] = j.id
+      ready_add[#ready_add + 1] = ready_score(j.prio, seq); ready_add[#ready_add + 1] = j.id
       n_ready = n_ready + 1
     end
   end
 end
-if n_ready > 0 then rcall('ZADD', ready_key, unpack(ready_add)) end
-if n_sched > 0 then rcall('ZADD', sched_key, unpack(sched_add)) end
 
--- Wake idle workers: "r" = runnable now, "s" = a new scheduled time to wait for.
+-- Wake idle workers only when it can matter (see the header): a waiting worker saw ready empty
+-- and sleeps until the earliest scheduled run time it saw (or its poll interval).
+local wake = nil
 if n_ready > 0 then
-  rcall('PUBLISH', qprefix .. 'wake', 'r')
-elseif n_sched > 0 then
-  rcall('PUBLISH', qprefix .. 'wake', 's')
+  if n_was_ready == nil then n_was_ready = rcall('ZCARD', ready_key) end
+  if n_was_ready == 0 then wake = 'r' end
+  rcall('ZADD', ready_key, unpack(ready_add))
 end
+if n_sched > 0 then
+  local first = next_due(sched_key)
+  if wake == nil and (first < 0 or sched_min < first) then wake = 's' end
+  rcall('ZADD', sched_key, unpack(sched_add))
+end
+if wake then rcall('PUBLISH', qprefix .. 'wake', wake) end
 return ids

@@ -22,10 +22,13 @@ local function badarg(field, why)
   return redis.error_reply('BADARG ' .. field .. ' ' .. why)
 end
 
--- An integer argument: a plain decimal string within +/- MAX_INT, else nil. Refuses "1e3",
--- "0x10", " 5", "5.0", "nan" and "inf" (tonumber alone would take several of them).
+-- An integer argument: a canonical decimal string within +/- MAX_INT, else nil. Refuses "1e3",
+-- "0x10", " 5", "5.0", "nan", "inf" (tonumber alone would take several of them) and leading
+-- zeros ("007", "-0"), so a valid argument's text is exactly the integer's decimal form and a
+-- script may store it as given instead of formatting the number again.
 local function int_arg(v)
-  if type(v) ~= 'string' or #v == 0 or #v > 17 or not string.find(v, '^%-?%d+$') then
+  if v == '0' then return 0 end
+  if type(v) ~= 'string' or #v == 0 or #v > 17 or not string.find(v, '^%-?[1-9]%d*$') then
     return nil
   end
   local n = tonumber(v)
@@ -81,7 +84,9 @@ end
 
 -- A job id: 1..128 characters, no whitespace, control characters or braces.
 local function bad_id(id)
-  if type(id) ~= 'string' or #id == 0 or #id > 128 or string.find(id, '[%s%c{}]') then
+  if type(id) ~= 'string' or #id == 0 or #id > 128 then return badarg('id', 'invalid job id') end
+  -- Fast path: an id of letters and digits only (every generated id) needs no further check.
+  if not string.find(id, '^%w+$') and string.find(id, '[%s%c{}]') then
     return badarg('id', 'invalid job id')
   end
   return nil

@@ -1,0 +1,257 @@
+"""Regressions of issue 6's producer and Redis-side speedups, on a real redis-server: a retry
+backoff of 0 is kept, wake-ups are announced only when a waiting worker needs them, the job hash
+still carries every field its readers use, integers cross ARGV in canonical form, and the direct
+EVALSHA path survives SCRIPT FLUSH."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+import jobq
+from jobq.scripts import ScriptName, source
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+Q = "perf"
+
+
+@pytest.fixture
+def clock() -> jobq.FakeClock:
+    return jobq.FakeClock(T0)
+
+
+@pytest.fixture
+def fapp(redis_url: str, clock: jobq.FakeClock) -> Iterator[jobq.JobQ]:
+    a = jobq.JobQ(redis_url, clock=clock)
+    yield a
+    a.close()
+
+
+def claim(app: jobq.JobQ, node: str = "n1", n: int = 1) -> list[jobq.store.ClaimedJob]:
+    return app.run(app.store.claim(Q, node, n, 10_000, now_ms=app.now_ms())).jobs
+
+
+class Wakes:
+    """The messages published on the queue's wake channel."""
+
+    def __init__(self, r: redis.Redis, channel: str) -> None:
+        self.ps = r.pubsub()
+        self.ps.subscribe(channel)
+        confirmed = self.ps.get_message(timeout=10)  # subscribed before anything is published
+        assert confirmed is not None and confirmed["type"] == "subscribe"
+
+    def after(self, r: redis.Redis, channel: str) -> list[bytes]:
+        """Everything published so far: a marker is published last and read up to."""
+        r.publish(channel, b"marker")
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = self.ps.get_message(timeout=1)
+            if msg is None:
+                continue
+            if msg["data"] == b"marker":
+                return got
+            got.append(msg["data"])
+        raise AssertionError(f"marker not seen; got {got}")
+
+    def close(self) -> None:
+        self.ps.close()
+
+
+# -- retry_backoff=0 ----------------------------------------------------------------------------------
+def test_retry_backoff_zero_retries_at_once(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    """Was: a backoff of 0 was not stored, so fail fell back to its 1 s default."""
+
+    @fapp.task(name="nobackoff", queue=Q, max_attempts=3, retry_backoff=0)
+    def nobackoff() -> None: ...
+
+    job = nobackoff.enqueue()
+    assert r.hget(job.key, "backoff_ms") == b"0"
+    assert [j.id for j in claim(fapp)] == [job.id]
+    res = fapp.run(fapp.store.fail(Q, "n1", job.id, "boom", jitter=1.0, now_ms=fapp.now_ms()))
+    assert (res.outcome, res.run_at_ms) == ("retry", T0)  # straight back to ready, no wait
+    assert job.status() is jobq.JobState.READY
+    assert [j.attempts for j in claim(fapp)] == [2]
+
+
+def test_retry_backoff_per_call_zero_and_default(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    zero = fapp.enqueue("t", queue=Q, retry_backoff=0)
+    default = fapp.enqueue("t", queue=Q)
+    other = fapp.enqueue("t", queue=Q, retry_backoff=2.5)
+    assert r.hget(zero.key, "backoff_ms") == b"0"
+    assert r.hget(default.key, "backoff_ms") is None  # fail's default base, 1000 ms
+    assert r.hget(other.key, "backoff_ms") == b"2500"
+    for j in claim(fapp, n=3):
+        fapp.run(fapp.store.fail(Q, "n1", j.id, "boom", jitter=0.5, now_ms=fapp.now_ms()))
+    sched = dict(r.zrange(fapp.keys.scheduled(Q), 0, -1, withscores=True))
+    assert sched == {default.id.encode(): T0 + 1000, other.id.encode(): T0 + 2500}
+    assert r.zrange(fapp.keys.ready(Q), 0, -1) == [zero.id.encode()]
+
+
+# -- wake-ups -----------------------------------------------------------------------------------------
+def test_ready_wake_only_when_ready_was_empty(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    ch = fapp.keys.wake(Q)
+    w = Wakes(r, ch)
+    try:
+        fapp.enqueue("t", queue=Q)
+        fapp.enqueue("t", queue=Q)  # ready not empty: a waiting worker was already told
+        fapp.enqueue_many([{"task": "t", "queue": Q} for _ in range(3)])
+        assert w.after(r, ch) == [b"r"]
+        claim(fapp, n=10)  # ready empty again: the next enqueue is announced
+        fapp.enqueue_many([{"task": "t", "queue": Q} for _ in range(3)])
+        fapp.enqueue("t", queue=Q)
+        assert w.after(r, ch) == [b"r"]
+    finally:
+        w.close()
+
+
+def test_ready_wake_with_max_depth(redis_url: str, clock: jobq.FakeClock, r: redis.Redis) -> None:
+    app = jobq.JobQ(redis_url, clock=clock, max_depth=10)
+    ch = app.keys.wake(Q)
+    w = Wakes(r, ch)
+    try:
+        app.enqueue("t", queue=Q)
+        app.enqueue("t", queue=Q)
+        assert w.after(r, ch) == [b"r"]
+    finally:
+        w.close()
+        app.close()
+
+
+def test_scheduled_wake_only_for_an_earlier_run_time(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    ch = fapp.keys.wake(Q)
+    w = Wakes(r, ch)
+    try:
+        fapp.enqueue("t", queue=Q, delay=60)  # first scheduled job: announced
+        fapp.enqueue("t", queue=Q, delay=120)  # later than the earliest: a waiter wakes before it
+        fapp.enqueue("t", queue=Q, delay=30)  # earlier: announced
+        assert w.after(r, ch) == [b"s", b"s"]
+        # Ready work wins: one message for a mixed batch.
+        fapp.enqueue_many([{"task": "t", "queue": Q, "delay": 1}, {"task": "t", "queue": Q}])
+        assert w.after(r, ch) == [b"r"]
+    finally:
+        w.close()
+
+
+def test_idle_worker_is_woken_for_every_job_with_a_long_poll_interval(redis_url: str) -> None:
+    """Wake-ups only on empty -> non-empty still reach a waiting node every time: a node with a
+    60 s poll interval (so only announcements and freed slots can start work) runs a job that
+    holds its single slot while a second job is enqueued, then picks up a third after idling."""
+    import asyncio
+    import threading
+
+    from jobq.worker import Worker, WorkerConfig
+
+    app = jobq.JobQ(redis_url)
+    started = {name: threading.Event() for name in ("a", "b", "c")}
+    release_a = threading.Event()
+
+    @app.task(name="step", queue=Q)
+    def step(name: str) -> None:
+        started[name].set()
+        if name == "a":
+            release_a.wait(30)
+
+    worker = Worker(app, WorkerConfig(queues=[(Q, 1)], concurrency=1, poll_interval=60.0))
+    thread = threading.Thread(target=lambda: asyncio.run(worker.run()), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # idle: its first claim found nothing, it waits
+        step.enqueue("a")  # ready was empty: announced
+        assert started["a"].wait(10)
+        step.enqueue("b")  # ready empty again (a was claimed): announced, the node is full
+        time.sleep(0.2)
+        assert not started["b"].is_set()
+        release_a.set()  # the freed slot claims b
+        assert started["b"].wait(10)
+        time.sleep(0.3)  # idle again
+        t0 = time.monotonic()
+        step.enqueue("c")
+        assert started["c"].wait(10)
+        assert time.monotonic() - t0 < 10  # far below the 60 s poll interval
+    finally:
+        release_a.set()
+        worker.stop(graceful=False)
+        thread.join(10)
+        app.close()
+
+
+# -- the job hash keeps what its readers use ---------------------------------------------------------
+def test_hash_fields_of_a_ready_job_and_a_claimed_one(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    job = fapp.enqueue("t", queue=Q, priority=5)
+    h = {k.decode(): v.decode() for k, v in r.hgetall(job.key).items() if k != b"payload"}
+    assert h == {
+        "task": "t",
+        "priority": "5",
+        "attempts": "0",
+        "max_attempts": "3",
+        "timeout_ms": "0",
+        "enqueued_ms": str(T0),
+        "run_at_ms": str(T0),
+        "state": "ready",
+        "ready_ms": str(T0),
+    }
+    info = job.info()
+    assert (info.enqueued_ms, info.run_at_ms, info.attempts) == (T0, T0, 0)
+    score = r.zscore(fapp.keys.ready(Q), job.id)
+    [c] = claim(fapp)
+    assert (c.attempts, c.ready_ms) == (1, T0)
+    assert r.hmget(job.key, "attempts", "state", "node", "started_ms", "score") == [
+        b"1",
+        b"active",
+        b"n1",
+        str(T0).encode(),
+        str(int(score or 0)).encode(),
+    ]
+
+
+def test_released_job_goes_back_to_its_old_place(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    """release reads the ready score claim stored: the job returns ahead of later ones."""
+    first = fapp.enqueue("t", queue=Q)
+    assert [c.id for c in claim(fapp)] == [first.id]
+    later = fapp.enqueue("t", queue=Q)
+    assert fapp.run(fapp.store.release(Q, "n1", now_ms=fapp.now_ms())) == 1
+    assert r.zrange(fapp.keys.ready(Q), 0, -1) == [first.id.encode(), later.id.encode()]
+    [again] = claim(fapp)
+    assert (again.id, again.attempts) == (first.id, 1)  # the released attempt did not count
+
+
+# -- canonical integers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["007", "-0", "00"])
+def test_non_canonical_integers_are_refused(fapp: jobq.JobQ, r: redis.Redis, bad: str) -> None:
+    call = fapp.store.enqueue(Q, [jobq.store.JobSpec("j1", "t", b"\x92\x90\x80")], now_ms=T0)
+    call.args[9] = bad  # the job's priority
+    with pytest.raises(jobq.errors.InvalidPriority):
+        fapp.run(call)
+    assert r.dbsize() == 0
+
+
+# -- direct EVALSHA ----------------------------------------------------------------------------------
+def test_calls_survive_script_flush(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    fapp.enqueue("t", queue=Q)
+    r.script_flush()
+    job = fapp.enqueue("t", queue=Q)  # NOSCRIPT: loaded again, then run once
+    assert r.zcard(fapp.keys.ready(Q)) == 2
+    assert r.script_exists(fapp.runner.sha(ScriptName.ENQUEUE)) == [True]
+    assert job.status() is jobq.JobState.READY
+
+
+def test_noscript_after_reload_falls_back_to_eval(fapp: jobq.JobQ, r: redis.Redis, monkeypatch) -> None:
+    """A SCRIPT FLUSH between the reload and the retry: the call runs once, by EVAL."""
+    runner = fapp.runner
+    real_load = runner._load
+
+    def load_then_flush(name: ScriptName) -> None:
+        real_load(name)
+        r.script_flush()
+
+    monkeypatch.setattr(runner, "_load", load_then_flush)
+    r.script_flush()
+    job = fapp.enqueue("t", queue=Q)
+    assert r.zrange(fapp.keys.ready(Q), 0, -1) == [job.id.encode()]
+    assert source(ScriptName.ENQUEUE)  # the EVAL sent the shipped file's text
