@@ -509,12 +509,12 @@ def sync_client(
     _timeouts(t, opts)
     opts.update(_auth(t))
     if t.kind == "cluster":
-        retry = opts.pop("retry")
-        opts.pop("retry_on_error")
         opts.update(_tls_kwargs(t))
         if t.tls:
             opts["ssl"] = True
         opts.update(kw)
+        retry = opts.pop("retry")
+        opts.pop("retry_on_error", None)
         try:
             return RedisCluster(
                 startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
@@ -558,12 +558,12 @@ def async_client(
     _timeouts(t, opts)
     opts.update(_auth(t))
     if t.kind == "cluster":
-        retry = opts.pop("retry")
-        opts.pop("retry_on_error")
         opts.update(_tls_kwargs(t))
         if t.tls:
             opts["ssl"] = True
         opts.update(kw)
+        retry = opts.pop("retry")
+        opts.pop("retry_on_error", None)
         return AsyncRedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts],
             retry=retry,
