@@ -107,6 +107,9 @@ class _Running:
     finishing: bool = False
     #: Its concurrency slot was given back.
     freed: bool = False
+    #: The node fenced itself while this sync job ran (a thread cannot be stopped): its ack or
+    #: fail is still sent, and Redis accepts it only if the job is still this node's.
+    fenced: bool = False
     #: A sync job given up (timeout) whose thread still runs: it keeps its slot until it returns,
     #: so the node never runs more threads than its concurrency nor claims work it cannot start.
     zombie: bool = False
@@ -797,10 +800,25 @@ class Worker:
     def _set_fenced(self, fenced: bool) -> None:
         self._fenced = fenced
         if fenced:
-            # Others may take our jobs once the leases run out: stop side effects now.
+            # Others may take our jobs once the leases run out: stop side effects now. A sync
+            # job cannot be stopped; it is flagged, and its outcome counts only if Redis still
+            # says the job is ours (ack and fail check ownership), so a short outage of Redis
+            # itself costs no re-run, and a partition's winner is never overwritten.
             for run in list(self.running.values()):
-                if not run.finishing:
+                if run.finishing or run.lost:
+                    continue
+                task = self.app.tasks.get(run.job.task)
+                if task is not None and task.is_async:
                     self._lose(run, "fenced: lease renewals failing")
+                elif not run.fenced:
+                    run.fenced = True
+                    log.warning(
+                        "job %s (%s, queue %s): fenced while it runs; its outcome is kept only if "
+                        "Redis still says the job is this node's",
+                        run.job.id,
+                        run.job.task,
+                        run.job.queue,
+                    )
         self._poke()
 
     async def _release(self, queue: str, ids: list[str] | None) -> int:

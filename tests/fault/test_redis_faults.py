@@ -296,14 +296,19 @@ class _LoadThread:
         self.thread.join(30)
 
 
-@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(5, 50)))
-def test_f4_kill9_redis_aof_everysec_restart(
-    worker_fleet, history: History, seed: int, trial: int, tmp_path: Path
+F4_TRIALS = ["aof-everysec"] * proxy_fixtures.scale(4, 45) + ["aof-always"] * proxy_fixtures.scale(1, 5)
+
+
+@pytest.mark.parametrize(("trial", "persistence"), list(enumerate(F4_TRIALS)))
+def test_f4_kill9_redis_aof_restart(
+    worker_fleet, history: History, seed: int, trial: int, persistence: str, tmp_path: Path
 ) -> None:
-    """Kill -9 Redis (AOF everysec) under load, restart it 1 s later on the same files."""
+    """Kill -9 Redis (AOF everysec, or always) under load, restart it 1 s later on the same
+    files. With everysec an fsync that fell behind (aof_delayed_fsync grew) excuses losses, which
+    are then reported; with always nothing does."""
     from tests.harness.checker import Snapshot, assert_invariants, check, wait_drained
 
-    server = RedisServer(persistence="aof-everysec").start()
+    server = RedisServer(persistence=persistence).start()
     try:
         admin = server.admin_client()
         fleet = worker_fleet(server.url, concurrency=5, lease=2.0, reap_interval=0.5, poll_interval=0.2)
@@ -324,7 +329,7 @@ def test_f4_kill9_redis_aof_everysec_restart(
         snap = Snapshot.take(admin)
         report = check(history, snap)
         print(f"F4 trial {trial}: {report.summary()}; aof_delayed_fsync {delayed_start}->{delayed_before}")
-        if delayed_before > delayed_start:
+        if delayed_before > delayed_start and persistence == "aof-everysec":
             # A delayed fsync (or a counter reset with the restart) voids the everysec promise:
             # report the count instead of failing on it.
             print(f"F4: fsync was delayed; lost {len(report.lost)} enqueue_ok job(s)")
@@ -346,6 +351,9 @@ def test_f4_kill9_redis_aof_everysec_restart(
         assert fleet.grep("NOSCRIPT") == []
         assert fleet.crashes() == []
         fleet.shutdown()
+        # Let the reaper's 0.45 s guard key expire first: the scan reads TTLs after its SCAN, and a
+        # key that expires in between reads as PTTL -2, which the checker takes for "no TTL".
+        time.sleep(0.6)
         assert_invariants(admin)
         app.close()
     finally:
@@ -379,7 +387,7 @@ def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History
         snap = Snapshot.take(admin)
         runs = history.by_job()
         dup = {j: len(runs[j]) for j in held if len(runs[j]) > 1}
-        report = check(history, snap, explained=dup)
+        report = check(history, snap, allow_release=True)  # a cancelled run released, then re-run
         print(f"F4b: {report.summary()}; duplicates of held jobs: {len(dup)} of {len(held)}")
         report.assert_ok(f"seed={seed} history={history.dir}")
         for n in nodes:  # every node claims again (its held jobs or new ones) within 5 s
@@ -388,11 +396,15 @@ def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History
             assert later and min(later) - t_up <= 5.0, (n.name, later and min(later) - t_up)
         assert fleet.crashes() == []
         fleet.shutdown()
-        # The measured figure (README): every job in flight ran twice. A node without renewals for
-        # lease - margin fences itself (it cannot tell a Redis outage from a partition), cancels
-        # its async jobs and drops its sync results; after the restart it releases them and they
-        # run again. The reaper grace does hold: no job was reaped.
-        assert len(dup) <= len(held)
+        # The measured figure (README). A node without renewals for lease - margin fences itself:
+        # it cannot tell a Redis outage from a partition. Its async jobs are cancelled then (they
+        # run again after the restart: 10 duplicates, each an abandoned run); its sync jobs run
+        # on flagged, and as Redis still lists them as the node's, their acks are accepted: 0
+        # duplicates. The reaper grace holds: no job was reaped.
+        sync_held, async_held = held[:10], held[10:]
+        assert [j for j in sync_held if j in dup] == []
+        assert len(dup) <= len(async_held)
+        assert all(a.outcome == "cancelled" for j in dup for a in runs[j][:-1])
         assert report.reaped_jobs == 0
         assert len(after) == 100
         app.close()
