@@ -3,8 +3,9 @@
 One process is one node. Inside it:
 
 - the **fetcher** claims up to the number of free slots per script call, in strict queue order or
-  by weight; when nothing is runnable it waits for a pub/sub announcement, the next scheduled run
-  time, or the poll interval, whichever comes first (pub/sub is only a hint);
+  by weight, plus a few jobs ahead (the *prefetch buffer*, see below); when nothing is runnable it
+  waits for a pub/sub announcement, the next scheduled run time, or the poll interval, whichever
+  comes first (pub/sub is only a hint);
 - the **executor** runs ``async def`` tasks on the event loop and plain ``def`` tasks in a thread
   pool, at most ``concurrency`` at once, each under its timeout;
 - the **acker** finishes completed jobs in batches: every job that completes while an ack is in
@@ -12,8 +13,19 @@ One process is one node. Inside it:
 - the **heartbeat** (its own thread and connection, :mod:`jobq.heartbeat`) renews leases;
 - the **reaper** and **scheduler** loops (:mod:`jobq.reaper`, :mod:`jobq.scheduler`).
 
-Shutdown (SIGTERM/SIGINT): stop claiming, let running jobs finish within ``grace``, release the rest
-back to ready without counting an attempt, exit 0. A second signal releases at once.
+Prefetch: a slot that frees up starts its next job from a small local buffer of claimed, not yet
+started jobs in the same loop turn, instead of waiting for a claim round trip; the fetcher refills
+the buffer when it falls below half. Buffered jobs are in the node's active list, leased and
+renewed by the heartbeat like running ones. The buffer holds only as many jobs as the node expects
+to start within :data:`PREFETCH_HORIZON` seconds (from its recent run times; at most
+``concurrency``, none while that is unknown), and a job left in it for :data:`PREFETCH_MAX_WAIT`
+seconds goes back to ready, so a buffered job waits milliseconds, not the run time of a slow job,
+and other nodes can still take the work. A job's timeout starts when it starts. A deadline is
+checked by the claim, so a buffered job may start up to its buffer wait after its deadline.
+
+Shutdown (SIGTERM/SIGINT): stop claiming, hand buffered jobs back at once, let running jobs finish
+within ``grace``, release the rest back to ready without counting an attempt, exit 0. A second
+signal releases at once.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +72,19 @@ log = logging.getLogger("jobq.worker")
 #: Seconds of pub/sub silence before the subscription is probed with a PING (and given up on when
 #: the PONG does not come within as long again).
 PUBSUB_PING_INTERVAL = 5.0
+#: Seconds of work a node claims ahead of its free slots: the prefetch buffer holds at most the
+#: jobs it expects to start within this time (concurrency x horizon / mean run time).
+PREFETCH_HORIZON = 0.02
+#: Seconds a claimed job may wait in the prefetch buffer before it goes back to ready (release:
+#: attempt not counted, old place in the ready order).
+PREFETCH_MAX_WAIT = 0.5
+#: Weight of the newest run time in the node's moving mean.
+_RUN_TIME_ALPHA = 0.1
+
+
+def _wake_up(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass
@@ -87,6 +113,9 @@ class WorkerConfig:
     #: Drain and exit (0) once this many zombie threads (timed-out sync tasks whose threads
     #: still run, holding their slots) pile up, so a supervisor can restart the node; 0 = never.
     max_zombies: int = 0
+    #: Most jobs claimed ahead of free slots (the prefetch buffer; see the module docstring).
+    #: None: up to ``concurrency``, sized from recent run times; 0: claim for free slots only.
+    prefetch: int | None = None
 
 
 def default_node_id() -> str:
@@ -94,13 +123,18 @@ def default_node_id() -> str:
     return f"{host or 'node'}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     """One claimed job on this node."""
 
     job: ClaimedJob
+    #: monotonic time it was claimed, then the time it started.
     started: float
+    #: The Redis clock when it was claimed (ms).
+    now_ms: int = 0
     task: asyncio.Task[None] | None = None
+    #: Claimed ahead of a free slot and not started yet (in the prefetch buffer).
+    buffered: bool = False
     #: The heartbeat found the job no longer ours: never ack it.
     lost: bool = False
     #: An ack or fail for it is on its way: the heartbeat must not call it lost.
@@ -209,7 +243,20 @@ class Worker:
         self._stopping = False
         self._released = False
         self._fenced = False
-        self._wake: asyncio.Event | None = None
+        #: The fetcher was poked (work announced, room freed, stop) since it last looked.
+        self._woken = False
+        #: The future the fetcher waits on, if it waits.
+        self._waiter: asyncio.Future[None] | None = None
+        #: Claimed jobs not started yet, oldest first (see the module docstring).
+        self._buffer: deque[_Running] = deque()
+        #: Most jobs the buffer may hold (WorkerConfig.prefetch, at most concurrency and 1,000).
+        self._prefetch_max = min(
+            cfg.concurrency, 1000, cfg.concurrency if cfg.prefetch is None else max(0, cfg.prefetch)
+        )
+        #: Moving mean of a job's run time on this node (s); None until a job has run.
+        self._run_time: float | None = None
+        #: The fetcher waits for room: poke it once fewer than this many jobs are held.
+        self._claim_below = 0
         self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
         self._ack_event: asyncio.Event | None = None
         self._ack_lock = asyncio.Lock()
@@ -246,6 +293,7 @@ class Worker:
             self._hard_stop.set()
         self._stop_event.set()
         self._stopping = True
+        self._drop_buffer()  # others may run the buffered jobs while this node drains
         self._poke()
 
     def install_signal_handlers(self) -> None:
@@ -285,7 +333,6 @@ class Worker:
     async def run(self) -> None:
         """Run until stopped; then shut down cleanly (see the module docstring)."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
@@ -373,8 +420,10 @@ class Worker:
 
     # -- fetcher --------------------------------------------------------------------------------
     def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _queue_order(self) -> list[str]:
         if not self.config.weighted or len(self.queues) == 1:
@@ -388,16 +437,40 @@ class Worker:
             left.remove(pick)
         return order
 
+    def _prefetch_target(self) -> int:
+        """How many claimed jobs to keep ready for slots that free up (see the module docstring)."""
+        mean = self._run_time
+        if mean is None or self._prefetch_max == 0:
+            return 0
+        return min(self._prefetch_max, int(self.config.concurrency * PREFETCH_HORIZON / max(mean, 1e-6)))
+
+    def _claim_size(self) -> tuple[int, int]:
+        """(jobs to claim now, 0 = none; the number of held jobs below which to claim): free
+        slots plus the buffer's room, once the buffer is below half its target."""
+        target = self._prefetch_target()
+        held = self._busy + len(self._buffer)
+        below = self.config.concurrency + (target + 1) // 2
+        if held >= below:
+            return 0, below
+        return min(1000, self.config.concurrency + target - held), below
+
     async def _fetch_loop(self) -> None:
-        assert self._wake is not None and self.runner is not None
+        assert self.runner is not None
         backoff = 0.05
         errors = 0
         cfg = self.config
         while not self._stopping:
-            free = cfg.concurrency - self._busy
-            if free <= 0 or self._fenced:
-                self._wake.clear()
+            if self._fenced:
+                self._woken = False
                 await self._wait(cfg.poll_interval)
+                continue
+            free, below = self._claim_size()
+            if free <= 0:
+                # Every slot busy and the buffer full enough: a slot freeing up pokes us once the
+                # buffer runs low (or the oldest buffered job has waited too long).
+                self._woken = False
+                await self._wait(self._buffer_timeout(cfg.poll_interval), room_below=below)
+                self._expire_buffer()
                 continue
             try:
                 got = await self._claim(free)
@@ -434,7 +507,8 @@ class Worker:
             # its job straight back to ready), and nothing is due.
             if cfg.burst and self._busy == 0 and not self.running and self._nothing_due():
                 return
-            await self._wait(self._idle_timeout())
+            await self._wait(self._buffer_timeout(self._idle_timeout()))
+            self._expire_buffer()
 
     def _nothing_due(self) -> bool:
         if self._next_due_ms is None or self._last_now_ms is None:
@@ -451,11 +525,63 @@ class Worker:
             timeout = min(timeout, 0.05)
         return timeout
 
-    async def _wait(self, timeout: float) -> None:
-        assert self._wake is not None
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        self._wake.clear()
+    async def _wait(self, timeout: float, *, room_below: int = 0) -> None:
+        """Until poked, or ``timeout`` seconds; a poke since the last wait returns at once.
+        ``room_below``: also wake once fewer jobs than this are held (slots freed up); else a
+        freed slot does not wake the fetcher (it waits for work, not for room)."""
+        if not self._woken:
+            loop = asyncio.get_running_loop()
+            self._waiter = fut = loop.create_future()
+            timer = loop.call_later(timeout, _wake_up, fut)
+            self._claim_below = room_below
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+                self._claim_below = 0
+        self._woken = False
+
+    def _buffer_timeout(self, timeout: float) -> float:
+        """``timeout``, cut short to when the oldest buffered job has waited its limit."""
+        if self._buffer:
+            timeout = min(timeout, self._buffer[0].started + PREFETCH_MAX_WAIT - time.monotonic())
+        return max(0.001, timeout)
+
+    def _expire_buffer(self) -> None:
+        """Hand back buffered jobs that waited :data:`PREFETCH_MAX_WAIT` (the running jobs are
+        slower than the run times the buffer was sized for): no more prefetch until jobs end."""
+        buf = self._buffer
+        if not buf or buf[0].started + PREFETCH_MAX_WAIT > time.monotonic():
+            return
+        log.info("%d prefetched job(s) waited %g s for a slot: releasing them", len(buf), PREFETCH_MAX_WAIT)
+        self._run_time = max(self._run_time or 0.0, 2 * PREFETCH_HORIZON * self.config.concurrency)
+        self._drop_buffer()
+
+    def _drop_buffer(self) -> None:
+        """Hand every buffered job back to ready now (release: its attempt is not counted)."""
+        by_queue: dict[str, list[_Running]] = {}
+        while self._buffer:
+            run = self._buffer.popleft()
+            run.buffered = False
+            by_queue.setdefault(run.job.queue, []).append(run)
+        for q, runs in by_queue.items():
+            t = asyncio.ensure_future(self._release_runs(q, runs))
+            self._side_tasks.add(t)
+            t.add_done_callback(self._side_tasks.discard)
+
+    async def _release_runs(self, queue: str, runs: list[_Running]) -> None:
+        for i in range(0, len(runs), 1000):
+            part = runs[i : i + 1000]
+            try:
+                await self._release(queue, [r.job.id for r in part])
+            except Exception as exc:
+                # Still in the active list and known here, so still leased: the release at exit,
+                # or the reaper, takes them back.
+                log.warning("queue %s: could not release %d unstarted job(s): %s", queue, len(part), exc)
+                continue
+            for run in part:
+                self._forget(run)
 
     async def _claim(self, free: int) -> int:
         assert self.runner is not None
@@ -481,8 +607,7 @@ class Worker:
                     self.metrics.job_failed(q, "", 0.0, "dead")
             if res.jobs:
                 faults.crash_point("after_claim")
-            for job in res.jobs:
-                self._start(job)
+                self._take(res.jobs, res.now_ms)
             got += len(res.jobs)
             if res.dead and len(res.jobs) + len(res.dead) >= want:
                 self._claim_more = True  # dead-lettered entries filled the batch: look again
@@ -496,19 +621,35 @@ class Worker:
         if self.running.get(run.job.id) is run:
             del self.running[run.job.id]
 
-    def _start(self, job: ClaimedJob) -> None:
-        old = self.running.get(job.id)
-        if old is not None and not old.finishing:
-            # Claimed again while an earlier attempt still runs here: that attempt's lease was
-            # reaped, so it is lost even if the heartbeat has not noticed yet.
-            self._lose(old, "claimed again after its lease was reaped")
-        run = _Running(job, time.monotonic())
-        self.running[job.id] = run
-        self._busy += 1
-        self.stats["claimed"] += 1
+    def _take(self, jobs: list[ClaimedJob], now_ms: int) -> None:
+        """Claimed jobs: start them in free slots, buffer the rest (the prefetch buffer)."""
+        running, buffer, concurrency = self.running, self._buffer, self.config.concurrency
+        now = time.monotonic()
+        for job in jobs:
+            old = running.get(job.id)
+            if old is not None and not old.finishing:
+                # Claimed again while an earlier attempt still runs (or waits) here: that
+                # attempt's lease was reaped, so it is lost even if the heartbeat has not noticed.
+                self._lose(old, "claimed again after its lease was reaped")
+            run = _Running(job, now, now_ms)
+            running[job.id] = run
+            if self._busy < concurrency and not buffer:
+                self._start(run, now)
+            else:
+                run.buffered = True
+                buffer.append(run)
+        self.stats["claimed"] += len(jobs)
+        if self._stopping and buffer:
+            self._drop_buffer()  # claimed while the stop came: hand back what cannot start
+
+    def _start(self, run: _Running, now: float) -> None:
+        job = run.job
         if self.metrics is not None:
-            now = self._last_now_ms or 0
-            self.metrics.job_started(job.queue, job.task, max(0, now - job.ready_ms) / 1000)
+            # Ready -> started on the Redis clock: at the claim, plus the time in the buffer.
+            wait = (run.now_ms - job.ready_ms) / 1000 + (now - run.started)
+            self.metrics.job_started(job.queue, job.task, wait)
+        run.started = now
+        self._busy += 1
         run.task = asyncio.create_task(self._execute(run))
 
     async def _execute(self, run: _Running) -> None:
@@ -590,8 +731,18 @@ class Worker:
         if run.task is not None and not run.freed and not run.zombie:
             run.freed = True
             self._busy -= 1
-            if self._busy + 1 >= self.config.concurrency:
-                self._poke()  # the fetcher waits for a free slot (else it waits for work)
+            now = time.monotonic()
+            mean = self._run_time
+            took = now - run.started
+            self._run_time = took if mean is None else mean + (took - mean) * _RUN_TIME_ALPHA
+            buffer = self._buffer
+            if buffer and not self._stopping and not self._fenced:
+                # The next job starts in this loop turn, not after a claim round trip.
+                nxt = buffer.popleft()
+                nxt.buffered = False
+                self._start(nxt, now)
+            if self._busy + len(buffer) < self._claim_below:
+                self._poke()  # the fetcher waits for room (not for work) and the buffer ran low
 
     async def _fail(
         self, run: _Running, error: str, *, delay: float | None = None, dead: bool = False
@@ -779,6 +930,18 @@ class Worker:
             return
         run.lost = True
         self.stats["lost"] += 1
+        if run.buffered:  # claimed ahead, never started: nothing ran, nothing to discard
+            run.buffered = False
+            self._buffer.remove(run)
+            self._forget(run)
+            log.warning(
+                "job %s (%s, queue %s): %s before it started; not run here",
+                run.job.id,
+                run.job.task,
+                run.job.queue,
+                why,
+            )
+            return
         log.error(
             "job %s (%s, queue %s): %s; it will not be acked here (stale completion)",
             run.job.id,
@@ -800,6 +963,8 @@ class Worker:
     def _set_fenced(self, fenced: bool) -> None:
         self._fenced = fenced
         if fenced:
+            for run in list(self._buffer):  # never start a job whose lease may run out
+                self._lose(run, "fenced: lease renewals failing")
             # Others may take our jobs once the leases run out: stop side effects now. A sync
             # job cannot be stopped; it is flagged, and its outcome counts only if Redis still
             # says the job is ours (ack and fail check ownership), so a short outage of Redis
