@@ -188,6 +188,11 @@ class Metrics:
         self.pubsub_connected = Gauge(
             "jobq_pubsub_connected", "1 while the wake-up subscription is connected", registry=r
         )
+        #: (queue, task) -> (counter child, histogram child): the per-job hooks skip the label
+        #: checks and ``labels()`` lookups after a pair's first job (bounded like the labels).
+        self._started_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._completed_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._children_cap = 4 * max_label_values
         self.collector: QueueCollector | None = None
         if collect_queues:
             self.collector = QueueCollector(app, queues, node_ttl_s=node_ttl_s)
@@ -203,15 +208,28 @@ class Metrics:
     def job_enqueued(self, queue: str, task: str, n: int = 1) -> None:
         self.enqueued.labels(*self._labels(queue, task)).inc(n)
 
-    def job_started(self, queue: str, task: str, wait_s: float) -> None:
+    def _children(
+        self, cache: dict[tuple[str, str], tuple[Any, Any]], queue: str, task: str, counter: Any, hist: Any
+    ) -> tuple[Any, Any]:
         labels = self._labels(queue, task)
-        self.started.labels(*labels).inc()
-        self.wait.labels(*labels).observe(max(0.0, wait_s))
+        pair = (counter.labels(*labels), hist.labels(*labels))
+        if len(cache) < self._children_cap:
+            cache[(queue, task)] = pair
+        return pair
+
+    def job_started(self, queue: str, task: str, wait_s: float) -> None:
+        pair = self._started_children.get((queue, task))
+        if pair is None:
+            pair = self._children(self._started_children, queue, task, self.started, self.wait)
+        pair[0].inc()
+        pair[1].observe(wait_s if wait_s > 0.0 else 0.0)
 
     def job_completed(self, queue: str, task: str, run_s: float) -> None:
-        labels = self._labels(queue, task)
-        self.completed.labels(*labels).inc()
-        self.duration.labels(*labels).observe(max(0.0, run_s))
+        pair = self._completed_children.get((queue, task))
+        if pair is None:
+            pair = self._children(self._completed_children, queue, task, self.completed, self.duration)
+        pair[0].inc()
+        pair[1].observe(run_s if run_s > 0.0 else 0.0)
 
     def job_failed(self, queue: str, task: str, run_s: float, outcome: str) -> None:
         """``outcome``: "retry" (scheduled again) or "dead" (dead-lettered). A job dead-lettered
