@@ -266,6 +266,9 @@ class JobQ:
         self._client = client
         self._runner: SyncRunner | None = None
         self._known_queues: set[str] = set()
+        #: Per task name: (its defaults, queue, priority, max_attempts, timeout_ms, backoff_ms) for
+        #: requests with no per-call option (see :meth:`prepare`); the name was validated.
+        self._plain: dict[str, tuple[TaskDefaults, str, int, int, int, int]] = {}
         self.shards: dict[str, int] = {}
         for name, n in (shards or {}).items():
             if "#" in validate_queue(name):
@@ -350,6 +353,8 @@ class JobQ:
 
     def depth_limit(self, queue: str) -> int:
         """The max depth of ``queue`` (of each shard, for a sharded queue)."""
+        if type(self.max_depth) is int:
+            return self.max_depth
         if isinstance(self.max_depth, Mapping):
             return int(self.max_depth.get(queue.partition("#")[0], 0))
         return int(self.max_depth)
@@ -441,6 +446,20 @@ class JobQ:
     def prepare(self, req: EnqueueRequest) -> tuple[str, JobSpec]:
         """Validate one request completely and turn it into ``(queue, JobSpec)``; raises an
         :class:`jobq.errors.InvalidInput` naming the field. Writes nothing."""
+        if (
+            req.queue is None
+            and req.priority is None
+            and req.delay is None
+            and req.run_at is None
+            and req.max_attempts is None
+            and req.timeout is None
+            and req.deadline is None
+            and req.unique_key is None
+            and req.retry_backoff is None
+            and req.job_id is None
+            and type(req.task) is str
+        ):
+            return self._prepare_plain(req)
         task = validate_task_name(req.task)
         d = self._defaults_for(task)
         queue = d.queue if req.queue is None else validate_queue(req.queue)
@@ -494,6 +513,44 @@ class JobQ:
             backoff_ms=backoff_ms,
             deadline=deadline,
             unique_key=unique_key,
+        )
+
+    def _prepare_plain(self, req: EnqueueRequest) -> tuple[str, JobSpec]:
+        """:meth:`prepare` of the common case, a request with no per-call option: the task's
+        defaults, already validated and converted once per task name."""
+        name = req.task
+        t = self.tasks.get(name)
+        d = t.defaults if t is not None else self.defaults
+        entry = self._plain.get(name)
+        if entry is None or entry[0] is not d:
+            validate_task_name(name)
+            timeout_ms = 0 if d.timeout is None else round(d.timeout * 1000)
+            entry = (d, d.queue, d.priority, d.max_attempts, timeout_ms, round(d.retry_backoff * 1000))
+            if len(self._plain) >= 4096:  # bounded, whatever names producers send
+                self._plain.clear()
+            self._plain[name] = entry
+        _, queue, priority, max_attempts, timeout_ms, backoff_ms = entry
+        args, kwargs = req.args, req.kwargs
+        if not isinstance(args, (list, tuple)):
+            raise errors.EncodeError(f"args: must be a list, got {type(args).__name__}")
+        if type(kwargs) is not dict:
+            if not isinstance(kwargs, Mapping):
+                raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
+            kwargs = dict(kwargs)
+        if kwargs and not all(isinstance(k, str) for k in kwargs):
+            raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
+        payload = codec.encode_payload(args, kwargs, self.max_payload)
+        job_id = new_job_id()
+        if queue in self.shards:
+            queue = self.shard_for(queue, job_id)
+        return queue, JobSpec(
+            id=job_id,
+            task=name,
+            payload=payload,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_ms=timeout_ms,
+            backoff_ms=backoff_ms,
         )
 
     def _register_queue(self, queue: str) -> None:
@@ -554,14 +611,17 @@ class JobQ:
         q, spec = self.prepare(req)
         ids = self.run(self.store.enqueue(q, [spec], now_ms=self.now_ms(), max_depth=self.depth_limit(q)))
         # Registered after the job is stored, so a refused enqueue writes nothing at all.
-        self._register_queue(q)
-        self._notify_enqueued([(q, spec.task)])
+        if q not in self._known_queues:
+            self._register_queue(q)
+        if self.on_enqueued:
+            self._notify_enqueued([(q, spec.task)])
         return Job(self, ids[0], q)
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
         writes nothing), then each queue's jobs go in script calls of up to 1,000 jobs,
-        pipelined into one round trip. Mappings take the keys of :class:`EnqueueRequest`.
+        pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
+        covers them all). Mappings take the keys of :class:`EnqueueRequest`.
 
         Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
         check (a deadline already past on the Redis clock, ``max_depth``) refuses the calls it
@@ -590,10 +650,10 @@ class JobQ:
                     self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
                 )
                 slots.append([i for i, _ in chunk])
-        results = self.runner.run_many(calls, return_exceptions=True)
+        results = self.runner.run_batch(calls)
         # Queues are registered once something is stored in them, so a refused batch writes nothing.
         for call, res in zip(calls, results, strict=True):
-            if not isinstance(res, BaseException):
+            if not isinstance(res, BaseException) and call.queue not in self._known_queues:
                 self._register_queue(call.queue)
         first_error = next((res for res in results if isinstance(res, BaseException)), None)
         if first_error is not None:
@@ -690,12 +750,15 @@ class Task(Generic[P, R]):
     def request(self, *args: Any, **kwargs: Any) -> EnqueueRequest:
         """An :class:`EnqueueRequest` for :meth:`JobQ.enqueue_many`; ``_``-prefixed keyword
         arguments are options (``_queue``, ``_priority``, ``_delay``, ...)."""
-        return self.options().request(*args, **kwargs)
+        for k in kwargs:
+            if k[:1] == "_" and k[:2] != "__":
+                return self.options().request(*args, **kwargs)
+        return EnqueueRequest(self.name, args, kwargs)  # no option: nothing to sort out
 
     def enqueue(self, *args: Any, **kwargs: Any) -> Job:
         """Enqueue a run of this task. Options go in ``_``-prefixed keywords (``_priority=5``,
         ``_delay=30``) or through :meth:`options`; every other argument goes to the task."""
-        return self.options().enqueue(*args, **kwargs)
+        return self.app.enqueue_request(self.request(*args, **kwargs))
 
 
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -68,12 +68,33 @@ def _check_round_trip(data: bytes, field: str) -> None:
         raise EncodeError(f"{field}: not plain data ({exc})", field) from None
 
 
+#: Types whose msgpack encoding always decodes back under the strict rules (exact types only:
+#: a subclass may pack differently).
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def _all_scalars(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> bool:
+    scalars = _SCALARS
+    for v in args:
+        if type(v) not in scalars:
+            return False
+    for k, v in kwargs.items():
+        if type(k) is not str or type(v) not in scalars:
+            return False
+    return True
+
+
 def encode_payload(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], max_bytes: int) -> bytes:
-    """Encode task arguments; raise :class:`EncodeError` or :class:`PayloadTooLarge`."""
+    """Encode task arguments; raise :class:`EncodeError` or :class:`PayloadTooLarge`.
+
+    The round-trip check is skipped when every argument is a plain scalar and every ``kwargs``
+    key a ``str``: msgpack then writes no ext type and no other map, and whatever ``packb``
+    accepts of those types decodes back unchanged."""
     data = _pack([list(args), kwargs], "args")
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"payload: {len(data)} bytes encoded is over the limit of {max_bytes} bytes")
-    _check_round_trip(data, "args")
+    if not _all_scalars(args, kwargs):
+        _check_round_trip(data, "args")
     return data
 
 

@@ -255,3 +255,44 @@ def test_noscript_after_reload_falls_back_to_eval(fapp: jobq.JobQ, r: redis.Redi
     job = fapp.enqueue("t", queue=Q)
     assert r.zrange(fapp.keys.ready(Q), 0, -1) == [job.id.encode()]
     assert source(ScriptName.ENQUEUE)  # the EVAL sent the shipped file's text
+
+
+# -- the producer's fast paths ------------------------------------------------------------------------
+def test_plain_request_prepares_like_the_general_path(fapp: jobq.JobQ) -> None:
+    """A request with no per-call option takes the cached fast path; the spec matches the one
+    the general path builds from the same task defaults."""
+
+    @fapp.task(name="opts", queue=Q, priority=7, max_attempts=9, timeout=2.5, retry_backoff=0)
+    def opts(a: int, b: str = "") -> None: ...
+
+    q1, fast = fapp.prepare(opts.request(1, b="x"))
+    q2, slow = fapp.prepare(opts.request(1, b="x", _job_id="explicit"))
+    assert q1 == q2 == Q
+    assert (fast.task, fast.payload, fast.priority, fast.max_attempts, fast.timeout_ms, fast.backoff_ms) == (
+        slow.task,
+        slow.payload,
+        slow.priority,
+        slow.max_attempts,
+        slow.timeout_ms,
+        slow.backoff_ms,
+    )
+    assert (fast.delay_ms, fast.run_at_ms, fast.deadline, fast.unique_key) == (None, None, "", "")
+    # Unknown task names are validated on the fast path too (once per name).
+    with pytest.raises(jobq.errors.InvalidTaskName):
+        fapp.prepare(jobq.EnqueueRequest("bad name"))
+    with pytest.raises(jobq.errors.EncodeError):
+        fapp.prepare(jobq.EnqueueRequest("t", kwargs={1: "x"}))  # type: ignore[dict-item]
+    with pytest.raises(jobq.errors.EncodeError):
+        fapp.prepare(jobq.EnqueueRequest("t", args=[{1: "int key"}]))  # nested: round trip check
+
+
+def test_enqueue_many_durable_waits_once_and_says_when_no_replica_acked(
+    redis_url: str, clock: jobq.FakeClock, r: redis.Redis
+) -> None:
+    app = jobq.JobQ(redis_url, clock=clock, durable=True, durable_timeout=0.05)
+    r.config_resetstat()
+    with pytest.raises(jobq.errors.NotReplicated):
+        app.enqueue_many([{"task": "t", "queue": Q} for _ in range(1_500)])
+    assert r.zcard(app.keys.ready(Q)) == 1_500  # written to the primary, as the error says
+    assert int(r.info("commandstats")["cmdstat_wait"]["calls"]) == 1  # one WAIT for both calls
+    app.close()
