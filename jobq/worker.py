@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import logging
 import os
@@ -263,6 +264,7 @@ class Worker:
         self._next_due_ms: int | None = None
         self._last_now_ms: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._job_context = contextvars.Context()
         self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="jobq-task")
         self._stop_event: asyncio.Event | None = None
         self._hard_stop: asyncio.Event | None = None
@@ -333,6 +335,7 @@ class Worker:
     async def run(self) -> None:
         """Run until stopped; then shut down cleanly (see the module docstring)."""
         self._loop = asyncio.get_running_loop()
+        self._job_context = contextvars.copy_context()
         self._ack_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
@@ -650,7 +653,9 @@ class Worker:
             self.metrics.job_started(job.queue, job.task, wait)
         run.started = now
         self._busy += 1
-        run.task = asyncio.create_task(self._execute(run))
+        # Each job runs in a fresh copy of the node's context (the task copies it), never in a
+        # copy of the job's whose end started it: a ContextVar set by one job must not leak.
+        run.task = self._job_context.run(asyncio.create_task, self._execute(run))
 
     async def _execute(self, run: _Running) -> None:
         job = run.job

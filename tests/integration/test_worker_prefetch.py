@@ -5,6 +5,7 @@ attempt, one that waits too long goes back to ready, and one whose lease is lost
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ import redis
 
 from jobq import JobQ, JobState
 from jobq import worker as worker_mod
+from jobq.worker import Worker, WorkerConfig
 from tests.integration.test_worker import Background, wait_for
 
 pytestmark = pytest.mark.integration
@@ -135,3 +137,23 @@ def test_a_buffered_job_whose_lease_is_lost_never_starts_here(
     b.stop()
     b.join()
     assert started == ["first", "slow"]
+
+
+def test_a_job_started_from_the_buffer_does_not_inherit_the_context_of_the_job_before(
+    app: JobQ, started: list[str]
+) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+
+    @app.task(name="mark")
+    async def mark(tag: str) -> None:
+        seen.append(var.get())
+        var.set(tag)
+        await asyncio.sleep(0.02)
+
+    app.enqueue("nap", ("first", 0.0))  # the node learns the run time, then buffers
+    app.enqueue_many([{"task": "mark", "args": [str(i)]} for i in range(6)])
+    w = Worker(app, WorkerConfig(burst=True, concurrency=1))
+    asyncio.run(w.run())
+    assert w.stats["completed"] == 7
+    assert seen == ["unset"] * 6
