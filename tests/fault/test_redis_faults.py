@@ -239,8 +239,10 @@ def test_f16_busy_script_workers_back_off_and_resume(
     ended = time.monotonic()
     more = [i for i in range(200, 300)]
     app.enqueue_many([{"task": "rec", "args": [i], "queue": Q} for i in more])
-    resumed = wait_for(lambda: any(k >= 200 for k in runs.spans), 10)
-    assert time.monotonic() - ended <= 2.0 + 0.5, f"resumed {resumed:.2f} s after BUSY ended"
+    wait_for(lambda: any(k >= 200 for k in runs.spans), 10)
+    resumed = time.monotonic() - ended
+    print(f"F16: a new job ran {resumed:.2f} s after the BUSY script ended")
+    assert resumed <= 2.0, f"resumed {resumed:.2f} s after BUSY ended"
     wait_for(lambda: set(range(300)) <= set(runs.spans), 60)
     for w in workers:
         w.stop()
