@@ -430,7 +430,11 @@ class SentinelRedis(redis.Redis):
         finally:
             if self.jobq_sentinel is not None:
                 for s in self.jobq_sentinel.sentinels:
-                    s.close()
+                    try:
+                        s.connection_pool.disconnect()
+                        s.close()
+                    except Exception:  # best effort, as above
+                        pass
 
 
 class AsyncSentinelRedis(redis.asyncio.Redis):
@@ -444,8 +448,11 @@ class AsyncSentinelRedis(redis.asyncio.Redis):
         finally:
             if self.jobq_sentinel is not None:
                 for s in self.jobq_sentinel.sentinels:
-                    await s.connection_pool.disconnect(inuse_connections=True)
-                    await s.aclose()
+                    try:  # each one, even if closing another failed (a dead sentinel)
+                        await s.connection_pool.disconnect(inuse_connections=True)
+                        await s.aclose()
+                    except Exception:  # best effort; the socket is gone either way
+                        pass
 
 
 # -- client factories ---------------------------------------------------------------------------------
