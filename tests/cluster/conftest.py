@@ -14,8 +14,6 @@ from jobq import JobQ
 from jobq.worker import Worker, WorkerConfig
 from tests.harness.cluster import RedisClusterHarness
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[RedisClusterHarness]:
