@@ -935,9 +935,10 @@ class Worker:
             return
         run.lost = True
         self.stats["lost"] += 1
-        if run.buffered:  # claimed ahead, never started: nothing ran, nothing to discard
-            run.buffered = False
-            self._buffer.remove(run)
+        if run.task is None:  # claimed ahead, never started: nothing ran, nothing to discard
+            if run.buffered:
+                run.buffered = False
+                self._buffer.remove(run)
             self._forget(run)
             log.warning(
                 "job %s (%s, queue %s): %s before it started; not run here",
@@ -1114,6 +1115,8 @@ class Worker:
         for t in self._bg:
             if t.get_name() != "jobq-acker":
                 t.cancel()
+        if self._side_tasks:  # buffered jobs being handed back: let those calls end first
+            await asyncio.wait(set(self._side_tasks), timeout=2)
         # Finish what completed, then hand back everything else this node still holds.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_acks(), timeout=5)
