@@ -662,7 +662,8 @@ class JobQ:
         for idxs, ids in zip(slots, results, strict=True):
             for i, job_id in zip(idxs, ids, strict=True):
                 jobs[i] = Job(self, job_id, prepared[i][0])
-        self._notify_enqueued([(q, spec.task) for q, spec in prepared])
+        if self.on_enqueued:
+            self._notify_enqueued([(q, spec.task) for q, spec in prepared])
         return [j for j in jobs if j is not None]
 
     def _notify_enqueued(self, items: list[tuple[str, str]]) -> None:

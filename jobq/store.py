@@ -544,6 +544,9 @@ class SyncRunner:
         self.client = client
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
         self._shas: dict[ScriptName, str] = {n: str(s.sha) for n, s in self._scripts.items()}
+        #: A standalone (or Sentinel) client on a connection pool: calls go straight to a pooled
+        #: connection (:meth:`_send_all`), skipping redis-py's per-command machinery.
+        self._direct = isinstance(client, redis.Redis) and getattr(client, "connection", None) is None
 
     def sha(self, name: ScriptName) -> str:
         """The EVALSHA digest this runner sends for ``name``."""
@@ -552,6 +555,16 @@ class SyncRunner:
     def run(self, call: Call[T]) -> T:
         if call.wait[0] > 0:
             return self._run_wait(call)
+        if self._direct:
+            try:
+                raw = self._send_all([call])[0][0]
+                if isinstance(raw, redis.exceptions.NoScriptError):
+                    raw = self._reload_and_run(call)  # did not run: loaded, then run once
+            except Exception as exc:
+                raise map_error(exc, call.script.value, call.queue) from None
+            if isinstance(raw, Exception):
+                raise map_error(raw, call.script.value, call.queue) from None
+            return call.parse(raw)
         try:
             raw = self.client.execute_command(
                 "EVALSHA", self._shas[call.script], len(call.keys), *call.keys, *call.args
@@ -659,7 +672,7 @@ class SyncRunner:
         for enqueue: a stored job id is a no-op). A Redis Cluster client takes the pipelined
         path of :meth:`run_many` instead (its pipeline routes each call to its node)."""
         calls = list(calls)
-        if not isinstance(self.client, redis.Redis):
+        if not self._direct:
             return self.run_many(calls, return_exceptions=True)
         try:
             raws, acked = self._send_all(calls)
