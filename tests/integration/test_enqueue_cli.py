@@ -173,7 +173,12 @@ def test_bulk_with_bad_lines_writes_nothing_and_names_the_lines(
     code, out, err = run(redis_url, "enqueue", "--from-file", write_ndjson(tmp_path / "bad.ndjson", lines))
     assert code == 2
     assert out == ""
-    assert "line 2:" in err and "line 3: priority" in err and "line 4: colour" in err and "line 5:" in err
+    assert (
+        "line 2:" in err
+        and "line 3: priority" in err
+        and "line 4: 'colour': unknown field" in err
+        and "line 5:" in err
+    )
     assert "line 1:" not in err and "line 6:" not in err
     assert "nothing enqueued" in err
     assert r.dbsize() == 0
