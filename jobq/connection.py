@@ -608,6 +608,11 @@ def async_pubsub_client(url: str, **kw: Any) -> Any:
     client on the first reachable node: Redis Cluster forwards every ``PUBLISH`` to all nodes, so
     one node hears every queue's announcements."""
     t = parse_url(url)
+    if t.kind == "sentinel":
+        # Pub/sub needs no failover handling of its own (the worker re-creates its listener after
+        # any error): ask the sentinels once, then hold one plain connection to the primary, so
+        # a listener cancelled mid-failover cannot leave sentinel connections behind.
+        return async_client(_sentinel_primary_url(url, t), **kw)
     if t.kind != "cluster":
         return async_client(url, **kw)
     scheme = "rediss" if t.tls else "redis"
@@ -617,9 +622,31 @@ def async_pubsub_client(url: str, **kw: Any) -> Any:
 
         cred = f"{quote(t.username or '', safe='')}:{quote(t.password or '', safe='')}@"
     host, port = _first_reachable(t)
-    query = "&".join(f"{k}={v}" for k, v in t.options.items() if k.startswith("ssl_"))
+    from urllib.parse import urlencode
+
+    query = urlencode({k: v for k, v in t.options.items() if k.startswith("ssl_")})
     single = f"{scheme}://{cred}{host}:{port}/0" + (f"?{query}" if query else "")
     return async_client(single, **kw)
+
+
+def _sentinel_primary_url(url: str, t: RedisTarget) -> str:
+    """A ``redis://`` URL of the primary the sentinels name now (asked with 1 s timeouts)."""
+    sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+    try:
+        host, port = sentinel.discover_master(t.service)  # type: ignore[no-untyped-call]
+    except redis.exceptions.RedisError as exc:
+        raise errors.RedisUnavailable(f"{redact_url(url)}: {exc}") from None
+    finally:
+        for s in sentinel.sentinels:
+            s.close()
+    from urllib.parse import quote, urlencode
+
+    cred = ""
+    if t.username or t.password:
+        cred = f"{quote(t.username or '', safe='')}:{quote(t.password or '', safe='')}@"
+    query = urlencode({k: v for k, v in t.options.items() if k.startswith("ssl_")})
+    scheme = "rediss" if t.tls else "redis"
+    return f"{scheme}://{cred}{host}:{port}/{t.db}" + (f"?{query}" if query else "")
 
 
 def _first_reachable(t: RedisTarget) -> tuple[str, int]:

@@ -606,10 +606,10 @@ class SyncRunner:
         """The script and ``WAIT`` pipelined on one connection (``WAIT`` counts the replicas
         that have every write of *its* connection)."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
-            pipe.execute_command("WAIT", *call.wait)
-            raw, acked = pipe.execute(raise_on_error=False)
+            with self.client.pipeline(transaction=False) as pipe:
+                self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
+                pipe.execute_command("WAIT", *call.wait)
+                raw, acked = pipe.execute(raise_on_error=False)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         if isinstance(raw, Exception):
@@ -791,10 +791,11 @@ class AsyncRunner:
 
     async def _run_wait(self, call: Call[T]) -> T:
         try:
-            pipe = self.client.pipeline(transaction=False)
-            await self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
-            pipe.execute_command("WAIT", *call.wait)
-            raw, acked = await pipe.execute(raise_on_error=False)
+            # ``async with``: the pipeline gives its connection back even when execute raises
+            async with self.client.pipeline(transaction=False) as pipe:
+                await self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
+                pipe.execute_command("WAIT", *call.wait)
+                raw, acked = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             raise map_error(exc, call.script.value, call.queue) from None
         if isinstance(raw, Exception):
