@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
 import jobq
+from tests.integration.conftest import T0
 from tests.integration.core_support import check_invariants, read_places
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_700_000_000_000
 Q = "admin"
-
-
-@pytest.fixture
-def clock() -> jobq.FakeClock:
-    return jobq.FakeClock(T0)
-
-
-@pytest.fixture
-def fapp(redis_url: str, clock: jobq.FakeClock) -> Iterator[jobq.JobQ]:
-    a = jobq.JobQ(redis_url, clock=clock)
-    yield a
-    a.close()
 
 
 def test_promote_moves_only_due_jobs_and_reports_the_next(fapp: jobq.JobQ, clock: jobq.FakeClock) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -13,24 +12,12 @@ import redis
 
 import jobq
 from jobq import codec
+from tests.integration.conftest import T0
 from tests.integration.core_support import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_700_000_000_000
 Q = "jobs"
-
-
-@pytest.fixture
-def clock() -> jobq.FakeClock:
-    return jobq.FakeClock(T0)
-
-
-@pytest.fixture
-def fapp(redis_url: str, clock: jobq.FakeClock) -> Iterator[jobq.JobQ]:
-    a = jobq.JobQ(redis_url, clock=clock)
-    yield a
-    a.close()
 
 
 def claim(app: jobq.JobQ, node: str, n: int = 1, lease_ms: int = 10_000) -> list[str]:

@@ -6,30 +6,17 @@ EVALSHA path survives SCRIPT FLUSH."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 import jobq
 from jobq.scripts import ScriptName, source
+from tests.integration.conftest import T0
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_700_000_000_000
 Q = "perf"
-
-
-@pytest.fixture
-def clock() -> jobq.FakeClock:
-    return jobq.FakeClock(T0)
-
-
-@pytest.fixture
-def fapp(redis_url: str, clock: jobq.FakeClock) -> Iterator[jobq.JobQ]:
-    a = jobq.JobQ(redis_url, clock=clock)
-    yield a
-    a.close()
 
 
 def claim(app: jobq.JobQ, node: str = "n1", n: int = 1) -> list[jobq.store.ClaimedJob]:

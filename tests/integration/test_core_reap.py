@@ -6,30 +6,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 import jobq
+from tests.integration.conftest import T0
 from tests.integration.core_support import check_invariants, read_places
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_700_000_000_000
 Q = "reap"
-
-
-@pytest.fixture
-def clock() -> jobq.FakeClock:
-    return jobq.FakeClock(T0)
-
-
-@pytest.fixture
-def fapp(redis_url: str, clock: jobq.FakeClock) -> Iterator[jobq.JobQ]:
-    a = jobq.JobQ(redis_url, clock=clock)
-    yield a
-    a.close()
 
 
 def claim(app: jobq.JobQ, node: str, n: int, lease_ms: int) -> list[str]:
