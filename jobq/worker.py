@@ -465,7 +465,8 @@ class Worker:
         while not self._stopping:
             if self._fenced:
                 self._woken = False
-                await self._wait(cfg.poll_interval)
+                await self._wait(self._buffer_timeout(cfg.poll_interval))
+                self._expire_buffer()  # claimed while the fence came: never started late
                 continue
             free, below = self._claim_size()
             if free <= 0:
