@@ -277,6 +277,8 @@ class Worker:
         self.heartbeat: Heartbeat | None = None
         self.client: Any = None
         self.runner: AsyncRunner | None = None
+        #: Releases of named jobs go through a client that never re-sends (see :meth:`_release`).
+        self._once_runner: AsyncRunner | None = None
         self._bg: list[asyncio.Task[Any]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._sync_calls: set[_SyncCall] = set()
@@ -926,9 +928,16 @@ class Worker:
                     self._lose(run, "this node lost its lease")
         for q, ids in beat.unknown.items():
             log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
-            t = asyncio.ensure_future(self._release(q, sorted(ids)))
+            t = asyncio.ensure_future(self._release_unknown(q, sorted(ids)))
             self._side_tasks.add(t)
             t.add_done_callback(self._side_tasks.discard)
+
+    async def _release_unknown(self, queue: str, ids: list[str]) -> None:
+        try:
+            await self._release(queue, ids)
+        except JobqError as exc:
+            # They stay in the active list, leased; the heartbeat finds them again two beats on.
+            log.warning("queue %s: releasing %d unknown job(s) failed: %s", queue, len(ids), exc)
 
     def _lose(self, run: _Running, why: str) -> None:
         """The job is no longer ours: count it, never ack it, stop it if it is async."""
@@ -995,9 +1004,22 @@ class Worker:
 
     async def _release(self, queue: str, ids: list[str] | None) -> int:
         assert self.runner is not None
+        runner = self.runner
+        if ids is not None:
+            # Never re-sent after a connection error: a release whose reply was lost may have
+            # run, and this node may have claimed the job again since; a blind re-send would
+            # hand that new claim back while it runs (F8: jobs ran twice, no reap). What is left
+            # unreleased, the heartbeat finds again, or the reaper takes back.
+            if self._once_runner is None:
+                import redis.asyncio.retry
+                import redis.backoff
+
+                once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
+                self._once_runner = AsyncRunner(connection.async_client(self.url, retry=once))
+            runner = self._once_runner
         total = 0
         while True:
-            n = await self.runner.run(self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms()))
+            n = await runner.run(self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms()))
             total += n
             if ids is not None or n < 1000:
                 return total
@@ -1143,6 +1165,9 @@ class Worker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             await self.client.aclose()
+        if self._once_runner is not None:
+            with contextlib.suppress(Exception):
+                await self._once_runner.client.aclose()
         with contextlib.suppress(Exception):
             sync_client.close()
         log.info(

@@ -6,6 +6,7 @@ worker node) and a real redis-server, injects the fault, and checks what Redis h
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import threading
@@ -172,6 +173,81 @@ class TestLostReplies:
         assert r.llen(app.keys.active(Q, "node-a")) == 0
         assert r.zcard(app.keys.leases(Q)) == 0
         assert r.zcard(app.keys.finished(Q)) == self.N
+
+
+def test_f8_worker_under_lost_replies_runs_each_job_once(
+    redis_server: RedisServer,
+    r: redis.Redis,
+    chaos_proxy,
+    thread_workers,
+    seed: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """F8 end to end: a worker node whose replies (claims, acks, renewals, announcements) are
+    dropped every 20 ms, its connections reset each time. Every job runs exactly once, never
+    twice at the same time, and the queue ends empty: a claim whose reply was lost is released
+    by the heartbeat and claimed again, a retried ack is a no-op."""
+    from tests.harness.proxy_fixtures import ThreadWorker
+
+    n = proxy_fixtures.scale(250, 4000)
+    runs: dict[int, list[tuple[float, float]]] = {}
+    lock = threading.Lock()
+    app = JobQ(redis_server.url)
+
+    @app.task(name="rec", queue=Q)
+    def rec(i: int) -> None:
+        t0 = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            runs.setdefault(i, []).append((t0, time.monotonic()))
+
+    proxy = chaos_proxy(redis_server)
+    w = ThreadWorker(
+        app, url=proxy.url(redis_server.url), queues=[(Q, 1)], concurrency=8, lease=2.0, poll_interval=0.2
+    )
+    thread_workers.append(w.start())
+    stop = threading.Event()
+
+    def inject() -> None:
+        while not stop.wait(0.02):
+            proxy.drop_next_reply()
+
+    t = threading.Thread(target=inject, daemon=True)
+    app.enqueue_many([{"task": "rec", "args": [i], "queue": Q, "job_id": f"w{i}"} for i in range(n)])
+    wait_for(lambda: len(runs) >= 16, 20)  # the node is up and claiming: now lose its replies
+    t.start()
+    try:
+        wait_for(lambda: len(runs) == n and r.zcard(app.keys.leases(Q)) == 0, 90)
+    finally:
+        stop.set()
+        t.join(5)
+    w.stop()
+    assert w.error is None
+    released = [x for x in caplog.records if "never saw" in x.getMessage()]
+    print(
+        f"F8 worker: {proxy.stats.dropped_replies} replies dropped, {n} jobs, {len(released)} "
+        f"releases of lost claims, {w.worker.stats}"
+    )
+    assert proxy.stats.dropped_replies > 20 and released, "no claim reply was lost"
+    assert set(runs) == set(range(n))
+    assert r.zcard(app.keys.ready(Q)) == 0 and r.llen(app.keys.active(Q, w.node)) == 0
+    # Every job finished. A job ran more than once only if its lease expired and was reaped
+    # (renewal replies can be lost long enough at this rate), never twice at the same time, and
+    # its attempts count every claim that reached it: 1 + reaps (a lost claim's attempt is given
+    # back when the heartbeat releases the job).
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.hmget(app.keys.job(Q, f"w{i}"), "state", "attempts", "reaped")
+    reaped_jobs = 0
+    for i, (state, attempts, reaped) in enumerate(pipe.execute()):
+        n_reaped = int(reaped or 0)
+        reaped_jobs += n_reaped > 0
+        assert state == b"done" and int(attempts) == 1 + n_reaped, (i, state, attempts, reaped)
+        spans = sorted(runs[i])
+        assert len(spans) <= 1 + n_reaped, (i, spans, n_reaped)
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), f"job {i} ran twice at once"
+    print(f"F8 worker: {reaped_jobs} job(s) reaped after their renewals' replies were lost")
+    app.close()
 
 
 # -- F6 / F6b: partitions ------------------------------------------------------------------------
