@@ -208,8 +208,9 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     thread_workers.append(w.start())
     stop = threading.Event()
 
-    def inject() -> None:
-        while not stop.wait(0.02):
+    def inject() -> None:  # for 8 s (nightly: until done), then the node drains undisturbed
+        until = time.monotonic() + proxy_fixtures.scale(8, 600)
+        while not stop.wait(0.02) and time.monotonic() < until:
             proxy.drop_next_reply()
 
     t = threading.Thread(target=inject, daemon=True)
