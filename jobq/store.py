@@ -80,6 +80,9 @@ class ClaimedJob:
     max_attempts: int
     timeout_ms: int
     ready_ms: int
+    #: Redis-clock ms by which the job must have started (0 = no deadline): a worker holding it
+    #: in its prefetch buffer must not start it later.
+    deadline_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +241,8 @@ class Store:
             jobs = []
             pos = 4
             for _ in range(n_claimed):
-                r = raw[pos : pos + 7]
-                pos += 7
+                r = raw[pos : pos + 8]
+                pos += 8
                 jobs.append(
                     ClaimedJob(
                         r[0].decode(),
@@ -250,6 +253,7 @@ class Store:
                         int(r[4]),
                         int(r[5]),
                         int(r[6]),
+                        int(r[7]),
                     )
                 )
             dead = [(_s(raw[pos + 2 * i]), _s(raw[pos + 2 * i + 1])) for i in range(n_dead)]

@@ -76,6 +76,8 @@ PUBSUB_PING_INTERVAL = 5.0
 #: Seconds of work a node claims ahead of its free slots: the prefetch buffer holds at most the
 #: jobs it expects to start within this time (concurrency x horizon / mean run time).
 PREFETCH_HORIZON = 0.02
+#: A buffered job is started only if its deadline is at least this far ahead (ms, Redis clock).
+DEADLINE_MARGIN_MS = 5
 #: Seconds a claimed job may wait in the prefetch buffer before it goes back to ready (release:
 #: attempt not counted, old place in the ready order).
 PREFETCH_MAX_WAIT = 0.5
@@ -572,9 +574,24 @@ class Worker:
             run.buffered = False
             by_queue.setdefault(run.job.queue, []).append(run)
         for q, runs in by_queue.items():
-            t = asyncio.ensure_future(self._release_runs(q, runs))
-            self._side_tasks.add(t)
-            t.add_done_callback(self._side_tasks.discard)
+            self._release_soon(q, runs)
+
+    def _release_soon(self, queue: str, runs: list[_Running]) -> None:
+        """Release unstarted jobs of ``queue`` in a side task (their attempts are not counted)."""
+        t = asyncio.ensure_future(self._release_runs(queue, runs))
+        self._side_tasks.add(t)
+        t.add_done_callback(self._side_tasks.discard)
+
+    @staticmethod
+    def _deadline_passed(run: _Running, now: float) -> bool:
+        """Whether a buffered job's deadline may have passed: the Redis clock at its claim plus
+        the local time since, with a margin. Such a job is released instead of started, and the
+        next claim (the Redis clock decides) dead-letters it as ``expired``, or runs it if its
+        deadline is in fact still ahead."""
+        deadline = run.job.deadline_ms
+        if deadline <= 0:
+            return False
+        return run.now_ms + (now - run.started) * 1000 + DEADLINE_MARGIN_MS >= deadline
 
     async def _release_runs(self, queue: str, runs: list[_Running]) -> None:
         for i in range(0, len(runs), 1000):
@@ -744,11 +761,15 @@ class Worker:
             took = now - run.started
             self._run_time = took if mean is None else mean + (took - mean) * _RUN_TIME_ALPHA
             buffer = self._buffer
-            if buffer and not self._stopping and not self._fenced:
+            while buffer and not self._stopping and not self._fenced:
                 # The next job starts in this loop turn, not after a claim round trip.
                 nxt = buffer.popleft()
                 nxt.buffered = False
+                if self._deadline_passed(nxt, now):
+                    self._release_soon(nxt.job.queue, [nxt])
+                    continue
                 self._start(nxt, now)
+                break
             if self._busy + len(buffer) < self._claim_below:
                 self._poke()  # the fetcher waits for room (not for work) and the buffer ran low
 

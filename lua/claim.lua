@@ -27,7 +27,8 @@
   ARGV[8]  dead_ttl_ms    integer >= 1, dead-letter age bound
 
   Returns: {now_ms, next_due_ms (-1 = none), n_claimed, n_dead,
-            n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms),
+            n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
+                         deadline_ms (0 = none)),
             n_dead x (id, reason)}
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O((max_jobs + promote_limit) * log N); per claimed job one HMGET and one HSET.
@@ -95,7 +96,7 @@ if max_jobs > 0 then
       local c = #claimed
       claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2] or ''
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
-      claimed[c + 7] = f[6] or now_s
+      claimed[c + 7] = f[6] or now_s; claimed[c + 8] = f[7] or '0'
     end
   end
 end
@@ -105,7 +106,7 @@ if #push > 0 then
   rcall('ZADD', leases_key, unpack(lease_add))
 end
 
-local out = {now, next_due(sched_key), #claimed / 7, #dead / 2}
+local out = {now, next_due(sched_key), #claimed / 8, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
 return out

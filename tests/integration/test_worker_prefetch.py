@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import redis
@@ -157,3 +158,24 @@ def test_a_job_started_from_the_buffer_does_not_inherit_the_context_of_the_job_b
     asyncio.run(w.run())
     assert w.stats["completed"] == 7
     assert seen == ["unset"] * 6
+
+
+def test_a_buffered_job_whose_deadline_passes_never_starts(
+    app: JobQ, r: redis.Redis, bg: list[Background], started: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's deadline holds even while it waits in the buffer: when a slot frees after the
+    deadline, the job is handed back, and the next claim dead-letters it as expired."""
+    monkeypatch.setattr(worker_mod, "PREFETCH_MAX_WAIT", 30.0)  # the slot frees first
+    app.enqueue("nap", ("first", 0.0))
+    slow = app.enqueue("nap", ("slow", 1.0))
+    late = app.enqueue("nap", ("late", 0.0), deadline=timedelta(seconds=0.6))  # start within 0.6 s
+    after = app.enqueue("nap", ("after", 0.0))
+    b = one_slot_node(app, bg)
+    wait_for(lambda: late.id in buffered_ids(b), 10, "the deadline job buffered behind the slow one")
+    wait_for(lambda: after.status() is JobState.DONE, 10, "the jobs behind it to run")
+    assert slow.status() is JobState.DONE
+    info = late.info()
+    assert info.state is JobState.DEAD and info.error == "expired"
+    assert "late" not in started
+    b.stop()
+    b.join()
