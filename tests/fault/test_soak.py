@@ -58,6 +58,17 @@ def slow_scripts(r: redis.Redis, over_us: int) -> dict[str, int]:
     return out
 
 
+def script_durations(r: redis.Redis, name: ScriptName) -> list[int]:
+    """Durations (µs) of the slowlog's calls of one script."""
+    key = sha(name)
+    out = []
+    for e in r.slowlog_get(100_000):
+        cmd = e["command"]
+        if key in (cmd.decode(errors="replace") if isinstance(cmd, bytes) else str(cmd)):
+            out.append(int(e["duration"]))
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return 0.0
@@ -167,9 +178,9 @@ def test_s1_soak(
         r, ctx(seed, history), reap_interval_ms=int(REAP * 1000), node_ttl_ms=int(NODE_TTL * 1000)
     )
     assert after <= baseline + 2 * nodes_n, (baseline, after, sorted(k.decode() for k in r.keys())[:50])
-    # Bounded work per call. The slowlog measures wall time, so on a shared 2-core machine a
-    # descheduled Redis can log a few calls over 10 ms: those are reported; > 50 ms fails.
-    assert not slow50, slow50
+    # The slowlog measures wall time: on 2 shared cores under this load Redis is descheduled
+    # now and then, so slow calls are reported, not asserted here. Bounded work per call is
+    # asserted by S3's probe at a 1M backlog on an otherwise idle machine.
     assert not fleet.crashes(), fleet.crashes()[:5]
 
 
@@ -338,12 +349,23 @@ def test_s3_thundering_herd(
     t_enq = time.monotonic() - t_enq
     assert len(ok) == n
     assert int(r.time()[0]) * 1000 < due, "the enqueue took longer than planned: jobs became due early"
-    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
-    nodes = fleet.start(10, concurrency=20)
-    r.config_set("slowlog-log-slower-than", 10000)
-    r.slowlog_reset()
     while int(r.time()[0]) * 1000 < due:
         time.sleep(0.2)
+    # Bounded work at a 1M backlog, timed by Redis with the machine otherwise idle: 20 claim
+    # calls, each promoting 100 of the 1M due jobs and popping 20 (then released unrun).
+    r.config_set("slowlog-log-slower-than", 0)
+    r.config_set("slowlog-max-len", 100_000)  # commands inside scripts are logged too
+    r.slowlog_reset()
+    for _ in range(20):
+        app.run(app.store.claim(Q, "probe", 20, 60_000))
+    probe_us = script_durations(r, ScriptName.CLAIM)
+    while app.run(app.store.release(Q, "probe")):
+        pass
+    r.config_set("slowlog-log-slower-than", 10000)
+    r.config_set("slowlog-max-len", 1024)
+    r.slowlog_reset()
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    nodes = fleet.start(10, concurrency=20)
     t0 = time.monotonic()
     wait_drained(r, [Q], timeout=3600)
     took = time.monotonic() - t0
@@ -364,13 +386,14 @@ def test_s3_thundering_herd(
         run_s=round(took, 1),
         jobs_per_s=round(n / took),
         lost=len(rep.lost),
-        slow_claim_promote_over_10ms=slow10,
-        slow_over_50ms=sum(slow50.values()),
+        probe_claim_max_ms=round(max(probe_us) / 1000, 2),
+        under_load_over_10ms=slow10,
+        under_load_over_50ms=sum(slow50.values()),
         node_share_max_dev_pct=round(spread, 1),
         seed=seed,
     )
     rep.assert_ok(ctx(seed, history))
-    assert not slow50, slow50
+    assert len(probe_us) >= 20 and max(probe_us) <= 10_000, probe_us
     assert spread <= 30, starts
 
 
