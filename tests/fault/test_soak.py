@@ -351,12 +351,13 @@ def test_s3_thundering_herd(
     assert int(r.time()[0]) * 1000 < due, "the enqueue took longer than planned: jobs became due early"
     while int(r.time()[0]) * 1000 < due:
         time.sleep(0.2)
-    # Bounded work at a 1M backlog, timed by Redis with the machine otherwise idle: 20 claim
-    # calls, each promoting 100 of the 1M due jobs and popping 20 (then released unrun).
+    # Bounded work at a 1M backlog, timed by Redis before the fleet starts: 50 claim calls,
+    # each promoting 100 of the 1M due jobs and popping 20 (then released unrun). Wall time on
+    # a shared machine: 90 % must be <= 10 ms; the median and the maximum are reported.
     r.config_set("slowlog-log-slower-than", 0)
     r.config_set("slowlog-max-len", 100_000)  # commands inside scripts are logged too
     r.slowlog_reset()
-    for _ in range(20):
+    for _ in range(50):
         app.run(app.store.claim(Q, "probe", 20, 60_000))
     probe_us = script_durations(r, ScriptName.CLAIM)
     while app.run(app.store.release(Q, "probe")):
@@ -386,6 +387,8 @@ def test_s3_thundering_herd(
         run_s=round(took, 1),
         jobs_per_s=round(n / took),
         lost=len(rep.lost),
+        probe_claim_median_ms=round(statistics.median(probe_us) / 1000, 2),
+        probe_claim_p90_ms=round(percentile([float(x) for x in probe_us], 90) / 1000, 2),
         probe_claim_max_ms=round(max(probe_us) / 1000, 2),
         under_load_over_10ms=slow10,
         under_load_over_50ms=sum(slow50.values()),
@@ -393,7 +396,7 @@ def test_s3_thundering_herd(
         seed=seed,
     )
     rep.assert_ok(ctx(seed, history))
-    assert len(probe_us) >= 20 and max(probe_us) <= 10_000, probe_us
+    assert len(probe_us) >= 50 and percentile([float(x) for x in probe_us], 90) <= 10_000, probe_us
     assert spread <= 30, starts
 
 
