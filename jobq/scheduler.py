@@ -22,6 +22,11 @@ log = logging.getLogger("jobq.scheduler")
 CRON_WINDOW_MS = 60_000
 
 
+#: Due jobs one promote call moves: small enough that a call stays well under 10 ms even with a
+#: million jobs due at once (S3 measured 1,000 per call going over 10 ms under load).
+PROMOTE_BATCH = 200
+
+
 @dataclass
 class ScheduleReport:
     promoted: int = 0
@@ -43,14 +48,16 @@ class Scheduler:
         report = ScheduleReport()
         for q in self.queues:
             while True:
-                res = await self.runner.run(self.app.store.promote(q, limit=1000, now_ms=self.app.now_ms()))
+                res = await self.runner.run(
+                    self.app.store.promote(q, limit=PROMOTE_BATCH, now_ms=self.app.now_ms())
+                )
                 report.promoted += res.promoted
                 report.now_ms = res.now_ms
                 if res.next_due_ms is not None and (
                     report.next_due_ms is None or res.next_due_ms < report.next_due_ms
                 ):
                     report.next_due_ms = res.next_due_ms
-                if res.promoted < 1000:
+                if res.promoted < PROMOTE_BATCH:
                     break
         if self.cron:
             now = report.now_ms if report.now_ms is not None else self.app.now_ms()
