@@ -174,6 +174,8 @@ def test_a_buffered_job_whose_deadline_passes_never_starts(
     wait_for(lambda: late.id in buffered_ids(b), 10, "the deadline job buffered behind the slow one")
     wait_for(lambda: after.status() is JobState.DONE, 10, "the jobs behind it to run")
     assert slow.status() is JobState.DONE
+    # Released (on the node's non-retrying connection), then dead-lettered by the next claim.
+    wait_for(lambda: late.status() in (JobState.DEAD, JobState.DONE), 10, "the late job to end")
     info = late.info()
     assert info.state is JobState.DEAD and info.error == "expired"
     assert "late" not in started
