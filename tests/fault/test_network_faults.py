@@ -477,7 +477,8 @@ def test_f7_client_kill_storm(
     # dense as every 2 s). Interleaving cancels the drift of the machine's load (2 cores shared
     # with everything else).
     base_rates, storm_rates = [], []
-    for _ in range(proxy_fixtures.scale(4, 30)):
+    # Six rounds: with four, one slow batch on the shared machine moved the ratio by 10 points.
+    for _ in range(proxy_fixtures.scale(6, 30)):
         base_rates.append(_drain_rate(r, bulk, 1000))
         storm_rates.append(_drain_rate(r, bulk, 1000, before=kill))
         storm_rates.append(_drain_rate(r, bulk, 1000))
