@@ -42,9 +42,19 @@ def _find_timestamp(value: Any) -> bool:
     return False
 
 
+def _str_keys(d: dict[Any, Any]) -> dict[Any, Any]:
+    # strict_map_key lets bytes keys through as well as str: plain data has str keys only.
+    for k in d:
+        if type(k) is not str:
+            raise DecodeError(f"map key {k!r} is not a string")
+    return d
+
+
 def _unpack(data: bytes) -> Any:
     # The size limit is checked by the callers before unpacking.
-    value = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True)
+    value = msgpack.unpackb(
+        data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True, object_hook=_str_keys
+    )
     # Only when the bytes could hold a timestamp extension is the value walked (rare).
     if any(m in data for m in _TIMESTAMP_MARKERS) and _find_timestamp(value):
         raise DecodeError("msgpack timestamp extension is not allowed in jobq payloads")

@@ -75,6 +75,8 @@ def test_decode_structured_garbage(parts: list[bytes], tail: bytes) -> None:
         b"\xc7\x01\x05x",  # ext type
         b"\xd6\xff\x00\x00\x00\x00",  # the timestamp ext type
         b"\x81\x01\x02",  # int map key
+        b"\x81\xc4\x01b\x01",  # bytes map key (msgpack's strict_map_key allows it)
+        b"\x92\x90\x81\xa1k\x81\xc4\x01b\x01",  # a nested one, as [args, kwargs]
         b"\xa2\xff\xfe",  # str that is not UTF-8
         b"\x01\x02",  # extra data
     ],
@@ -104,6 +106,7 @@ def test_encode_refuses_what_would_not_decode() -> None:
     for bad in (
         [object()],
         [{1: 2}],
+        [{b"k": 2}],
         [msgpack.ExtType(3, b"")],
         [2**64],
         ["\udcff"],
