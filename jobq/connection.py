@@ -506,22 +506,33 @@ def _sentinel_kwargs(t: RedisTarget) -> dict[str, Any]:
     return out
 
 
+def _client_opts(t: RedisTarget, opts: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The options every client kind shares: timeouts, credentials, TLS, then the caller's own."""
+    _timeouts(t, opts)
+    opts.update(_auth(t))
+    opts.update(_tls_kwargs(t))
+    if t.kind == "cluster" and t.tls:
+        opts["ssl"] = True
+    opts.update(kw)
+    return opts
+
+
+def _cluster_opts(opts: dict[str, Any]) -> Any:
+    """Cluster clients take the retry policy as their own argument and no retry_on_error: take
+    both out of ``opts`` and return the retry."""
+    opts.pop("retry_on_error", None)
+    return opts.pop("retry")
+
+
 def sync_client(
     url: str, *, socket_timeout: float | None = 10.0, health_check_interval: int = 0, **kw: Any
 ) -> Any:
     """A synchronous client for ``url``: a ``redis.Redis``, or a ``redis.cluster.RedisCluster``
     for ``redis+cluster://`` URLs (both speak the same commands and scripts)."""
     t = parse_url(url)
-    opts = _common(socket_timeout, health_check_interval)
-    _timeouts(t, opts)
-    opts.update(_auth(t))
+    opts = _client_opts(t, _common(socket_timeout, health_check_interval), kw)
     if t.kind == "cluster":
-        opts.update(_tls_kwargs(t))
-        if t.tls:
-            opts["ssl"] = True
-        opts.update(kw)
-        retry = opts.pop("retry")
-        opts.pop("retry_on_error", None)
+        retry = _cluster_opts(opts)
         try:
             return RedisCluster(
                 startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
@@ -534,8 +545,6 @@ def sync_client(
                 raise errors.RedisUnavailable(f"redis cluster {redact_url(url)}: {exc}") from None
             raise err from None
     if t.kind == "sentinel":
-        opts.update(_tls_kwargs(t))
-        opts.update(kw)
         sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
         scls = SentinelSSLConnection if t.tls else SentinelConnection
         client = sentinel.master_for(  # type: ignore[no-untyped-call]
@@ -543,8 +552,6 @@ def sync_client(
         )
         client.jobq_sentinel = sentinel
         return client
-    opts.update(_tls_kwargs(t))
-    opts.update(kw)
     if t.kind == "unix":
         pool = redis.ConnectionPool(connection_class=UnixConnection, path=t.path, db=t.db, **opts)
     else:
@@ -560,25 +567,17 @@ def async_client(
     """An asyncio client for ``url``: ``redis.asyncio.Redis``, or
     ``redis.asyncio.cluster.RedisCluster`` for ``redis+cluster://`` URLs."""
     t = parse_url(url)
-    opts = _common(socket_timeout, health_check_interval)
-    opts["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3, _RETRIED)
-    _timeouts(t, opts)
-    opts.update(_auth(t))
+    common = _common(socket_timeout, health_check_interval)
+    common["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3, _RETRIED)
+    opts = _client_opts(t, common, kw)
     if t.kind == "cluster":
-        opts.update(_tls_kwargs(t))
-        if t.tls:
-            opts["ssl"] = True
-        opts.update(kw)
-        retry = opts.pop("retry")
-        opts.pop("retry_on_error", None)
+        retry = _cluster_opts(opts)
         return AsyncRedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts],
             retry=retry,
             **opts,
         )
     if t.kind == "sentinel":
-        opts.update(_tls_kwargs(t))
-        opts.update(kw)
         sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
         aclient = sentinel.master_for(
             t.service,
@@ -589,8 +588,6 @@ def async_client(
         )
         aclient.jobq_sentinel = sentinel
         return aclient
-    opts.update(_tls_kwargs(t))
-    opts.update(kw)
     apool: redis.asyncio.ConnectionPool
     if t.kind == "unix":
         apool = redis.asyncio.ConnectionPool(
