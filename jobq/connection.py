@@ -48,6 +48,11 @@ from redis.utils import check_protocol_version
 
 from jobq import errors
 
+# redis-py's Sentinel classes were untyped before redis-py 8.2 and are typed since: through Any,
+# the calls type-check the same against either.
+_SyncSentinel: Any = redis.sentinel.Sentinel
+_AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
+
 #: The URL used when none is given and ``JOBQ_REDIS_URL`` is unset.
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 #: Minimum Redis version: script flags (``#!lua flags=allow-oom``) need 7.0.
@@ -545,9 +550,9 @@ def sync_client(
                 raise errors.RedisUnavailable(f"redis cluster {redact_url(url)}: {exc}") from None
             raise err from None
     if t.kind == "sentinel":
-        sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+        sentinel = _SyncSentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))
         scls = SentinelSSLConnection if t.tls else SentinelConnection
-        client = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(
             t.service, db=t.db, connection_class=scls, redis_class=SentinelRedis, **opts
         )
         client.jobq_sentinel = sentinel
@@ -578,7 +583,7 @@ def async_client(
             **opts,
         )
     if t.kind == "sentinel":
-        sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+        sentinel = _AsyncSentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))
         aclient = sentinel.master_for(
             t.service,
             db=t.db,
@@ -628,9 +633,9 @@ def async_pubsub_client(url: str, **kw: Any) -> Any:
 
 def _sentinel_primary_url(url: str, t: RedisTarget) -> str:
     """A ``redis://`` URL of the primary the sentinels name now (asked with 1 s timeouts)."""
-    sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))  # type: ignore[no-untyped-call]
+    sentinel = _SyncSentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))
     try:
-        host, port = sentinel.discover_master(t.service)  # type: ignore[no-untyped-call]
+        host, port = sentinel.discover_master(t.service)
     except redis.exceptions.RedisError as exc:
         raise errors.RedisUnavailable(f"{redact_url(url)}: {exc}") from None
     finally:
