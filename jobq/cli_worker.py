@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from jobq import connection
+from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.cli import Settings, connection_options
 from jobq.cron import parse_duration
@@ -333,7 +334,7 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
         await node.run()
 
     try:
-        asyncio.run(main())
+        jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
     except JobqError as exc:  # fatal at startup: wrong password, missing permission, old Redis
         log.error("worker node %s cannot run: %s", node.node, connection.redact(str(exc)))
         return 1

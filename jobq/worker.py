@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobq import codec, connection, faults, redis_checks
+from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.errors import (
     DecodeError,
@@ -1228,5 +1229,5 @@ def run_worker(
             on_start(worker)
         await worker.run()
 
-    asyncio.run(main())
+    jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
     return worker
