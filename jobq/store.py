@@ -746,7 +746,7 @@ class SyncRunner:
         observability counters, events): a tenth of a whole enqueue on loopback. The runner
         keeps the connections it took instead (``list.pop``/``append`` are atomic, so threads
         may share the runner; each call holds its connection alone) and checks each one as the
-        pool would before handing it out (connected, no unread data, not closed by the server).
+        pool would before handing it out (:func:`_ready`).
         The pool still owns them: closing the client disconnects them, and a forked child
         drops its parent's."""
         if self._idle_pid != os.getpid():
@@ -757,12 +757,26 @@ class SyncRunner:
         except IndexError:
             return pool.get_connection()
         try:
-            pool.ensure_connection(conn)
+            _ready(conn)
         except BaseException:
             conn.disconnect()
             self._idle.append(conn)
             raise
         return conn
+
+
+def _ready(conn: Any) -> None:
+    """Make a kept connection ready to send, as redis-py's pool does at checkout: connected,
+    with no unread data and not closed by the server (either makes it readable), else
+    reconnected."""
+    try:
+        conn.connect()  # a no-op when connected
+        if not conn.can_read():
+            return
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        pass
+    conn.disconnect()
+    conn.connect()
 
 
 def _pack(*args: Any) -> bytes:
