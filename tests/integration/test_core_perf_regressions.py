@@ -6,6 +6,8 @@ EVALSHA path survives SCRIPT FLUSH."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -291,83 +293,77 @@ def _client_ids(r: redis.Redis) -> set[int]:
     return {int(c["id"]) for c in r.client_list() if int(c["id"]) != me}
 
 
-def test_single_calls_reuse_one_connection_and_recover_a_killed_one(redis_url: str, r: redis.Redis) -> None:
+@pytest.fixture
+def conn_app(redis_url: str) -> Iterator[tuple[jobq.JobQ, Any]]:
+    """A JobQ without a fake clock and one task; one job enqueued (the queue registered, the
+    script loaded, the runner's first connection taken)."""
+    app = jobq.JobQ(redis_url)
+
+    @app.task(name="conn", queue=Q)
+    def conn(i: int) -> None: ...
+
+    conn.enqueue(0)
+    yield app, conn
+    app.close()
+
+
+def test_single_calls_reuse_one_connection_and_recover_a_killed_one(
+    conn_app: tuple[jobq.JobQ, Any], r: redis.Redis
+) -> None:
     """Single calls keep their connection between calls (no pool checkout per call), and one the
     server closed meanwhile is replaced before use: the call after a CLIENT KILL succeeds."""
-    app = jobq.JobQ(redis_url)
-    try:
-
-        @app.task(name="reuse", queue=Q)
-        def reuse(i: int) -> None: ...
-
-        reuse.enqueue(0)
-        before = _client_ids(r)
-        ids = [reuse.enqueue(i).id for i in range(1, 50)]
-        assert _client_ids(r) == before  # the same connection, every call
-        for cid in before:
-            r.client_kill_filter(_id=cid)
-        # A non-retrying client would see the closed socket on its first send without the check.
-        after_kill = reuse.enqueue(99).id
-        assert r.zcard(f"jobq:{{{Q}}}:ready") == 51
-        assert len({*ids, after_kill}) == 50
-    finally:
-        app.close()
+    _, task = conn_app
+    before = _client_ids(r)
+    ids = [task.enqueue(i).id for i in range(1, 50)]
+    assert _client_ids(r) == before  # the same connection, every call
+    for cid in before:
+        r.client_kill_filter(_id=cid)
+    # A non-retrying client would see the closed socket on its first send without the check.
+    after_kill = task.enqueue(99).id
+    assert r.zcard(f"jobq:{{{Q}}}:ready") == 51
+    assert len({*ids, after_kill}) == 50
 
 
-def test_threads_share_the_runner_without_sharing_a_connection(redis_url: str, r: redis.Redis) -> None:
+def test_threads_share_the_runner_without_sharing_a_connection(
+    conn_app: tuple[jobq.JobQ, Any], r: redis.Redis
+) -> None:
     import threading
 
-    app = jobq.JobQ(redis_url)
-    try:
+    app, task = conn_app
+    errs: list[BaseException] = []
 
-        @app.task(name="threaded", queue=Q)
-        def threaded(i: int) -> None: ...
+    def produce(k: int) -> None:
+        try:
+            for i in range(200):
+                task.enqueue(k * 1000 + i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errs.append(exc)
 
-        threaded.enqueue(-1)
-        errs: list[BaseException] = []
-
-        def produce(k: int) -> None:
-            try:
-                for i in range(200):
-                    threaded.enqueue(k * 1000 + i)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errs.append(exc)
-
-        threads = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errs == []
-        assert r.zcard(f"jobq:{{{Q}}}:ready") == 1 + 8 * 200
-        assert len(app.runner._idle) <= 8 + 1  # at most one connection per thread at once
-    finally:
-        app.close()
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errs == []
+    assert r.zcard(f"jobq:{{{Q}}}:ready") == 1 + 8 * 200
+    assert len(app.runner._idle) <= 8 + 1  # at most one connection per thread at once
 
 
-def test_a_forked_child_opens_its_own_connection(redis_url: str, r: redis.Redis) -> None:
+def test_a_forked_child_opens_its_own_connection(conn_app: tuple[jobq.JobQ, Any], r: redis.Redis) -> None:
     import os
 
-    app = jobq.JobQ(redis_url)
-    try:
-
-        @app.task(name="forked", queue=Q)
-        def forked(i: int) -> None: ...
-
-        forked.enqueue(0)
-        parent_conn = app.runner._idle[-1]
-        pid = os.fork()
-        if pid == 0:  # the child: a new connection, never the parent's socket
-            code = 1
-            try:
-                forked.enqueue(1)
-                code = 0 if app.runner._idle and app.runner._idle[-1] is not parent_conn else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        forked.enqueue(2)  # the parent's connection still works: the child never read from it
-        assert app.runner._idle[-1] is parent_conn
-        assert r.zcard(f"jobq:{{{Q}}}:ready") == 3
-    finally:
-        app.close()
+    app, task = conn_app
+    parent_conn = app.runner._idle[-1]
+    pid = os.fork()
+    if pid == 0:  # the child: a new connection, never the parent's socket
+        code = 1
+        try:
+            task.enqueue(1)
+            code = 0 if app.runner._idle and app.runner._idle[-1] is not parent_conn else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    task.enqueue(2)  # the parent's connection still works: the child never read from it
+    assert app.runner._idle[-1] is parent_conn
+    assert r.zcard(f"jobq:{{{Q}}}:ready") == 3
