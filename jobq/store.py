@@ -769,8 +769,8 @@ def _ready(conn: Any) -> None:
     """Make a kept connection ready to send, as redis-py's pool does at checkout: connected,
     with no unread data and not closed by the server (either makes it readable), else
     reconnected."""
+    conn.connect()  # a no-op when connected; a failed connect raises (it is not tried twice)
     try:
-        conn.connect()  # a no-op when connected
         if not conn.can_read():
             return
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
