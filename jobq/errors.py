@@ -105,7 +105,15 @@ class StoreError(JobqError):
 
 class RedisUnavailable(StoreError, ConnectionError):
     """Redis could not be reached, or did not answer in time. The operation may or may not have
-    taken effect; retrying an enqueue with the same job id is safe."""
+    taken effect; retrying an enqueue with the same job id is safe.
+
+    ``refused`` is true when the host answered that nothing listens on the port (the server is
+    down or restarting, for every client alike), false for a timeout or a dropped connection,
+    which may be this client's network alone."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class RedisOutOfMemory(StoreError):

@@ -9,7 +9,10 @@ registry, and checks the dataset epoch. It reports back to the worker:
 - jobs in the active list the worker does not know (a claim whose reply was lost), which are
   released after two beats;
 - self-fencing: when no renewal succeeded for ``lease - margin`` (partition), the node must stop
-  claiming and treat its running jobs as lost before other nodes may take them.
+  claiming and treat its running jobs as lost before other nodes may take them. The fence says
+  whether Redis itself is down (the last renewal was refused, or Redis answered LOADING/BUSY):
+  then no other node can take the jobs either, and the reaper grace after the outage lets this
+  node renew before anyone reaps, so running jobs need not be stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobq.app import JobQ
-from jobq.errors import JobqError
+from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.store import SyncRunner
 
 log = logging.getLogger("jobq.heartbeat")
@@ -51,7 +54,7 @@ class Heartbeat:
         *,
         known: Callable[[], dict[str, set[str]]],
         on_beat: Callable[[BeatResult], None],
-        on_fence: Callable[[bool], None],
+        on_fence: Callable[[bool, bool], None],
         info: Callable[[], dict[str, str | int]],
         on_epoch_change: Callable[[], None] | None = None,
     ) -> None:
@@ -71,6 +74,11 @@ class Heartbeat:
         #: monotonic time of the last beat where every queue renewed.
         self.last_ok = time.monotonic()
         self.fenced = False
+        #: The fence is up because Redis is down for every client (see ``redis_down``).
+        self.fenced_redis_down = False
+        #: The last renewal failed in a way every client sees alike: connection refused (the
+        #: server is not running) or LOADING/BUSY. False after a success or any other failure.
+        self.redis_down = False
         self._fence_lock = threading.Lock()
         self.failures = 0
         self._unknown_prev: dict[str, set[str]] = {}
@@ -120,12 +128,16 @@ class Heartbeat:
             results = self.runner.run_many(calls)
         except JobqError as exc:
             self.failures += 1
+            self.redis_down = isinstance(exc, RedisBusy) or (
+                isinstance(exc, RedisUnavailable) and exc.refused
+            )
             if self.failures == 1 or self.failures % 10 == 0:
                 log.warning("lease renewal failed (%d in a row): %s", self.failures, exc)
             return None
         if self.failures:
             log.info("lease renewal recovered after %d failure(s)", self.failures)
         self.failures = 0
+        self.redis_down = False
         self.last_ok = sent
         now_ms = results[0].now_ms if results else 0
         known_after = self._known()
@@ -192,9 +204,23 @@ class Heartbeat:
         # Fence before the lease can run out: others may take the jobs once it has.
         margin = min(self.interval, self.lease_ms / 1000 / 6)
         should_fence = silent > self.lease_ms / 1000 - margin
+        if should_fence and self.fenced and self.fenced_redis_down and not self.redis_down:
+            # Redis was down, and now the failures are this node's own (a timeout, a reset):
+            # harden the fence, as others may reach Redis and take the jobs.
+            self.fenced_redis_down = False
+            log.error("lease renewals now time out or drop, not refused: running jobs are treated as lost")
+            self._on_fence(True, False)
         if should_fence != self.fenced:
             self.fenced = should_fence
-            if should_fence:
+            self.fenced_redis_down = should_fence and self.redis_down
+            if should_fence and self.fenced_redis_down:
+                log.error(
+                    "no lease renewal for %.1f s, Redis refuses connections or is loading: fencing "
+                    "this node (no claims; running jobs go on, their outcome kept only if Redis "
+                    "still says they are this node's)",
+                    silent,
+                )
+            elif should_fence:
                 log.error(
                     "no lease renewal for %.1f s: fencing this node (no claims; running jobs "
                     "are treated as lost)",
@@ -202,7 +228,7 @@ class Heartbeat:
                 )
             else:
                 log.warning("lease renewals succeed again: unfencing")
-            self._on_fence(should_fence)
+            self._on_fence(should_fence, self.fenced_redis_down)
 
     def deregister(self) -> None:
         """Remove this node from the registries on a clean exit."""

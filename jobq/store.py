@@ -503,7 +503,7 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
     if isinstance(exc, redis.exceptions.BusyLoadingError) or msg.startswith("BUSY"):
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
-        return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}")
+        return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}", refused=_refused(exc))
     if isinstance(exc, redis.exceptions.ResponseError) and "BADARG" in msg:
         detail = msg[msg.index("BADARG") + 7 :]
         fld = detail.split(" ", 1)[0]
@@ -514,6 +514,18 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
     if isinstance(exc, redis.exceptions.RedisError):
         return errors.ScriptError(f"{where}: {type(exc).__name__}: {msg}")
     return exc
+
+
+def _refused(exc: BaseException) -> bool:
+    """Was the connection refused (nothing listening), anywhere in the exception's chain?"""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # -- execution -----------------------------------------------------------------------------------

@@ -994,24 +994,26 @@ class Worker:
             run.task.cancel()  # a sync one runs on in its thread; its outcome is discarded
             self._forget(run)
 
-    def _fence_from_thread(self, fenced: bool) -> None:
+    def _fence_from_thread(self, fenced: bool, redis_down: bool) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._set_fenced, fenced)
+            self._loop.call_soon_threadsafe(self._set_fenced, fenced, redis_down)
 
-    def _set_fenced(self, fenced: bool) -> None:
+    def _set_fenced(self, fenced: bool, redis_down: bool = False) -> None:
         self._fenced = fenced
         if fenced:
             for run in list(self._buffer):  # never start a job whose lease may run out
                 self._lose(run, "fenced: lease renewals failing")
-            # Others may take our jobs once the leases run out: stop side effects now. A sync
-            # job cannot be stopped; it is flagged, and its outcome counts only if Redis still
-            # says the job is ours (ack and fail check ownership), so a short outage of Redis
-            # itself costs no re-run, and a partition's winner is never overwritten.
+            # Others may take our jobs once the leases run out: stop side effects now, unless
+            # Redis itself is down (refused, loading): nobody can take them then, and the reaper
+            # grace after the outage lets this node renew first. A job that goes on (a sync job
+            # always: a thread cannot be stopped) is flagged, and its outcome counts only if Redis
+            # still says the job is ours (ack and fail check ownership), so an outage of Redis
+            # costs no re-run, and a partition's winner is never overwritten.
             for run in list(self.running.values()):
                 if run.finishing or run.lost:
                     continue
                 task = self.app.tasks.get(run.job.task)
-                if task is not None and task.is_async:
+                if task is not None and task.is_async and not redis_down:
                     self._lose(run, "fenced: lease renewals failing")
                 elif not run.fenced:
                     run.fenced = True

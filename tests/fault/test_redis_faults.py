@@ -364,8 +364,7 @@ def test_f4_kill9_redis_aof_restart(
 
 def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History, seed: int) -> None:
     """Redis dies for 2 x lease (4 s) while 20 jobs run on 4 live nodes, then comes back from its
-    AOF. 0 lost; every node resumes within 5 s; duplicates of jobs whose node stayed alive are
-    counted (the design goal is 0: see the assertion at the end)."""
+    AOF. 0 lost; every node resumes within 5 s; 0 duplicates of jobs whose node stayed alive."""
     from tests.harness.checker import Snapshot, check, wait_drained
     from tests.harness.history import ARECORD_TASK, RECORD_TASK
 
@@ -391,7 +390,7 @@ def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History
         snap = Snapshot.take(admin)
         runs = history.by_job()
         dup = {j: len(runs[j]) for j in held if len(runs[j]) > 1}
-        report = check(history, snap, allow_release=True)  # a cancelled run released, then re-run
+        report = check(history, snap)
         print(f"F4b: {report.summary()}; duplicates of held jobs: {len(dup)} of {len(held)}")
         report.assert_ok(f"seed={seed} history={history.dir}")
         # ... and claims again: a burst that needs every node's slots.
@@ -402,15 +401,13 @@ def test_f4b_redis_down_two_leases_while_jobs_run(worker_fleet, history: History
             assert any(a.node == n.name for j in burst for a in history.by_job()[j]), n.name
         assert fleet.crashes() == []
         fleet.shutdown()
-        # The measured figure (README). A node without renewals for lease - margin fences itself:
-        # it cannot tell a Redis outage from a partition. Its async jobs are cancelled then (they
-        # run again after the restart: 10 duplicates, each an abandoned run); its sync jobs run
-        # on flagged, and as Redis still lists them as the node's, their acks are accepted: 0
-        # duplicates. The reaper grace holds: no job was reaped.
-        sync_held, async_held = held[:10], held[10:]
-        assert [j for j in sync_held if j in dup] == []
-        assert len(dup) <= len(async_held)
-        assert all(a.outcome == "cancelled" for j in dup for a in runs[j][:-1])
+        # A node without renewals for lease - margin fences itself. Its renewals were refused
+        # (nothing listened on the port): Redis was down for every node, so nobody could take
+        # its jobs, and it let them run on, async and sync alike, flagged. Redis still listed them
+        # as the node's when it came back (the reaper grace let the node renew first), so their
+        # acks were accepted: every held job ran exactly once.
+        assert dup == {}, f"re-run after the outage: {dup}"
+        assert not any(a.outcome == "cancelled" for j in held for a in runs[j])
         assert report.reaped_jobs == 0
         assert len(after) == 100
         app.close()

@@ -59,7 +59,7 @@ def seeded(app: JobQ, redis_url: str) -> dict[str, Any]:
         30_000,
         known=lambda: {"beta": {active}},
         on_beat=lambda _: None,
-        on_fence=lambda _: None,
+        on_fence=lambda *_: None,
         info=lambda: {"concurrency": 8, "inflight": 1, "busy": 1},
     )
     assert hb.beat() is not None

@@ -1,0 +1,123 @@
+"""The heartbeat's self-fence: when renewals stop, it tells a Redis outage (connection refused,
+LOADING, BUSY: every client alike) from a failure that may be this node's alone (a timeout, a
+reset), because only the second lets other nodes take the jobs. The renewal calls are stubbed;
+the fence runs on a clock moved by hand. The same path against a real, killed redis-server is
+tests/fault/test_redis_faults.py (F4b, F6)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.backoff
+import redis.retry
+
+from jobq import JobQ
+from jobq.errors import JobqError, RedisBusy, RedisUnavailable
+from jobq.heartbeat import Heartbeat
+from jobq.store import ExtendResult, map_error
+
+LEASE_MS = 3000
+
+
+class StubRunner:
+    """Answers ``run_many`` with whatever the test set: an error to raise, or a renewal."""
+
+    def __init__(self) -> None:
+        self.error: JobqError | None = None
+
+    def run_many(self, calls: Sequence[Any]) -> list[ExtendResult]:
+        if self.error is not None:
+            raise self.error
+        return [ExtendResult(now_ms=1_000, owned=[]) for _ in calls]
+
+
+@pytest.fixture
+def fence() -> tuple[Heartbeat, StubRunner, list[tuple[bool, bool]]]:
+    app = JobQ(client=fakeredis.FakeRedis())
+    runner = StubRunner()
+    calls: list[tuple[bool, bool]] = []
+    hb = Heartbeat(
+        app,
+        runner,  # type: ignore[arg-type]
+        "n1",
+        ["q"],
+        LEASE_MS,
+        known=dict,
+        on_beat=lambda _: None,
+        on_fence=lambda fenced, down: calls.append((fenced, down)),
+        info=dict,
+    )
+    return hb, runner, calls
+
+
+def _fail(hb: Heartbeat, runner: StubRunner, error: JobqError) -> None:
+    """One failed renewal, with the last success a whole lease ago: the fence must rise."""
+    runner.error = error
+    assert hb.beat() is None
+    hb.last_ok = time.monotonic() - LEASE_MS / 1000
+    hb._check_fence()
+
+
+@functools.cache
+def refused() -> RedisUnavailable:
+    """What a call to a stopped redis-server raises (nothing listens on port 1)."""
+    once = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    try:
+        redis.Redis(port=1, socket_connect_timeout=1, retry=once).ping()
+    except redis.ConnectionError as exc:
+        mapped = map_error(exc)
+    assert isinstance(mapped, RedisUnavailable)
+    return mapped
+
+
+def test_a_refused_connection_is_marked_refused_and_a_timeout_is_not() -> None:
+    assert refused().refused
+    timeout = map_error(redis.TimeoutError("Timeout reading from 10.0.0.1:6379"))
+    assert isinstance(timeout, RedisUnavailable) and not timeout.refused
+
+
+@pytest.mark.parametrize(
+    "error",
+    [refused(), RedisBusy("claim: Redis is busy: LOADING Redis is loading the dataset in memory")],
+    ids=["refused", "loading"],
+)
+def test_renewals_refused_or_loading_fence_with_redis_down(fence: Any, error: JobqError) -> None:
+    hb, runner, calls = fence
+    _fail(hb, runner, error)
+    assert calls == [(True, True)] and hb.fenced
+
+
+def test_renewals_that_time_out_fence_as_a_partition(fence: Any) -> None:
+    hb, runner, calls = fence
+    _fail(hb, runner, RedisUnavailable("extend: Redis unavailable: Timeout reading"))
+    assert calls == [(True, False)]
+
+
+def test_a_redis_down_fence_hardens_when_failures_turn_to_timeouts(fence: Any) -> None:
+    hb, runner, calls = fence
+    _fail(hb, runner, refused())
+    _fail(hb, runner, refused())  # still down: nothing new to say
+    assert calls == [(True, True)]
+    _fail(hb, runner, RedisUnavailable("extend: Redis unavailable: Timeout reading"))
+    assert calls == [(True, True), (True, False)]
+    _fail(hb, runner, refused())  # never softened again: the cancelled jobs are gone anyway
+    assert calls == [(True, True), (True, False)]
+    runner.error = None
+    assert hb.beat() is not None
+    hb._check_fence()
+    assert calls[-1] == (False, False) and not hb.fenced
+
+
+def test_a_short_silence_does_not_fence(fence: Any) -> None:
+    hb, runner, calls = fence
+    runner.error = refused()
+    hb.last_ok = time.monotonic()
+    assert hb.beat() is None
+    hb._check_fence()  # the last success was just now
+    assert calls == [] and not hb.fenced
