@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from jobq import codec, connection, faults, redis_checks
 from jobq import loop as jobq_loop
 from jobq.app import JobQ
+from jobq.backoff import Backoff
 from jobq.errors import (
     DecodeError,
     EncodeError,
@@ -407,7 +408,7 @@ class Worker:
         old Redis is fatal (raised); an unreachable or busy Redis is retried until it answers
         or the node is stopped (then returns False)."""
         assert self.runner is not None and self._stop_event is not None
-        backoff = 0.1
+        backoff = Backoff(0.1, 2.0)
         warned = False
         while not self._stop_event.is_set():
             try:
@@ -422,8 +423,7 @@ class Worker:
                     log.warning("Redis is not reachable yet (%s); retrying", exc)
                     warned = True
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), backoff * random.uniform(0.8, 1.2))
-            backoff = min(2.0, backoff * 2)
+                await asyncio.wait_for(self._stop_event.wait(), backoff.next())
         return False
 
     # -- fetcher --------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         assert self.runner is not None
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         errors = 0
         cfg = self.config
         while not self._stopping:
@@ -483,7 +483,7 @@ class Worker:
                 continue
             try:
                 got = await self._claim(free)
-                backoff = 0.05
+                backoff.reset()
                 if errors:
                     log.warning("claims succeed again after %d failure(s)", errors)
             except (RedisUnavailable, RedisBusy) as exc:
@@ -491,8 +491,7 @@ class Worker:
                 if errors == 1 or errors % 10 == 0:
                     log.warning("claim failed (%d in a row): %s; retrying", errors, exc)
                 self._reap_not_before = time.monotonic() + cfg.lease
-                await self._wait(backoff)
-                backoff = min(backoff * 2, 2.0) * random.uniform(0.8, 1.2)
+                await self._wait(backoff.next())
                 continue
             except JobqError as exc:
                 # Not a connection problem (permissions revoked, a script error): keep trying,
@@ -502,8 +501,7 @@ class Worker:
                     log.exception("claim failed")
                 elif errors % 20 == 0:
                     log.error("claim still failing (%d tries): %s", errors, exc)
-                await self._wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await self._wait(backoff.next())
                 continue
             errors = 0
             if got >= free or self._claim_more:
@@ -893,7 +891,7 @@ class Worker:
         call = self.app.store.ack(
             queue, self.node, [(r.job.id, enc) for r, enc in items], now_ms=self.app.now_ms()
         )
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         faults.crash_point("before_ack")
         while True:
             try:
@@ -903,9 +901,8 @@ class Worker:
             except (RedisUnavailable, RedisBusy) as exc:
                 # Retrying is safe: a repeated ack of a job this node finished returns 0.
                 log.warning("ack of %d job(s) failed: %s; retrying", len(items), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-                if self._hard_stop is not None and self._hard_stop.is_set() and backoff >= 2.0:
+                await asyncio.sleep(backoff.next())
+                if self._hard_stop is not None and self._hard_stop.is_set() and backoff.at_cap:
                     return
             except JobqError as exc:
                 # Not a connection problem: the jobs are left to their leases (the heartbeat
@@ -1093,7 +1090,7 @@ class Worker:
     async def _listen(self) -> None:
         channels = [self.app.keys.wake(q) for q in self.queues]
         make = getattr(connection, "async_pubsub_client", connection.async_client)
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             client = pubsub = None
             try:
@@ -1101,7 +1098,7 @@ class Worker:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*channels)
                 self.pubsub_connected = True
-                backoff = 0.1
+                backoff.reset()
                 self._poke()  # anything announced while we were away: look now
                 heard = time.monotonic()
                 ping_sent: float | None = None
@@ -1125,8 +1122,7 @@ class Worker:
                 if self.pubsub_connected:
                     log.warning("pub/sub connection lost (%s); polling until it is back", exc)
                 self.pubsub_connected = False
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(5.0, backoff * 2)
+                await asyncio.sleep(backoff.next())
             finally:
                 self.pubsub_connected = False
                 if pubsub is not None:

@@ -220,7 +220,7 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     wait_for(lambda: len(runs) >= 16, 20)  # the node is up and claiming: now lose its replies
     t.start()
     try:
-        wait_for(lambda: len(runs) == n and r.zcard(app.keys.leases(Q)) == 0, 90)
+        wait_for(lambda: len(runs) == n and r.zcard(app.keys.leases(Q)) == 0, proxy_fixtures.scale(90, 900))
     finally:
         stop.set()
         t.join(5)
@@ -331,7 +331,7 @@ def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServe
     app.close()
 
 
-@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(6, 100)))
+@pytest.mark.parametrize("trial", range(proxy_fixtures.scale(10, 100)))
 def test_f6_partition_self_fence_rerun_heal(
     redis_server: RedisServer, r: redis.Redis, chaos_proxy, worker_fleet, history, seed: int, trial: int
 ) -> None:
