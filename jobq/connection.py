@@ -28,6 +28,7 @@ every reconnect, so a failover to an older replica is caught too.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -566,14 +567,44 @@ def sync_client(
     return redis.Redis.from_pool(pool)
 
 
+def _not_refused(exc: Exception) -> bool:
+    """False for a connection refused (nothing listens on the port), anywhere in the chain."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return True
+        if isinstance(seen, ConnectionRefusedError):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+#: redis-py >= 8.2 lets a Retry refine which errors it retries.
+_RETRY_REFINES = "is_retryable" in inspect.signature(redis.asyncio.retry.Retry.__init__).parameters
+
+
 def async_client(
-    url: str, *, socket_timeout: float | None = 10.0, health_check_interval: int = 0, **kw: Any
+    url: str,
+    *,
+    socket_timeout: float | None = 10.0,
+    health_check_interval: int = 0,
+    retry_refused: bool = True,
+    **kw: Any,
 ) -> Any:
     """An asyncio client for ``url``: ``redis.asyncio.Redis``, or
-    ``redis.asyncio.cluster.RedisCluster`` for ``redis+cluster://`` URLs."""
+    ``redis.asyncio.cluster.RedisCluster`` for ``redis+cluster://`` URLs.
+
+    ``retry_refused=False``: a refused connection (Redis is not running) raises at once instead
+    of being retried within the call. The worker's loops back off on their own, with full jitter;
+    retries inside each call on short windows would bring every node back in the same instant
+    after a restart (RELIABILITY S4). It needs redis-py >= 8.2; older versions retry as before."""
     t = parse_url(url)
     common = _common(socket_timeout, health_check_interval)
-    common["retry"] = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3, _RETRIED)
+    backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0)
+    if not retry_refused and _RETRY_REFINES:
+        common["retry"] = redis.asyncio.retry.Retry(backoff, 3, _RETRIED, is_retryable=_not_refused)
+    else:
+        common["retry"] = redis.asyncio.retry.Retry(backoff, 3, _RETRIED)
     opts = _client_opts(t, common, kw)
     if t.kind == "cluster":
         retry = _cluster_opts(opts)

@@ -345,7 +345,7 @@ class Worker:
         self._ack_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
-        self.client = connection.async_client(self.url)
+        self.client = connection.async_client(self.url, retry_refused=False)
         self.runner = AsyncRunner(self.client)
         sync_client = connection.sync_client(self.url)
         self.heartbeat = Heartbeat(
@@ -1094,7 +1094,7 @@ class Worker:
         while True:
             client = pubsub = None
             try:
-                client = make(self.url, socket_timeout=None)
+                client = make(self.url, socket_timeout=None, retry_refused=False)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*channels)
                 self.pubsub_connected = True

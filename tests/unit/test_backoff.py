@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import redis
 
+from jobq import connection
 from jobq.backoff import Backoff
 
 
@@ -43,3 +45,37 @@ def test_a_bad_window_is_refused() -> None:
         Backoff(0.0, 1.0)
     with pytest.raises(ValueError, match="0 < base <= cap"):
         Backoff(2.0, 1.0)
+
+
+def _calls_until_raised(client: object, error: Exception) -> int:
+    """How many times the client's retry policy runs a call that keeps raising ``error``."""
+    import asyncio
+
+    retry = client.connection_pool.connection_kwargs["retry"]  # type: ignore[attr-defined]
+    calls = 0
+
+    async def do() -> None:
+        nonlocal calls
+        calls += 1
+        raise error
+
+    async def fail(_: Exception) -> None:
+        return None
+
+    with pytest.raises(type(error)):
+        asyncio.run(retry.call_with_retry(do, fail))
+    return calls
+
+
+@pytest.mark.skipif(not connection._RETRY_REFINES, reason="needs redis-py >= 8.2 (Retry is_retryable)")
+def test_worker_clients_do_not_retry_a_refused_connection_inside_the_call() -> None:
+    refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    dropped = redis.ConnectionError("Connection closed by server.")
+    worker = connection.async_client("redis://127.0.0.1:6379/0", retry_refused=False)
+    default = connection.async_client("redis://127.0.0.1:6379/0")
+    # Redis not running: the worker's loop backs off with full jitter instead (S4).
+    assert _calls_until_raised(worker, refused) == 1
+    # A dropped connection (CLIENT KILL, a restart mid-call) is still retried: 1 + 3 tries.
+    assert _calls_until_raised(worker, dropped) == 4
+    assert _calls_until_raised(default, refused) == 4
