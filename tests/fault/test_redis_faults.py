@@ -112,6 +112,11 @@ def test_f14_oom_refuses_enqueue_whole_and_drains(
             n += 1
     assert n > 50
     print(f"F14: {n} jobs filled 20 MB")
+    # The refused request's 100 KB query buffer is freed after the refusal, which can leave used
+    # memory just under maxmemory, so a small job would still fit (Redis is right to take it). Put
+    # the limit 1 MB below what the backlog holds now, so "full" stays full for what follows.
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", str(used - 1_000_000))
     # Full: every further enqueue is refused whole, naming the queue, and writes nothing.
     before = keyspace(admin)
     dbsize = admin.dbsize()
