@@ -16,6 +16,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 import redis
@@ -277,24 +278,17 @@ def _scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-class _LoadThread:
-    """A producer enqueuing batches of ``batch`` jobs every ``pause`` s until stopped; every
-    outcome goes to the history, and every exception type is kept."""
+class _Background:
+    """A daemon thread running ``_run`` until ``stop_event`` is set, as a context manager."""
 
-    def __init__(
-        self, app: JobQ, history: History, *, batch: int, pause: float, **task_kwargs: object
-    ) -> None:
-        self.prod = Producer(app, history)
-        self.batch, self.pause, self.kw = batch, pause, task_kwargs
+    def __init__(self) -> None:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self.stop_event.is_set():
-            self.prod.enqueue_batch(self.batch, **self.kw)  # type: ignore[arg-type]
-            self.stop_event.wait(self.pause)
+        raise NotImplementedError
 
-    def __enter__(self) -> _LoadThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -303,7 +297,24 @@ class _LoadThread:
         self.thread.join(30)
 
 
-class _AofProbe:
+class _LoadThread(_Background):
+    """A producer enqueuing batches of ``batch`` jobs every ``pause`` s until stopped; every
+    outcome goes to the history, and every exception type is kept."""
+
+    def __init__(
+        self, app: JobQ, history: History, *, batch: int, pause: float, **task_kwargs: object
+    ) -> None:
+        self.prod = Producer(app, history)
+        self.batch, self.pause, self.kw = batch, pause, task_kwargs
+        super().__init__()
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            self.prod.enqueue_batch(self.batch, **self.kw)  # type: ignore[arg-type]
+            self.stop_event.wait(self.pause)
+
+
+class _AofProbe(_Background):
     """Counts up a key on its own connection (one ``INCR`` a millisecond) until Redis goes away,
     keeping each value's send time. After the restart, the value Redis reloaded says which
     acknowledged writes its AOF kept: the log is in order, so every write executed before the
@@ -320,8 +331,7 @@ class _AofProbe:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=0.2, retry_on_timeout=False)
         self.sent: list[float] = [0.0]  # sent[v] = when the INCR that made v was sent
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -334,13 +344,8 @@ class _AofProbe:
                 self.sent.append(t)
             self.stop_event.wait(0.001)
 
-    def __enter__(self) -> _AofProbe:
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join(5)
+        super().__exit__(*exc)
         self.client.close()
 
     @property
