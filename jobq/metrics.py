@@ -188,6 +188,11 @@ class Metrics:
         self.pubsub_connected = Gauge(
             "jobq_pubsub_connected", "1 while the wake-up subscription is connected", registry=r
         )
+        self.zombie_threads = Gauge(
+            "jobq_node_zombie_threads",
+            "Threads of timed-out sync tasks still running (each keeps its concurrency slot)",
+            registry=r,
+        )
         #: (queue, task) -> (counter child, histogram child): the per-job hooks skip the label
         #: checks and ``labels()`` lookups after a pair's first job (bounded like the labels).
         self._started_children: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -262,6 +267,9 @@ class Metrics:
 
     def pubsub_from(self, source: Callable[[], bool]) -> None:
         self.pubsub_connected.set_function(lambda: float(source()))
+
+    def zombies_from(self, source: Callable[[], int]) -> None:
+        self.zombie_threads.set_function(lambda: float(source()))
 
     def node_gauges_from(self, source: Callable[[], tuple[int, int]]) -> None:
         """Read (in flight, busy) from ``source`` at scrape time instead of being told."""

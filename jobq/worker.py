@@ -387,6 +387,7 @@ class Worker:
         if self.metrics is not None:
             self.metrics.set_eviction_policy_ok(self.eviction_policy_ok)
             self.metrics.pubsub_from(lambda: self.pubsub_connected)
+            self.metrics.zombies_from(self.zombie_threads)
         try:  # before the heartbeat, which would release them with their attempt uncounted
             await recover_inherited(self.app, self.runner, self.node, self.queues)
         except JobqError as exc:
@@ -740,6 +741,8 @@ class Worker:
             call.give_up()
             if call.done:
                 self._sync_calls.discard(call)
+            else:
+                fut.add_done_callback(lambda _: self._sync_calls.discard(call))
 
     def _check_zombies(self) -> None:
         limit, n = self.config.max_zombies, self.zombie_threads()
@@ -1200,10 +1203,12 @@ class Worker:
         )
 
     def zombie_threads(self) -> int:
-        """Pool threads still running a task whose job was given up (timed out or released)."""
-        for call in [c for c in self._sync_calls if c.done]:
-            self._sync_calls.discard(call)
-        return sum(1 for c in self._sync_calls if c.abandoned and c.thread_id is not None)
+        """Pool threads still running a task whose job was given up (timed out or released).
+
+        Reads only (a copy of the set), so the metrics scrape may call it from its own thread."""
+        return sum(
+            1 for c in list(self._sync_calls) if c.abandoned and not c.done and c.thread_id is not None
+        )
 
 
 class _UnknownTask(Exception):

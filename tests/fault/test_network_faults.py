@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 import threading
 import time
-import urllib.request
 
 import pytest
 import redis
@@ -510,20 +508,10 @@ def test_f7_client_kill_storm(
         t.join(10)
     wait_drained(r, ["fault", "lat"], 60)
     # pub/sub is back everywhere within 5 s.
-    ports = [
-        int(m.group(1))
-        for n in nodes
-        for m in [re.search(r"metrics on http://[\d.]+:(\d+)", n.log_text())]
-        if m
-    ]
-    assert len(ports) == len(nodes)
+    ports = {n.name: n.metrics_port() for n in nodes}
 
     def subscribed() -> bool:
-        for port in ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                if "jobq_pubsub_connected 1.0" not in resp.read().decode():
-                    return False
-        return True
+        return all(n.sample("jobq_pubsub_connected", ports[n.name]) == 1.0 for n in nodes)
 
     back = wait_for(subscribed, 5.0, interval=0.1)
     # Then pub/sub kept down (its connections killed every 20 ms): pickup rests on polling alone.

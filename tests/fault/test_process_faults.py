@@ -419,7 +419,7 @@ def test_f12_sync_task_stuck_in_recv(
     try:
         fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
         prod = Producer(app, history)
-        a = fleet.spawn("a", concurrency=1)
+        a = fleet.spawn("a", concurrency=1, extra=["--metrics-port", "0"])
         baseline = _threads(a.pid)
         peak = [baseline]
         stop = threading.Event()
@@ -448,7 +448,7 @@ def test_f12_sync_task_stuck_in_recv(
         t_failed = time.time()
         fail_latency = t_failed - t_start
         # Its only thread is a zombie now: the node must not claim work it cannot start.
-        b = fleet.spawn("b", concurrency=2)
+        b = fleet.spawn("b", concurrency=2, extra=["--metrics-port", "0"])
         ids = prod.enqueue_batch(10, sleep=0.05)
         wait_until(lambda: all(j in history.completed() for j in ids), 15, "other jobs complete")
         wait_until(lambda: r.hget(f"jobq:{{{Q}}}:job:{stuck}", "state") == b"dead", 15, "stuck job dead")
@@ -457,6 +457,12 @@ def test_f12_sync_task_stuck_in_recv(
         )
         stop.set()
         sampler.join()
+        # The stuck thread is counted where an operator looks (RELIABILITY.md F12). Scraped only
+        # now: each scrape is served on a thread of its own, which the sampler would count.
+        # Each attempt of the stuck job left one such thread on the node that ran it.
+        stuck_on = [x.node for x in history.by_job()[stuck]]
+        for n in (a, b):
+            assert n.sample("jobq_node_zombie_threads") == stuck_on.count(n.name), (n.name, stuck_on)
         t0 = time.monotonic()
         a.term()
         rc = a.wait(GRACE + 5)

@@ -12,7 +12,6 @@ import os
 import re
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,6 @@ from jobq import JobQ, RedisOutOfMemory
 from jobq.errors import RedisBusy
 from jobq.metrics import Metrics
 from tests.harness import proxy_fixtures
-from tests.harness.fleet import Node
 from tests.harness.history import Attempt, History, Producer
 from tests.harness.proxy_fixtures import ThreadWorker, keyspace, wait_for
 from tests.harness.redis_server import RedisServer
@@ -263,21 +261,6 @@ def test_f16_busy_script_workers_back_off_and_resume(
 
 
 # -- F4 / F4b / F4c: Redis restarts -------------------------------------------------------------
-def _metrics_port(node: Node, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", node.log_text())
-        if m:
-            return int(m.group(1))
-        time.sleep(0.05)
-    raise TimeoutError(node.log_text()[-2000:])
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 class _Background:
     """A daemon thread running ``_run`` until ``stop_event`` is set, as a context manager."""
 
@@ -541,7 +524,7 @@ def test_f4c_redis_restarts_empty(worker_fleet, history: History, seed: int) -> 
             extra_args=["--metrics-port", "0"],
         )
         nodes = fleet.start(4)
-        ports = {n.name: _metrics_port(n) for n in nodes}
+        ports = {n.name: n.metrics_port() for n in nodes}
         app = JobQ(server.url)
         Producer(app, history, task=RECORD_TASK).enqueue_batch(20, sleep=2.0)
         wait_for(lambda: admin.zcard("jobq:{fault}:leases") == 20, 10)
@@ -558,8 +541,7 @@ def test_f4c_redis_restarts_empty(worker_fleet, history: History, seed: int) -> 
             lines = [ln for ln in n.log_text().splitlines() if "Redis dataset lost (epoch changed)" in ln]
             assert len(lines) == 1, (n.name, lines)
             assert "CRITICAL" in lines[0]
-            m = re.search(r"^jobq_redis_epoch_changes_total (\S+)$", _scrape(ports[n.name]), re.M)
-            assert m is not None and float(m.group(1)) == 1.0, n.name
+            assert n.sample("jobq_redis_epoch_changes_total", ports[n.name]) == 1.0, n.name
             assert n.alive() and n.restarts == 0
         assert fleet.crashes() == []
         assert fleet.grep(r" ERROR .*(ack|fail) .*(error|failed)") == []

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,27 @@ class Node:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def metrics_port(self, timeout: float = 20.0) -> int:
+        """The port of a node started with ``--metrics-port 0``, read from its start-up log line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", self.log_text())
+            if m:
+                return int(m.group(1))
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: no metrics line in its log\n{self.log_text()[-2000:]}")
+
+    def scrape(self, port: int | None = None) -> str:
+        """One ``GET /metrics`` of this node (Prometheus text)."""
+        url = f"http://127.0.0.1:{port or self.metrics_port()}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def sample(self, name: str, port: int | None = None) -> float | None:
+        """The value of an unlabelled sample in this node's ``/metrics``, None when absent."""
+        m = re.search(rf"^{re.escape(name)} (\S+)$", self.scrape(port), re.M)
+        return float(m.group(1)) if m else None
 
 
 class WorkerFleet:
