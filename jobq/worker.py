@@ -720,6 +720,10 @@ class Worker:
                 return await coro
             return await asyncio.wait_for(coro, timeout)
         call = _SyncCall(task.fn, args, kwargs)
+        if len(self._sync_calls) >= self.config.concurrency:
+            # Drop given-up calls whose threads have returned since (a new set, not a change in
+            # place: a metrics scrape may be reading the old one on its own thread).
+            self._sync_calls = {c for c in self._sync_calls if not c.done}
         self._sync_calls.add(call)
         fut = asyncio.get_running_loop().run_in_executor(self._pool, call)
         try:
@@ -741,8 +745,6 @@ class Worker:
             call.give_up()
             if call.done:
                 self._sync_calls.discard(call)
-            else:
-                fut.add_done_callback(lambda _: self._sync_calls.discard(call))
 
     def _check_zombies(self) -> None:
         limit, n = self.config.max_zombies, self.zombie_threads()
