@@ -107,8 +107,9 @@ class RedisUnavailable(StoreError, ConnectionError):
     """Redis could not be reached, or did not answer in time. The operation may or may not have
     taken effect; retrying an enqueue with the same job id is safe.
 
-    ``refused`` is true when the host answered that nothing listens on the port (the server is
-    down or restarting, for every client alike), false for a timeout or a dropped connection,
+    ``refused`` is true when the failure is Redis' own, for every client alike: the host
+    answered that nothing listens on the port (the server is down or restarting), or the queue's
+    Redis Cluster slot is moving or has no primary. False for a timeout or a dropped connection,
     which may be this client's network alone."""
 
     def __init__(self, message: str, *, refused: bool = False) -> None:

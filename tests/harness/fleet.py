@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
-
+from jobq.connection import sync_client
 from tests.harness.history import History
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +268,7 @@ class WorkerFleet:
 
     def wait_registered(self, nodes: list[Node], timeout: float = 30.0) -> None:
         """Wait until every node's heartbeat is in ``jobq:nodes`` with a time after its start."""
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client = sync_client(self.redis_url, socket_timeout=5)  # standalone or cluster
         t0 = client.time()
         since_ms = t0[0] * 1000 + t0[1] // 1000 - 50
         deadline = time.monotonic() + timeout
