@@ -83,9 +83,31 @@ def test_a_refused_connection_is_marked_refused_and_a_timeout_is_not() -> None:
 
 
 @pytest.mark.parametrize(
+    "exc",
+    [
+        redis.exceptions.ClusterError("TTL exhausted."),
+        redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+        redis.exceptions.ClusterDownError("The cluster is down"),
+        redis.exceptions.ResponseError(
+            "Script attempted to access a non local key in a cluster node script: f_1 on @user_script:1."
+        ),
+    ],
+    ids=["ttl-exhausted", "tryagain", "clusterdown", "non-local-key"],
+)
+def test_a_moving_cluster_slot_is_redis_side_unavailability(exc: Exception) -> None:
+    mapped = map_error(exc, "enqueue", "q")
+    assert isinstance(mapped, RedisUnavailable) and mapped.refused
+    assert "slot is moving or down" in str(mapped)
+
+
+@pytest.mark.parametrize(
     "error",
-    [refused(), RedisBusy("claim: Redis is busy: LOADING Redis is loading the dataset in memory")],
-    ids=["refused", "loading"],
+    [
+        refused(),
+        RedisBusy("claim: Redis is busy: LOADING Redis is loading the dataset in memory"),
+        map_error(redis.exceptions.ClusterError("TTL exhausted."), "extend", "q"),
+    ],
+    ids=["refused", "loading", "slot-moving"],
 )
 def test_renewals_refused_or_loading_fence_with_redis_down(fence: Any, error: JobqError) -> None:
     hb, runner, calls = fence
