@@ -56,10 +56,17 @@ def _node_id(server: RedisServer) -> str:
 
 
 def migrate_slot(
-    cluster: RedisClusterHarness, slot: int, src: RedisServer, dst: RedisServer, *, batch: int, pause: float
+    cluster: RedisClusterHarness,
+    slot: int,
+    src: RedisServer,
+    dst: RedisServer,
+    *,
+    batch: int,
+    pause: float,
+    midway: Callable[[], None] | None = None,
 ) -> int:
     """Move ``slot`` from ``src`` to ``dst`` key by key, as redis-cli's reshard does; returns how
-    many keys moved."""
+    many keys moved. ``midway`` runs once, after the first batch of keys has moved."""
     src_id, dst_id = _node_id(src), _node_id(dst)
     s, d = src.admin_client(), dst.admin_client()
     moved = 0
@@ -69,6 +76,8 @@ def migrate_slot(
         while keys := s.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
             s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
             moved += len(keys)
+            if midway is not None and moved == len(keys):
+                midway()
             time.sleep(pause)
         for n in cluster.nodes:
             c = n.admin_client()
@@ -116,18 +125,13 @@ def test_f18_slot_moves_with_the_queue_quiet(
         slot, src, dst = _slot_nodes(cluster3, admin)
 
         # The move, with one enqueue tried while the slot is half moved.
-        src_id, dst_id = _node_id(src), _node_id(dst)
-        s, d = src.admin_client(), dst.admin_client()
-        d.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
-        s.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
-        keys = s.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
-        s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
         mid = "mid-move-job"
-        with pytest.raises(jobq.RedisUnavailable, match="slot is moving"):
-            app.enqueue(RECORD_TASK, [mid, 0], {"queue": Q}, job_id=mid, queue=Q)
-        moved = len(keys) + migrate_slot(cluster3, slot, src, dst, batch=100, pause=0.0)
-        s.close()
-        d.close()
+
+        def enqueue_midway() -> None:
+            with pytest.raises(jobq.RedisUnavailable, match="slot is moving"):
+                app.enqueue(RECORD_TASK, [mid, 0], {"queue": Q}, job_id=mid, queue=Q)
+
+        moved = migrate_slot(cluster3, slot, src, dst, batch=100, pause=0.0, midway=enqueue_midway)
         assert admin.exists(f"jobq:{{{Q}}}:job:{mid}") == 0  # nothing of it was written
 
         # The producer that ran before the move goes on (redis-py follows MOVED), and the
