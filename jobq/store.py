@@ -504,12 +504,6 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
         return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}", refused=_refused(exc))
-    if _slot_unavailable(exc, msg):
-        return errors.RedisUnavailable(
-            f"{where}: the queue's Redis Cluster slot is moving or down, try again: "
-            f"{type(exc).__name__}: {msg}",
-            refused=True,  # for every client of the queue alike, as when Redis is down
-        )
     if isinstance(exc, redis.exceptions.ResponseError) and "BADARG" in msg:
         detail = msg[msg.index("BADARG") + 7 :]
         fld = detail.split(" ", 1)[0]
@@ -517,6 +511,12 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
         if cls is not None:
             return cls(f"{fld}: {detail.split(' ', 1)[-1]}")
         return errors.ScriptError(f"{where}: refused its arguments: {detail}")
+    if _slot_unavailable(exc, msg):
+        return errors.RedisUnavailable(
+            f"{where}: the queue's Redis Cluster slot is moving or down, try again: "
+            f"{type(exc).__name__}: {msg}",
+            refused=True,  # for every client of the queue alike, as when Redis is down
+        )
     if isinstance(exc, redis.exceptions.RedisError):
         return errors.ScriptError(f"{where}: {type(exc).__name__}: {msg}")
     return exc
@@ -525,20 +525,16 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
 #: Replies of a Redis Cluster whose slot is being migrated or has no serving primary. redis-py
 #: follows MOVED and ASK and retries TRYAGAIN itself; these reach jobq when it gave up ("TTL
 #: exhausted") or a script met a key already moved. Transient: the call may be sent again.
-_CLUSTER_TRANSIENT = (
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "MOVED",
-    "ASK ",
-    "Script attempted to access a non local key",
-)
+_CLUSTER_REPLIES = ("TRYAGAIN ", "CLUSTERDOWN ", "MOVED ", "ASK ")
 _CLUSTER_ERRORS = (redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError)
 
 
 def _slot_unavailable(exc: BaseException, msg: str) -> bool:
     if isinstance(exc, _CLUSTER_ERRORS):
         return True
-    return isinstance(exc, redis.exceptions.ResponseError) and any(m in msg for m in _CLUSTER_TRANSIENT)
+    return isinstance(exc, redis.exceptions.ResponseError) and (
+        msg.startswith(_CLUSTER_REPLIES) or "Script attempted to access a non local key" in msg
+    )
 
 
 def _refused(exc: BaseException) -> bool:
