@@ -1,8 +1,8 @@
 #!lua
 --[[
   enqueue: store one or more jobs of one queue and make each runnable (ready) or delayed
-  (scheduled), atomically. Every argument of every job is validated before the first write, so a
-  refused batch writes nothing. A job id that already exists is a no-op that returns that id (a
+  (scheduled), atomically. Every argument of every job is validated, and every key read, before
+  the first write, so a refused batch (or one whose read fails) writes nothing. A job id that already exists is a no-op that returns that id (a
   retried enqueue is never a duplicate); a unique key held by a live job returns the holder's id.
   Optionally guarded by a cron tick, so a periodic entry fires exactly once per tick.
 
@@ -144,11 +144,11 @@ for i = 1, n do
 end
 
 -- A cron tick fires once: only a tick newer than the last one recorded enqueues.
+local ckey = nil
 if cron_name ~= '' then
-  local ckey = qprefix .. 'cron:' .. cron_name
+  ckey = qprefix .. 'cron:' .. cron_name
   local last = tonumber(rcall('GET', ckey) or '-1')
   if last ~= nil and cron_tick <= last then return {} end
-  rcall('SET', ckey, fmt_int(cron_tick))
 end
 
 -- Back-pressure: refuse the whole batch when the queue is at its maximum depth.
@@ -159,30 +159,49 @@ if max_depth > 0 then
   if depth + n > max_depth then return {-5, depth} end
 end
 
+-- Every read before the first write, so a read that fails (a key of another type at a unique
+-- key's name, a key of a Redis Cluster slot half moved to another node) leaves nothing half
+-- written: a retry of the batch must not find job hashes that never reached ready.
+local exists, held = {}, {}
+for i = 1, n do
+  local j = jobs[i]
+  exists[i] = rcall('EXISTS', qprefix .. 'job:' .. j.id) == 1
+  if not exists[i] and j.unique ~= '' then
+    -- The key is held while its job is unfinished; ack, dead-lettering, cancel and purge free it.
+    local holder = rcall('GET', qprefix .. 'unique:' .. j.unique)
+    -- A key whose holder's hash is gone (deleted or evicted from outside jobq) is stale: take it.
+    if holder and rcall('EXISTS', qprefix .. 'job:' .. holder) == 0 then holder = nil end
+    held[i] = holder
+  end
+end
+
+if ckey then rcall('SET', ckey, fmt_int(cron_tick)) end
 local ids = {}
 local n_ready, n_sched = 0, 0
 local seq = nil
 local sched_min = nil
 -- Members for one ZADD per set at the end (score, id, score, id, ...).
 local ready_add, sched_add = {}, {}
+-- Ids and unique keys taken by earlier jobs of this batch.
+local written, taken = {}, {}
 for i = 1, n do
   local j = jobs[i]
   local jkey = qprefix .. 'job:' .. j.id
   local holder = nil
-  if rcall('EXISTS', jkey) == 1 then
+  if exists[i] or written[j.id] then
     holder = j.id -- idempotent retry of an enqueue that already happened
   elseif j.unique ~= '' then
-    -- The key is held while its job is unfinished; ack, dead-lettering, cancel and purge free it.
-    local ukey = qprefix .. 'unique:' .. j.unique
-    holder = rcall('GET', ukey)
-    -- A key whose holder's hash is gone (deleted or evicted from outside jobq) is stale: take it.
-    if holder and rcall('EXISTS', qprefix .. 'job:' .. holder) == 0 then holder = nil end
-    if not holder then rcall('SET', ukey, j.id) end
+    holder = held[i] or taken[j.unique]
+    if not holder then
+      rcall('SET', qprefix .. 'unique:' .. j.unique, j.id)
+      taken[j.unique] = j.id
+    end
   end
   if holder then
     ids[i] = holder
   else
     ids[i] = j.id
+    written[j.id] = true
     local fields = {
       'task', j.task, 'payload', j.payload, 'priority', j.prio_s, 'attempts', '0',
       'max_attempts', ARGV[b_of[i] + 7], 'timeout_ms', ARGV[b_of[i] + 8], 'enqueued_ms', now_s,

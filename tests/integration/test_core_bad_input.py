@@ -309,3 +309,24 @@ def test_a_refused_first_enqueue_to_a_new_queue_writes_nothing_at_all(redis_url:
         assert r.zcard(app.keys.ready("ok")) == 1 and not r.exists(app.keys.ready("late"))
     finally:
         app.close()
+
+
+def test_a_batch_whose_read_fails_midway_writes_nothing(fapp: jobq.JobQ, r: redis.Redis) -> None:
+    """Every key is read before the first write: a foreign key of another type at the third
+    job's unique-key name fails the batch (WRONGTYPE) before the first two jobs are stored, so a
+    retry of the batch stores them for real instead of finding hashes that never reached ready."""
+    r.rpush(f"jobq:{{{Q}}}:unique:foreign", "x")
+    before, size = snapshot(r), r.dbsize()
+    batch = [
+        {"task": "t", "queue": Q, "job_id": "first"},
+        {"task": "t", "queue": Q, "job_id": "second", "unique_key": "fresh"},
+        {"task": "t", "queue": Q, "job_id": "third", "unique_key": "foreign"},
+    ]
+    with pytest.raises(errors.ScriptError, match="WRONGTYPE"):
+        fapp.enqueue_many(batch)
+    assert_unchanged(r, before, size)
+    r.delete(f"jobq:{{{Q}}}:unique:foreign")
+    jobs = fapp.enqueue_many(batch)
+    assert [j.id for j in jobs] == ["first", "second", "third"]
+    ready = {m.decode() for m in r.zrange(f"jobq:{{{Q}}}:ready", 0, -1)}
+    assert {"first", "second", "third"} <= ready
