@@ -188,7 +188,7 @@ def test_f1_sigkill_with_20_in_flight(
     worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
 ) -> None:
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
-    run = run_f1(fleet, history, app, r, seed, [None] * tier(3, 100))
+    run = run_f1(fleet, history, app, r, seed, [None] * tier(20, 100))
     check_f1(run, history, r, seed, fleet, figures, "F1")
 
 
