@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -111,3 +112,16 @@ def test_invariant_scan_names_each_broken_invariant(app: JobQ, r: redis.Redis, t
     assert f"I5 jobq:{{{Q}}}:mystery" in text, text
     assert f"I5 jobq:{{{Q}}}:job:done-no-ttl" in text, text
     assert "I6 in-two" in text, text
+
+
+def test_keys_gone_between_the_scan_and_its_multi_are_not_judged(
+    app: JobQ, r: redis.Redis, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The SCAN lists a reap lock, a finished job and a global key that expire before the MULTI
+    reads them (PTTL -2): they are not in the view, so not "keys without a TTL"."""
+    hist = History(tmp_path)
+    _enqueue(app, hist, "live")
+    expired = [f"jobq:{{{Q}}}:reap-lock", f"jobq:{{{Q}}}:job:expired", "jobq:node:gone"]
+    listed = [*r.scan_iter(count=1000), *(k.encode() for k in expired)]
+    monkeypatch.setattr(r, "scan_iter", lambda *a, **kw: iter(listed))
+    assert scan_invariants(r) == []

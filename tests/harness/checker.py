@@ -323,6 +323,32 @@ _STATE_PLACE = {
 }
 
 
+def _drop_gone(
+    keys: list[str],
+    ctx: _ScanCtx,
+    queues: dict[str, _QueueData],
+    globals_: list[str],
+    queue_rx: re.Pattern[str],
+) -> list[str]:
+    """A key the SCAN listed may be gone by the MULTI (a reap lock or a finished job expiring in
+    between): it is not part of the view the checks judge. Drops it; returns the global keys left."""
+    gone = {k for k in keys if ctx.types[k] == "none"}
+    for k in gone:
+        m = queue_rx.match(k)
+        if m is None:
+            continue
+        qd = queues[m.group(1)]
+        kind, _, rest = m.group(2).partition(":")
+        qd.keys[kind].remove(k)
+        if kind == "job":
+            qd.jobs.pop(rest, None)
+        elif kind == "active":
+            qd.active.pop(rest, None)
+        elif kind == "unique":
+            qd.unique.pop(k, None)
+    return [k for k in globals_ if k not in gone]
+
+
 def scan_invariants(
     r: redis.Redis,
     *,
@@ -391,6 +417,7 @@ def scan_invariants(
             qd.unique[key] = None if reply is None else _s(reply)
         else:
             qd.zsets[kind] = {_s(m): sc for m, sc in reply}
+    globals_ = _drop_gone(keys, ctx, queues, globals_, queue_rx)
     for qd in queues.values():
         v += _check_i1(qd, ctx) + _check_i2_i3(qd, ctx) + _check_i4(qd, ctx) + _check_i5(qd, ctx)
     global_nodes = {_s(m): sc for m, sc in res[-1]} if isinstance(res[-1], list) else {}
