@@ -2,8 +2,9 @@
 --[[
   enqueue: store one or more jobs of one queue and make each runnable (ready) or delayed
   (scheduled), atomically. Every argument of every job is validated, and every key read, before
-  the first write, so a refused batch (or one whose read fails) writes nothing. A job id that already exists is a no-op that returns that id (a
-  retried enqueue is never a duplicate); a unique key held by a live job returns the holder's id.
+  the first write, so a refused batch (or one whose read fails) writes nothing. A job id that
+  already exists is a no-op that returns that id (a retried enqueue is never a duplicate); a
+  unique key held by a live job returns the holder's id.
   Optionally guarded by a cron tick, so a periodic entry fires exactly once per tick.
 
   KEYS[1]  ready      ZSET    jobq:{q}:ready        score = (100 - priority) * 2^44 + seq
