@@ -110,11 +110,15 @@ class RedisUnavailable(StoreError, ConnectionError):
     ``refused`` is true when the failure is Redis' own, for every client alike: the host
     answered that nothing listens on the port (the server is down or restarting), or the queue's
     Redis Cluster slot is moving or has no primary. False for a timeout or a dropped connection,
-    which may be this client's network alone."""
+    which may be this client's network alone.
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    ``slot`` is true when the failure is the queue's Redis Cluster slot's alone (moving to another
+    primary, or without one): queues in other slots may still be served."""
+
+    def __init__(self, message: str, *, refused: bool = False, slot: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.slot = slot
 
 
 class RedisOutOfMemory(StoreError):

@@ -74,6 +74,8 @@ class Heartbeat:
         #: monotonic time of the last beat where every queue renewed.
         self.last_ok = time.monotonic()
         self.fenced = False
+        #: Renewals refused in a row, per queue, because the queue's cluster slot was moving.
+        self._slot_refusals: dict[str, int] = {}
         #: The fence is up because Redis is down for every client (see ``redis_down``).
         self.fenced_redis_down = False
         #: The last renewal failed in a way every client sees alike: connection refused (the
@@ -125,7 +127,12 @@ class Heartbeat:
         # Redis ran the renewal at some time after this: measuring silence from here is safe.
         sent = time.monotonic()
         try:
-            results = self.runner.run_many(calls)
+            # With several queues, each renewal's error comes back in its place: in a Redis
+            # Cluster one queue's slot can be moving while the others answer.
+            results = self.runner.run_many(calls, return_exceptions=len(calls) > 1)
+            errs = [r for r in results if isinstance(r, BaseException)]
+            if errs and (len(errs) == len(results) or not all(_slot_only(e) for e in errs)):
+                raise next((e for e in errs if not _slot_only(e)), errs[0])
         except JobqError as exc:
             self.failures += 1
             self.redis_down = isinstance(exc, RedisBusy) or (
@@ -139,11 +146,22 @@ class Heartbeat:
         self.failures = 0
         self.redis_down = False
         self.last_ok = sent
-        now_ms = results[0].now_ms if results else 0
+        now_ms = next((r.now_ms for r in results if not isinstance(r, BaseException)), 0)
         known_after = self._known()
         lost: dict[str, set[str]] = {}
         unknown: dict[str, set[str]] = {}
         for q, res in zip(self.queues, results, strict=True):
+            if isinstance(res, BaseException):
+                # Only this queue's slot refused (moving to another primary). Nothing can take
+                # its jobs meanwhile: its reaper and claims are refused alike (the slot guard).
+                # So the node is not fenced for it; it renews the leases when the move is done.
+                self._slot_refusals[q] = self._slot_refusals.get(q, 0) + 1
+                n = self._slot_refusals[q]
+                if n == 1 or n % 10 == 0:
+                    log.warning("queue %s: lease renewal refused (%d in a row): %s", q, n, res)
+                continue
+            if self._slot_refusals.pop(q, 0):
+                log.info("queue %s: lease renewal recovered", q)
             owned = set(res.owned)
             # Lost: known before and after the call, yet not owned. A job acked meanwhile has
             # left `known` by the time we look again.
@@ -242,3 +260,8 @@ class Heartbeat:
                 self.runner.client.zrem(k.queue_nodes(q), self.node)
         except Exception as exc:
             log.debug("node deregistration failed: %s", exc)
+
+
+def _slot_only(exc: BaseException) -> bool:
+    """An error of one queue's Redis Cluster slot alone (moving, or without a primary)."""
+    return isinstance(exc, RedisUnavailable) and exc.slot

@@ -32,6 +32,10 @@ key                                type    holds                                
 ``jobq:{q}:cron:<name>``           STRING  the last cron tick fired for entry <name>, ms    permanent
 ``jobq:{q}:reap-lock``             STRING  once-per-interval guard for the reaper (load     PX
                                            saving only; reap is safe without it)
+``jobq:{q}:slot-guard``            none    never created: the last declared key of every    never
+                                           queue script that builds keys itself, so Redis   exists
+                                           Cluster refuses those scripts (TRYAGAIN) while
+                                           the queue's slot is half moved
 ``jobq:queues``                    SET     every queue ever enqueued to (inspection)        permanent
 ``jobq:nodes``                     ZSET    every live node -> last heartbeat ms             permanent
 ``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
@@ -42,7 +46,10 @@ channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
 keys (``job:<id>``, ``active:<node>``, ``unique:<key>``) from it. Those keys are always inside the
-queue's hash tag, so they live in the same cluster slot as the declared keys.
+queue's hash tag, so they live in the same cluster slot as the declared keys. Those scripts
+also declare the slot guard, a key that never exists: while the slot moves between primaries a
+declared key is missing on both sides, and Redis refuses the script instead of running it where
+only some of its per-job keys are (see lua/lib/common.lua).
 """
 
 from __future__ import annotations
@@ -158,6 +165,11 @@ class Keys:
     def reap_lock(self, q: str) -> str:
         """STRING once-per-interval reaper guard (saves load; not needed for correctness)."""
         return f"{self.prefix}:{{{q}}}:reap-lock"
+
+    def slot_guard(self, q: str) -> str:
+        """A key that is never created, declared last by every queue script that builds per-job
+        keys: Redis Cluster refuses such a script (TRYAGAIN) while ``q``'s slot is half moved."""
+        return f"{self.prefix}:{{{q}}}:slot-guard"
 
     def wake(self, q: str) -> str:
         """Pub/sub channel announcing new work in ``q``."""

@@ -3,15 +3,19 @@
 Every node runs it; the ``reap`` script is atomic, so many reapers at once re-queue each expired
 job exactly once. A once-per-interval guard key spares Redis the duplicate passes. After this node
 loses and regains its connection to Redis it waits one lease before reaping, so live nodes that
-were cut off too get the chance to renew their leases first.
+were cut off too get the chance to renew their leases first. A queue whose Redis Cluster slot
+refused the reap (moving to another primary) is skipped, and waits one lease after its last
+refusal, for the same reason: no node could renew its leases while the slot moved.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from jobq.app import JobQ
+from jobq.errors import RedisUnavailable
 from jobq.store import AsyncRunner
 
 log = logging.getLogger("jobq.reaper")
@@ -41,6 +45,7 @@ class Reaper:
         node_ttl_ms: int,
         interval: float,
         limit: int = 1000,
+        hold: float = 0.0,
     ) -> None:
         self.app = app
         self.runner = runner
@@ -48,23 +53,36 @@ class Reaper:
         self.node_ttl_ms = node_ttl_ms
         self.interval = interval
         self.limit = limit
+        #: Seconds a queue is not reaped after its cluster slot refused a reap (one lease).
+        self.hold = hold
+        #: Queue -> monotonic time before which it is not reaped.
+        self._held: dict[str, float] = {}
 
     async def run_once(self, *, guard: bool = True) -> ReapReport:
         """Reap every queue until no expired lease is left (bounded batches)."""
         report = ReapReport()
         guard_ms = max(1, int(self.interval * 1000 * 0.9)) if guard else 0
         for q in self.queues:
+            if self._held and self._held.get(q, 0.0) > time.monotonic():
+                continue
             first = True
             while True:
-                res = await self.runner.run(
-                    self.app.store.reap(
-                        q,
-                        node_ttl_ms=self.node_ttl_ms,
-                        limit=self.limit,
-                        guard_ms=guard_ms if first else 0,
-                        now_ms=self.app.now_ms(),
+                try:
+                    res = await self.runner.run(
+                        self.app.store.reap(
+                            q,
+                            node_ttl_ms=self.node_ttl_ms,
+                            limit=self.limit,
+                            guard_ms=guard_ms if first else 0,
+                            now_ms=self.app.now_ms(),
+                        )
                     )
-                )
+                except RedisUnavailable as exc:
+                    if not exc.slot or len(self.queues) == 1:
+                        raise
+                    self._held[q] = time.monotonic() + self.hold
+                    log.warning("queue %s: reap refused, the others go on: %s", q, exc)
+                    break
                 first = False
                 if res.skipped:
                     break

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from jobq.app import EnqueueRequest, JobQ
 from jobq.cron import CronEntry
+from jobq.errors import RedisUnavailable
 from jobq.store import AsyncRunner
 
 log = logging.getLogger("jobq.scheduler")
@@ -43,14 +44,26 @@ class Scheduler:
         self.runner = runner
         self.queues = queues
         self.cron = cron
+        #: Promotions refused in a row, per queue whose cluster slot is moving (for the log).
+        self._refused: dict[str, int] = {}
 
     async def run_once(self) -> ScheduleReport:
         report = ScheduleReport()
         for q in self.queues:
             while True:
-                res = await self.runner.run(
-                    self.app.store.promote(q, limit=PROMOTE_BATCH, now_ms=self.app.now_ms())
-                )
+                try:
+                    res = await self.runner.run(
+                        self.app.store.promote(q, limit=PROMOTE_BATCH, now_ms=self.app.now_ms())
+                    )
+                except RedisUnavailable as exc:
+                    if not exc.slot or len(self.queues) == 1:
+                        raise
+                    # Only this queue's cluster slot is moving: promote the others.
+                    n = self._refused[q] = self._refused.get(q, 0) + 1
+                    if n == 1 or n % 10 == 0:
+                        log.warning("queue %s: promote refused (%d in a row): %s", q, n, exc)
+                    break
+                self._refused.pop(q, None)
                 report.promoted += res.promoted
                 report.now_ms = res.now_ms
                 if res.next_due_ms is not None and (

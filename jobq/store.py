@@ -205,7 +205,7 @@ class Store:
 
         return Call(
             ScriptName.ENQUEUE,
-            [k.ready(queue), k.scheduled(queue), k.seq(queue)],
+            [k.ready(queue), k.scheduled(queue), k.seq(queue), k.slot_guard(queue)],
             args,
             parse,
             queue,
@@ -225,6 +225,7 @@ class Store:
             k.dead(queue),
             k.paused(queue),
             k.seq(queue),
+            k.slot_guard(queue),
         ]
         args: list[Arg] = [
             k.queue_prefix(queue),
@@ -281,7 +282,7 @@ class Store:
         ]
         for job_id, result in items:
             args += (job_id, result)
-        keys = [k.active(queue, node), k.leases(queue), k.finished(queue)]
+        keys = [k.active(queue, node), k.leases(queue), k.finished(queue), k.slot_guard(queue)]
         return Call(
             ScriptName.ACK,
             keys,
@@ -311,6 +312,7 @@ class Store:
             k.dead(queue),
             k.ready(queue),
             k.seq(queue),
+            k.slot_guard(queue),
         ]
         args: list[Arg] = [
             k.queue_prefix(queue),
@@ -366,7 +368,7 @@ class Store:
         (up to 1,000 per call)."""
         k = self.keys
         ids = list(job_ids or [])
-        keys = [k.active(queue, node), k.leases(queue), k.ready(queue), k.seq(queue)]
+        keys = [k.active(queue, node), k.leases(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), len(ids), *ids]
         return Call(ScriptName.RELEASE, keys, args, int, queue)
 
@@ -388,6 +390,7 @@ class Store:
             k.queue_nodes(queue),
             k.seq(queue),
             k.reap_lock(queue),
+            k.slot_guard(queue),
         ]
         args: list[Arg] = [
             k.queue_prefix(queue),
@@ -410,7 +413,7 @@ class Store:
 
     def promote(self, queue: str, *, limit: int = 1000, now_ms: int | None = None) -> Call[PromoteResult]:
         k = self.keys
-        keys = [k.scheduled(queue), k.ready(queue), k.seq(queue)]
+        keys = [k.scheduled(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit]
         return Call(
             ScriptName.PROMOTE,
@@ -423,7 +426,7 @@ class Store:
     # -- admin ----------------------------------------------------------------------------------
     def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
         k = self.keys
-        keys = [k.ready(queue), k.scheduled(queue), k.dead(queue), k.finished(queue)]
+        keys = [k.ready(queue), k.scheduled(queue), k.dead(queue), k.finished(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), job_id, _now(now_ms), self.limits.retention_ms]
         return Call(ScriptName.CANCEL, keys, args, int, queue)
 
@@ -437,7 +440,7 @@ class Store:
     ) -> Call[int]:
         k = self.keys
         ids = list(job_ids or [])
-        keys = [k.dead(queue), k.ready(queue), k.seq(queue)]
+        keys = [k.dead(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, len(ids), *ids]
         return Call(ScriptName.RETRY_DEAD, keys, args, int, queue)
 
@@ -452,7 +455,9 @@ class Store:
         }
         if which not in sets:
             raise errors.InvalidInput(f"state: cannot purge {which!r}", "state")
-        return Call(ScriptName.PURGE, [sets[which]], [k.queue_prefix(queue), limit], int, queue)
+        return Call(
+            ScriptName.PURGE, [sets[which], k.slot_guard(queue)], [k.queue_prefix(queue), limit], int, queue
+        )
 
 
 # -- error mapping -------------------------------------------------------------------------------
@@ -516,6 +521,7 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
             f"{where}: the queue's Redis Cluster slot is moving or down, try again: "
             f"{type(exc).__name__}: {msg}",
             refused=True,  # for every client of the queue alike, as when Redis is down
+            slot=True,
         )
     if isinstance(exc, redis.exceptions.RedisError):
         return errors.ScriptError(f"{where}: {type(exc).__name__}: {msg}")

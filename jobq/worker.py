@@ -274,6 +274,9 @@ class Worker:
         self._hard_stop: asyncio.Event | None = None
         self._reap_not_before = 0.0
         self._promoted_at = 0.0
+        #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary):
+        #: queue -> (its backoff, monotonic time before which it is not claimed from again).
+        self._slot_down: dict[str, tuple[Backoff, float]] = {}
         self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
@@ -612,14 +615,33 @@ class Worker:
         visited = 0
         self._claim_more = False
         next_due: int | None = None
+        slot_errors: list[RedisUnavailable] = []
         for q in self.app.rotate_shards(self._queue_order()):
             want = free - got
             if want <= 0:
                 break
+            down = self._slot_down.get(q)
+            if down is not None and time.monotonic() < down[1]:
+                continue
             visited += 1
-            res = await self.runner.run(
-                self.app.store.claim(q, self.node, want, self.lease_ms, now_ms=self.app.now_ms())
-            )
+            try:
+                res = await self.runner.run(
+                    self.app.store.claim(q, self.node, want, self.lease_ms, now_ms=self.app.now_ms())
+                )
+            except RedisUnavailable as exc:
+                if not exc.slot:
+                    raise  # Redis itself: every queue fails alike
+                # Only this queue's cluster slot (moving to another primary): serve the others,
+                # and try this one again after a backoff of its own.
+                backoff = down[0] if down is not None else Backoff(0.05, 2.0)
+                self._slot_down[q] = (backoff, time.monotonic() + backoff.next())
+                if backoff.attempts == 1 or backoff.attempts % 10 == 0:
+                    log.warning("queue %s: claim refused (%d in a row): %s", q, backoff.attempts, exc)
+                slot_errors.append(exc)
+                continue
+            if down is not None:
+                del self._slot_down[q]
+                log.warning("queue %s: claims succeed again", q)
             self.last_ok = time.monotonic()
             self._last_now_ms = res.now_ms
             if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
@@ -634,7 +656,9 @@ class Worker:
             got += len(res.jobs)
             if res.dead and len(res.jobs) + len(res.dead) >= want:
                 self._claim_more = True  # dead-lettered entries filled the batch: look again
-        if visited == len(self.queues):
+        if slot_errors and len(slot_errors) == visited:
+            raise slot_errors[-1]  # no queue answered: back off as for any claim failure
+        if visited == len(self.queues) and not slot_errors:
             self._promoted_at = time.monotonic()  # claim promoted every queue's due jobs
         self._next_due_ms = next_due
         return got
@@ -1059,6 +1083,7 @@ class Worker:
             self.queues,
             node_ttl_ms=self.node_ttl_ms,
             interval=self.reap_interval,
+            hold=self.config.lease,
         )
         scheduler = Scheduler(self.app, self.runner, self.queues, self.app.cron_entries)
         next_reap = time.monotonic() + random.uniform(0, self.reap_interval)

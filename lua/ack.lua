@@ -9,6 +9,7 @@
   KEYS[1]  active    LIST  jobq:{q}:active:<node>
   KEYS[2]  leases    ZSET  jobq:{q}:leases
   KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
+  KEYS[4]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix       "jobq:{q}:"
@@ -26,7 +27,7 @@
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix, node = ARGV[1], ARGV[2]
 
-if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
 local e = bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end

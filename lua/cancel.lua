@@ -8,6 +8,7 @@
   KEYS[2]  scheduled  ZSET  jobq:{q}:scheduled
   KEYS[3]  dead       ZSET  jobq:{q}:dead
   KEYS[4]  finished   ZSET  jobq:{q}:finished
+  KEYS[5]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix       "jobq:{q}:"
@@ -22,7 +23,7 @@
 local ready_key, sched_key, dead_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, id = ARGV[1], ARGV[2]
 
-local e = bad_counts(4, 4) or bad_qprefix(qprefix) or bad_id(id)
+local e = bad_counts(5, 4) or bad_qprefix(qprefix) or bad_id(id)
 if e then return e end
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end

@@ -15,6 +15,7 @@
   KEYS[5]  dead       ZSET    jobq:{q}:dead
   KEYS[6]  paused     STRING  jobq:{q}:paused
   KEYS[7]  seq        STRING  jobq:{q}:seq
+  KEYS[8]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix        "jobq:{q}:"
@@ -37,7 +38,7 @@ local ready_key, sched_key, active_key, leases_key = KEYS[1], KEYS[2], KEYS[3], 
 local dead_key, paused_key, seq_key = KEYS[5], KEYS[6], KEYS[7]
 local qprefix, node = ARGV[1], ARGV[2]
 
-local e = bad_counts(7, 8) or bad_qprefix(qprefix) or bad_node(node)
+local e = bad_counts(8, 8) or bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[3]') end
 local now = now_ms(ARGV[3])

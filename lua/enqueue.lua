@@ -10,6 +10,7 @@
   KEYS[1]  ready      ZSET    jobq:{q}:ready        score = (100 - priority) * 2^44 + seq
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled    score = run-at, ms
   KEYS[3]  seq        STRING  jobq:{q}:seq          FIFO sequence counter
+  KEYS[4]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag (same slot): jobq:{q}:job:<id> (HASH),
   jobq:{q}:unique:<key> (STRING), jobq:{q}:cron:<name> (STRING); channel jobq:{q}:wake.
 
@@ -55,7 +56,7 @@ local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
 local NFIELDS = 11
 
-if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
 local e = bad_qprefix(qprefix); if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end

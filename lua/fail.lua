@@ -11,6 +11,7 @@
   KEYS[4]  dead       ZSET    jobq:{q}:dead
   KEYS[5]  ready      ZSET    jobq:{q}:ready
   KEYS[6]  seq        STRING  jobq:{q}:seq
+  KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix         "jobq:{q}:"
@@ -34,7 +35,7 @@ local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
 local qprefix, node, id, err, mode = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 
-local e = bad_counts(6, 11) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
+local e = bad_counts(7, 11) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])

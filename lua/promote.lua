@@ -6,6 +6,7 @@
   KEYS[1]  scheduled  ZSET    jobq:{q}:scheduled
   KEYS[2]  ready      ZSET    jobq:{q}:ready
   KEYS[3]  seq        STRING  jobq:{q}:seq
+  KEYS[4]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>; channel jobq:{q}:wake.
 
   ARGV[1]  qprefix  "jobq:{q}:"
@@ -19,7 +20,7 @@
 local sched_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
 
-local e = bad_counts(3, 3) or bad_qprefix(qprefix)
+local e = bad_counts(4, 3) or bad_qprefix(qprefix)
 if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end

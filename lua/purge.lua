@@ -4,7 +4,8 @@
   finished), with their job hashes and unique keys. Never touches running jobs. The caller loops
   until it returns 0, so no call blocks Redis for long.
 
-  KEYS[1]  set  ZSET  jobq:{q}:ready | jobq:{q}:scheduled | jobq:{q}:dead | jobq:{q}:finished
+  KEYS[1]  set    ZSET  jobq:{q}:ready | jobq:{q}:scheduled | jobq:{q}:dead | jobq:{q}:finished
+  KEYS[2]  guard  NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix  "jobq:{q}:"
@@ -17,7 +18,7 @@
 local set_key = KEYS[1]
 local qprefix = ARGV[1]
 
-local e = bad_counts(1, 2) or bad_qprefix(qprefix)
+local e = bad_counts(2, 2) or bad_qprefix(qprefix)
 if e then return e end
 local limit = int_arg(ARGV[2])
 if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end

@@ -18,6 +18,7 @@
   KEYS[4]  nodes      ZSET    jobq:{q}:nodes
   KEYS[5]  seq        STRING  jobq:{q}:seq
   KEYS[6]  reap_lock  STRING  jobq:{q}:reap-lock
+  KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:active:<node>,
   jobq:{q}:unique:<key>.
 
@@ -37,7 +38,7 @@ local leases_key, ready_key, dead_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KE
 local seq_key, lock_key = KEYS[5], KEYS[6]
 local qprefix = ARGV[1]
 
-local e = bad_counts(6, 7) or bad_qprefix(qprefix)
+local e = bad_counts(7, 7) or bad_qprefix(qprefix)
 if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end

@@ -8,6 +8,7 @@
   KEYS[2]  leases  ZSET    jobq:{q}:leases
   KEYS[3]  ready   ZSET    jobq:{q}:ready
   KEYS[4]  seq     STRING  jobq:{q}:seq
+  KEYS[5]  guard   NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>.
 
   ARGV[1]  qprefix  "jobq:{q}:"
@@ -23,7 +24,7 @@
 local active_key, leases_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, node = ARGV[1], ARGV[2]
 
-if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
+if #KEYS ~= 5 then return badarg('keys', 'expected 5 keys') end
 local e = bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end

@@ -6,6 +6,7 @@
   KEYS[1]  dead   ZSET    jobq:{q}:dead
   KEYS[2]  ready  ZSET    jobq:{q}:ready
   KEYS[3]  seq    STRING  jobq:{q}:seq
+  KEYS[4]  guard  NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>; channel jobq:{q}:wake.
 
   ARGV[1]  qprefix  "jobq:{q}:"
@@ -20,7 +21,7 @@
 local dead_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
 
-if #KEYS ~= 3 then return badarg('keys', 'expected 3 keys') end
+if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
 local e = bad_qprefix(qprefix)
 if e then return e end
 local now = now_ms(ARGV[2])

@@ -58,11 +58,24 @@ end
 
 -- The queue's key prefix "jobq:{q}:" must be the prefix of KEYS[1]: every key a script builds
 -- from it then stays inside the queue's hash tag (same cluster slot) and inside jobq's key space.
+--
+-- Every script that builds keys from it also declares, as its last KEYS entry, the queue's slot
+-- guard "jobq:{q}:slot-guard", a key that is never created. Redis Cluster decides where a script
+-- runs from its declared keys alone; while a slot is half moved to another primary, a script on
+-- the source could then find a job key already moved (an error after its first writes), and one
+-- on the target could miss a job key not yet moved and write its own (MIGRATE then stops with
+-- BUSYKEY). A declared key that is missing makes Redis refuse the script on both sides of a
+-- moving slot before it starts (TRYAGAIN, or ASK and then TRYAGAIN), so no such script runs
+-- until the move is done. Outside a move the guard costs nothing; Redis without cluster mode
+-- ignores it.
 local function bad_qprefix(qprefix)
   if type(qprefix) ~= 'string' or #qprefix < 4 or string.sub(qprefix, -2) ~= '}:'
     or not string.find(qprefix, '{', 1, true)
     or string.sub(KEYS[1], 1, #qprefix) ~= qprefix then
     return badarg('qprefix', 'must be the queue key prefix of KEYS[1]')
+  end
+  if KEYS[#KEYS] ~= qprefix .. 'slot-guard' then
+    return badarg('keys', 'the last key must be the queue slot guard')
   end
   return nil
 end

@@ -251,13 +251,16 @@ def _winner(js: JobState | None, oks: list[Attempt]) -> Attempt | None:
 
 # -- waiting --------------------------------------------------------------------------------------
 def pending(r: redis.Redis, queues: Iterable[str], prefix: str = "jobq") -> int:
-    """Jobs still to run: ready + scheduled + leased (active) in ``queues``."""
-    pipe = r.pipeline(transaction=True)
+    """Jobs still to run: ready + scheduled + leased (active) in ``queues``. Each queue is read
+    in one transaction of its own (a Redis Cluster transaction stays inside one slot)."""
+    total = 0
     for q in queues:
+        pipe = r.pipeline(transaction=True)
         pipe.zcard(f"{prefix}:{{{q}}}:ready")
         pipe.zcard(f"{prefix}:{{{q}}}:scheduled")
         pipe.zcard(f"{prefix}:{{{q}}}:leases")
-    return int(sum(pipe.execute()))
+        total += int(sum(pipe.execute()))
+    return total
 
 
 def wait_drained(

@@ -233,3 +233,23 @@ def test_wrong_key_count_is_refused(
                 call(Call(c.script, keys, c.args, c.parse), list(c.args))
         assert name
     assert_unchanged(r, before, size)
+
+
+def test_a_script_without_its_slot_guard_is_refused(
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis
+) -> None:
+    """Every script that builds per-job keys must declare the queue's slot guard last (the key
+    that keeps it from running while the queue's cluster slot is half moved): a call whose last
+    key is another key of the queue is refused and writes nothing."""
+    _, calls = seeded
+    call = raw_call(r)
+    guarded = {n for n in ScriptName if n is not ScriptName.EXTEND}
+    before, size = snapshot(r), r.dbsize()
+    for name in guarded:
+        c = calls[name]
+        assert c.keys[-1] == f"jobq:{{{Q}}}:slot-guard", name
+        keys = [*c.keys[:-1], f"jobq:{{{Q}}}:paused"]
+        with pytest.raises(redis.exceptions.ResponseError, match=r"^BADARG keys .*slot guard"):
+            call(Call(c.script, keys, c.args, c.parse), list(c.args))
+    assert_unchanged(r, before, size)
+    assert r.exists(f"jobq:{{{Q}}}:slot-guard") == 0
