@@ -263,6 +263,10 @@ class Worker:
         #: The fetcher waits for room: poke it once fewer than this many jobs are held.
         self._claim_below = 0
         self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
+        #: Acks of queues whose Redis Cluster slot is moving, waiting for their retry (so the
+        #: acks of the other queues are not held up behind them), with each queue's backoff.
+        self._acks_later: dict[str, list[tuple[_Running, bytes]]] = {}
+        self._ack_backoff: dict[str, Backoff] = {}
         self._ack_event: asyncio.Event | None = None
         self._ack_lock = asyncio.Lock()
         self._next_due_ms: int | None = None
@@ -905,8 +909,12 @@ class Worker:
             await self._flush_acks_locked()
 
     async def _flush_acks_locked(self) -> None:
+        if self._stopping:
+            self._undefer_acks()  # at shutdown every ack is retried in place
         while self._acks:
             batches, self._acks = self._acks, {}
+            for q in [q for q in batches if q in self._acks_later and not self._stopping]:
+                self._acks_later[q].extend(batches.pop(q))  # its retry is already due later
             await asyncio.gather(
                 *(
                     self._ack_batch(q, items[i : i + 1000])
@@ -928,6 +936,9 @@ class Worker:
                 faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
+                if isinstance(exc, RedisUnavailable) and exc.slot and not self._stopping:
+                    self._defer_acks(queue, items, exc)
+                    return
                 # Retrying is safe: a repeated ack of a job this node finished returns 0.
                 log.warning("ack of %d job(s) failed: %s; retrying", len(items), exc)
                 await asyncio.sleep(backoff.next())
@@ -941,6 +952,8 @@ class Worker:
                     self._forget(run)
                 return
         self.last_ok = time.monotonic()
+        if self._ack_backoff and self._ack_backoff.pop(queue, None) is not None:
+            log.warning("queue %s: acks succeed again", queue)
         m = self.metrics
         now = time.monotonic()
         for (run, _), code in zip(items, codes, strict=True):
@@ -953,6 +966,27 @@ class Worker:
                 self._stale(run)
             else:
                 log.warning("job %s vanished before its ack (deleted by an operator?)", run.job.id)
+
+    def _defer_acks(self, queue: str, items: list[tuple[_Running, bytes]], exc: RedisUnavailable) -> None:
+        """Only ``queue``'s cluster slot refused the ack (it is moving to another primary): try
+        these again after a backoff of the queue's own, and let the other queues' acks go on."""
+        backoff = self._ack_backoff.setdefault(queue, Backoff(0.05, 2.0))
+        delay = backoff.next()
+        if backoff.attempts == 1 or backoff.attempts % 10 == 0:
+            log.warning("queue %s: ack refused (%d in a row): %s; retrying", queue, backoff.attempts, exc)
+        waiting = self._acks_later.setdefault(queue, [])
+        if not waiting:
+            asyncio.get_running_loop().call_later(delay, self._undefer_acks, queue)
+        waiting.extend(items)
+
+    def _undefer_acks(self, queue: str | None = None) -> None:
+        """Put deferred acks (of ``queue``, or all) back in line for the acker."""
+        assert self._ack_event is not None
+        for q in [queue] if queue is not None else list(self._acks_later):
+            items = self._acks_later.pop(q, None)
+            if items:
+                self._acks.setdefault(q, []).extend(items)
+                self._ack_event.set()
 
     # -- heartbeat callbacks (called on the heartbeat thread) ------------------------------------
     def _known_snapshot(self) -> dict[str, set[str]]:

@@ -565,10 +565,10 @@ def test_heartbeat_renews_every_lease_third_in_one_round_trip(
     beats: list[tuple[float, list[str]]] = []
     real = SyncRunner.run_many
 
-    def spy(self: SyncRunner, calls: Any) -> Any:
+    def spy(self: SyncRunner, calls: Any, **kw: Any) -> Any:
         if calls and all(c.script is ScriptName.EXTEND for c in calls):
             beats.append((time.monotonic(), [c.queue for c in calls]))
-        return real(self, calls)
+        return real(self, calls, **kw)
 
     monkeypatch.setattr(SyncRunner, "run_many", spy)
     b = Background(app, queues=[("a", 1), ("b", 1), ("c", 1)], lease=0.6, maintenance=False)

@@ -30,11 +30,19 @@ class StubRunner:
 
     def __init__(self) -> None:
         self.error: JobqError | None = None
+        #: Per-queue errors, answered in place (as ``SyncRunner.run_many`` does when asked to).
+        self.queue_errors: dict[str, JobqError] = {}
 
-    def run_many(self, calls: Sequence[Any]) -> list[ExtendResult]:
+    def run_many(self, calls: Sequence[Any], *, return_exceptions: bool = False) -> list[Any]:
         if self.error is not None:
             raise self.error
-        return [ExtendResult(now_ms=1_000, owned=[]) for _ in calls]
+        out: list[Any] = []
+        for c in calls:
+            err = self.queue_errors.get(c.queue)
+            if err is not None and not return_exceptions:
+                raise err
+            out.append(err or ExtendResult(now_ms=1_000, owned=[]))
+        return out
 
 
 @pytest.fixture
@@ -96,7 +104,7 @@ def test_a_refused_connection_is_marked_refused_and_a_timeout_is_not() -> None:
 )
 def test_a_moving_cluster_slot_is_redis_side_unavailability(exc: Exception) -> None:
     mapped = map_error(exc, "enqueue", "q")
-    assert isinstance(mapped, RedisUnavailable) and mapped.refused
+    assert isinstance(mapped, RedisUnavailable) and mapped.refused and mapped.slot
     assert "slot is moving or down" in str(mapped)
 
 
@@ -113,6 +121,58 @@ def test_renewals_refused_or_loading_fence_with_redis_down(fence: Any, error: Jo
     hb, runner, calls = fence
     _fail(hb, runner, error)
     assert calls == [(True, True)] and hb.fenced
+
+
+def _two_queue_fence(on_fence: list[tuple[bool, bool]]) -> tuple[Heartbeat, StubRunner]:
+    runner = StubRunner()
+    hb = Heartbeat(
+        JobQ(client=fakeredis.FakeRedis()),
+        runner,  # type: ignore[arg-type]
+        "n1",
+        ["moving", "other"],
+        LEASE_MS,
+        known=dict,
+        on_beat=lambda _: None,
+        on_fence=lambda fenced, down: on_fence.append((fenced, down)),
+        info=dict,
+    )
+    return hb, runner
+
+
+def _slot_moving() -> RedisUnavailable:
+    exc = map_error(redis.exceptions.ClusterError("TTL exhausted."), "extend", "moving")
+    assert isinstance(exc, RedisUnavailable) and exc.slot
+    return exc
+
+
+def test_one_queue_whose_slot_moves_does_not_fence_the_node() -> None:
+    """Renewals of one queue refused because its cluster slot is moving (nothing can reap it
+    then either) leave the node serving its other queues: the beat counts as a renewal."""
+    calls: list[tuple[bool, bool]] = []
+    hb, runner = _two_queue_fence(calls)
+    runner.queue_errors["moving"] = _slot_moving()
+    hb.last_ok = time.monotonic() - LEASE_MS / 1000
+    result = hb.beat()
+    assert result is not None and result.now_ms == 1_000
+    hb._check_fence()
+    assert calls == [] and not hb.fenced and hb.failures == 0
+
+
+@pytest.mark.parametrize("every_queue", [False, True], ids=["other-error", "every-queue-moving"])
+def test_a_slot_refusal_with_any_other_failure_still_fences(every_queue: bool) -> None:
+    """Only a refusal of some queues' slots while the others renew is tolerated: every queue
+    refused, or another failure beside it, fences as before."""
+    calls: list[tuple[bool, bool]] = []
+    hb, runner = _two_queue_fence(calls)
+    moving = _slot_moving()
+    runner.queue_errors["moving"] = moving
+    runner.queue_errors["other"] = (
+        moving if every_queue else RedisUnavailable("extend: Redis unavailable: Timeout reading")
+    )
+    assert hb.beat() is None
+    hb.last_ok = time.monotonic() - LEASE_MS / 1000
+    hb._check_fence()
+    assert calls == [(True, every_queue)] and hb.fenced
 
 
 def test_renewals_that_time_out_fence_as_a_partition(fence: Any) -> None:
