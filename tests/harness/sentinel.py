@@ -134,11 +134,23 @@ class SentinelGroup:
         raise KeyError(port)
 
     def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
-        """Until the sentinels name a new primary and it accepts writes; its port."""
+        """Until every sentinel names the same new primary and it accepts writes; its port.
+
+        Every sentinel, not one: a sentinel that still names the old primary converts the new
+        one back into its replica once the old one answers again (sentinel's
+        "+convert-to-slave"), and a test that restarts the old primary empty would then see
+        the new one resync from it and lose its whole dataset."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                port = self.master_port()
+                ports = set()
+                for s in self.sentinel_procs:
+                    c = s.client()
+                    try:
+                        ports.add(int(c.sentinel_get_master_addr_by_name(MASTER)[1]))
+                    finally:
+                        c.close()
+                port = ports.pop() if len(ports) == 1 else old_port
                 if port != old_port:
                     c = self.server_on(port).admin_client()
                     try:
