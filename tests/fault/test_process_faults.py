@@ -210,7 +210,7 @@ def test_f2_sigterm_graceful(
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
     prod = Producer(app, history)
     exits: list[float] = []
-    trials = tier(2, 20)
+    trials = tier(20, 20)
     for i in range(trials):
         victim = fleet.spawn(f"v{i}", concurrency=20)
         # All 70 jobs take 0.3-2 s: shorter than the grace, longer than the signal delay.
@@ -311,7 +311,7 @@ def test_f3_sigstop_beyond_lease(
     prod = Producer(app, history, task=ARECORD_TASK if task == "async" else "fault.record")
     victim, helper = fleet.start(2, concurrency=10)
     notice: list[float] = []
-    trials = tier(1, 10)
+    trials = tier(10, 10)
     n = 10
     for _ in range(trials):
         stale_before = len([ln for ln in victim.log_text().splitlines() if "stale completion" in ln])
