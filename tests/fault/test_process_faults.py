@@ -197,7 +197,7 @@ def test_f1_crash_points(
     point: str, worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
 ) -> None:
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
-    run = run_f1(fleet, history, app, r, seed, [point] * tier(1, 10))
+    run = run_f1(fleet, history, app, r, seed, [point] * tier(10, 10))
     check_f1(run, history, r, seed, fleet, figures, f"F1-{point}")
 
 
