@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 import statistics
 import sys
@@ -31,6 +32,30 @@ def test_sub_millisecond_timers_fire_on_time() -> None:
     # about 1 ms (0.7 ms late). jobq's loop waits to the microsecond.
     late = jobq_loop.run(_median_lateness_ms(0.0003, 200))
     assert late < 0.35, f"median lateness {late:.3f} ms"
+
+
+def _timer_slack_ns() -> int:
+    return int(ctypes.CDLL(None).prctl(30, 0, 0, 0, 0))  # PR_GET_TIMERSLACK
+
+
+def test_run_asks_for_a_tight_timer_slack() -> None:
+    # Linux lets a timed wait end up to 50 us late by default (the thread's timer slack); the
+    # worker's loop asks for 1 us, for itself and the threads it starts (sync tasks, heartbeat).
+    seen: dict[str, int] = {}
+
+    async def main() -> None:
+        seen["loop"] = _timer_slack_ns()
+        seen["thread"] = await asyncio.to_thread(_timer_slack_ns)
+
+    def node() -> None:
+        ctypes.CDLL(None).prctl(29, 50_000, 0, 0, 0)  # PR_SET_TIMERSLACK: Linux's default
+        seen["before"] = _timer_slack_ns()
+        jobq_loop.run(main())
+
+    t = threading.Thread(target=node)
+    t.start()
+    t.join()
+    assert seen == {"before": 50_000, "loop": 1_000, "thread": 1_000}
 
 
 def test_io_wakes_a_long_timed_wait_at_once() -> None:
