@@ -38,3 +38,9 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+def worth_a_line(failures: int) -> bool:
+    """Whether the ``failures``-th failure in a row gets a log line: the first, then every
+    tenth, so a long outage shows in the log without flooding it."""
+    return failures == 1 or failures % 10 == 0

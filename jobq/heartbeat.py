@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobq.app import JobQ
+from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.store import SyncRunner
 
@@ -138,7 +139,7 @@ class Heartbeat:
             self.redis_down = isinstance(exc, RedisBusy) or (
                 isinstance(exc, RedisUnavailable) and exc.refused
             )
-            if self.failures == 1 or self.failures % 10 == 0:
+            if worth_a_line(self.failures):
                 log.warning("lease renewal failed (%d in a row): %s", self.failures, exc)
             return None
         if self.failures:
@@ -157,7 +158,7 @@ class Heartbeat:
                 # So the node is not fenced for it; it renews the leases when the move is done.
                 self._slot_refusals[q] = self._slot_refusals.get(q, 0) + 1
                 n = self._slot_refusals[q]
-                if n == 1 or n % 10 == 0:
+                if worth_a_line(n):
                     log.warning("queue %s: lease renewal refused (%d in a row): %s", q, n, res)
                 continue
             if self._slot_refusals.pop(q, 0):

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from jobq.app import EnqueueRequest, JobQ
+from jobq.backoff import worth_a_line
 from jobq.cron import CronEntry
 from jobq.errors import RedisUnavailable
 from jobq.store import AsyncRunner
@@ -60,7 +61,7 @@ class Scheduler:
                         raise
                     # Only this queue's cluster slot is moving: promote the others.
                     n = self._refused[q] = self._refused.get(q, 0) + 1
-                    if n == 1 or n % 10 == 0:
+                    if worth_a_line(n):
                         log.warning("queue %s: promote refused (%d in a row): %s", q, n, exc)
                     break
                 self._refused.pop(q, None)

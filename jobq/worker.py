@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from jobq import codec, connection, faults, redis_checks
 from jobq import loop as jobq_loop
 from jobq.app import JobQ
-from jobq.backoff import Backoff
+from jobq.backoff import Backoff, worth_a_line
 from jobq.errors import (
     DecodeError,
     EncodeError,
@@ -496,7 +496,7 @@ class Worker:
                     log.warning("claims succeed again after %d failure(s)", errors)
             except (RedisUnavailable, RedisBusy) as exc:
                 errors += 1
-                if errors == 1 or errors % 10 == 0:
+                if worth_a_line(errors):
                     log.warning("claim failed (%d in a row): %s; retrying", errors, exc)
                 self._reap_not_before = time.monotonic() + cfg.lease
                 await self._wait(backoff.next())
@@ -639,7 +639,7 @@ class Worker:
                 # and try this one again after a backoff of its own.
                 backoff = down[0] if down is not None else Backoff(0.05, 2.0)
                 self._slot_down[q] = (backoff, time.monotonic() + backoff.next())
-                if backoff.attempts == 1 or backoff.attempts % 10 == 0:
+                if worth_a_line(backoff.attempts):
                     log.warning("queue %s: claim refused (%d in a row): %s", q, backoff.attempts, exc)
                 slot_errors.append(exc)
                 continue
@@ -972,7 +972,7 @@ class Worker:
         these again after a backoff of the queue's own, and let the other queues' acks go on."""
         backoff = self._ack_backoff.setdefault(queue, Backoff(0.05, 2.0))
         delay = backoff.next()
-        if backoff.attempts == 1 or backoff.attempts % 10 == 0:
+        if worth_a_line(backoff.attempts):
             log.warning("queue %s: ack refused (%d in a row): %s; retrying", queue, backoff.attempts, exc)
         waiting = self._acks_later.setdefault(queue, [])
         if not waiting:

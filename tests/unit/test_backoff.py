@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from jobq import connection
-from jobq.backoff import Backoff
+from jobq.backoff import Backoff, worth_a_line
 
 
 def test_the_window_doubles_to_the_cap_and_resets() -> None:
@@ -79,3 +79,7 @@ def test_worker_clients_do_not_retry_a_refused_connection_inside_the_call() -> N
     # A dropped connection (CLIENT KILL, a restart mid-call) is still retried: 1 + 3 tries.
     assert _calls_until_raised(worker, dropped) == 4
     assert _calls_until_raised(default, refused) == 4
+
+
+def test_a_run_of_failures_logs_its_first_then_every_tenth() -> None:
+    assert [n for n in range(1, 36) if worth_a_line(n)] == [1, 10, 20, 30]
