@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from jobq.app import EnqueueRequest, Job, JobInfo, JobQ, JobState, Task
 from jobq.clock import FakeClock, SystemClock
 from jobq.errors import (
@@ -47,7 +49,12 @@ from jobq.errors import (
     StoreError,
 )
 
-__version__ = "0.1.0"
+try:
+    #: The installed version: ``version`` in pyproject.toml is its one source (``jobq --version``
+    #: and the documentation read the same).
+    __version__ = _metadata.version("jobq")
+except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a tree never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DecodeError",

@@ -208,7 +208,8 @@ class JobQ:
         prefix: the first segment of every key (default ``jobq``).
         max_payload: the largest encoded args + kwargs, bytes (default 1 MiB).
         result_ttl: seconds a finished job and its result are kept (default 600).
-        dead_max / dead_ttl: the dead-letter list's bounds (default 10,000 jobs, 7 days).
+        dead_max: the most jobs the dead-letter list of a queue keeps (default 10,000).
+        dead_ttl: seconds a dead-lettered job is kept (default 7 days).
         max_depth: back-pressure: refuse an enqueue when ready + scheduled would exceed it;
             an int for every queue, or a mapping of queue name to limit (0 = no limit).
         clock: a :class:`jobq.clock.FakeClock` for tests; production uses Redis time.
@@ -217,7 +218,7 @@ class JobQ:
             ``hot#0`` .. ``hot#2`` (the shard is chosen by a hash of the job id, or of the unique
             key when one is given), and a worker serving ``hot`` claims from every shard. Each
             shard is its own hash tag, so on Redis Cluster the shards spread over the nodes.
-            Priority order holds within a shard; see the README for the bound across shards.
+            Priority order holds within a shard; docs/redis.md gives the bound across shards.
         durable: enqueue (and the worker's ack) wait until one replica has the write (``WAIT 1
             durable_timeout``); an enqueue no replica acknowledged raises
             :class:`jobq.errors.NotReplicated`. Not supported on Redis Cluster.

@@ -503,7 +503,7 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
     if "user executing the script can't" in msg:
         return errors.RedisAuthError(
             f"{where}: NOPERM: the Redis ACL user has no permission to run {_script_command(script, msg)} "
-            "inside the script (grant the commands of the jobq ACL in the README)"
+            "inside the script (grant the commands of the jobq ACL: docs/redis.md)"
         )
     if isinstance(exc, redis.exceptions.BusyLoadingError) or msg.startswith("BUSY"):
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
