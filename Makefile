@@ -27,7 +27,11 @@ test-unit:  ## unit tests only (no redis-server)
 check:  ## everything CI runs (installs what is missing)
 	./scripts/check
 
-bench:  ## the benchmark (see README, Performance)
+.PHONY: docs
+docs:  ## build the documentation site into site/ (needs the docs extra)
+	$(PY) -m mkdocs build --strict
+
+bench:  ## the benchmark (docs/performance.md)
 	$(PY) scripts/bench
 
 demo:  ## the quickstart: local redis, a worker, a batch of jobs

@@ -1,7 +1,7 @@
 """Sentinel failover under load: a primary, replicas and three sentinels on loopback; producers
 and a worker run through a ``redis+sentinel://`` URL, the primary is SIGKILLed, and both carry
 on with the promoted replica. Counts the acknowledged enqueues lost across the failover, with
-and without durable mode (README "Redis Cluster, Sentinel, TLS and ACL")."""
+and without durable mode (docs/redis.md, "Sentinel")."""
 
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ from tests.harness.tls import TlsFiles, make_tls_files, tls_server_args
 
 pytestmark = pytest.mark.integration
 
-#: The minimal ACL of a jobq producer + worker user (README "Redis Cluster, Sentinel, TLS and
-#: ACL"): its keys and channels, the script commands, the commands the scripts run, and the
-#: few plain commands of the producer, heartbeat, scheduler and pub/sub listener.
+#: The minimal ACL of a jobq producer + worker user (docs/redis.md, "A least-privilege ACL user";
+#: tests/unit/test_docs.py keeps the two equal): its keys and channels, the script commands, the
+#: commands the scripts run, and the few plain commands of the producer, heartbeat, scheduler and
+#: pub/sub listener.
 JOBQ_ACL_COMMANDS = (
     # running scripts (EVALSHA; SCRIPT LOAD after NOSCRIPT)
     "+evalsha +script|load "
@@ -162,7 +163,7 @@ def test_producer_and_worker_run_with_only_the_documented_acl(acl_server: RedisS
         app.close()
     log = acl_server.admin_client().acl_log()
     refused = {e["object"] for e in log if e.get("username") == "jobq"}
-    # Only the optional eviction-policy check (README: add +info to enable it) was refused.
+    # Only the optional eviction-policy check (docs/redis.md: add +info to enable it) was refused.
     assert refused <= {"info", "config|get"}, refused
 
 

@@ -5,7 +5,7 @@ IMPORTING`` on the target, ``MIGRATING`` on the source, ``MIGRATE`` of its keys 
 then ``SETSLOT ... NODE`` everywhere. While it moves, redis-py follows ASK and retries TRYAGAIN;
 a call it gives up on reaches the caller as ``jobq.RedisUnavailable``.
 
-- ``test_f18_slot_moves_with_the_queue_quiet`` (ci): the documented procedure (README, "Moving
+- ``test_f18_slot_moves_with_the_queue_quiet`` (ci): the documented procedure (docs/redis.md, "Moving
   a queue's slot"): the queue's workers stopped, its backlog and delayed jobs at rest, an enqueue
   tried in the middle of the move. Criteria: that enqueue raises ``RedisUnavailable`` and writes
   nothing; every job runs afterwards, delayed ones on time; 0 lost, 0 duplicates; the producer
