@@ -119,7 +119,8 @@ def _job_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-01-01T00:00:00.000Z WARNING jobq.worker: message job_id=... task=...``"""
+    """``2026-01-01T00:00:00.000Z WARNING jobq.worker: message job_id=... task=...``: the job
+    fields the message does not already show, once each."""
 
     converter = time.gmtime  # type: ignore[assignment]
 
@@ -135,8 +136,15 @@ class TextFormatter(logging.Formatter):
         if not fields:
             return line
         head, sep, tail = line.partition("\n")
-        extras = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items())
-        return f"{head} {extras}{sep}{tail}"
+        message = record.getMessage()
+        # One set of fields per line: a field the message already shows (``task=X`` in
+        # "job J failed: task=X ...", or the id in "job J ...") is not appended again.
+        extras = " ".join(
+            f"{k}={v!r}" if k == "error" else f"{k}={v}"
+            for k, v in fields.items()
+            if f"{k}=" not in message and not (k == "job_id" and f"job {v}" in message)
+        )
+        return f"{head} {extras}{sep}{tail}" if extras else line
 
 
 class JsonFormatter(logging.Formatter):
