@@ -76,7 +76,7 @@ def _json_option(fn: F) -> F:
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -344,6 +344,20 @@ def stats(
 
 
 # -- jobs -------------------------------------------------------------------------------------------------
+def _job_time(j: JobInfo) -> int | None:
+    """The time that matters for the job's state: when it will run (scheduled), started
+    (active), ended (dead, done, cancelled: the time of death for a dead letter), else when it
+    was enqueued."""
+    st = j.state.value
+    if st == "scheduled":
+        return j.run_at_ms
+    if st == "active":
+        return j.started_ms or j.enqueued_ms
+    if st in ("dead", "done", "cancelled"):
+        return j.finished_ms or j.enqueued_ms
+    return j.enqueued_ms
+
+
 def _job_rows(jobs: Sequence[JobInfo]) -> str:
     rows = [
         (
@@ -353,7 +367,7 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
             j.task,
             j.priority,
             f"{j.attempts}/{j.max_attempts}",
-            _ms(j.run_at_ms if j.state.value == "scheduled" else j.enqueued_ms),
+            _ms(_job_time(j)),
             (j.error or "")[:60],
         )
         for j in jobs
@@ -425,7 +439,8 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
     for k, v in d.items():
         if v is None:
             continue
-        click.echo(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, (list, dict)) else v}")
+        shown = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+        click.echo(f"{k.ljust(width)}  {shown}")
 
 
 @_command
@@ -455,11 +470,11 @@ def dead() -> None:
 
 @dead.command("list")
 @connection_options
-@click.option("--queue", "-q", required=True)
+@click.option("--queue", "-q", help="Only this queue (default: every queue).")
 @click.option("--limit", "-n", type=click.IntRange(1, admin.MAX_LIST), default=50, show_default=True)
 @_json_option
-def dead_list(settings: Settings, queue: str, limit: int, as_json: bool) -> None:
-    """Dead-lettered jobs, most recent first, with their last error."""
+def dead_list(settings: Settings, queue: str | None, limit: int, as_json: bool) -> None:
+    """Dead-lettered jobs, most recent first, with their last error; TIME is the time of death."""
     with _errors():
         app = _app(settings)
         try:
