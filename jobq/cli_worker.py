@@ -196,8 +196,7 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     default="30s",
     show_default=True,
     callback=_duration("lease"),
-    help="Lease per claimed job (at least 1s); renewed every lease/3. A dead node's jobs run "
-    "again after it.",
+    help="Lease per claimed job (at least 1s); renewed every lease/3. A dead node's jobs run again after it.",
 )
 @click.option(
     "--grace",
