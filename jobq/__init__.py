@@ -45,8 +45,8 @@ from jobq.errors import (
     Retry,
     ScriptError,
     StoreError,
+    UnknownQueue,
 )
-
 
 
 def _version() -> str:
@@ -103,5 +103,6 @@ __all__ = [
     "StoreError",
     "SystemClock",
     "Task",
+    "UnknownQueue",
     "__version__",
 ]

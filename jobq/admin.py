@@ -281,16 +281,57 @@ def live_node_count(app: JobQ, *, node_ttl_s: float = 60.0) -> int:
 
 
 # -- repair -----------------------------------------------------------------------------------------
-def pause(app: JobQ, queue: str) -> bool:
+def known_queue(app: JobQ, queue: str) -> bool:
+    """Is ``queue`` one jobq knows: in the registry (something was enqueued to it, or a cron
+    entry fired into it), served by a node, or paused? Plain reads."""
+    q = validate_queue(queue)
+    pipe = app.client.pipeline(transaction=False)
+    pipe.sismember(app.keys.queues, q)
+    pipe.exists(app.keys.queue_nodes(q), app.keys.paused(q))
+    registered, present = pipe.execute()
+    return bool(registered) or bool(present)
+
+
+def _unknown(app: JobQ, queue: str, verb: str) -> errors.UnknownQueue:
+    import difflib
+
+    names = queues(app)
+    hint = ""
+    shards = [n for n in names if n.partition("#")[0] == queue and "#" in n]
+    close = difflib.get_close_matches(queue, names, n=3, cutoff=0.6)
+    if shards:
+        more = ", ..." if len(shards) > 4 else ""
+        hint = f" (it is sharded: {verb} its shards {', '.join(shards[:4])}{more})"
+    elif close:
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return errors.UnknownQueue(
+        f"queue: {queue!r} is unknown: nothing was ever enqueued to it and no node serves it"
+        f"{hint}; nothing done (use --create to {verb} it anyway)"
+    )
+
+
+def pause(app: JobQ, queue: str, *, create: bool = False) -> bool:
     """Stop nodes claiming from ``queue`` (running jobs finish; enqueues still land). Returns
-    False if it was already paused."""
-    return bool(app.client.set(app.keys.paused(validate_queue(queue)), "1", nx=True))
+    False if it was already paused. A queue jobq does not know (see :func:`known_queue`) raises
+    :class:`jobq.errors.UnknownQueue` unless ``create``; with it, the queue is registered too,
+    so it shows (paused) in ``jobq stats``."""
+    q = validate_queue(queue)
+    if not create and not known_queue(app, q):
+        raise _unknown(app, q, "pause")
+    changed = bool(app.client.set(app.keys.paused(q), "1", nx=True))
+    if create:
+        app.client.sadd(app.keys.queues, q)
+    return changed
 
 
-def resume(app: JobQ, queue: str) -> bool:
+def resume(app: JobQ, queue: str, *, create: bool = False) -> bool:
     """Let nodes claim from ``queue`` again; jobs resume in the order they were in. Returns False
-    if it was not paused."""
-    return bool(app.client.delete(app.keys.paused(validate_queue(queue))))
+    if it was not paused. A queue jobq does not know raises :class:`jobq.errors.UnknownQueue`
+    unless ``create``."""
+    q = validate_queue(queue)
+    if not create and not known_queue(app, q):
+        raise _unknown(app, q, "resume")
+    return bool(app.client.delete(app.keys.paused(q)))
 
 
 def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled")) -> dict[str, int]:

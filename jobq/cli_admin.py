@@ -525,15 +525,25 @@ def queue_group() -> None:
     """Pause, resume or purge a queue."""
 
 
+def _create_option(fn: F) -> F:
+    return click.option(
+        "--create",
+        is_flag=True,
+        help="Act on a queue jobq has never seen (nothing enqueued to it, no node serving it); "
+        "without it an unknown name is refused, so a misspelling is not silently paused.",
+    )(fn)
+
+
 @queue_group.command("pause")
 @connection_options
 @click.argument("queue")
-def queue_pause(settings: Settings, queue: str) -> None:
+@_create_option
+def queue_pause(settings: Settings, queue: str, create: bool) -> None:
     """Stop claims from QUEUE (running jobs finish; enqueues still land)."""
     with _errors():
         app = _app(settings)
         try:
-            changed = admin.pause(app, queue)
+            changed = admin.pause(app, queue, create=create)
         finally:
             app.close()
     click.echo(f"queue {queue} paused" if changed else f"queue {queue} was already paused")
@@ -542,12 +552,13 @@ def queue_pause(settings: Settings, queue: str) -> None:
 @queue_group.command("resume")
 @connection_options
 @click.argument("queue")
-def queue_resume(settings: Settings, queue: str) -> None:
+@_create_option
+def queue_resume(settings: Settings, queue: str, create: bool) -> None:
     """Let nodes claim from QUEUE again, in the order the jobs were in."""
     with _errors():
         app = _app(settings)
         try:
-            changed = admin.resume(app, queue)
+            changed = admin.resume(app, queue, create=create)
         finally:
             app.close()
     click.echo(f"queue {queue} resumed" if changed else f"queue {queue} was not paused")

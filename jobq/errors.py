@@ -44,6 +44,11 @@ class InvalidQueueName(InvalidInput):
     field = "queue"
 
 
+class UnknownQueue(InvalidQueueName):
+    """A queue name jobq has never seen: nothing was ever enqueued to it, no live node serves it
+    and it is not paused (a misspelling, most likely)."""
+
+
 class InvalidTaskName(InvalidInput):
     field = "task"
 

@@ -54,3 +54,59 @@ def test_args_are_shown_as_characters_not_escapes(redis_url: str) -> None:
     code, out, _ = run(redis_url, "status", job.id, "--args", "--json")
     assert code == 0 and "日本" in out and "\\u" not in out
     assert json.loads(out)["kwargs"] == {"name": "日本"}
+
+
+def test_pause_and_resume_refuse_an_unknown_queue_without_create(redis_url: str) -> None:
+    app = JobQ(redis_url)
+    app.enqueue("t", queue="emails")
+    # A misspelling is refused with a suggestion, and nothing is written.
+    code, out, err = run(redis_url, "queue", "pause", "emials")
+    assert code == 2
+    assert "'emials' is unknown" in err and "did you mean 'emails'" in err and "--create" in err
+    assert not app.client.exists(app.keys.paused("emials"))
+    code, out, err = run(redis_url, "queue", "resume", "nope")
+    assert code == 2 and "'nope' is unknown" in err
+    # A known queue pauses as before; --create pauses (and registers) one never used yet.
+    assert run(redis_url, "queue", "pause", "emails")[0] == 0
+    code, out, err = run(redis_url, "queue", "pause", "later", "--create")
+    assert code == 0 and "queue later paused" in out
+    code, out, _ = run(redis_url, "stats", "--json")
+    paused = {q["queue"]: q["paused"] for q in json.loads(out)["queues"]}
+    assert paused == {"emails": True, "later": True}
+    # A paused queue is known, so resuming it needs no --create.
+    assert run(redis_url, "queue", "resume", "later")[0] == 0
+    app.close()
+
+
+def test_pause_names_the_shards_of_a_sharded_queue(redis_url: str) -> None:
+    app = JobQ(redis_url, shards={"hot": 2})
+    for i in range(8):
+        app.enqueue("t", [i], queue="hot")
+    app.close()
+    code, _, err = run(redis_url, "queue", "pause", "hot")
+    assert code == 2 and "it is sharded" in err and "hot#" in err
+
+
+def test_a_queue_fed_only_by_cron_is_listed(redis_url: str) -> None:
+    import asyncio
+
+    from jobq.connection import async_client
+    from jobq.scheduler import Scheduler
+    from jobq.store import AsyncRunner
+
+    app = JobQ(redis_url, clock=FakeClock(T0))
+
+    @app.periodic("* * * * *", name="report", queue="cronly")
+    def report() -> None: ...
+
+    async def fire() -> None:
+        client = async_client(redis_url)
+        await Scheduler(app, AsyncRunner(client), ["cronly"], app.cron_entries).run_once()
+        await client.aclose()
+
+    asyncio.run(fire())
+    app.close()
+    code, out, _ = run(redis_url, "stats", "--json")
+    assert [q["queue"] for q in json.loads(out)["queues"]] == ["cronly"]
+    code, out, _ = run(redis_url, "jobs", "list")
+    assert code == 0 and "report" in out and "cronly" in out
