@@ -6,6 +6,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -184,6 +185,25 @@ def validate_job_id(value: object) -> str:
     return value
 
 
+#: Ids a new job may take: letters, digits and ``. _ - :``, starting with a letter, a digit or
+#: ``_`` (no ``/``, ``%``, ``?``, ``#``: an id is a path segment of ``GET /jobs/{id}`` and a key
+#: name's last segment). Generated ids are 24 hex digits.
+_NEW_JOB_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,127}")
+
+
+def validate_new_job_id(value: object) -> str:
+    """The id of a job being enqueued (stricter than :func:`validate_job_id`, which looks jobs
+    up and so still reaches one stored before the rule)."""
+    validate_job_id(value)
+    assert isinstance(value, str)
+    if not _NEW_JOB_ID_RE.fullmatch(value):
+        raise errors.InvalidJobId(
+            f"id: {value!r} is not a valid job id (1-128 characters of A-Z a-z 0-9 . _ - :, "
+            "starting with a letter, a digit or _)"
+        )
+    return value
+
+
 def validate_unique_key(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise errors.InvalidUniqueKey(f"unique_key: must be a non-empty string, got {value!r}")
@@ -276,6 +296,7 @@ class JobQ:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
                 raise errors.InvalidInput(f"shards: {name!r} must have 1..1024 shards, got {n!r}", "shards")
             self.shards[name] = n
+        self.validate_enqueue_queue(self.defaults.queue)
         self._rotation = 0
         if durable:
             from jobq.connection import is_cluster_url
@@ -351,6 +372,23 @@ class JobQ:
             i = j
         return out
 
+    def validate_enqueue_queue(self, name: object) -> str:
+        """A queue a job may be enqueued to: a valid name whose ``#N`` suffix, if any, names a
+        shard of this app (``#`` is reserved for shards: ``hot#1`` on an app that does not
+        shard ``hot`` would be a queue no worker serving ``hot`` claims from)."""
+        queue = validate_queue(name)
+        base, sep, index = queue.partition("#")
+        if sep:
+            n = self.shards.get(base)
+            if n is None:
+                raise errors.InvalidQueueName(
+                    f"queue: {queue!r}: '#' is reserved for the shards of a sharded queue, and "
+                    f"this app does not shard {base!r} (JobQ(shards={{{base!r}: N}}) does)"
+                )
+            if int(index) >= n:
+                raise errors.InvalidQueueName(f"queue: {queue!r}: {base!r} has shards #0..#{n - 1}")
+        return queue
+
     def depth_limit(self, queue: str) -> int:
         """The max depth of ``queue`` (of each shard, for a sharded queue)."""
         if type(self.max_depth) is int:
@@ -397,7 +435,7 @@ class JobQ:
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             defaults = TaskDefaults(
-                queue=validate_queue(queue or self.defaults.queue),
+                queue=self.validate_enqueue_queue(queue or self.defaults.queue),
                 priority=validate_priority(priority),
                 max_attempts=validate_max_attempts(max_attempts),
                 timeout=None
@@ -462,7 +500,7 @@ class JobQ:
             return self._prepare_plain(req)
         task = validate_task_name(req.task)
         d = self._defaults_for(task)
-        queue = d.queue if req.queue is None else validate_queue(req.queue)
+        queue = d.queue if req.queue is None else self.validate_enqueue_queue(req.queue)
         priority = d.priority if req.priority is None else validate_priority(req.priority)
         max_attempts = d.max_attempts if req.max_attempts is None else validate_max_attempts(req.max_attempts)
         if req.timeout is not None:
@@ -493,7 +531,7 @@ class JobQ:
                     raise errors.InvalidDeadline("deadline: is before run_at")
                 deadline = str(abs_ms)
         unique_key = "" if req.unique_key is None else validate_unique_key(req.unique_key)
-        job_id = new_job_id() if req.job_id is None else validate_job_id(req.job_id)
+        job_id = new_job_id() if req.job_id is None else validate_new_job_id(req.job_id)
         if not isinstance(req.args, (list, tuple)):
             raise errors.EncodeError(f"args: must be a list, got {type(req.args).__name__}")
         if not isinstance(req.kwargs, Mapping) or not all(isinstance(k, str) for k in req.kwargs):

@@ -140,7 +140,13 @@ def _single_request(
 
 
 def _read_lines(stream: IO[str]) -> list[tuple[int, str]]:
-    return [(n, line) for n, line in enumerate(stream, start=1) if line.strip()]
+    try:
+        return [(n, line) for n, line in enumerate(stream, start=1) if line.strip(" \t\r\n\ufeff")]
+    except UnicodeDecodeError as exc:
+        what = "UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8"
+        raise click.UsageError(
+            f"--from-file: the input is {what} (at byte {exc.start}); NDJSON must be UTF-8, nothing enqueued"
+        ) from None
 
 
 def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options: dict[str, Any]) -> None:
