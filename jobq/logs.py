@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from jobq.connection import redact as redact_urls
 
@@ -66,9 +66,13 @@ def _env_secrets() -> list[str]:
     url = os.environ.get("JOBQ_REDIS_URL", "")
     if url:
         try:
-            out.append(urlsplit(url).password or "")
+            out.append(unquote(urlsplit(url).password or ""))
         except ValueError:
             pass
+        # Unparsed too: a password holding an unencoded '/' or '#' ends where the last '@' is.
+        rest = url.partition("://")[2]
+        if "@" in rest:
+            out.append(rest[: rest.rfind("@")].partition(":")[2])
     with _secrets_lock:
         out.extend(_extra_secrets)
     # Longest first, so a secret containing another is masked whole.
