@@ -387,9 +387,41 @@ def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
 _SECRET_KEY_RE = re.compile(r"(?i)authorization|password|passwd|secret|token|api[-_]?key|cookie")
 
 
+#: The user info of a URL or DSN in any text (``https://user:pw@host``, ``postgres://u:pw@h/db``,
+#: ``https://TOKEN@host``). A ``/`` in it counts only after a ``:`` (an unencoded ``/`` in a
+#: password), so ``https://example.com/@user`` is left alone.
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s@/]*:[^\s@]*|[^\s@/:]+)@")
+#: Secret-looking ``name=value`` pairs: URL query parameters (``?token=``, ``&X-Amz-Signature=``,
+#: ``&sig=``) and keyword DSNs (``host=db password=pw``).
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)((?:^|(?<=[\s?&;]))[\w.\-]*?(?:token|key|secret|pass|pwd|sig|auth|credential|session)"
+    r"[\w.\-]*=)([^&\s#;'\"]+)"
+)
+
+#: Credentials of an HTTP authorization scheme written out (``Bearer eyJ...``, ``Basic dXNl...``).
+_AUTH_SCHEME_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every URL and DSN, and the values of secret-looking
+    ``name=value`` pairs (query parameters, keyword DSNs), replaced by ``***``; a user name is
+    kept when a password follows it."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon and user else f"{m.group(1)}***@"
+
+    text = _USERINFO_RE.sub(userinfo, text)
+    text = _AUTH_SCHEME_RE.sub(lambda m: f"{m.group(1)} ***", text)
+    return _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}***", text)
+
+
 def redact_args(value: Any) -> Any:
     """``value`` with the values of secret-looking mapping keys replaced by ``***`` (for showing
-    a job's arguments: a webhook's ``Authorization`` header, a password)."""
+    a job's arguments: a webhook's ``Authorization`` header, a password), and every string
+    passed through :func:`redact_text` (credentials inside URLs, DSNs and query strings)."""
+    if isinstance(value, str):
+        return redact_text(value)
     if isinstance(value, dict):
         return {
             k: "***" if isinstance(k, str) and _SECRET_KEY_RE.search(k) else redact_args(v)
@@ -398,6 +430,17 @@ def redact_args(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_args(v) for v in value]
     return value
+
+
+def redacted(info: JobInfo) -> dict[str, Any]:
+    """``info.to_dict()`` as shown to people and HTTP clients: arguments through
+    :func:`redact_args`, the last error through :func:`redact_text`."""
+    d = info.to_dict()
+    d["args"] = redact_args(d["args"])
+    d["kwargs"] = redact_args(d["kwargs"])
+    if isinstance(d.get("error"), str):
+        d["error"] = redact_text(d["error"])
+    return d
 
 
 def parse_time(value: Any, name: str, exc: type[errors.InvalidInput]) -> datetime | float:

@@ -374,7 +374,7 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
             j.priority,
             f"{j.attempts}/{j.max_attempts}",
             _ms(_job_time(j)),
-            (j.error or "")[:60],
+            admin.redact_text(j.error or "")[:60],
         )
         for j in jobs
     ]
@@ -383,7 +383,7 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
 
 def _print_jobs(jobs: Sequence[JobInfo], as_json: bool) -> None:
     if as_json:
-        _echo_json([j.to_dict() for j in jobs])
+        _echo_json([admin.redacted(j) for j in jobs])
     elif not jobs:
         click.echo("no jobs")
     else:
@@ -429,9 +429,7 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
             info = admin.job_info(app, job_id, queue, with_args=show_args)
         finally:
             app.close()
-    d = info.to_dict()
-    d["args"] = admin.redact_args(d["args"])
-    d["kwargs"] = admin.redact_args(d["kwargs"])
+    d = admin.redacted(info)
     if not show_args:
         d.pop("args")
         d.pop("kwargs")

@@ -100,3 +100,61 @@ def test_unix_socket_urls_connect(unix_server: tuple[RedisServer, Path]) -> None
     app.close()
     res = CliRunner().invoke(main, ["--redis-url", f"unix://{sock}?db=2", "stats", "--json"])
     assert res.exit_code == 0 and '"ready": 1' in res.output
+
+
+# -- credentials inside a job's argument values ---------------------------------------------------
+CREDENTIAL_ARGS = (
+    ["https://alice:pw-Q1x@hooks.example.com/in?token=tok-Q2x&page=2", "postgres://app:pw-Q3x@db/prod"],
+    {
+        "dsn": "host=db user=app password=pw-Q4x dbname=prod",
+        "urls": ["https://ghp-Q5xLONGTOKEN@github.com/o/r.git", "https://s3/x?X-Amz-Signature=sig-Q6x&a=1"],
+        "headers": {"X-Trace": "Bearer tok-Q7xLONGER", "Authorization": "Basic Q8x"},
+        "note": "see https://example.com/@user and a@example.com",
+    },
+)
+LEAKS = ("pw-Q1x", "tok-Q2x", "pw-Q3x", "pw-Q4x", "ghp-Q5x", "sig-Q6x", "tok-Q7x", "Q8x")
+
+
+def _seed(redis_url: str) -> tuple[JobQ, str]:
+    app = JobQ(redis_url)
+    job = app.enqueue("t", CREDENTIAL_ARGS[0], CREDENTIAL_ARGS[1], queue="creds")
+    return app, job.id
+
+
+def test_status_args_mask_credentials_inside_values(redis_url: str) -> None:
+    app, job_id = _seed(redis_url)
+    for extra in ([], ["--json"]):
+        res = CliRunner().invoke(main, ["--redis-url", redis_url, "status", job_id, "--args", *extra])
+        assert res.exit_code == 0, res.output
+        assert not any(s in res.output for s in LEAKS), res.output
+        # What is not a secret is still shown.
+        for kept in ("alice:***@hooks.example.com", "page=2", "app:***@db/prod", "user=app", "dbname=prod"):
+            assert kept in res.output, (kept, res.output)
+        assert "https://example.com/@user" in res.output and "a@example.com" in res.output
+    # The stored job is untouched: the task gets its real arguments.
+    assert app.job(job_id).info().args == CREDENTIAL_ARGS[0]
+    app.close()
+
+
+def test_http_job_view_masks_credentials_inside_values(redis_url: str) -> None:
+    import http.client
+    import json
+
+    from jobq.http import ApiServer
+
+    app, job_id = _seed(redis_url)
+    server = ApiServer(app, "127.0.0.1", 0).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", f"/jobs/{job_id}")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+    finally:
+        server.close()
+        app.close()
+    assert resp.status == 200
+    assert not any(s in text for s in LEAKS), text
+    body = json.loads(text)
+    assert body["args"][1] == "postgres://app:***@db/prod"
+    assert body["kwargs"]["headers"] == {"X-Trace": "Bearer ***", "Authorization": "***"}
