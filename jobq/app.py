@@ -97,6 +97,9 @@ class EnqueueRequest:
     unique_key: str | None = None
     retry_backoff: Seconds | timedelta | None = None
     job_id: str | None = None
+    #: Check ``args``/``kwargs`` against the task's signature when the task is registered here
+    #: (and its own ``check_args`` is on); False skips the check for this call.
+    check_args: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +416,7 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        check_args: bool = True,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -426,11 +430,18 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        check_args: bool = True,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a ``def`` or ``async def`` function as a task.
 
         ``@app.task`` or ``@app.task(queue="emails", priority=5, max_attempts=5, timeout=30,
         retry_backoff=2)``. The task's name defaults to ``module.qualname``.
+
+        ``check_args`` (default on): an enqueue through this app checks the arguments against
+        the function's signature and raises :class:`jobq.errors.InvalidArguments` (nothing
+        stored) for a missing or unexpected one, as calling it would; turn it off for a task
+        whose producer-side signature differs from the worker's. One call can skip it with
+        ``_check_args=False`` (or ``options(check_args=False)``).
         """
 
         def register(f: Callable[P, R]) -> Task[P, R]:
@@ -445,7 +456,7 @@ class JobQ:
                 / 1000,
             )
             task_name = validate_task_name(name or f"{f.__module__}.{f.__qualname__}")
-            t: Task[P, R] = Task(self, task_name, f, defaults)
+            t: Task[P, R] = Task(self, task_name, f, defaults, check_args=check_args)
             self.tasks[task_name] = t
             return t
 
@@ -470,6 +481,9 @@ class JobQ:
         sched = CronSchedule.parse(schedule)
 
         def register(f: Callable[P, R]) -> Task[P, R]:
+            check = _ArgCheck.of(f) if task_options.get("check_args", True) else None
+            if check is not None:  # before registering: a refused entry leaves nothing behind
+                check.check(tuple(args), dict(kwargs or {}))
             t = self.task(name=name, queue=queue, **task_options)(f)
             self.cron_entries.append(CronEntry(t.name, sched, tuple(args), dict(kwargs or {})))
             return t
@@ -500,6 +514,9 @@ class JobQ:
             return self._prepare_plain(req)
         task = validate_task_name(req.task)
         d = self._defaults_for(task)
+        t = self.tasks.get(task)
+        if t is not None and t.arg_check is not None and req.check_args:
+            t.arg_check.check(req.args, req.kwargs)
         queue = d.queue if req.queue is None else self.validate_enqueue_queue(req.queue)
         priority = d.priority if req.priority is None else validate_priority(req.priority)
         max_attempts = d.max_attempts if req.max_attempts is None else validate_max_attempts(req.max_attempts)
@@ -559,6 +576,8 @@ class JobQ:
         name = req.task
         t = self.tasks.get(name)
         d = t.defaults if t is not None else self.defaults
+        if t is not None and t.arg_check is not None and req.check_args:
+            t.arg_check.check(req.args, req.kwargs)
         entry = self._plain.get(name)
         if entry is None or entry[0] is not d:
             validate_task_name(name)
@@ -617,6 +636,7 @@ class JobQ:
         unique_key: str | None = None,
         retry_backoff: Seconds | timedelta | None = None,
         job_id: str | None = None,
+        check_args: bool = True,
     ) -> Job:
         """Enqueue one job of ``task`` (a name, so producers need not import the task).
 
@@ -624,7 +644,8 @@ class JobQ:
         datetime or epoch seconds (past = now). ``deadline``: a datetime/epoch seconds, or a
         timedelta from now; a job not started by then is never run and is dead-lettered with
         reason ``expired``. ``unique_key``: while a job holding it exists and is unfinished,
-        enqueueing with the same key returns that job instead. Raises
+        enqueueing with the same key returns that job instead. ``check_args=False`` skips the
+        check of the arguments against a registered task's signature. Raises
         :class:`jobq.errors.InvalidInput` (nothing written), :class:`jobq.errors.QueueFull`,
         :class:`jobq.errors.RedisUnavailable`, :class:`jobq.errors.RedisOutOfMemory`.
         """
@@ -642,6 +663,7 @@ class JobQ:
             unique_key=unique_key,
             retry_backoff=retry_backoff,
             job_id=job_id,
+            check_args=check_args,
         )
         return self.enqueue_request(req)
 
@@ -767,12 +789,16 @@ def request_from_mapping(data: Mapping[str, Any], index: int | None = None) -> E
 class Task(Generic[P, R]):
     """A registered task. Call it to run it here; ``enqueue`` it to run it on a worker."""
 
-    def __init__(self, app: JobQ, name: str, fn: Callable[P, R], defaults: TaskDefaults) -> None:
+    def __init__(
+        self, app: JobQ, name: str, fn: Callable[P, R], defaults: TaskDefaults, *, check_args: bool = True
+    ) -> None:
         self.app = app
         self.name = name
         self.fn = fn
         self.defaults = defaults
         self.is_async = inspect.iscoroutinefunction(fn)
+        #: Checks enqueued arguments against ``fn``'s signature (None: not checked).
+        self.arg_check = _ArgCheck.of(fn, name) if check_args else None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -800,11 +826,71 @@ class Task(Generic[P, R]):
         return self.app.enqueue_request(self.request(*args, **kwargs))
 
 
+#: Per-call options of the Python API only (not HTTP fields or NDJSON keys).
+PY_OPTION_NAMES = (*OPTION_NAMES, "check_args")
+
+
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for k in options:
-        if k not in OPTION_NAMES:
-            raise errors.InvalidInput(f"{k}: unknown option (options are {', '.join(OPTION_NAMES)})", k)
+        if k not in PY_OPTION_NAMES:
+            raise errors.InvalidInput(f"{k}: unknown option (options are {', '.join(PY_OPTION_NAMES)})", k)
     return dict(options)
+
+
+_POK = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_KWO = inspect.Parameter.KEYWORD_ONLY
+
+
+class _ArgCheck:
+    """Would ``fn(*args, **kwargs)`` bind? A quick check for the usual signatures (no
+    positional-only parameters), ``inspect.Signature.bind`` for the rest and for the message."""
+
+    __slots__ = ("name", "names", "positional", "required", "sig", "simple", "var_kw", "var_pos")
+
+    def __init__(self, sig: inspect.Signature, name: str) -> None:
+        params = list(sig.parameters.values())
+        self.sig = sig
+        self.name = name
+        self.simple = all(p.kind != inspect.Parameter.POSITIONAL_ONLY for p in params)
+        self.positional = [p.name for p in params if p.kind == _POK]
+        self.names = frozenset(p.name for p in params if p.kind in (_POK, _KWO))
+        self.required = [p.name for p in params if p.kind in (_POK, _KWO) and p.default is p.empty]
+        self.var_pos = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+        self.var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], name: str | None = None) -> _ArgCheck | None:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # no signature to check against (some builtins)
+            return None
+        return cls(sig, name or str(getattr(fn, "__qualname__", repr(fn))))
+
+    def _binds(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        n = len(args)
+        if n > len(self.positional) and not self.var_pos:
+            return False
+        taken = self.positional[:n]
+        for k in kwargs:
+            if k in taken or (k not in self.names and not self.var_kw):
+                return False
+        return all(r in kwargs or r in taken for r in self.required)
+
+    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise :class:`jobq.errors.InvalidArguments` if the call would not bind."""
+        if self.simple and isinstance(kwargs, Mapping) and self._binds(args, kwargs):
+            return
+        try:
+            self.sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            bare = self.sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in self.sig.parameters.values()],
+                return_annotation=inspect.Signature.empty,
+            )
+            raise errors.InvalidArguments(
+                f"args: {exc} (task {self.name}{bare}; enqueue with _check_args=False, or "
+                "register the task with check_args=False, to skip this check)"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -819,9 +905,9 @@ class BoundTask:
         task_kwargs = {}
         for k, v in kwargs.items():
             if k.startswith("_") and not k.startswith("__"):
-                if k[1:] not in OPTION_NAMES:
+                if k[1:] not in PY_OPTION_NAMES:
                     raise errors.InvalidInput(
-                        f"{k}: unknown option (options are _{', _'.join(OPTION_NAMES)})", k
+                        f"{k}: unknown option (options are _{', _'.join(PY_OPTION_NAMES)})", k
                     )
                 opts[k[1:]] = v
             else:

@@ -93,6 +93,13 @@ class PayloadTooLarge(InvalidInput):
     field = "payload"
 
 
+class InvalidArguments(InvalidInput):
+    """Arguments that do not fit the task's signature (a missing or unexpected argument),
+    checked at enqueue when the producer has the task registered."""
+
+    field = "args"
+
+
 class EncodeError(InvalidInput):
     """Arguments that msgpack cannot encode (or that are not plain data)."""
 

@@ -1,0 +1,132 @@
+"""Arguments are checked against the task's signature at enqueue when the producer has the task
+registered (issue 17 §4: a missing argument was retried 5 times, then dead-lettered with a
+TypeError): a clear InvalidArguments, nothing stored; opt-outs per task and per call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from jobq import InvalidArguments, InvalidInput, JobQ
+
+pytestmark = [pytest.mark.integration]
+
+
+def stored(r: redis.Redis) -> int:
+    return len([k for k in r.keys("*") if b":job:" in k])
+
+
+@pytest.fixture
+def app(redis_url: str) -> Any:
+    a = JobQ(redis_url)
+
+    @a.task(name="send", queue="emails")
+    def send(to: str, subject: str = "", *, cc: str | None = None) -> None: ...
+
+    @a.task(name="loose")
+    def loose(a: int, *rest: int, **extra: Any) -> None: ...
+
+    @a.task(name="posonly")
+    def posonly(a: int, /, b: int = 0) -> None: ...
+
+    @a.task(name="unchecked", check_args=False)
+    def unchecked(x: int) -> None: ...
+
+    yield a
+    a.close()
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "kwargs", "message"),
+    [
+        ("send", (), {}, "missing a required argument: 'to'"),
+        ("send", ("a", "b", "c"), {}, "too many positional arguments"),
+        ("send", ("a",), {"bcc": "x"}, "unexpected keyword argument 'bcc'"),
+        ("send", ("a",), {"to": "b"}, "multiple values for argument 'to'"),
+        ("send", ("a", "s", "c"), {}, "too many positional arguments"),
+        ("loose", (), {"x": 1}, "missing a required argument: 'a'"),
+        ("posonly", (), {"a": 1}, "'a' parameter is positional only"),
+    ],
+)
+def test_bad_arguments_are_refused_at_enqueue(
+    app: JobQ, r: redis.Redis, task: str, args: tuple[Any, ...], kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidArguments, match=message) as err:
+        app.enqueue(task, args, kwargs)
+    assert err.value.field == "args" and f"task {task}(" in str(err.value) and "str" not in str(err.value)
+    with pytest.raises(InvalidArguments):
+        app.tasks[task].enqueue(*args, **kwargs)
+    with pytest.raises(InvalidArguments):
+        app.enqueue_many([app.tasks["send"].request("ok"), app.tasks[task].request(*args, **kwargs)])
+    with pytest.raises(InvalidArguments):  # with per-call options (the full prepare path)
+        app.tasks[task].enqueue(*args, _priority=3, **kwargs)
+    assert stored(r) == 0
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "kwargs"),
+    [
+        ("send", ("a",), {}),
+        ("send", (), {"to": "a", "cc": "b"}),
+        ("send", ("a", "s"), {"cc": "c"}),
+        ("loose", (1, 2, 3), {"anything": 4}),
+        ("posonly", (1,), {"b": 2}),
+        ("unchecked", (), {"nope": 1}),  # the task opted out
+        ("not.registered", (1, 2), {"x": 3}),  # unknown here: nothing to check against
+    ],
+)
+def test_good_arguments_pass(app: JobQ, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    assert app.enqueue(task, args, kwargs).status().value == "ready"
+
+
+def test_a_call_can_opt_out(app: JobQ, r: redis.Redis) -> None:
+    send = app.tasks["send"]
+    send.enqueue(_check_args=False)
+    send.options(check_args=False).enqueue(1, 2, 3)
+    app.enqueue("send", kwargs={"bcc": "x"}, check_args=False)
+    with pytest.raises(InvalidInput, match="unknown option"):
+        send.options(check=False)
+    assert stored(r) == 3
+
+
+def test_http_checks_when_the_app_knows_the_task(redis_url: str, r: redis.Redis) -> None:
+    import http.client
+    import json
+
+    from jobq.http import ApiServer
+
+    app = JobQ(redis_url)
+
+    @app.task(name="send")
+    def send(to: str) -> None: ...
+
+    server = ApiServer(app, "127.0.0.1", 0).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = json.dumps({"task": "send", "kwargs": {"too": "x"}}).encode()
+        conn.request("POST", "/jobs", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        conn.close()
+    finally:
+        server.close()
+        app.close()
+    assert resp.status == 400 and data["field"] == "args"
+    assert data["error"].startswith("args: missing a required argument: 'to' (task send(to);")
+    assert stored(r) == 0
+
+
+def test_periodic_arguments_are_checked_at_registration(app: JobQ) -> None:
+    with pytest.raises(InvalidArguments, match="missing a required argument: 'day'"):
+
+        @app.periodic("@daily", name="report")
+        def report(day: str) -> None: ...
+
+    assert "report" not in app.tasks and not app.cron_entries
+
+    @app.periodic("@daily", name="report2", args=("mon",))
+    def report2(day: str) -> None: ...
+
+    assert app.cron_entries[0].args == ("mon",)
