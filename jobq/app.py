@@ -515,8 +515,8 @@ class JobQ:
         task = validate_task_name(req.task)
         d = self._defaults_for(task)
         t = self.tasks.get(task)
-        if t is not None and t.arg_check is not None and req.check_args:
-            t.arg_check.check(req.args, req.kwargs)
+        if t is not None and req.check_args:
+            t.check_arguments(req.args, req.kwargs)
         queue = d.queue if req.queue is None else self.validate_enqueue_queue(req.queue)
         priority = d.priority if req.priority is None else validate_priority(req.priority)
         max_attempts = d.max_attempts if req.max_attempts is None else validate_max_attempts(req.max_attempts)
@@ -576,8 +576,8 @@ class JobQ:
         name = req.task
         t = self.tasks.get(name)
         d = t.defaults if t is not None else self.defaults
-        if t is not None and t.arg_check is not None and req.check_args:
-            t.arg_check.check(req.args, req.kwargs)
+        if t is not None and req.check_args:
+            t.check_arguments(req.args, req.kwargs)
         entry = self._plain.get(name)
         if entry is None or entry[0] is not d:
             validate_task_name(name)
@@ -786,6 +786,10 @@ def request_from_mapping(data: Mapping[str, Any], index: int | None = None) -> E
 
 
 # -- tasks --------------------------------------------------------------------------------------
+#: A check of a task's argument values at enqueue: ``validate(args, kwargs)`` raises.
+Validator = Callable[[Sequence[Any], Mapping[str, Any]], None]
+
+
 class Task(Generic[P, R]):
     """A registered task. Call it to run it here; ``enqueue`` it to run it on a worker."""
 
@@ -799,7 +803,19 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         #: Checks enqueued arguments against ``fn``'s signature (None: not checked).
         self.arg_check = _ArgCheck.of(fn, name) if check_args else None
+        #: Checks the argument values at enqueue, after the signature (the built-in tasks set
+        #: one); raises :class:`jobq.errors.InvalidInput`. Skipped with the signature check.
+        self.validate_args: Validator | None = None
         functools.update_wrapper(self, fn)
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise :class:`jobq.errors.InvalidArguments` if ``args``/``kwargs`` do not fit the
+        task (its signature, then its validator); used by every enqueue path."""
+        if self.arg_check is None:
+            return
+        self.arg_check.check(args, kwargs)
+        if self.validate_args is not None:
+            self.validate_args(args, kwargs)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)

@@ -130,3 +130,69 @@ def test_periodic_arguments_are_checked_at_registration(app: JobQ) -> None:
     def report2(day: str) -> None: ...
 
     assert app.cron_entries[0].args == ("mon",)
+
+
+# -- the built-in tasks' arguments --------------------------------------------------------------
+BAD_BUILTIN = [
+    ("webhook", {"url": "https://example.com/hook", "body": {"a": 1}}, "body must be a string"),
+    ("webhook", {"url": "ftp://example.com/x"}, "url must be an http(s) URL"),
+    ("webhook", {"url": "https://[::1/x"}, "url must be an http(s) URL"),
+    ("webhook", {"url": "https://e.com", "method": "FETCH"}, "method must be one of"),
+    ("webhook", {"url": "https://e.com", "headers": {"X": 1}}, "headers must map strings"),
+    ("webhook", {"url": "https://e.com", "headers": {"X": "a\r\nEvil: 1"}}, "without line breaks"),
+    ("webhook", {"url": "https://e.com", "body": "x", "json": {}}, "give body or json, not both"),
+    ("webhook", {"url": "https://e.com", "timeout": 0}, "timeout must be a number"),
+    ("webhook", {"url": "https://e.com", "timeout": 601}, "timeout must be a number"),
+    ("webhook", {"uri": "https://e.com"}, "missing a required argument: 'url'"),
+    ("email", {"to": "nobody", "subject": "s", "body": "b"}, "to must be email addresses"),
+    ("email", {"to": [], "subject": "s", "body": "b"}, "to must name at least one address"),
+    ("email", {"to": "a@b.c", "subject": "two\nlines", "body": "b"}, "subject must be a single line"),
+    ("email", {"to": "a@b.c", "subject": "s", "body": {"html": 1}}, "body must be text"),
+    ("email", {"to": "a@b.c", "subject": "s", "body": "b", "cc": 5}, "cc must be an email address"),
+    ("email", {"to": "a@b.c", "subject": "s"}, "missing a required argument: 'body'"),
+]
+
+
+@pytest.mark.parametrize(("task", "kwargs", "message"), BAD_BUILTIN)
+def test_builtin_arguments_are_refused_at_enqueue_by_the_cli(
+    redis_url: str, r: redis.Redis, task: str, kwargs: dict[str, Any], message: str
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from jobq.cli import main
+
+    res = CliRunner().invoke(main, ["--redis-url", redis_url, "enqueue", task, "--kwargs", json.dumps(kwargs)])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert stored(r) == 0
+
+
+def test_builtin_arguments_are_refused_at_enqueue_over_http(redis_url: str, r: redis.Redis) -> None:
+    import http.client
+    import json
+
+    from jobq import builtin
+    from jobq.http import ApiServer
+
+    app = JobQ(redis_url)
+    builtin.register(app)
+    server = ApiServer(app, "127.0.0.1", 0).start()
+    try:
+        for task, kwargs, message in BAD_BUILTIN:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            body = json.dumps({"task": task, "kwargs": kwargs}).encode()
+            conn.request("POST", "/jobs", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 400 and data["field"] == "args" and message in data["error"], data
+        assert stored(r) == 0
+        # Good ones are accepted.
+        app.enqueue("webhook", kwargs={"url": "https://e.com/h", "json": {"a": [1, "x"]}, "method": "put"})
+        app.enqueue("email", ["a@b.c", "hi", "text"], {"cc": ["c@d.e"], "sender": ""})
+        assert stored(r) == 2
+    finally:
+        server.close()
+        app.close()
