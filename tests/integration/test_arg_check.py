@@ -163,7 +163,8 @@ def test_builtin_arguments_are_refused_at_enqueue_by_the_cli(
 
     from jobq.cli import main
 
-    res = CliRunner().invoke(main, ["--redis-url", redis_url, "enqueue", task, "--kwargs", json.dumps(kwargs)])
+    argv = ["--redis-url", redis_url, "enqueue", task, "--kwargs", json.dumps(kwargs)]
+    res = CliRunner().invoke(main, argv)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert stored(r) == 0
