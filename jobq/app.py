@@ -464,6 +464,18 @@ class JobQ:
             return register(fn)
         return register
 
+    def find_task(self, name: str) -> Task[Any, Any] | None:
+        """The task registered as ``name``, or else the one task whose name ends in ``.name``
+        or ``:name`` (``send_email`` finds ``tasks.send_email``); None if there is none. Raises
+        :class:`jobq.errors.InvalidTaskName` when the short name fits several tasks."""
+        t = self.tasks.get(name)
+        if t is not None:
+            return t
+        fits = sorted(n for n in self.tasks if n.endswith((f".{name}", f":{name}")))
+        if len(fits) > 1:
+            raise errors.InvalidTaskName(f"task: {name!r} is ambiguous: it could be {', '.join(fits)}")
+        return self.tasks[fits[0]] if fits else None
+
     def periodic(
         self,
         schedule: str,

@@ -10,6 +10,7 @@ or JSON with ``--json``. Exit codes: 0 done, 1 failed (not found, Redis unavaila
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -43,6 +44,57 @@ def _app(settings: Settings) -> JobQ:
     app = JobQ(settings.redis_url, prefix=settings.prefix)
     builtin.register(app)  # so webhook/email get their retry defaults when enqueued here
     return app
+
+
+def _user_app(settings: Settings, app_spec: str | None) -> JobQ:
+    """The application named by ``-A`` (bound to the command's Redis URL and prefix when they
+    were given, as ``jobq worker`` does), with the built-in tasks; without ``-A``, a bare app
+    with the built-in tasks only."""
+    if not app_spec:
+        return _app(settings)
+    from jobq.cli_worker import _bind, load_app
+
+    app = load_app(app_spec)
+    _bind(app, settings, click.get_current_context())
+    builtin.register(app)
+    return app
+
+
+def _app_option(fn: F) -> F:
+    return click.option(
+        "-A",
+        "--app",
+        "app_spec",
+        envvar="JOBQ_APP",
+        metavar="MODULE[:ATTR]",
+        default=None,
+        help="Your application (default: $JOBQ_APP), as for jobq worker. Its task names resolve, "
+        "short ones too (send_email for tasks.send_email); a task's queue and options apply; "
+        "arguments are checked against its signature; an unknown name is refused.",
+    )(fn)
+
+
+class _Names:
+    """Task names as the user typed them -> as registered (with ``-A``); as typed without."""
+
+    def __init__(self, app: JobQ, app_spec: str | None) -> None:
+        self.app = app
+        self.spec = app_spec
+
+    def __call__(self, name: object) -> object:
+        if not self.spec or not isinstance(name, str):
+            return name
+        t = self.app.find_task(name)
+        if t is None:
+            import difflib
+
+            known = sorted(self.app.tasks)
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise errors.InvalidTaskName(
+                f"task: {name!r} is not a task of {self.spec}{hint} (jobq tasks -A {self.spec} lists them)"
+            )
+        return t.name
 
 
 @contextmanager
@@ -149,7 +201,14 @@ def _read_lines(stream: IO[str]) -> list[tuple[int, str]]:
         ) from None
 
 
-def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options: dict[str, Any]) -> None:
+def _bulk(
+    app: JobQ,
+    source: IO[str],
+    skip_invalid: bool,
+    as_json: bool,
+    options: dict[str, Any],
+    names: _Names,
+) -> None:
     """Validate every line first (nothing is written if one is bad, unless --skip-invalid), then
     enqueue in pipelined chunks of BULK_CHUNK."""
     good: list[EnqueueRequest] = []
@@ -158,6 +217,8 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
         try:
             data = strict_json.loads(line)
             if isinstance(data, dict):
+                if "task" in data:
+                    data["task"] = names(data["task"])
                 # Command-line options are defaults for the lines that do not set them (a line
                 # that sets its own run time replaces both --delay and --at).
                 defaults = {k: v for k, v in options.items() if v is not None}
@@ -211,7 +272,7 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
 @click.argument("task", required=False)
 @click.argument("args_json", required=False, metavar="[ARGS_JSON]")
 @click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
-@click.option("--queue", "-q", help="Queue (default: the task's, else 'default').")
+@click.option("--queue", "-q", help="Queue (default: the task's with -A, else 'default').")
 @click.option("--priority", "-p", type=int, help="-100..100, higher runs first.")
 @click.option("--delay", help="Run after this long: 30, 30s, 250ms, 5m, 2h, 1d.")
 @click.option("--at", "run_at", metavar="ISO8601", help="Run at this time (no offset = UTC).")
@@ -229,8 +290,17 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
     "--skip-invalid", is_flag=True, help="With --from-file: enqueue the valid lines, skip the rest."
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "queue"} JSON lines instead of bare ids.')
+@_app_option
+@click.option(
+    "--no-check-args",
+    "no_check_args",
+    is_flag=True,
+    help="With -A: do not check the arguments against the task's signature.",
+)
 def enqueue(
     settings: Settings,
+    app_spec: str | None,
+    no_check_args: bool,
     task: str | None,
     args_json: str | None,
     kwargs_json: str | None,
@@ -247,7 +317,11 @@ def enqueue(
     as_json: bool,
 ) -> None:
     """Enqueue TASK with ARGS_JSON (a JSON array of arguments, or an object of keyword
-    arguments), or a file of NDJSON requests; prints the job ids."""
+    arguments), or a file of NDJSON requests; prints the job ids.
+
+    Tasks are registered as module.qualname (tasks.send_email); `jobq tasks -A MODULE` lists
+    them. With -A MODULE (or $JOBQ_APP) a short name does too, and the task's queue and
+    options are its defaults: jobq enqueue -A tasks send_email '{"to": "a@example.com"}'."""
     if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
     options = {
@@ -266,9 +340,12 @@ def enqueue(
         if unique_key is not None or job_id is not None:
             raise click.UsageError("--unique and --job-id apply to one job; put them in the lines")
         with _errors():
-            app = _app(settings)
+            app = _user_app(settings, app_spec)
+            if no_check_args:
+                for t in app.tasks.values():
+                    t.arg_check = None
             try:
-                _bulk(app, from_file, skip_invalid, as_json, options)
+                _bulk(app, from_file, skip_invalid, as_json, options, _Names(app, app_spec))
             finally:
                 app.close()
         return
@@ -276,12 +353,87 @@ def enqueue(
         raise click.UsageError("missing TASK (or --from-file)")
     with _errors():
         req = _single_request(task, args_json, kwargs_json, options)
-        app = _app(settings)
+        app = _user_app(settings, app_spec)
         try:
+            name = _Names(app, app_spec)(req.task)
+            assert isinstance(name, str)
+            req = dataclasses.replace(req, task=name, check_args=not no_check_args)
             job = app.enqueue_request(req)
         finally:
             app.close()
     click.echo(json.dumps({"id": job.id, "queue": job.queue}) if as_json else job.id)
+
+
+# -- tasks ------------------------------------------------------------------------------------------------
+def _task_rows(app: JobQ) -> list[dict[str, Any]]:
+    import inspect
+
+    schedules: dict[str, list[str]] = {}
+    for entry in app.cron_entries:
+        schedules.setdefault(entry.task, []).append(entry.schedule.text)
+    out = []
+    for name in sorted(app.tasks):
+        t = app.tasks[name]
+        try:
+            sig = inspect.signature(t.fn)
+            bare = sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                return_annotation=inspect.Signature.empty,
+            )
+            signature = str(bare)
+        except (TypeError, ValueError):
+            signature = "(...)"
+        d = t.defaults
+        out.append(
+            {
+                "name": name,
+                "queue": d.queue,
+                "priority": d.priority,
+                "max_attempts": d.max_attempts,
+                "timeout": d.timeout,
+                "retry_backoff": d.retry_backoff,
+                "schedule": schedules.get(name, []),
+                "signature": signature,
+                "async": t.is_async,
+                "check_args": t.arg_check is not None,
+                "builtin": t.fn.__module__ == builtin.__name__,
+            }
+        )
+    return out
+
+
+@_command
+@click.command("tasks")
+@_app_option
+@_json_option
+def tasks_command(app_spec: str | None, as_json: bool) -> None:
+    """List the tasks of the application given with -A (default: $JOBQ_APP): the names to
+    enqueue them by, their queues and options, cron schedules and arguments. Without -A, the
+    built-in tasks (what `jobq worker` runs without -A). Reads no Redis."""
+    if app_spec:
+        from jobq.cli_worker import load_app
+
+        app = load_app(app_spec)
+    else:
+        app = JobQ("redis://127.0.0.1:6379/0")  # never connected
+    builtin.register(app)
+    rows = _task_rows(app)
+    if as_json:
+        _echo_json(rows)
+        return
+    table = [
+        (
+            r["name"],
+            r["queue"],
+            r["priority"],
+            r["max_attempts"],
+            "-" if r["timeout"] is None else f"{r['timeout']:g}s",
+            ", ".join(r["schedule"]),
+            r["signature"],
+        )
+        for r in rows
+    ]
+    click.echo(_table(("TASK", "QUEUE", "PRIO", "ATTEMPTS", "TIMEOUT", "SCHEDULE", "ARGUMENTS"), table))
 
 
 # -- stats ------------------------------------------------------------------------------------------------
