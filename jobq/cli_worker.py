@@ -164,9 +164,11 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     "-A",
     "--app",
     "app_spec",
+    envvar="JOBQ_APP",
     metavar="MODULE[:ATTR]",
     default=None,
-    help="The application to run (its module is imported). Without it: built-in tasks only.",
+    help="The application to run (its module is imported; default: $JOBQ_APP). Without it: "
+    "built-in tasks only. `jobq tasks -A MODULE` lists its tasks.",
 )
 @click.option(
     "-Q",

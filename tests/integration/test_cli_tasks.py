@@ -134,3 +134,15 @@ def test_enqueue_with_app_refuses_unknown_names_and_bad_arguments(
         input=json.dumps({"task": "report"}) + "\n",
     )
     assert result.exit_code == 0 and json.loads(result.stdout)["queue"] == "reports"
+
+
+def test_worker_takes_the_app_from_jobq_app(redis_url: str, mod: str) -> None:
+    code, out = run(redis_url, "enqueue", "-A", mod, "report")
+    assert code == 0, out
+    job_id = out.strip()
+    code, out = run(redis_url, "worker", "--burst", "-Q", "reports", env={"JOBQ_APP": mod})
+    assert code == 0, out
+    app = load_app(mod)
+    app.url = redis_url
+    assert app.job(job_id, "reports").status().value == "done"
+    app.close()
