@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from jobq import logs
 from jobq.cli import main
 from jobq.cli_worker import load_app
 from jobq.worker import Worker, WorkerConfig
@@ -140,7 +142,15 @@ def test_worker_takes_the_app_from_jobq_app(redis_url: str, mod: str) -> None:
     code, out = run(redis_url, "enqueue", "-A", mod, "report")
     assert code == 0, out
     job_id = out.strip()
-    code, out = run(redis_url, "worker", "--burst", "-Q", "reports", env={"JOBQ_APP": mod})
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        code, out = run(redis_url, "worker", "--burst", "-Q", "reports", env={"JOBQ_APP": mod})
+    finally:  # the worker command installs its log handler: leave logging as it was
+        if logs._handler is not None and logs._handler not in handlers:
+            root.removeHandler(logs._handler)
+            logs._handler = None
+        root.setLevel(level)
     assert code == 0, out
     app = load_app(mod)
     app.url = redis_url
