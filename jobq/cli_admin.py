@@ -118,6 +118,17 @@ def _errors() -> Iterator[None]:
         raise
 
 
+def _warn_unknown(app: JobQ, queues: Sequence[str]) -> None:
+    """On stderr, name each queue jobq has never seen (a misspelling shows nothing otherwise)."""
+    for q in queues:
+        if not admin.known_queue(app, q):
+            click.echo(
+                f"warning: queue {q!r} is unknown (nothing was ever enqueued to it and no node "
+                "serves it); `jobq stats` lists the known queues",
+                err=True,
+            )
+
+
 def _need_yes(yes: bool, what: str) -> None:
     if not yes:
         raise click.UsageError(f"{what}: nothing done; add --yes to confirm")
@@ -477,6 +488,8 @@ def stats(
         try:
             n = 0
             while True:
+                if n == 0:
+                    _warn_unknown(app, queues)
                 st = admin.queue_stats(app, list(queues) or None)
                 live = admin.live_node_count(app)
                 if as_json:
@@ -561,6 +574,8 @@ def jobs_list(settings: Settings, queue: str | None, state: str | None, limit: i
         app = _app(settings)
         try:
             found = admin.list_jobs(app, queue, state, limit=limit)
+            if queue is not None and not found:
+                _warn_unknown(app, [queue])
         finally:
             app.close()
     _print_jobs(found, as_json)
@@ -635,6 +650,8 @@ def dead_list(settings: Settings, queue: str | None, limit: int, as_json: bool) 
         app = _app(settings)
         try:
             found = admin.list_jobs(app, queue, "dead", limit=limit)
+            if queue is not None and not found:
+                _warn_unknown(app, [queue])
         finally:
             app.close()
     _print_jobs(found, as_json)

@@ -110,3 +110,19 @@ def test_a_queue_fed_only_by_cron_is_listed(redis_url: str) -> None:
     assert [q["queue"] for q in json.loads(out)["queues"]] == ["cronly"]
     code, out, _ = run(redis_url, "jobs", "list")
     assert code == 0 and "report" in out and "cronly" in out
+
+
+def test_read_commands_warn_about_an_unknown_queue(redis_url: str) -> None:
+    app = JobQ(redis_url)
+    app.enqueue("t", queue="emails")
+    app.close()
+    for argv in (
+        ["stats", "-q", "emials"],
+        ["jobs", "list", "-q", "emials"],
+        ["dead", "list", "-q", "emials"],
+    ):
+        result = CliRunner().invoke(main, ["--redis-url", redis_url, *argv])
+        assert result.exit_code == 0, result.output
+        assert "warning: queue 'emials' is unknown" in result.stderr, argv
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "stats", "-q", "emails"])
+    assert result.exit_code == 0 and "warning" not in result.stderr
