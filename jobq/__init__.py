@@ -17,6 +17,7 @@ from jobq.errors import (
     DecodeError,
     EncodeError,
     Fail,
+    InvalidArguments,
     InvalidDeadline,
     InvalidDelay,
     InvalidInput,
@@ -47,6 +48,7 @@ from jobq.errors import (
     Retry,
     ScriptError,
     StoreError,
+    UnknownQueue,
 )
 
 try:
@@ -62,6 +64,7 @@ __all__ = [
     "EnqueueRequest",
     "Fail",
     "FakeClock",
+    "InvalidArguments",
     "InvalidDeadline",
     "InvalidDelay",
     "InvalidInput",
@@ -98,5 +101,6 @@ __all__ = [
     "StoreError",
     "SystemClock",
     "Task",
+    "UnknownQueue",
     "__version__",
 ]

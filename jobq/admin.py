@@ -281,16 +281,57 @@ def live_node_count(app: JobQ, *, node_ttl_s: float = 60.0) -> int:
 
 
 # -- repair -----------------------------------------------------------------------------------------
-def pause(app: JobQ, queue: str) -> bool:
+def known_queue(app: JobQ, queue: str) -> bool:
+    """Is ``queue`` one jobq knows: in the registry (something was enqueued to it, or a cron
+    entry fired into it), served by a node, or paused? Plain reads."""
+    q = validate_queue(queue)
+    pipe = app.client.pipeline(transaction=False)
+    pipe.sismember(app.keys.queues, q)
+    pipe.exists(app.keys.queue_nodes(q), app.keys.paused(q))
+    registered, present = pipe.execute()
+    return bool(registered) or bool(present)
+
+
+def _unknown(app: JobQ, queue: str, verb: str) -> errors.UnknownQueue:
+    import difflib
+
+    names = queues(app)
+    hint = ""
+    shards = [n for n in names if n.partition("#")[0] == queue and "#" in n]
+    close = difflib.get_close_matches(queue, names, n=3, cutoff=0.6)
+    if shards:
+        more = ", ..." if len(shards) > 4 else ""
+        hint = f" (it is sharded: {verb} its shards {', '.join(shards[:4])}{more})"
+    elif close:
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return errors.UnknownQueue(
+        f"queue: {queue!r} is unknown: nothing was ever enqueued to it and no node serves it"
+        f"{hint}; nothing done (use --create to {verb} it anyway)"
+    )
+
+
+def pause(app: JobQ, queue: str, *, create: bool = False) -> bool:
     """Stop nodes claiming from ``queue`` (running jobs finish; enqueues still land). Returns
-    False if it was already paused."""
-    return bool(app.client.set(app.keys.paused(validate_queue(queue)), "1", nx=True))
+    False if it was already paused. A queue jobq does not know (see :func:`known_queue`) raises
+    :class:`jobq.errors.UnknownQueue` unless ``create``; with it, the queue is registered too,
+    so it shows (paused) in ``jobq stats``."""
+    q = validate_queue(queue)
+    if not create and not known_queue(app, q):
+        raise _unknown(app, q, "pause")
+    changed = bool(app.client.set(app.keys.paused(q), "1", nx=True))
+    if create:
+        app.client.sadd(app.keys.queues, q)
+    return changed
 
 
-def resume(app: JobQ, queue: str) -> bool:
+def resume(app: JobQ, queue: str, *, create: bool = False) -> bool:
     """Let nodes claim from ``queue`` again; jobs resume in the order they were in. Returns False
-    if it was not paused."""
-    return bool(app.client.delete(app.keys.paused(validate_queue(queue))))
+    if it was not paused. A queue jobq does not know raises :class:`jobq.errors.UnknownQueue`
+    unless ``create``."""
+    q = validate_queue(queue)
+    if not create and not known_queue(app, q):
+        raise _unknown(app, q, "resume")
+    return bool(app.client.delete(app.keys.paused(q)))
 
 
 def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled")) -> dict[str, int]:
@@ -346,9 +387,41 @@ def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
 _SECRET_KEY_RE = re.compile(r"(?i)authorization|password|passwd|secret|token|api[-_]?key|cookie")
 
 
+#: The user info of a URL or DSN in any text (``https://user:pw@host``, ``postgres://u:pw@h/db``,
+#: ``https://TOKEN@host``). A ``/`` in it counts only after a ``:`` (an unencoded ``/`` in a
+#: password), so ``https://example.com/@user`` is left alone.
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s@/]*:[^\s@]*|[^\s@/:]+)@")
+#: Secret-looking ``name=value`` pairs: URL query parameters (``?token=``, ``&X-Amz-Signature=``,
+#: ``&sig=``) and keyword DSNs (``host=db password=pw``).
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)((?:^|(?<=[\s?&;]))[\w.\-]*?(?:token|key|secret|pass|pwd|sig|auth|credential|session)"
+    r"[\w.\-]*=)([^&\s#;'\"]+)"
+)
+
+#: Credentials of an HTTP authorization scheme written out (``Bearer eyJ...``, ``Basic dXNl...``).
+_AUTH_SCHEME_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every URL and DSN, and the values of secret-looking
+    ``name=value`` pairs (query parameters, keyword DSNs), replaced by ``***``; a user name is
+    kept when a password follows it."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon and user else f"{m.group(1)}***@"
+
+    text = _USERINFO_RE.sub(userinfo, text)
+    text = _AUTH_SCHEME_RE.sub(lambda m: f"{m.group(1)} ***", text)
+    return _SECRET_PARAM_RE.sub(lambda m: f"{m.group(1)}***", text)
+
+
 def redact_args(value: Any) -> Any:
     """``value`` with the values of secret-looking mapping keys replaced by ``***`` (for showing
-    a job's arguments: a webhook's ``Authorization`` header, a password)."""
+    a job's arguments: a webhook's ``Authorization`` header, a password), and every string
+    passed through :func:`redact_text` (credentials inside URLs, DSNs and query strings)."""
+    if isinstance(value, str):
+        return redact_text(value)
     if isinstance(value, dict):
         return {
             k: "***" if isinstance(k, str) and _SECRET_KEY_RE.search(k) else redact_args(v)
@@ -357,6 +430,17 @@ def redact_args(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_args(v) for v in value]
     return value
+
+
+def redacted(info: JobInfo) -> dict[str, Any]:
+    """``info.to_dict()`` as shown to people and HTTP clients: arguments through
+    :func:`redact_args`, the last error through :func:`redact_text`."""
+    d = info.to_dict()
+    d["args"] = redact_args(d["args"])
+    d["kwargs"] = redact_args(d["kwargs"])
+    if isinstance(d.get("error"), str):
+        d["error"] = redact_text(d["error"])
+    return d
 
 
 def parse_time(value: Any, name: str, exc: type[errors.InvalidInput]) -> datetime | float:

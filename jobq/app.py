@@ -6,6 +6,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,6 +97,9 @@ class EnqueueRequest:
     unique_key: str | None = None
     retry_backoff: Seconds | timedelta | None = None
     job_id: str | None = None
+    #: Check ``args``/``kwargs`` against the task's signature when the task is registered here
+    #: (and its own ``check_args`` is on); False skips the check for this call.
+    check_args: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,25 @@ def validate_job_id(value: object) -> str:
         raise errors.InvalidJobId(f"id: must be a string of 1-128 characters, got {value!r}")
     if any(c.isspace() or not c.isprintable() or c in "{}" for c in value):
         raise errors.InvalidJobId(f"id: {value!r} contains whitespace, braces or control characters")
+    return value
+
+
+#: Ids a new job may take: letters, digits and ``. _ - :``, starting with a letter, a digit or
+#: ``_`` (no ``/``, ``%``, ``?``, ``#``: an id is a path segment of ``GET /jobs/{id}`` and a key
+#: name's last segment). Generated ids are 24 hex digits.
+_NEW_JOB_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,127}")
+
+
+def validate_new_job_id(value: object) -> str:
+    """The id of a job being enqueued (stricter than :func:`validate_job_id`, which looks jobs
+    up and so still reaches one stored before the rule)."""
+    validate_job_id(value)
+    assert isinstance(value, str)
+    if not _NEW_JOB_ID_RE.fullmatch(value):
+        raise errors.InvalidJobId(
+            f"id: {value!r} is not a valid job id (1-128 characters of A-Z a-z 0-9 . _ - :, "
+            "starting with a letter, a digit or _)"
+        )
     return value
 
 
@@ -277,6 +300,7 @@ class JobQ:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
                 raise errors.InvalidInput(f"shards: {name!r} must have 1..1024 shards, got {n!r}", "shards")
             self.shards[name] = n
+        self.validate_enqueue_queue(self.defaults.queue)
         self._rotation = 0
         if durable:
             from jobq.connection import is_cluster_url
@@ -352,6 +376,23 @@ class JobQ:
             i = j
         return out
 
+    def validate_enqueue_queue(self, name: object) -> str:
+        """A queue a job may be enqueued to: a valid name whose ``#N`` suffix, if any, names a
+        shard of this app (``#`` is reserved for shards: ``hot#1`` on an app that does not
+        shard ``hot`` would be a queue no worker serving ``hot`` claims from)."""
+        queue = validate_queue(name)
+        base, sep, index = queue.partition("#")
+        if sep:
+            n = self.shards.get(base)
+            if n is None:
+                raise errors.InvalidQueueName(
+                    f"queue: {queue!r}: '#' is reserved for the shards of a sharded queue, and "
+                    f"this app does not shard {base!r} (JobQ(shards={{{base!r}: N}}) does)"
+                )
+            if int(index) >= n:
+                raise errors.InvalidQueueName(f"queue: {queue!r}: {base!r} has shards #0..#{n - 1}")
+        return queue
+
     def depth_limit(self, queue: str) -> int:
         """The max depth of ``queue`` (of each shard, for a sharded queue)."""
         if type(self.max_depth) is int:
@@ -376,6 +417,7 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        check_args: bool = True,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -389,16 +431,23 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        check_args: bool = True,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a ``def`` or ``async def`` function as a task.
 
         ``@app.task`` or ``@app.task(queue="emails", priority=5, max_attempts=5, timeout=30,
         retry_backoff=2)``. The task's name defaults to ``module.qualname``.
+
+        ``check_args`` (default on): an enqueue through this app checks the arguments against
+        the function's signature and raises :class:`jobq.errors.InvalidArguments` (nothing
+        stored) for a missing or unexpected one, as calling it would; turn it off for a task
+        whose producer-side signature differs from the worker's. One call can skip it with
+        ``_check_args=False`` (or ``options(check_args=False)``).
         """
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             defaults = TaskDefaults(
-                queue=validate_queue(queue or self.defaults.queue),
+                queue=self.validate_enqueue_queue(queue or self.defaults.queue),
                 priority=validate_priority(priority),
                 max_attempts=validate_max_attempts(max_attempts),
                 timeout=None
@@ -408,13 +457,25 @@ class JobQ:
                 / 1000,
             )
             task_name = validate_task_name(name or f"{f.__module__}.{f.__qualname__}")
-            t: Task[P, R] = Task(self, task_name, f, defaults)
+            t: Task[P, R] = Task(self, task_name, f, defaults, check_args=check_args)
             self.tasks[task_name] = t
             return t
 
         if fn is not None:
             return register(fn)
         return register
+
+    def find_task(self, name: str) -> Task[Any, Any] | None:
+        """The task registered as ``name``, or else the one task whose name ends in ``.name``
+        or ``:name`` (``send_email`` finds ``tasks.send_email``); None if there is none. Raises
+        :class:`jobq.errors.InvalidTaskName` when the short name fits several tasks."""
+        t = self.tasks.get(name)
+        if t is not None:
+            return t
+        fits = sorted(n for n in self.tasks if n.endswith((f".{name}", f":{name}")))
+        if len(fits) > 1:
+            raise errors.InvalidTaskName(f"task: {name!r} is ambiguous: it could be {', '.join(fits)}")
+        return self.tasks[fits[0]] if fits else None
 
     def periodic(
         self,
@@ -433,6 +494,9 @@ class JobQ:
         sched = CronSchedule.parse(schedule)
 
         def register(f: Callable[P, R]) -> Task[P, R]:
+            check = _ArgCheck.of(f) if task_options.get("check_args", True) else None
+            if check is not None:  # before registering: a refused entry leaves nothing behind
+                check.check(tuple(args), dict(kwargs or {}))
             t = self.task(name=name, queue=queue, **task_options)(f)
             self.cron_entries.append(CronEntry(t.name, sched, tuple(args), dict(kwargs or {})))
             return t
@@ -463,7 +527,10 @@ class JobQ:
             return self._prepare_plain(req)
         task = validate_task_name(req.task)
         d = self._defaults_for(task)
-        queue = d.queue if req.queue is None else validate_queue(req.queue)
+        t = self.tasks.get(task)
+        if t is not None and req.check_args:
+            t.check_arguments(req.args, req.kwargs)
+        queue = d.queue if req.queue is None else self.validate_enqueue_queue(req.queue)
         priority = d.priority if req.priority is None else validate_priority(req.priority)
         max_attempts = d.max_attempts if req.max_attempts is None else validate_max_attempts(req.max_attempts)
         if req.timeout is not None:
@@ -494,7 +561,7 @@ class JobQ:
                     raise errors.InvalidDeadline("deadline: is before run_at")
                 deadline = str(abs_ms)
         unique_key = "" if req.unique_key is None else validate_unique_key(req.unique_key)
-        job_id = new_job_id() if req.job_id is None else validate_job_id(req.job_id)
+        job_id = new_job_id() if req.job_id is None else validate_new_job_id(req.job_id)
         if not isinstance(req.args, (list, tuple)):
             raise errors.EncodeError(f"args: must be a list, got {type(req.args).__name__}")
         if not isinstance(req.kwargs, Mapping) or not all(isinstance(k, str) for k in req.kwargs):
@@ -522,6 +589,8 @@ class JobQ:
         name = req.task
         t = self.tasks.get(name)
         d = t.defaults if t is not None else self.defaults
+        if t is not None and req.check_args:
+            t.check_arguments(req.args, req.kwargs)
         entry = self._plain.get(name)
         if entry is None or entry[0] is not d:
             validate_task_name(name)
@@ -580,6 +649,7 @@ class JobQ:
         unique_key: str | None = None,
         retry_backoff: Seconds | timedelta | None = None,
         job_id: str | None = None,
+        check_args: bool = True,
     ) -> Job:
         """Enqueue one job of ``task`` (a name, so producers need not import the task).
 
@@ -587,7 +657,8 @@ class JobQ:
         datetime or epoch seconds (past = now). ``deadline``: a datetime/epoch seconds, or a
         timedelta from now; a job not started by then is never run and is dead-lettered with
         reason ``expired``. ``unique_key``: while a job holding it exists and is unfinished,
-        enqueueing with the same key returns that job instead. Raises
+        enqueueing with the same key returns that job instead. ``check_args=False`` skips the
+        check of the arguments against a registered task's signature. Raises
         :class:`jobq.errors.InvalidInput` (nothing written), :class:`jobq.errors.QueueFull`,
         :class:`jobq.errors.RedisUnavailable`, :class:`jobq.errors.RedisOutOfMemory`.
         """
@@ -605,6 +676,7 @@ class JobQ:
             unique_key=unique_key,
             retry_backoff=retry_backoff,
             job_id=job_id,
+            check_args=check_args,
         )
         return self.enqueue_request(req)
 
@@ -727,16 +799,36 @@ def request_from_mapping(data: Mapping[str, Any], index: int | None = None) -> E
 
 
 # -- tasks --------------------------------------------------------------------------------------
+#: A check of a task's argument values at enqueue: ``validate(args, kwargs)`` raises.
+Validator = Callable[[Sequence[Any], Mapping[str, Any]], None]
+
+
 class Task(Generic[P, R]):
     """A registered task. Call it to run it here; ``enqueue`` it to run it on a worker."""
 
-    def __init__(self, app: JobQ, name: str, fn: Callable[P, R], defaults: TaskDefaults) -> None:
+    def __init__(
+        self, app: JobQ, name: str, fn: Callable[P, R], defaults: TaskDefaults, *, check_args: bool = True
+    ) -> None:
         self.app = app
         self.name = name
         self.fn = fn
         self.defaults = defaults
         self.is_async = inspect.iscoroutinefunction(fn)
+        #: Checks enqueued arguments against ``fn``'s signature (None: not checked).
+        self.arg_check = _ArgCheck.of(fn, name) if check_args else None
+        #: Checks the argument values at enqueue, after the signature (the built-in tasks set
+        #: one); raises :class:`jobq.errors.InvalidInput`. Skipped with the signature check.
+        self.validate_args: Validator | None = None
         functools.update_wrapper(self, fn)
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise :class:`jobq.errors.InvalidArguments` if ``args``/``kwargs`` do not fit the
+        task (its signature, then its validator); used by every enqueue path."""
+        if self.arg_check is None:
+            return
+        self.arg_check.check(args, kwargs)
+        if self.validate_args is not None:
+            self.validate_args(args, kwargs)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -763,11 +855,71 @@ class Task(Generic[P, R]):
         return self.app.enqueue_request(self.request(*args, **kwargs))
 
 
+#: Per-call options of the Python API only (not HTTP fields or NDJSON keys).
+PY_OPTION_NAMES = (*OPTION_NAMES, "check_args")
+
+
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for k in options:
-        if k not in OPTION_NAMES:
-            raise errors.InvalidInput(f"{k}: unknown option (options are {', '.join(OPTION_NAMES)})", k)
+        if k not in PY_OPTION_NAMES:
+            raise errors.InvalidInput(f"{k}: unknown option (options are {', '.join(PY_OPTION_NAMES)})", k)
     return dict(options)
+
+
+_POK = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_KWO = inspect.Parameter.KEYWORD_ONLY
+
+
+class _ArgCheck:
+    """Would ``fn(*args, **kwargs)`` bind? A quick check for the usual signatures (no
+    positional-only parameters), ``inspect.Signature.bind`` for the rest and for the message."""
+
+    __slots__ = ("name", "names", "positional", "required", "sig", "simple", "var_kw", "var_pos")
+
+    def __init__(self, sig: inspect.Signature, name: str) -> None:
+        params = list(sig.parameters.values())
+        self.sig = sig
+        self.name = name
+        self.simple = all(p.kind != inspect.Parameter.POSITIONAL_ONLY for p in params)
+        self.positional = [p.name for p in params if p.kind == _POK]
+        self.names = frozenset(p.name for p in params if p.kind in (_POK, _KWO))
+        self.required = [p.name for p in params if p.kind in (_POK, _KWO) and p.default is p.empty]
+        self.var_pos = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+        self.var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], name: str | None = None) -> _ArgCheck | None:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # no signature to check against (some builtins)
+            return None
+        return cls(sig, name or str(getattr(fn, "__qualname__", repr(fn))))
+
+    def _binds(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        n = len(args)
+        if n > len(self.positional) and not self.var_pos:
+            return False
+        taken = self.positional[:n]
+        for k in kwargs:
+            if k in taken or (k not in self.names and not self.var_kw):
+                return False
+        return all(r in kwargs or r in taken for r in self.required)
+
+    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise :class:`jobq.errors.InvalidArguments` if the call would not bind."""
+        if self.simple and isinstance(kwargs, Mapping) and self._binds(args, kwargs):
+            return
+        try:
+            self.sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            bare = self.sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in self.sig.parameters.values()],
+                return_annotation=inspect.Signature.empty,
+            )
+            raise errors.InvalidArguments(
+                f"args: {exc} (task {self.name}{bare}; enqueue with _check_args=False, or "
+                "register the task with check_args=False, to skip this check)"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,9 +934,9 @@ class BoundTask:
         task_kwargs = {}
         for k, v in kwargs.items():
             if k.startswith("_") and not k.startswith("__"):
-                if k[1:] not in OPTION_NAMES:
+                if k[1:] not in PY_OPTION_NAMES:
                     raise errors.InvalidInput(
-                        f"{k}: unknown option (options are _{', _'.join(OPTION_NAMES)})", k
+                        f"{k}: unknown option (options are _{', _'.join(PY_OPTION_NAMES)})", k
                     )
                 opts[k[1:]] = v
             else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import inspect
 import json as jsonlib
 import logging
 import os
@@ -29,13 +30,13 @@ import smtplib
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from jobq.app import JobQ
-from jobq.errors import Fail, Retry
+from jobq.app import JobQ, Validator
+from jobq.errors import Fail, InvalidArguments, Retry
 
 log = logging.getLogger("jobq.builtin")
 
@@ -113,6 +114,43 @@ def _request_parts(
     return url, hdrs, data
 
 
+def _url_ok(url: object) -> bool:
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # unbalanced IPv6 brackets, a port that is not a number
+        return False
+
+
+def webhook_problem(url: Any, method: Any, headers: Any, body: Any, json: Any, timeout: Any) -> str | None:
+    """What is wrong with these webhook arguments (None: nothing). Checked at enqueue (so a bad
+    job is refused, not dead-lettered) and again when the job runs."""
+    if not _url_ok(url):
+        return f"url must be an http(s) URL, got {_safe_url(str(url))!r}"
+    if not isinstance(method, str) or method.upper() not in WEBHOOK_METHODS:
+        return f"method must be one of {', '.join(WEBHOOK_METHODS)}, got {method!r}"
+    if headers is not None and (
+        not isinstance(headers, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+        or any("\n" in k or "\r" in k or "\n" in v or "\r" in v for k, v in headers.items())
+    ):
+        return "headers must map strings to strings without line breaks"
+    if body is not None and json is not None:
+        return "give body or json, not both"
+    if body is not None and not isinstance(body, str):
+        return "body must be a string (use json for structured data)"
+    if json is not None:
+        try:
+            jsonlib.dumps(json, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return f"json must be JSON data ({exc})"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+        return f"timeout must be a number of seconds in (0, 600], got {timeout!r}"
+    return None
+
+
 def webhook(
     url: str,
     method: str = "POST",
@@ -126,26 +164,11 @@ def webhook(
     ``Retry-After``); any other answer (other 4xx, 3xx) fails without retry. ``json`` sends a JSON
     body with ``Content-Type: application/json``; ``body`` sends text as is. Redirects are not
     followed. Credentials in the URL (``https://user:pw@host/``) are sent as Basic auth."""
-    if (
-        not isinstance(url, str)
-        or urlsplit(url).scheme not in ("http", "https")
-        or not urlsplit(url).hostname
-    ):
-        raise Fail(f"webhook: url must be an http(s) URL, got {_safe_url(str(url))!r}")
+    problem = webhook_problem(url, method, headers, body, json, timeout)
+    if problem is not None:
+        raise Fail(f"webhook: {problem}")
     safe = _safe_url(url)
     m = str(method).upper()
-    if m not in WEBHOOK_METHODS:
-        raise Fail(f"webhook: method must be one of {', '.join(WEBHOOK_METHODS)}, got {method!r}")
-    if headers is not None and (
-        not isinstance(headers, Mapping)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-        or any("\n" in k or "\r" in k or "\n" in v or "\r" in v for k, v in headers.items())
-    ):
-        raise Fail("webhook: headers must map strings to strings without line breaks")
-    if body is not None and json is not None:
-        raise Fail("webhook: give body or json, not both")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
-        raise Fail(f"webhook: timeout must be a number of seconds in (0, 600], got {timeout!r}")
     url, hdrs, data = _request_parts(url, headers, body, json)
     req = urllib.request.Request(url, data=data, headers=hdrs, method=m)
     try:
@@ -219,6 +242,8 @@ def smtp_settings() -> dict[str, Any]:
 def _addresses(value: str | Sequence[str] | None, name: str) -> list[str]:
     if value is None:
         return []
+    if not isinstance(value, (str, list, tuple)):
+        raise Fail(f"email: {name} must be an email address or a list of them, got {value!r}")
     items = [value] if isinstance(value, str) else list(value)
     out = []
     for item in items:
@@ -226,6 +251,39 @@ def _addresses(value: str | Sequence[str] | None, name: str) -> list[str]:
             raise Fail(f"email: {name} must be email addresses, got {item!r}")
         out.append(item.strip())
     return out
+
+
+def email_problem(
+    to: Any,
+    subject: Any,
+    body: Any,
+    sender: Any = None,
+    cc: Any = None,
+    bcc: Any = None,
+    reply_to: Any = None,
+    html: Any = None,
+) -> str | None:
+    """What is wrong with these email arguments (None: nothing); the sender from the
+    environment is the worker's, so only a given ``sender`` is checked here."""
+    try:
+        if not _addresses(to, "to"):
+            return "to must name at least one address"
+        for value, name in (
+            (cc, "cc"),
+            (bcc, "bcc"),
+            (reply_to or None, "reply_to"),
+            (sender or None, "sender"),
+        ):
+            _addresses(value, name)
+    except Fail as exc:
+        return str(exc).removeprefix("email: ")
+    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
+        return "subject must be a single line of text"
+    if not isinstance(body, str):
+        return "body must be text"
+    if html is not None and not isinstance(html, str):
+        return "html must be text"
+    return None
 
 
 def send_email(
@@ -242,13 +300,10 @@ def send_email(
     """Send one message through the SMTP server of :func:`smtp_settings`. Refused recipients,
     a refused sender or any other permanent (5xx) answer fails without retry; connection
     problems, timeouts and temporary (4xx) answers retry. Returns ``{"message_id", "accepted"}``."""
+    problem = email_problem(to, subject, body, sender, cc, bcc, reply_to, html)
+    if problem is not None:
+        raise Fail(f"email: {problem}")
     recipients = _addresses(to, "to")
-    if not recipients:
-        raise Fail("email: to must name at least one address")
-    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
-        raise Fail("email: subject must be a single line of text")
-    if not isinstance(body, str):
-        raise Fail("email: body must be text")
     cfg = smtp_settings()
     from_addr = sender or cfg["sender"]
     if not from_addr:
@@ -315,12 +370,31 @@ def send_email(
     return {"message_id": str(msg["Message-ID"]), "accepted": accepted}
 
 
+def _validator(name: str, fn: Callable[..., Any], problem: Callable[..., str | None]) -> Validator:
+    sig = inspect.signature(fn)
+
+    def validate(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        bound = sig.bind(*args, **kwargs)  # the signature check ran first: this binds
+        bound.apply_defaults()
+        found = problem(**bound.arguments)
+        if found is not None:
+            raise InvalidArguments(f"args: {name}: {found}")
+
+    return validate
+
+
 def register(app: JobQ) -> None:
     """Register ``webhook`` and ``email`` on ``app`` (5 attempts, 2 s exponential backoff, the
-    app's default queue); names the app already uses are left alone."""
+    app's default queue); names the app already uses are left alone. Their arguments are
+    checked at enqueue (a JSON object as a webhook ``body``, a URL that is not http(s), an
+    address without ``@`` ...), so a job they would refuse is never stored."""
     if "webhook" not in app.tasks:
-        app.task(name="webhook", max_attempts=MAX_ATTEMPTS, retry_backoff=RETRY_BACKOFF, timeout=660)(webhook)
+        t = app.task(name="webhook", max_attempts=MAX_ATTEMPTS, retry_backoff=RETRY_BACKOFF, timeout=660)(
+            webhook
+        )
+        t.validate_args = _validator("webhook", webhook, webhook_problem)
     if "email" not in app.tasks:
-        app.task(name="email", max_attempts=MAX_ATTEMPTS, retry_backoff=RETRY_BACKOFF, timeout=300)(
+        t2 = app.task(name="email", max_attempts=MAX_ATTEMPTS, retry_backoff=RETRY_BACKOFF, timeout=300)(
             send_email
         )
+        t2.validate_args = _validator("email", send_email, email_problem)

@@ -66,7 +66,7 @@ def connection_options(fn: F) -> F:
     help="Redis URL. Prefer the JOBQ_REDIS_URL environment variable for passwords.",
 )
 @click.option("--prefix", envvar="JOBQ_PREFIX", default="jobq", show_default=True)
-@click.version_option(package_name="jobq")
+@click.version_option(package_name="jobq", prog_name="jobq")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str, prefix: str) -> None:
     """jobq: a Redis-native distributed job queue."""

@@ -10,6 +10,7 @@ or JSON with ``--json``. Exit codes: 0 done, 1 failed (not found, Redis unavaila
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +46,57 @@ def _app(settings: Settings) -> JobQ:
     return app
 
 
+def _user_app(settings: Settings, app_spec: str | None) -> JobQ:
+    """The application named by ``-A`` (bound to the command's Redis URL and prefix when they
+    were given, as ``jobq worker`` does), with the built-in tasks; without ``-A``, a bare app
+    with the built-in tasks only."""
+    if not app_spec:
+        return _app(settings)
+    from jobq.cli_worker import _bind, load_app
+
+    app = load_app(app_spec)
+    _bind(app, settings, click.get_current_context())
+    builtin.register(app)
+    return app
+
+
+def _app_option(fn: F) -> F:
+    return click.option(
+        "-A",
+        "--app",
+        "app_spec",
+        envvar="JOBQ_APP",
+        metavar="MODULE[:ATTR]",
+        default=None,
+        help="Your application (default: $JOBQ_APP), as for jobq worker. Its task names resolve, "
+        "short ones too (send_email for tasks.send_email); a task's queue and options apply; "
+        "arguments are checked against its signature; an unknown name is refused.",
+    )(fn)
+
+
+class _Names:
+    """Task names as the user typed them -> as registered (with ``-A``); as typed without."""
+
+    def __init__(self, app: JobQ, app_spec: str | None) -> None:
+        self.app = app
+        self.spec = app_spec
+
+    def __call__(self, name: object) -> object:
+        if not self.spec or not isinstance(name, str):
+            return name
+        t = self.app.find_task(name)
+        if t is None:
+            import difflib
+
+            known = sorted(self.app.tasks)
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise errors.InvalidTaskName(
+                f"task: {name!r} is not a task of {self.spec}{hint} (jobq tasks -A {self.spec} lists them)"
+            )
+        return t.name
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Map jobq errors to click's exit codes: bad input 2, everything else 1."""
@@ -66,6 +118,17 @@ def _errors() -> Iterator[None]:
         raise
 
 
+def _warn_unknown(app: JobQ, queues: Sequence[str]) -> None:
+    """On stderr, name each queue jobq has never seen (a misspelling shows nothing otherwise)."""
+    for q in queues:
+        if not admin.known_queue(app, q):
+            click.echo(
+                f"warning: queue {q!r} is unknown (nothing was ever enqueued to it and no node "
+                "serves it); `jobq stats` lists the known queues",
+                err=True,
+            )
+
+
 def _need_yes(yes: bool, what: str) -> None:
     if not yes:
         raise click.UsageError(f"{what}: nothing done; add --yes to confirm")
@@ -76,7 +139,7 @@ def _json_option(fn: F) -> F:
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -140,10 +203,23 @@ def _single_request(
 
 
 def _read_lines(stream: IO[str]) -> list[tuple[int, str]]:
-    return [(n, line) for n, line in enumerate(stream, start=1) if line.strip()]
+    try:
+        return [(n, line) for n, line in enumerate(stream, start=1) if line.strip(" \t\r\n\ufeff")]
+    except UnicodeDecodeError as exc:
+        what = "UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8"
+        raise click.UsageError(
+            f"--from-file: the input is {what} (at byte {exc.start}); NDJSON must be UTF-8, nothing enqueued"
+        ) from None
 
 
-def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options: dict[str, Any]) -> None:
+def _bulk(
+    app: JobQ,
+    source: IO[str],
+    skip_invalid: bool,
+    as_json: bool,
+    options: dict[str, Any],
+    names: _Names,
+) -> None:
     """Validate every line first (nothing is written if one is bad, unless --skip-invalid), then
     enqueue in pipelined chunks of BULK_CHUNK."""
     good: list[EnqueueRequest] = []
@@ -152,6 +228,8 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
         try:
             data = strict_json.loads(line)
             if isinstance(data, dict):
+                if "task" in data:
+                    data["task"] = names(data["task"])
                 # Command-line options are defaults for the lines that do not set them (a line
                 # that sets its own run time replaces both --delay and --at).
                 defaults = {k: v for k, v in options.items() if v is not None}
@@ -205,7 +283,7 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
 @click.argument("task", required=False)
 @click.argument("args_json", required=False, metavar="[ARGS_JSON]")
 @click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
-@click.option("--queue", "-q", help="Queue (default: the task's, else 'default').")
+@click.option("--queue", "-q", help="Queue (default: the task's with -A, else 'default').")
 @click.option("--priority", "-p", type=int, help="-100..100, higher runs first.")
 @click.option("--delay", help="Run after this long: 30, 30s, 250ms, 5m, 2h, 1d.")
 @click.option("--at", "run_at", metavar="ISO8601", help="Run at this time (no offset = UTC).")
@@ -223,8 +301,17 @@ def _bulk(app: JobQ, source: IO[str], skip_invalid: bool, as_json: bool, options
     "--skip-invalid", is_flag=True, help="With --from-file: enqueue the valid lines, skip the rest."
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "queue"} JSON lines instead of bare ids.')
+@_app_option
+@click.option(
+    "--no-check-args",
+    "no_check_args",
+    is_flag=True,
+    help="With -A: do not check the arguments against the task's signature.",
+)
 def enqueue(
     settings: Settings,
+    app_spec: str | None,
+    no_check_args: bool,
     task: str | None,
     args_json: str | None,
     kwargs_json: str | None,
@@ -241,7 +328,11 @@ def enqueue(
     as_json: bool,
 ) -> None:
     """Enqueue TASK with ARGS_JSON (a JSON array of arguments, or an object of keyword
-    arguments), or a file of NDJSON requests; prints the job ids."""
+    arguments), or a file of NDJSON requests; prints the job ids.
+
+    Tasks are registered as module.qualname (tasks.send_email); `jobq tasks -A MODULE` lists
+    them. With -A MODULE (or $JOBQ_APP) a short name does too, and the task's queue and
+    options are its defaults: jobq enqueue -A tasks send_email '{"to": "a@example.com"}'."""
     if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
     options = {
@@ -260,9 +351,12 @@ def enqueue(
         if unique_key is not None or job_id is not None:
             raise click.UsageError("--unique and --job-id apply to one job; put them in the lines")
         with _errors():
-            app = _app(settings)
+            app = _user_app(settings, app_spec)
+            if no_check_args:
+                for t in app.tasks.values():
+                    t.arg_check = None
             try:
-                _bulk(app, from_file, skip_invalid, as_json, options)
+                _bulk(app, from_file, skip_invalid, as_json, options, _Names(app, app_spec))
             finally:
                 app.close()
         return
@@ -270,12 +364,87 @@ def enqueue(
         raise click.UsageError("missing TASK (or --from-file)")
     with _errors():
         req = _single_request(task, args_json, kwargs_json, options)
-        app = _app(settings)
+        app = _user_app(settings, app_spec)
         try:
+            name = _Names(app, app_spec)(req.task)
+            assert isinstance(name, str)
+            req = dataclasses.replace(req, task=name, check_args=not no_check_args)
             job = app.enqueue_request(req)
         finally:
             app.close()
     click.echo(json.dumps({"id": job.id, "queue": job.queue}) if as_json else job.id)
+
+
+# -- tasks ------------------------------------------------------------------------------------------------
+def _task_rows(app: JobQ) -> list[dict[str, Any]]:
+    import inspect
+
+    schedules: dict[str, list[str]] = {}
+    for entry in app.cron_entries:
+        schedules.setdefault(entry.task, []).append(entry.schedule.text)
+    out = []
+    for name in sorted(app.tasks):
+        t = app.tasks[name]
+        try:
+            sig = inspect.signature(t.fn)
+            bare = sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                return_annotation=inspect.Signature.empty,
+            )
+            signature = str(bare)
+        except (TypeError, ValueError):
+            signature = "(...)"
+        d = t.defaults
+        out.append(
+            {
+                "name": name,
+                "queue": d.queue,
+                "priority": d.priority,
+                "max_attempts": d.max_attempts,
+                "timeout": d.timeout,
+                "retry_backoff": d.retry_backoff,
+                "schedule": schedules.get(name, []),
+                "signature": signature,
+                "async": t.is_async,
+                "check_args": t.arg_check is not None,
+                "builtin": t.fn.__module__ == builtin.__name__,
+            }
+        )
+    return out
+
+
+@_command
+@click.command("tasks")
+@_app_option
+@_json_option
+def tasks_command(app_spec: str | None, as_json: bool) -> None:
+    """List the tasks of the application given with -A (default: $JOBQ_APP): the names to
+    enqueue them by, their queues and options, cron schedules and arguments. Without -A, the
+    built-in tasks (what `jobq worker` runs without -A). Reads no Redis."""
+    if app_spec:
+        from jobq.cli_worker import load_app
+
+        app = load_app(app_spec)
+    else:
+        app = JobQ("redis://127.0.0.1:6379/0")  # never connected
+    builtin.register(app)
+    rows = _task_rows(app)
+    if as_json:
+        _echo_json(rows)
+        return
+    table = [
+        (
+            r["name"],
+            r["queue"],
+            r["priority"],
+            r["max_attempts"],
+            "-" if r["timeout"] is None else f"{r['timeout']:g}s",
+            ", ".join(r["schedule"]),
+            r["signature"],
+        )
+        for r in rows
+    ]
+    click.echo(_table(("TASK", "QUEUE", "PRIO", "ATTEMPTS", "TIMEOUT", "SCHEDULE", "ARGUMENTS"), table))
 
 
 # -- stats ------------------------------------------------------------------------------------------------
@@ -319,6 +488,8 @@ def stats(
         try:
             n = 0
             while True:
+                if n == 0:
+                    _warn_unknown(app, queues)
                 st = admin.queue_stats(app, list(queues) or None)
                 live = admin.live_node_count(app)
                 if as_json:
@@ -344,6 +515,20 @@ def stats(
 
 
 # -- jobs -------------------------------------------------------------------------------------------------
+def _job_time(j: JobInfo) -> int | None:
+    """The time that matters for the job's state: when it will run (scheduled), started
+    (active), ended (dead, done, cancelled: the time of death for a dead letter), else when it
+    was enqueued."""
+    st = j.state.value
+    if st == "scheduled":
+        return j.run_at_ms
+    if st == "active":
+        return j.started_ms or j.enqueued_ms
+    if st in ("dead", "done", "cancelled"):
+        return j.finished_ms or j.enqueued_ms
+    return j.enqueued_ms
+
+
 def _job_rows(jobs: Sequence[JobInfo]) -> str:
     rows = [
         (
@@ -353,8 +538,8 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
             j.task,
             j.priority,
             f"{j.attempts}/{j.max_attempts}",
-            _ms(j.run_at_ms if j.state.value == "scheduled" else j.enqueued_ms),
-            (j.error or "")[:60],
+            _ms(_job_time(j)),
+            admin.redact_text(j.error or "")[:60],
         )
         for j in jobs
     ]
@@ -363,7 +548,7 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
 
 def _print_jobs(jobs: Sequence[JobInfo], as_json: bool) -> None:
     if as_json:
-        _echo_json([j.to_dict() for j in jobs])
+        _echo_json([admin.redacted(j) for j in jobs])
     elif not jobs:
         click.echo("no jobs")
     else:
@@ -389,6 +574,8 @@ def jobs_list(settings: Settings, queue: str | None, state: str | None, limit: i
         app = _app(settings)
         try:
             found = admin.list_jobs(app, queue, state, limit=limit)
+            if queue is not None and not found:
+                _warn_unknown(app, [queue])
         finally:
             app.close()
     _print_jobs(found, as_json)
@@ -409,9 +596,7 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
             info = admin.job_info(app, job_id, queue, with_args=show_args)
         finally:
             app.close()
-    d = info.to_dict()
-    d["args"] = admin.redact_args(d["args"])
-    d["kwargs"] = admin.redact_args(d["kwargs"])
+    d = admin.redacted(info)
     if not show_args:
         d.pop("args")
         d.pop("kwargs")
@@ -425,7 +610,8 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
     for k, v in d.items():
         if v is None:
             continue
-        click.echo(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, (list, dict)) else v}")
+        shown = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+        click.echo(f"{k.ljust(width)}  {shown}")
 
 
 @_command
@@ -455,15 +641,17 @@ def dead() -> None:
 
 @dead.command("list")
 @connection_options
-@click.option("--queue", "-q", required=True)
+@click.option("--queue", "-q", help="Only this queue (default: every queue).")
 @click.option("--limit", "-n", type=click.IntRange(1, admin.MAX_LIST), default=50, show_default=True)
 @_json_option
-def dead_list(settings: Settings, queue: str, limit: int, as_json: bool) -> None:
-    """Dead-lettered jobs, most recent first, with their last error."""
+def dead_list(settings: Settings, queue: str | None, limit: int, as_json: bool) -> None:
+    """Dead-lettered jobs, most recent first, with their last error; TIME is the time of death."""
     with _errors():
         app = _app(settings)
         try:
             found = admin.list_jobs(app, queue, "dead", limit=limit)
+            if queue is not None and not found:
+                _warn_unknown(app, [queue])
         finally:
             app.close()
     _print_jobs(found, as_json)
@@ -510,15 +698,25 @@ def queue_group() -> None:
     """Pause, resume or purge a queue."""
 
 
+def _create_option(fn: F) -> F:
+    return click.option(
+        "--create",
+        is_flag=True,
+        help="Act on a queue jobq has never seen (nothing enqueued to it, no node serving it); "
+        "without it an unknown name is refused, so a misspelling is not silently paused.",
+    )(fn)
+
+
 @queue_group.command("pause")
 @connection_options
 @click.argument("queue")
-def queue_pause(settings: Settings, queue: str) -> None:
+@_create_option
+def queue_pause(settings: Settings, queue: str, create: bool) -> None:
     """Stop claims from QUEUE (running jobs finish; enqueues still land)."""
     with _errors():
         app = _app(settings)
         try:
-            changed = admin.pause(app, queue)
+            changed = admin.pause(app, queue, create=create)
         finally:
             app.close()
     click.echo(f"queue {queue} paused" if changed else f"queue {queue} was already paused")
@@ -527,12 +725,13 @@ def queue_pause(settings: Settings, queue: str) -> None:
 @queue_group.command("resume")
 @connection_options
 @click.argument("queue")
-def queue_resume(settings: Settings, queue: str) -> None:
+@_create_option
+def queue_resume(settings: Settings, queue: str, create: bool) -> None:
     """Let nodes claim from QUEUE again, in the order the jobs were in."""
     with _errors():
         app = _app(settings)
         try:
-            changed = admin.resume(app, queue)
+            changed = admin.resume(app, queue, create=create)
         finally:
             app.close()
     click.echo(f"queue {queue} resumed" if changed else f"queue {queue} was not paused")

@@ -95,7 +95,20 @@ def load_app(spec: str) -> JobQ:
     )
 
 
+#: The shortest durations ``jobq worker`` accepts, seconds, and why. A lease is renewed every
+#: lease/3 over the network, so below 1 s a node flaps between fenced and unfenced; a poll
+#: interval below 50 ms busy-loops on Redis; a grace is 0 (release at once) or at least 100 ms.
+MINIMUMS: dict[str, tuple[float, str]] = {
+    "lease": (1.0, "1s"),
+    "grace": (0.1, "100ms"),
+    "poll-interval": (0.05, "50ms"),
+    "reap-interval": (0.05, "50ms"),
+}
+
+
 def _duration(name: str) -> Callable[[click.Context, click.Parameter, str | None], float | None]:
+    least, least_text = MINIMUMS[name]
+
     def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
         if value is None:
             return None
@@ -103,8 +116,13 @@ def _duration(name: str) -> Callable[[click.Context, click.Parameter, str | None
             secs = parse_duration(value, name)
         except InvalidInput as exc:
             raise click.BadParameter(str(exc)) from None
-        if secs <= 0 and name != "grace":
-            raise click.BadParameter(f"{name}: must be greater than 0")
+        if name == "grace" and secs == 0:
+            return secs  # release at once
+        if secs <= 0:
+            raise click.BadParameter(f"{name}: must be greater than 0 (the minimum is {least_text})")
+        if secs < least:
+            zero = " (or 0: release at once)" if name == "grace" else ""
+            raise click.BadParameter(f"{name}: {value.strip()} is below the minimum of {least_text}{zero}")
         return secs
 
     return convert
@@ -146,9 +164,11 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     "-A",
     "--app",
     "app_spec",
+    envvar="JOBQ_APP",
     metavar="MODULE[:ATTR]",
     default=None,
-    help="The application to run (its module is imported). Without it: built-in tasks only.",
+    help="The application to run (its module is imported; default: $JOBQ_APP). Without it: "
+    "built-in tasks only. `jobq tasks -A MODULE` lists its tasks.",
 )
 @click.option(
     "-Q",
@@ -178,14 +198,15 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     default="30s",
     show_default=True,
     callback=_duration("lease"),
-    help="Lease per claimed job; renewed every lease/3. A dead node's jobs run again after it.",
+    help="Lease per claimed job (at least 1s); renewed every lease/3. A dead node's jobs run again after it.",
 )
 @click.option(
     "--grace",
     default="30s",
     show_default=True,
     callback=_duration("grace"),
-    help="On SIGTERM/SIGINT, how long running jobs may finish before they are released.",
+    help="On SIGTERM/SIGINT, how long running jobs may finish before they are released (0, or at "
+    "least 100ms).",
 )
 @click.option("--node-id", default=None, help="This node's name (default: host-pid-random).")
 @click.option("--burst", is_flag=True, help="Exit once nothing is left to run.")
@@ -209,7 +230,7 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     default="1s",
     show_default=True,
     callback=_duration("poll-interval"),
-    help="Longest idle wait between claims when no announcement arrives.",
+    help="Longest idle wait between claims when no announcement arrives (at least 50ms).",
 )
 @click.option(
     "--reap-interval",

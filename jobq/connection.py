@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -87,15 +87,29 @@ def redact(text: str) -> str:
     return re.sub(r"(sentinel_password=)[^&\s]*", r"\1***", text)
 
 
+#: Characters a user name or password must percent-encode in a URL; unencoded, they end the
+#: user info early, and the rest of the password would be taken for the host, path or fragment.
+_USERINFO_SPECIALS = "/?#[]@"
+
+
 def redact_url(url: str) -> str:
     """``redis://user:secret@host/0`` -> ``redis://user:***@host/0`` (and any
-    ``sentinel_password`` query parameter)."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        cred, netloc = parts.netloc.rsplit("@", 1)
-        if ":" in cred:
-            parts = parts._replace(netloc=f"{cred.split(':', 1)[0]}:***@{netloc}")
-    return redact(urlunsplit(parts))
+    ``sentinel_password`` query parameter). Does not parse the URL, so a malformed one is
+    masked too: everything up to the last ``@`` is user info, of which only a plain user name
+    is kept (a password holding an unencoded ``/`` or ``#`` is still masked whole)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return redact(url)
+    cred, tail = rest[:at], rest[at + 1 :]
+    user, colon, _ = cred.partition(":")
+    if any(c in user for c in _USERINFO_SPECIALS):
+        shown = "***"
+    elif colon:
+        shown = f"{user}:***"
+    else:
+        shown = user
+    return redact(f"{scheme}://{shown}@{tail}")
 
 
 # -- URL parsing -----------------------------------------------------------------------------------
@@ -165,6 +179,27 @@ def _options(url: str, query: str, tls: bool) -> dict[str, Any]:
     return opts
 
 
+def _split(url: str, scheme: str, rest: str, kind: str) -> SplitResult:
+    """``urlsplit`` of the part after the scheme, refusing what it would misread: user info with
+    an unencoded ``/ ? # [ ] @`` (the password would run into the host or path, so such a URL is
+    never echoed), a fragment, and unbalanced IPv6 brackets (``urlsplit`` raises)."""
+    at = rest.rfind("@")
+    if at >= 0 and not (kind == "unix" and rest.startswith("/")):
+        if any(c in rest[:at] for c in _USERINFO_SPECIALS):
+            raise errors.InvalidInput(
+                f"url: {scheme}://***: the user name or password holds a character that must be "
+                "percent-encoded (/ as %2F, ? as %3F, # as %23, @ as %40, [ as %5B, ] as %5D); "
+                "so does an '@' in a query parameter",
+                "url",
+            )
+    elif "#" in rest:
+        raise _bad(url, "'#' is not allowed (percent-encode it as %23)")
+    try:
+        return urlsplit("x://" + rest)
+    except ValueError as exc:  # unbalanced brackets of an IPv6 host
+        raise _bad(url, f"not a valid URL ({exc}; an IPv6 host is written [::1]:6379)") from None
+
+
 def parse_url(url: str) -> RedisTarget:
     """Parse a jobq Redis URL; raises :class:`jobq.errors.InvalidInput` (field ``url``)."""
     if not isinstance(url, str):
@@ -173,7 +208,7 @@ def parse_url(url: str) -> RedisTarget:
     if not sep or scheme.lower() not in _SCHEMES:
         raise _bad(url, f"scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
     kind, tls = _SCHEMES[scheme.lower()]
-    parts = urlsplit("x://" + rest)
+    parts = _split(url, scheme, rest, kind)
     netloc = parts.netloc
     username = password = None
     if "@" in netloc:
@@ -559,6 +594,7 @@ def sync_client(
         client.jobq_sentinel = sentinel
         return client
     if t.kind == "unix":
+        opts.pop("socket_keepalive", None)  # a TCP option: Unix socket connections refuse it
         pool = redis.ConnectionPool(connection_class=UnixConnection, path=t.path, db=t.db, **opts)
     else:
         host, port = t.hosts[0]
@@ -626,6 +662,7 @@ def async_client(
         return aclient
     apool: redis.asyncio.ConnectionPool
     if t.kind == "unix":
+        opts.pop("socket_keepalive", None)  # a TCP option: Unix socket connections refuse it
         apool = redis.asyncio.ConnectionPool(
             connection_class=AsyncUnixConnection, path=t.path, db=t.db, **opts
         )

@@ -2,8 +2,9 @@
 
 Five fields ``minute hour day-of-month month day-of-week`` with ``*``, ``a``, ``a-b``, ``*/n``,
 ``a-b/n`` and comma lists (month and weekday names allowed; Sunday is 0 or 7), the macros
-``@hourly @daily @weekly @monthly @yearly``, and ``@every <duration>`` (``@every 30s``) for fixed
-intervals aligned to the epoch. A tick fires at most once across all nodes (the enqueue script
+``@hourly @daily @weekly @monthly @yearly``, and ``@every <duration>`` (``@every 30s``, 1 s to
+366 d) for fixed intervals aligned to the epoch. A schedule that can never fire (``0 0 31 2 *``)
+is refused. A tick fires at most once across all nodes (the enqueue script
 records the last tick per entry); ticks missed while no node ran are skipped, as cron does.
 """
 
@@ -28,6 +29,12 @@ _MACROS = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+#: Days in each month, February counting its leap day (``0 0 29 2 *`` fires in leap years).
+_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+#: ``@every`` bounds, seconds: the scheduler fires cron entries about once a second, so a
+#: shorter interval would tick once a second anyway; a longer one than a year barely ever fires.
+MIN_EVERY_S = 1.0
+MAX_EVERY_S = 366 * 86400.0
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
@@ -94,8 +101,17 @@ class CronSchedule:
         src = text.strip()
         if src.startswith("@every"):
             secs = parse_duration(src[len("@every") :], "schedule")
-            if secs < 0.001:
-                raise InvalidInput("schedule: @every needs a positive duration", "schedule")
+            if secs < MIN_EVERY_S:
+                raise InvalidInput(
+                    f"schedule: {src!r} is below the minimum of @every 1s (the scheduler "
+                    "fires cron entries about once a second)",
+                    "schedule",
+                )
+            if secs > MAX_EVERY_S:
+                raise InvalidInput(
+                    f"schedule: {src!r} is over the maximum of @every 366d (use a cron expression)",
+                    "schedule",
+                )
             return cls(src, every_ms=round(secs * 1000))
         expr = _MACROS.get(src.lower(), src)
         parts = expr.split()
@@ -106,7 +122,7 @@ class CronSchedule:
         weekdays = _field(parts[4], 0, 7, _DAYS, "weekday")
         if 7 in weekdays:
             weekdays = (weekdays - {7}) | {0}
-        return cls(
+        out = cls(
             src,
             minutes=_field(parts[0], 0, 59, {}, "minute"),
             hours=_field(parts[1], 0, 23, {}, "hour"),
@@ -116,6 +132,14 @@ class CronSchedule:
             dom_star=parts[2] == "*",
             dow_star=parts[4] == "*",
         )
+        # A day of the month restricts alone when the weekday is "*" (cron ORs the two only
+        # when both are restricted): then one of the months must have one of the days.
+        if out.dow_star and not any(d <= _MONTH_DAYS[m] for m in out.months for d in out.days):
+            raise InvalidInput(
+                f"schedule: {text!r} never fires: none of its months has that day of the month",
+                "schedule",
+            )
+        return out
 
     def _day_matches(self, d: datetime) -> bool:
         if d.month not in self.months:

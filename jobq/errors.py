@@ -44,6 +44,11 @@ class InvalidQueueName(InvalidInput):
     field = "queue"
 
 
+class UnknownQueue(InvalidQueueName):
+    """A queue name jobq has never seen: nothing was ever enqueued to it, no live node serves it
+    and it is not paused (a misspelling, most likely)."""
+
+
 class InvalidTaskName(InvalidInput):
     field = "task"
 
@@ -86,6 +91,13 @@ class InvalidJobId(InvalidInput):
 
 class PayloadTooLarge(InvalidInput):
     field = "payload"
+
+
+class InvalidArguments(InvalidInput):
+    """Arguments that do not fit the task's signature (a missing or unexpected argument),
+    checked at enqueue when the producer has the task registered."""
+
+    field = "args"
 
 
 class EncodeError(InvalidInput):

@@ -155,14 +155,11 @@ class ApiServer:
         if state is not None and state not in admin.LIST_STATES:
             raise HttpError(400, f"status: must be one of {', '.join(admin.LIST_STATES)}", "status")
         jobs = admin.list_jobs(self.app, query.get("queue") or None, state, limit=int(limit_s))
-        return {"jobs": [j.to_dict() for j in jobs]}
+        return {"jobs": [admin.redacted(j) for j in jobs]}
 
     def get_job(self, job_id: str, query: dict[str, str]) -> dict[str, Any]:
         info = admin.job_info(self.app, job_id, query.get("queue") or None)
-        out = info.to_dict()
-        out["args"] = admin.redact_args(out["args"])
-        out["kwargs"] = admin.redact_args(out["kwargs"])
-        return out
+        return admin.redacted(info)
 
     def delete_job(self, job_id: str, query: dict[str, str]) -> dict[str, Any]:
         queue = admin.cancel(self.app, job_id, query.get("queue") or None)

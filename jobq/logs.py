@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from jobq.connection import redact as redact_urls
 
@@ -66,9 +66,13 @@ def _env_secrets() -> list[str]:
     url = os.environ.get("JOBQ_REDIS_URL", "")
     if url:
         try:
-            out.append(urlsplit(url).password or "")
+            out.append(unquote(urlsplit(url).password or ""))
         except ValueError:
             pass
+        # Unparsed too: a password holding an unencoded '/' or '#' ends where the last '@' is.
+        rest = url.partition("://")[2]
+        if "@" in rest:
+            out.append(rest[: rest.rfind("@")].partition(":")[2])
     with _secrets_lock:
         out.extend(_extra_secrets)
     # Longest first, so a secret containing another is masked whole.
@@ -119,7 +123,8 @@ def _job_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-01-01T00:00:00.000Z WARNING jobq.worker: message job_id=... task=...``"""
+    """``2026-01-01T00:00:00.000Z WARNING jobq.worker: message job_id=... task=...``: the job
+    fields the message does not already show, once each."""
 
     converter = time.gmtime  # type: ignore[assignment]
 
@@ -135,8 +140,15 @@ class TextFormatter(logging.Formatter):
         if not fields:
             return line
         head, sep, tail = line.partition("\n")
-        extras = " ".join(f"{k}={v!r}" if k == "error" else f"{k}={v}" for k, v in fields.items())
-        return f"{head} {extras}{sep}{tail}"
+        message = record.getMessage()
+        # One set of fields per line: a field the message already shows (``task=X`` in
+        # "job J failed: task=X ...", or the id in "job J ...") is not appended again.
+        extras = " ".join(
+            f"{k}={v!r}" if k == "error" else f"{k}={v}"
+            for k, v in fields.items()
+            if f"{k}=" not in message and not (k == "job_id" and f"job {v}" in message)
+        )
+        return f"{head} {extras}{sep}{tail}" if extras else line
 
 
 class JsonFormatter(logging.Formatter):

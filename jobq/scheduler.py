@@ -16,7 +16,7 @@ from jobq.app import EnqueueRequest, JobQ
 from jobq.backoff import worth_a_line
 from jobq.cron import CronEntry
 from jobq.errors import RedisUnavailable
-from jobq.store import AsyncRunner
+from jobq.store import AsyncRunner, map_error
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -47,6 +47,8 @@ class Scheduler:
         self.cron = cron
         #: Promotions refused in a row, per queue whose cluster slot is moving (for the log).
         self._refused: dict[str, int] = {}
+        #: Cron queues this scheduler put in the queue registry.
+        self._registered: set[str] = set()
 
     async def run_once(self) -> ScheduleReport:
         report = ScheduleReport()
@@ -104,6 +106,14 @@ class Scheduler:
                     )
                 )
                 if ids:
+                    if shard not in self._registered:
+                        # In the queue registry like any enqueue's queue, so a queue fed only by
+                        # cron shows in `jobq stats` and `jobq jobs list`.
+                        try:
+                            await self.runner.client.sadd(self.app.keys.queues, shard)
+                        except Exception as exc:
+                            raise map_error(exc, "register queue", shard) from None
+                        self._registered.add(shard)
                     report.fired.append((entry.key_name, tick, ids[0]))
                     log.info("cron %s: enqueued tick %d as job %s", entry.key_name, tick, ids[0])
         return report

@@ -211,13 +211,15 @@ def test_task_enqueue_keeps_options_apart_from_task_kwargs(fapp: jobq.JobQ, r: r
 def test_option_names_are_the_same_everywhere() -> None:
     import inspect
 
-    from jobq.app import OPTION_NAMES, EnqueueRequest, JobQ
+    from jobq.app import OPTION_NAMES, PY_OPTION_NAMES, EnqueueRequest, JobQ
 
     enqueue_kw = [
         p.name for p in inspect.signature(JobQ.enqueue).parameters.values() if p.kind is p.KEYWORD_ONLY
     ]
-    assert tuple(enqueue_kw) == OPTION_NAMES
-    assert tuple(EnqueueRequest.__dataclass_fields__)[3:] == OPTION_NAMES
+    # The Python API has the shared options plus check_args (the producer's own signature check).
+    assert PY_OPTION_NAMES == (*OPTION_NAMES, "check_args")
+    assert tuple(enqueue_kw) == PY_OPTION_NAMES
+    assert tuple(EnqueueRequest.__dataclass_fields__)[3:] == PY_OPTION_NAMES
 
 
 # -- enqueue_many: one round trip per batch -----------------------------------------------------

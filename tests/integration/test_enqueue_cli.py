@@ -124,7 +124,8 @@ def test_bulk_from_file_enqueues_every_line(
         for i in range(2500)
     ]
     lines.insert(10, "")  # blank lines are skipped
-    lines.append(json.dumps({"task": "email", "kwargs": {"to": "a@b.c"}, "delay": "5m", "priority": 3}))
+    email = {"to": "a@b.c", "subject": "hi", "body": "text"}  # all it needs: checked at enqueue
+    lines.append(json.dumps({"task": "email", "kwargs": email, "delay": "5m", "priority": 3}))
     code, out, err = run(redis_url, "enqueue", "--from-file", write_ndjson(tmp_path / "jobs.ndjson", lines))
     assert code == 0, err
     ids = out.split()

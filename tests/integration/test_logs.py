@@ -125,3 +125,23 @@ def test_a_worker_failure_line_has_the_job_fields(redis_url: str, stream: io.Str
     rec = failures[0]
     assert rec["task"] == "explodes" and rec["queue"] == "logq" and rec["attempt"] == 1
     assert rec["error"] == "ValueError: no good" and rec["level"] == "WARNING"
+
+
+def test_a_text_line_shows_each_field_once(redis_url: str, stream: io.StringIO) -> None:
+    """A worker's failure line names task, queue, attempt and error in its message: the text
+    format appends only the fields the message lacks (issue 17: every field was there twice)."""
+    logs.configure("text", "INFO", stream=stream)
+    app = JobQ(redis_url)
+
+    @app.task(name="explodes", queue="logq", max_attempts=1)
+    def explodes() -> None:
+        raise ValueError("no good")
+
+    job = app.enqueue("explodes")
+    asyncio.run(Worker(app, WorkerConfig(queues=[("logq", 1)], burst=True)).run())
+    app.close()
+    (line,) = [ln for ln in lines(stream) if job.id in ln and "failed" in ln]
+    for name in ("task=", "queue=", "attempt=", "error=", "node="):
+        assert line.count(name) == 1, (name, line)
+    assert line.count(job.id) == 1, line
+    assert "task=explodes" in line and "queue=logq" in line and "ValueError: no good" in line

@@ -47,6 +47,12 @@ def test_parse_queues_refuses_bad_lists(bad: str) -> None:
         (["--grace", "-1s"], "grace"),
         (["--lease", "0s"], "lease: must be greater than 0"),
         (["--poll-interval", "soon"], "poll-interval"),
+        # Below the sane minimums (issue 17: --lease 1ms flapped between fenced and unfenced).
+        (["--lease", "1ms"], "lease: 1ms is below the minimum of 1s"),
+        (["--lease", "0.5"], "lease: 0.5 is below the minimum of 1s"),
+        (["--grace", "1ms"], "grace: 1ms is below the minimum of 100ms (or 0: release at once)"),
+        (["--poll-interval", "1ms"], "poll-interval: 1ms is below the minimum of 50ms"),
+        (["--poll-interval", "0"], "poll-interval: must be greater than 0 (the minimum is 50ms)"),
         (["--concurrency", "0"], "--concurrency"),
         (["--processes", "0"], "--processes"),
         (["--metrics-port", "70000"], "--metrics-port"),
