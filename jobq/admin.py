@@ -306,7 +306,8 @@ def _unknown(app: JobQ, queue: str, verb: str) -> errors.UnknownQueue:
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
     return errors.UnknownQueue(
         f"queue: {queue!r} is unknown: nothing was ever enqueued to it and no node serves it"
-        f"{hint}; nothing done (use --create to {verb} it anyway)"
+        f"{hint}; nothing done (--create on the command line, create=True in Python, to {verb} it"
+        " anyway)"
     )
 
 

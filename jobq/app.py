@@ -917,8 +917,8 @@ class _ArgCheck:
                 return_annotation=inspect.Signature.empty,
             )
             raise errors.InvalidArguments(
-                f"args: {exc} (task {self.name}{bare}; enqueue with _check_args=False, or "
-                "register the task with check_args=False, to skip this check)"
+                f"args: {exc} (task {self.name}{bare}; to skip this check: --no-check-args on the "
+                "command line, _check_args=False on one enqueue or check_args=False on the task)"
             ) from None
 
 
