@@ -9,19 +9,19 @@ from typing import Any
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from jobq import JobQ
 from jobq.cli import main
 from jobq.heartbeat import Heartbeat
 from jobq.store import SyncRunner
 from jobq.worker import Worker, WorkerConfig
+from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]
 
 
 def run(redis_url: str, *args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, *args])
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from jobq import JobQ
 from jobq.cli import main
+from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]
 
 
 def run(redis_url: str, *args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, *args], input=input)
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, *args], input=input)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr

@@ -1,17 +1,26 @@
-"""Build the wheel, install it into a fresh virtualenv, and run an enqueue and a claim against a
-real redis-server from there: a Lua script (or the shared prelude) missing from the wheel can
-never ship. The venv sees the system's site-packages for the dependencies (no download), so the
-test checks that the installed jobq, not the source tree, is what runs."""
+"""Build the wheel and the sdist, install each with its dependencies resolved into a brand-new
+virtualenv (no system site-packages, nothing from the source tree), and run an enqueue and a claim
+against a real redis-server from there: a Lua script (or the shared prelude) missing from a
+distribution, or a dependency missing from its metadata, can never ship.
+
+The dependencies come from PyPI once per run, into a wheelhouse that both installs then resolve
+from offline (``--no-index --find-links``); pip's own cache makes later runs quick."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import textwrap
 import venv
 import zipfile
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 import pytest
 
@@ -26,6 +35,7 @@ PROGRAM = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
+    import click, hiredis, msgpack, prometheus_client, redis
     import jobq
     from jobq.scripts import lua_dir
 
@@ -41,51 +51,66 @@ PROGRAM = textwrap.dedent(
         "task": res.jobs[0].task,
         "acked": codes,
         "status": job.status().value,
+        **{m.__name__: m.__file__ for m in (redis, msgpack, click, prometheus_client, hiredis)},
     }))
     """
 )
 
 
-def build_wheel(out: Path) -> Path:
-    """``python -m build --wheel`` without isolation when hatchling is installed (no download),
-    else with an isolated build environment."""
-    cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out)]
+def pip(py: Path | str, *args: str, timeout: float = 600) -> None:
+    res = subprocess.run(
+        [str(py), "-m", "pip", *args, "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, f"pip {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``python -m build --sdist --wheel``, without isolation when hatchling is installed (no
+    download), else with an isolated build environment."""
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out)]
     if importlib.util.find_spec("hatchling") is not None:
         cmd.append("--no-isolation")
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = out.glob("jobq-*.whl")
-    return wheel
+    (sdist,) = out.glob("jobq-*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}
 
 
-def test_wheel_ships_every_script_and_runs_from_a_fresh_venv(
-    tmp_path: Path, redis_server: RedisServer
-) -> None:
-    wheel = build_wheel(tmp_path / "dist")
-    names = set(zipfile.ZipFile(wheel).namelist())
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, dists: dict[str, Path]) -> Path:
+    """jobq's dependencies as its wheel's metadata declares them, and the build backend the sdist
+    needs, resolved from PyPI (the one step that uses the network)."""
+    wh = tmp_path_factory.mktemp("wheelhouse")
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        backend = tomllib.load(f)["build-system"]["requires"]
+    pip(sys.executable, "download", "-q", "-d", str(wh), str(dists["wheel"]), *backend)
+    return wh
+
+
+def test_the_wheel_ships_every_script(dists: dict[str, Path]) -> None:
+    names = set(zipfile.ZipFile(dists["wheel"]).namelist())
     for n in ScriptName:
         assert f"jobq/lua/{n.value}.lua" in names
     assert f"jobq/lua/{PRELUDE.as_posix()}" in names
     assert "jobq/py.typed" in names
 
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_installs_with_its_dependencies_into_a_new_venv_and_runs(
+    kind: str, dists: dict[str, Path], wheelhouse: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    subprocess.run(
-        [
-            str(py),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--disable-pip-version-check",
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=240,
-    )
+    # Only the wheelhouse: a dependency missing from the metadata is missing here too. For the
+    # sdist, pip builds the wheel itself (in an isolated build environment, from the wheelhouse).
+    pip(py, "install", "-q", "--no-index", "--find-links", str(wheelhouse), str(dists[kind]))
     work = tmp_path / "elsewhere"  # not the source tree, so `import jobq` cannot find it by cwd
     work.mkdir()
     c = redis_server.admin_client()
@@ -94,17 +119,15 @@ def test_wheel_ships_every_script_and_runs_from_a_fresh_venv(
     out = subprocess.run(
         [str(py), "-I", "-c", PROGRAM, redis_server.url],
         cwd=work,
-        check=True,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    import json
-
+    assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     site = env_dir.resolve()
-    assert Path(got["file"]).resolve().is_relative_to(site), got["file"]
-    assert Path(got["lua_dir"]).resolve().is_relative_to(site), got["lua_dir"]
+    for mod in ("file", "lua_dir", "redis", "msgpack", "click", "prometheus_client", "hiredis"):
+        assert Path(got[mod]).resolve().is_relative_to(site), (mod, got[mod])
     assert got["claimed"] == [got["job"]]
     assert got["task"] == "pkg.task"
     assert got["acked"] == [1]

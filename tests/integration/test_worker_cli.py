@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from jobq import InvalidInput, JobQ, JobState
 from jobq.cli import main
 from jobq.cli_worker import load_app, parse_queues
+from tests.harness.cli import cli_runner
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_parse_queues_refuses_bad_lists(bad: str) -> None:
     ],
 )
 def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
-    res = CliRunner().invoke(main, ["worker", *args])
+    res = cli_runner().invoke(main, ["worker", *args])
     assert res.exit_code == 2, res.output
     assert message in res.output
 
@@ -84,7 +84,7 @@ def test_burst_worker_from_the_cli_runs_the_jobs(
     # A different prefix on the command line reaches the node: the app is rebound to it.
     app = JobQ(redis_url, prefix="other")
     jobs = [app.enqueue(f"{TASKS}.record", (k,), queue="proc") for k in range(5)]
-    res = CliRunner().invoke(
+    res = cli_runner().invoke(
         main,
         ["--redis-url", redis_url, "worker", "-A", TASKS, "-Q", "proc", "--burst", "--prefix", "other"],
     )
@@ -98,7 +98,7 @@ def test_burst_worker_from_the_cli_runs_the_jobs(
 def test_worker_without_an_app_runs_builtins_only(redis_url: str) -> None:
     app = JobQ(redis_url)
     job = app.enqueue("someone.elses.task", max_attempts=1)
-    res = CliRunner().invoke(main, ["worker", "--redis-url", redis_url, "--burst"])
+    res = cli_runner().invoke(main, ["worker", "--redis-url", redis_url, "--burst"])
     assert res.exit_code == 0, res.output
     info = job.info()
     assert info.state is JobState.DEAD and "unknown task 'someone.elses.task'" in (info.error or "")

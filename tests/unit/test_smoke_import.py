@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from click.testing import CliRunner
-
 import jobq
 from jobq.cli import main
 from jobq.scripts import ScriptName, lua_dir
+from tests.harness.cli import cli_runner
 
 
 def test_every_lua_file_has_a_script_name() -> None:
@@ -15,7 +14,7 @@ def test_every_lua_file_has_a_script_name() -> None:
 
 
 def test_cli_help_lists_commands() -> None:
-    result = CliRunner().invoke(main, ["--help"])
+    result = cli_runner().invoke(main, ["--help"])
     assert result.exit_code == 0
     assert "jobq" in result.output
     assert jobq.__version__
