@@ -159,12 +159,11 @@ def test_builtin_arguments_are_refused_at_enqueue_by_the_cli(
 ) -> None:
     import json
 
-    from click.testing import CliRunner
-
     from jobq.cli import main
+    from tests.harness.cli import cli_runner
 
     argv = ["--redis-url", redis_url, "enqueue", task, "--kwargs", json.dumps(kwargs)]
-    res = CliRunner().invoke(main, argv)
+    res = cli_runner().invoke(main, argv)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert stored(r) == 0

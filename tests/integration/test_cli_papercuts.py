@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from jobq import FakeClock, JobQ
 from jobq.cli import main
+from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]
 
@@ -17,7 +17,7 @@ T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
 
 
 def run(redis_url: str, *args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, *args])
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
@@ -121,8 +121,8 @@ def test_read_commands_warn_about_an_unknown_queue(redis_url: str) -> None:
         ["jobs", "list", "-q", "emials"],
         ["dead", "list", "-q", "emials"],
     ):
-        result = CliRunner().invoke(main, ["--redis-url", redis_url, *argv])
+        result = cli_runner().invoke(main, ["--redis-url", redis_url, *argv])
         assert result.exit_code == 0, result.output
         assert "warning: queue 'emials' is unknown" in result.stderr, argv
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, "stats", "-q", "emails"])
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, "stats", "-q", "emails"])
     assert result.exit_code == 0 and "warning" not in result.stderr

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from jobq import logs
 from jobq.cli import main
 from jobq.cli_worker import load_app
 from jobq.worker import Worker, WorkerConfig
+from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]
 
@@ -58,7 +58,7 @@ def mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def run(redis_url: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, *args], env=env)
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, *args], env=env)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout + result.stderr
@@ -119,7 +119,7 @@ def test_enqueue_with_app_refuses_unknown_names_and_bad_arguments(
     lines = "".join(
         json.dumps(d) + "\n" for d in ({"task": "report"}, {"task": "nope"}, {"task": f"{mod}.send_email"})
     )
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main, ["--redis-url", redis_url, "enqueue", "-A", mod, "--from-file", "-"], input=lines
     )
     assert result.exit_code == 2
@@ -130,7 +130,7 @@ def test_enqueue_with_app_refuses_unknown_names_and_bad_arguments(
     code, out = run(redis_url, "enqueue", "-A", mod, f"{mod}.send_email", "[1, 2, 3]", "--no-check-args")
     assert code == 0, out
     # Bulk with -A resolves short names per line.
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main,
         ["--redis-url", redis_url, "enqueue", "-A", mod, "--from-file", "-", "--json"],
         input=json.dumps({"task": "report"}) + "\n",

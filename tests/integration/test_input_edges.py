@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from jobq import EnqueueRequest, InvalidJobId, InvalidQueueName, JobQ
 from jobq.cli import main
 from jobq.http import ApiServer
+from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]
 
 
 def cli(redis_url: str, *args: str, input: str | bytes | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, *args], input=input)
+    result = cli_runner().invoke(main, ["--redis-url", redis_url, *args], input=input)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout + result.stderr

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from jobq import InvalidInput, JobQ, connection
 from jobq.cli import main
+from tests.harness.cli import cli_runner
 from tests.harness.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration]
@@ -44,7 +44,7 @@ def test_library_errors_name_the_problem_not_the_password(url: str, why: str) ->
 
 @pytest.mark.parametrize(("url", "why"), BAD)
 def test_cli_errors_name_the_problem_not_the_password(url: str, why: str) -> None:
-    res = CliRunner().invoke(main, ["stats"], env={"JOBQ_REDIS_URL": url})
+    res = cli_runner().invoke(main, ["stats"], env={"JOBQ_REDIS_URL": url})
     assert res.exit_code in (1, 2) and not isinstance(res.exception, (TypeError, ValueError)), res.output
     assert why in res.output and "Traceback" not in res.output
     assert not any(p in res.output for p in SECRET_PIECES), res.output
@@ -98,7 +98,7 @@ def test_unix_socket_urls_connect(unix_server: tuple[RedisServer, Path]) -> None
     job = app.enqueue("t")
     assert job.status().value == "ready"
     app.close()
-    res = CliRunner().invoke(main, ["--redis-url", f"unix://{sock}?db=2", "stats", "--json"])
+    res = cli_runner().invoke(main, ["--redis-url", f"unix://{sock}?db=2", "stats", "--json"])
     assert res.exit_code == 0 and '"ready": 1' in res.output
 
 
@@ -124,7 +124,7 @@ def _seed(redis_url: str) -> tuple[JobQ, str]:
 def test_status_args_mask_credentials_inside_values(redis_url: str) -> None:
     app, job_id = _seed(redis_url)
     for extra in ([], ["--json"]):
-        res = CliRunner().invoke(main, ["--redis-url", redis_url, "status", job_id, "--args", *extra])
+        res = cli_runner().invoke(main, ["--redis-url", redis_url, "status", job_id, "--args", *extra])
         assert res.exit_code == 0, res.output
         assert not any(s in res.output for s in LEAKS), res.output
         # What is not a secret is still shown.

@@ -32,6 +32,6 @@ def test_version_has_one_source() -> None:
     assert found is not None
     declared = found.group(1)
     assert jobq.__version__ == version("jobq") == declared
-    result = CliRunner().invoke(main, ["--version"])
+    result = cli_runner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"jobq, version {declared}"
