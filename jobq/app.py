@@ -105,6 +105,9 @@ class TaskDefaults:
     max_attempts: int = 3
     timeout: float | None = None
     retry_backoff: float = 1.0
+    #: Releases of a started job (node shutdowns before it finished) at which it is
+    #: dead-lettered with reason ``interrupted``; None = the worker's ``max_interruptions``.
+    max_interruptions: int | None = None
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -375,6 +378,7 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        max_interruptions: int | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -388,12 +392,23 @@ class JobQ:
         max_attempts: int = 3,
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
+        max_interruptions: int | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a ``def`` or ``async def`` function as a task.
 
         ``@app.task`` or ``@app.task(queue="emails", priority=5, max_attempts=5, timeout=30,
         retry_backoff=2)``. The task's name defaults to ``module.qualname``.
+        ``max_interruptions``: a started job released unfinished by this many node shutdowns
+        is dead-lettered with reason ``interrupted`` (default: the worker's, 5; 0 = never).
         """
+        if max_interruptions is not None and (
+            isinstance(max_interruptions, bool)
+            or not isinstance(max_interruptions, int)
+            or max_interruptions < 0
+        ):
+            raise errors.InvalidInput(
+                f"max_interruptions: must be an integer >= 0, got {max_interruptions!r}", "max_interruptions"
+            )
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             defaults = TaskDefaults(
@@ -405,6 +420,7 @@ class JobQ:
                 else seconds_to_ms(timeout, "timeout", errors.InvalidTimeout) / 1000,
                 retry_backoff=seconds_to_ms(retry_backoff, "retry_backoff", errors.InvalidRetryBackoff)
                 / 1000,
+                max_interruptions=max_interruptions,
             )
             task_name = validate_task_name(name or f"{f.__module__}.{f.__qualname__}")
             t: Task[P, R] = Task(self, task_name, f, defaults)
@@ -812,6 +828,7 @@ _INFO_FIELDS = (
     "error",
     "unique",
     "reaped",
+    "interrupted",
 )
 
 
@@ -836,6 +853,8 @@ class JobInfo:
     error: str | None = None
     unique_key: str | None = None
     reaped: int = 0
+    #: Times a node shutdown released this job unfinished after it started.
+    interrupted: int = 0
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
     has_result: bool = False
@@ -915,6 +934,7 @@ class Job:
             error=s(v["error"]),
             unique_key=s(v["unique"]),
             reaped=_int_or_none(v["reaped"]) or 0,
+            interrupted=_int_or_none(v["interrupted"]) or 0,
             args=args,
             kwargs=kwargs,
             has_result=v["result"] is not None,
