@@ -968,6 +968,8 @@ class Worker:
         )
         backoff = Backoff(0.05, 2.0)
         faults.crash_point("before_ack")
+        if faults.HOLD:
+            await faults.hold_point("before_ack")
         while True:
             try:
                 codes = await self.runner.run(call)

@@ -403,6 +403,7 @@ def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
     app: JobQ, r: redis.Redis, bg: list[Background]
 ) -> None:
     """They started: each keeps its attempt and counts one interruption (a re-run is visible)."""
+
     @app.task
     async def forever() -> None:
         await asyncio.sleep(60)
