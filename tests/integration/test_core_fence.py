@@ -175,3 +175,44 @@ def test_release_dead_letters_a_job_without_priority_as_reap_does(fapp: jobq.Job
     assert r.zscore(fapp.keys.dead(Q), job.id) is not None
     assert r.llen(fapp.keys.active(Q, "a")) == 0 and r.zcard(fapp.keys.leases(Q)) == 0
     assert job.status() is jobq.JobState.DEAD
+
+
+def test_the_reaper_logs_and_reports_dead_letters_trimmed_by_count(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dead_max lowered below the list's size: the next reap deletes the oldest, reports how many
+    and logs one line for the pass; the worker counts them in jobq_dead_trimmed_total."""
+    import asyncio
+
+    from jobq.connection import async_client
+    from jobq.metrics import Metrics
+    from jobq.reaper import Reaper
+    from jobq.store import AsyncRunner
+
+    big = jobq.JobQ(redis_url, dead_max=10)
+    small = jobq.JobQ(redis_url, dead_max=1)
+    try:
+        for i in range(3):
+            j = big.enqueue("t", queue=Q, max_attempts=1, job_id=f"d{i}")
+            big.run(big.store.claim(Q, "a", 1, LEASE_MS))
+            assert big.run(big.store.fail(Q, "a", j.id, "boom", attempt=1)).outcome == "dead"
+
+        async def reap() -> dict[str, int]:
+            client = async_client(redis_url)
+            try:
+                reaper = Reaper(small, AsyncRunner(client), [Q], node_ttl_ms=60_000, interval=1.0)
+                return (await reaper.run_once(guard=False)).trimmed
+            finally:
+                await client.aclose()
+
+        with caplog.at_level("WARNING", logger="jobq.reaper"):
+            assert asyncio.run(reap()) == {Q: 2}
+        lines = [x.getMessage() for x in caplog.records if "dead letter(s) deleted" in x.getMessage()]
+        assert len(lines) == 1 and "2 dead letter(s)" in lines[0] and "dead_max (1)" in lines[0]
+        assert [m.decode() for m in small.client.zrange(small.keys.dead(Q), 0, -1)] == ["d2"]
+        m = Metrics(small, collect_queues=False)
+        m.dead_trimmed_by_count(Q, 2)
+        assert f'jobq_dead_trimmed_total{{queue="{Q}"}} 2.0' in m.exposition().decode()
+    finally:
+        big.close()
+        small.close()
