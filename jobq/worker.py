@@ -1147,6 +1147,8 @@ class Worker:
         attempts: list[int | None] | None = None
         limits: list[int] | None = None
         if held is not None:
+            if not held:
+                return ReleaseResult(0)  # an empty list must not mean "everything held"
             runs = [r for r in held if isinstance(r, _Running)]
             if runs:
                 ids = [r.job.id for r in runs]
