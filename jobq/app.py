@@ -109,6 +109,9 @@ class TaskDefaults:
     max_attempts: int = 3
     timeout: float | None = None
     retry_backoff: float = 1.0
+    #: Releases of a started job (node shutdowns before it finished) at which it is
+    #: dead-lettered with reason ``interrupted``; None = the worker's ``max_interruptions``.
+    max_interruptions: int | None = None
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -418,6 +421,7 @@ class JobQ:
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
         check_args: bool = True,
+        max_interruptions: int | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -432,6 +436,7 @@ class JobQ:
         timeout: Seconds | timedelta | None = None,
         retry_backoff: Seconds | timedelta = 1.0,
         check_args: bool = True,
+        max_interruptions: int | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a ``def`` or ``async def`` function as a task.
 
@@ -443,7 +448,18 @@ class JobQ:
         stored) for a missing or unexpected one, as calling it would; turn it off for a task
         whose producer-side signature differs from the worker's. One call can skip it with
         ``_check_args=False`` (or ``options(check_args=False)``).
+
+        ``max_interruptions``: a started job released unfinished by this many node shutdowns
+        is dead-lettered with reason ``interrupted`` (default: the worker's, 5; 0 = never).
         """
+        if max_interruptions is not None and (
+            isinstance(max_interruptions, bool)
+            or not isinstance(max_interruptions, int)
+            or max_interruptions < 0
+        ):
+            raise errors.InvalidInput(
+                f"max_interruptions: must be an integer >= 0, got {max_interruptions!r}", "max_interruptions"
+            )
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             defaults = TaskDefaults(
@@ -455,6 +471,7 @@ class JobQ:
                 else seconds_to_ms(timeout, "timeout", errors.InvalidTimeout) / 1000,
                 retry_backoff=seconds_to_ms(retry_backoff, "retry_backoff", errors.InvalidRetryBackoff)
                 / 1000,
+                max_interruptions=max_interruptions,
             )
             task_name = validate_task_name(name or f"{f.__module__}.{f.__qualname__}")
             t: Task[P, R] = Task(self, task_name, f, defaults, check_args=check_args)
@@ -965,6 +982,7 @@ _INFO_FIELDS = (
     "error",
     "unique",
     "reaped",
+    "interrupted",
 )
 
 
@@ -989,6 +1007,8 @@ class JobInfo:
     error: str | None = None
     unique_key: str | None = None
     reaped: int = 0
+    #: Times a node shutdown released this job unfinished after it started.
+    interrupted: int = 0
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
     has_result: bool = False
@@ -1068,6 +1088,7 @@ class Job:
             error=s(v["error"]),
             unique_key=s(v["unique"]),
             reaped=_int_or_none(v["reaped"]) or 0,
+            interrupted=_int_or_none(v["interrupted"]) or 0,
             args=args,
             kwargs=kwargs,
             has_result=v["result"] is not None,

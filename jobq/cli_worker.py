@@ -247,6 +247,14 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     help="Drain and exit 0 once this many timed-out sync tasks are stuck in their threads "
     "(so a supervisor restarts the node); 0 = never.",
 )
+@click.option(
+    "--max-interruptions",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Dead-letter a job (reason 'interrupted') once it was released unfinished by this many "
+    "shutdowns; a task's own max_interruptions wins; 0 = never.",
+)
 @click.option("--no-maintenance", is_flag=True, hidden=True, help="Run no reaper/scheduler.")
 @click.pass_context
 def worker(
@@ -267,12 +275,15 @@ def worker(
     poll_interval: float,
     reap_interval: float | None,
     max_zombies: int,
+    max_interruptions: int,
     no_maintenance: bool,
 ) -> None:
     """Run a worker node: claim jobs from QUEUES and run them.
 
     SIGTERM/SIGINT: stop claiming, let running jobs finish within --grace, release the rest back
-    to ready (no attempt counted) and exit 0. A second signal releases at once.
+    to ready and exit 0. A second signal releases at once. A released job that never started
+    counts no attempt; one that started keeps its attempt and counts an interruption (dead-
+    lettered at --max-interruptions).
     """
     from jobq import builtin, logs
 
@@ -312,6 +323,7 @@ def worker(
         reap_interval=reap_interval,
         maintenance=not no_maintenance,
         max_zombies=max_zombies,
+        max_interruptions=max_interruptions,
     )
     if processes == 1:
         code = _run_node(app, config, url, metrics_host, metrics_port)

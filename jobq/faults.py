@@ -16,13 +16,20 @@ The points, in the order one job passes them:
 - ``before_ack``: jobs finished running; their ack script call is about to be sent;
 - ``after_ack_sent``: the ack script returned (Redis finished the jobs); the node has not yet
   updated its own state.
+
+``JOBQ_HOLD_POINT=<name>`` (``before_ack`` only) holds the worker at that point the first time it
+passes it: that one ack waits, the rest of the node (claims, runs, renewals) goes on, until the
+process receives SIGUSR1. A test orders events with it: e.g. a job claimed again while the ack
+of its earlier attempt is still on its way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+import signal
 import sys
 import threading
 
@@ -93,3 +100,30 @@ def crash_point(name: str) -> None:
     timer = threading.Timer(delay, os._exit, (CRASH_EXIT_CODE,))
     timer.daemon = True
     timer.start()
+
+
+#: The environment variable naming the hold point (see the module docstring).
+HOLD_ENV = "JOBQ_HOLD_POINT"
+#: The points a worker can be held at.
+HOLD_POINTS = frozenset({"before_ack"})
+#: The configured hold point ("" = none: the worker does not call :func:`hold_point`).
+HOLD = os.environ.get(HOLD_ENV, "") if os.environ.get(HOLD_ENV, "") in HOLD_POINTS else ""
+_held = threading.Event()
+
+
+async def hold_point(name: str) -> None:
+    """Wait here for SIGUSR1 the first time the configured hold point is passed."""
+    if name != HOLD or _held.is_set():
+        return
+    _held.set()
+    loop = asyncio.get_running_loop()
+    go = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, go.set)
+    sys.stderr.write(f"jobq.faults: holding at {name} (pid {os.getpid()}) until SIGUSR1\n")
+    sys.stderr.flush()
+    try:
+        await go.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+    sys.stderr.write(f"jobq.faults: released at {name}\n")
+    sys.stderr.flush()

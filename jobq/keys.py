@@ -130,6 +130,11 @@ class Keys:
         """LIST of the job ids ``node`` has claimed from ``q``."""
         return f"{self.prefix}:{{{q}}}:active:{node}"
 
+    def acked(self, q: str, node: str) -> str:
+        """ZSET of ``node``'s recent ack calls on ``q`` whose jobs were deleted at once (retention
+        0), so a re-sent call is told from a new one; built by the ack script, kept 60 s."""
+        return f"{self.prefix}:{{{q}}}:acked:{node}"
+
     def leases(self, q: str) -> str:
         """ZSET job id -> lease deadline ms."""
         return f"{self.prefix}:{{{q}}}:leases"

@@ -169,6 +169,18 @@ class Metrics:
         self.reaped = Counter(
             "jobq_jobs_reaped", "Jobs recovered from expired leases by this node", ["queue"], registry=r
         )
+        self.interrupted = Counter(
+            "jobq_jobs_interrupted",
+            "Started jobs this node released unfinished at shutdown (each re-runs, counted on the job)",
+            ["queue"],
+            registry=r,
+        )
+        self.dead_trimmed = Counter(
+            "jobq_dead_trimmed",
+            "Dead letters deleted because the dead-letter list was over dead_max",
+            ["queue"],
+            registry=r,
+        )
         self.duration = Histogram(
             "jobq_job_duration_seconds", "Run time of an attempt", qt, buckets=DURATION_BUCKETS, registry=r
         )
@@ -254,6 +266,14 @@ class Metrics:
     def jobs_reaped(self, queue: str, n: int) -> None:
         if n > 0:
             self.reaped.labels(self._queue(queue)).inc(n)
+
+    def jobs_interrupted(self, queue: str, n: int) -> None:
+        if n > 0:
+            self.interrupted.labels(self._queue(queue)).inc(n)
+
+    def dead_trimmed_by_count(self, queue: str, n: int) -> None:
+        if n > 0:
+            self.dead_trimmed.labels(self._queue(queue)).inc(n)
 
     def set_node_gauges(self, inflight: int, busy: int) -> None:
         self.inflight.set(inflight)

@@ -27,6 +27,8 @@ class ReapReport:
 
     requeued: dict[str, list[str]] = field(default_factory=dict)
     dead: dict[str, list[str]] = field(default_factory=dict)
+    #: Dead letters deleted because a queue's dead-letter list was over ``dead_max``.
+    trimmed: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -86,6 +88,15 @@ class Reaper:
                 first = False
                 if res.skipped:
                     break
+                if res.dead_trimmed:
+                    report.trimmed[q] = report.trimmed.get(q, 0) + res.dead_trimmed
+                    log.warning(
+                        "queue %s: %d dead letter(s) deleted, oldest first: the dead-letter list was "
+                        "over dead_max (%d)",
+                        q,
+                        res.dead_trimmed,
+                        self.app.store.limits.dead_max,
+                    )
                 if res.requeued:
                     report.requeued.setdefault(q, []).extend(res.requeued)
                     log.warning(
@@ -112,7 +123,8 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
     ``--node-id``). Handle them as a reaped lease would: the attempt stays counted, the job is
     retried at once, or dead-lettered with reason ``lease_expired`` when no attempt is left.
     (Releasing them instead would uncount the attempt, and a task that crashes its node would
-    run forever: RELIABILITY F11.) Returns the number of jobs recovered."""
+    run forever: RELIABILITY F11.) The fail names no attempt: it is whichever this node holds.
+    Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
         for raw in await runner.client.lrange(app.keys.active(q, node), 0, 999):

@@ -93,13 +93,20 @@ class ClaimResult:
     jobs: list[ClaimedJob]
     #: (job id, reason) of jobs dead-lettered instead of claimed.
     dead: list[tuple[str, str]]
+    #: Dead letters deleted because the queue's list was over ``dead_max``.
+    dead_trimmed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class FailResult:
-    #: "retry", "dead", "lease_lost" or "missing"
+    #: "retry", "dead", "lease_lost" (refused: another attempt holds the job) or "missing"
     outcome: str
     run_at_ms: int
+    #: This attempt's failure was already recorded by an earlier send of the same call (its
+    #: reply was lost); ``outcome`` tells what that send did.
+    repeated: bool = False
+    #: Dead letters deleted because the queue's list was over ``dead_max``.
+    dead_trimmed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,20 @@ class ReapResult:
     requeued: list[str]
     dead: list[str]
     skipped: bool = False
+    #: Dead letters deleted because the queue's list was over ``dead_max``.
+    dead_trimmed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    #: Jobs put back in ready...
+    released: int
+    #: ... of which this many had started (an interruption counted on each).
+    interrupted: int = 0
+    #: (job id, reason) of jobs dead-lettered instead: interrupted too often, or no usable hash.
+    dead: list[tuple[str, str]] = field(default_factory=list)
+    #: Dead letters deleted because the queue's list was over ``dead_max``.
+    dead_trimmed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +280,9 @@ class Store:
                     )
                 )
             dead = [(_s(raw[pos + 2 * i]), _s(raw[pos + 2 * i + 1])) for i in range(n_dead)]
-            return ClaimResult(int(raw[0]), _due(raw[1]), jobs, dead)
+            pos += 2 * n_dead
+            trimmed = int(raw[pos]) if len(raw) > pos else 0
+            return ClaimResult(int(raw[0]), _due(raw[1]), jobs, dead, trimmed)
 
         return Call(ScriptName.CLAIM, keys, args, parse, queue)
 
@@ -269,19 +292,31 @@ class Store:
         node: str,
         items: Sequence[tuple[str, bytes]],
         *,
+        attempts: Sequence[int | None] | None = None,
         now_ms: int | None = None,
     ) -> Call[list[int]]:
-        """Finish jobs: ``items`` are (job id, encoded result or b"")."""
+        """Finish jobs: ``items`` are (job id, encoded result or b""); ``attempts`` the attempt
+        number each job's claim returned, in the same order (the per-attempt fence; None = the
+        attempt this node holds). Codes: 1 finished, 0 already finished by this attempt (a
+        repeated call), -1 no such job, -2 refused (stale: another attempt holds the job).
+
+        The call carries a random id, the same in every send of it, so that Redis tells a call
+        re-sent after a lost reply from a new one even when the finished job was deleted at once
+        (retention 0)."""
         k = self.keys
+        if attempts is not None and len(attempts) != len(items):
+            raise ValueError("ack: one attempt per item")
         args: list[Arg] = [
             k.queue_prefix(queue),
             node,
             _now(now_ms),
             self.limits.retention_ms,
             len(items),
+            os.urandom(8).hex(),
         ]
-        for job_id, result in items:
-            args += (job_id, result)
+        for i, (job_id, result) in enumerate(items):
+            attempt = None if attempts is None else attempts[i]
+            args += (job_id, "" if attempt is None else attempt, result)
         keys = [k.active(queue, node), k.leases(queue), k.finished(queue), k.slot_guard(queue)]
         return Call(
             ScriptName.ACK,
@@ -302,8 +337,11 @@ class Store:
         dead: bool = False,
         delay_ms: int | None = None,
         jitter: float | None = None,
+        attempt: int | None = None,
         now_ms: int | None = None,
     ) -> Call[FailResult]:
+        """Record a failed attempt; ``attempt`` is the attempt number the claim returned (the
+        per-attempt fence; None = the attempt this node holds)."""
         k, lim = self.keys, self.limits
         keys = [
             k.active(queue, node),
@@ -326,13 +364,14 @@ class Store:
             lim.backoff_cap_ms,
             lim.dead_max,
             lim.dead_ttl_ms,
+            "" if attempt is None else attempt,
         ]
         outcomes = {1: "retry", 2: "dead", -2: "lease_lost", -1: "missing"}
         return Call(
             ScriptName.FAIL,
             keys,
             args,
-            lambda raw: FailResult(outcomes[int(raw[0])], int(raw[1])),
+            lambda raw: FailResult(outcomes[int(raw[0])], int(raw[1]), bool(int(raw[2])), int(raw[3])),
             queue,
         )
 
@@ -362,15 +401,42 @@ class Store:
         node: str,
         job_ids: Sequence[str] | None = None,
         *,
+        attempts: Sequence[int | None] | None = None,
+        max_interruptions: Sequence[int] | None = None,
         now_ms: int | None = None,
-    ) -> Call[int]:
-        """Give jobs back to ready without counting an attempt; ``None`` = all the node holds
-        (up to 1,000 per call)."""
-        k = self.keys
+    ) -> Call[ReleaseResult]:
+        """Give jobs back to ready; ``None`` = all the node holds (up to 1,000 per call), as
+        never started. Per job (same order as ``job_ids``): ``attempts``, the attempt number
+        its claim returned (None = the attempt this node holds); ``max_interruptions``, 0 for a
+        job that never started (its attempt is given back; the default), else the job started:
+        it keeps its attempt, counts an interruption, and is dead-lettered (``interrupted``) at
+        this many."""
+        k, lim = self.keys, self.limits
         ids = list(job_ids or [])
-        keys = [k.active(queue, node), k.leases(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
-        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), len(ids), *ids]
-        return Call(ScriptName.RELEASE, keys, args, int, queue)
+        if attempts is not None and len(attempts) != len(ids):
+            raise ValueError("release: one attempt per job id")
+        if max_interruptions is not None and len(max_interruptions) != len(ids):
+            raise ValueError("release: one max_interruptions per job id")
+        keys = [
+            k.active(queue, node),
+            k.leases(queue),
+            k.ready(queue),
+            k.seq(queue),
+            k.dead(queue),
+            k.slot_guard(queue),
+        ]
+        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), len(ids), lim.dead_max, lim.dead_ttl_ms]
+        for i, job_id in enumerate(ids):
+            attempt = None if attempts is None else attempts[i]
+            limit = 0 if max_interruptions is None else max_interruptions[i]
+            args += (job_id, "" if attempt is None else attempt, limit)
+
+        def parse(raw: Any) -> ReleaseResult:
+            n_dead = int(raw[2])
+            dead = [(_s(raw[4 + 2 * i]), _s(raw[5 + 2 * i])) for i in range(n_dead)]
+            return ReleaseResult(int(raw[0]), int(raw[1]), dead, int(raw[3]))
+
+        return Call(ScriptName.RELEASE, keys, args, parse, queue)
 
     # -- maintenance ------------------------------------------------------------------------------
     def reap(
@@ -406,8 +472,10 @@ class Store:
             if int(raw[0]) < 0:
                 return ReapResult([], [], skipped=True)
             n_req, n_dead = int(raw[0]), int(raw[1])
-            ids = [_s(x) for x in raw[2:]]
-            return ReapResult(ids[:n_req], ids[n_req : n_req + n_dead])
+            ids = [_s(x) for x in raw[2 : 2 + n_req + n_dead]]
+            end = 2 + n_req + n_dead
+            trimmed = int(raw[end]) if len(raw) > end else 0
+            return ReapResult(ids[:n_req], ids[n_req:], dead_trimmed=trimmed)
 
         return Call(ScriptName.REAP, keys, args, parse, queue)
 

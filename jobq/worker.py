@@ -23,9 +23,16 @@ seconds goes back to ready, so a buffered job waits milliseconds, not the run ti
 and other nodes can still take the work. A job's timeout starts when it starts. A deadline is
 checked by the claim, so a buffered job may start up to its buffer wait after its deadline.
 
-Shutdown (SIGTERM/SIGINT): stop claiming, hand buffered jobs back at once, let running jobs finish
-within ``grace``, release the rest back to ready without counting an attempt, exit 0. A second
-signal releases at once.
+Shutdown (SIGTERM/SIGINT): stop claiming, hand buffered jobs back at once (their attempt is not
+counted: they never started), let running jobs finish within ``grace``, release the rest back to
+ready, exit 0. A second signal releases at once. A released job that had started keeps its
+attempt and counts an interruption; at ``max_interruptions`` (the task's, else the node's) it is
+dead-lettered with reason ``interrupted`` instead, so a job longer than the grace cannot re-run
+at every deploy forever.
+
+Every completion names its attempt (the attempt number the claim returned): Redis refuses an
+ack, fail or release of any other attempt of the job, even one this node claimed again after
+its lease was reaped, and the worker counts the refusal as a stale completion.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from jobq.heartbeat import BeatResult, Heartbeat
 from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
-from jobq.store import AsyncRunner, ClaimedJob, SyncRunner
+from jobq.store import AsyncRunner, ClaimedJob, ReleaseResult, SyncRunner
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
@@ -121,6 +128,9 @@ class WorkerConfig:
     #: Most jobs claimed ahead of free slots (the prefetch buffer; see the module docstring).
     #: None: up to ``concurrency``, sized from recent run times; 0: claim for free slots only.
     prefetch: int | None = None
+    #: A started job released this many times (shutdowns before it finished) is dead-lettered
+    #: with reason ``interrupted``; a task's own ``max_interruptions`` wins. 0 = never.
+    max_interruptions: int = 5
 
 
 def default_node_id() -> str:
@@ -284,7 +294,7 @@ class Worker:
         self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
-        self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0}
+        self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0, "interrupted": 0}
         self.heartbeat: Heartbeat | None = None
         self.client: Any = None
         self.runner: AsyncRunner | None = None
@@ -604,7 +614,7 @@ class Worker:
         for i in range(0, len(runs), 1000):
             part = runs[i : i + 1000]
             try:
-                await self._release(queue, [r.job.id for r in part])
+                await self._release(queue, part)
             except Exception as exc:
                 # Still in the active list and known here, so still leased: the release at exit,
                 # or the reaper, takes them back.
@@ -654,6 +664,7 @@ class Worker:
                 log.error("queue %s: job %s dead-lettered at claim: %s", q, job_id, reason)
                 if self.metrics is not None:
                     self.metrics.job_failed(q, "", 0.0, "dead")
+            self._dead_trimmed(q, res.dead_trimmed)
             if res.jobs:
                 faults.crash_point("after_claim")
                 self._take(res.jobs, res.now_ms)
@@ -840,6 +851,7 @@ class Worker:
             error,
             dead=dead,
             delay_ms=None if delay is None else round(delay * 1000),
+            attempt=job.attempts,
             now_ms=self.app.now_ms(),
         )
         for attempt in range(5):
@@ -858,11 +870,33 @@ class Worker:
             self._forget(run)
             return
         self._forget(run)
-        self.stats["failed"] += 1
+        if res.repeated:
+            log.info(
+                "job %s: the failure of attempt %d was already recorded (a repeated call)",
+                job.id,
+                job.attempts,
+            )
+        self._dead_trimmed(job.queue, res.dead_trimmed)
         if res.outcome == "lease_lost":
             self._stale(run)
-        elif self.metrics is not None:
+            return
+        self.stats["failed"] += 1
+        if self.metrics is not None:
             self.metrics.job_failed(job.queue, job.task, run_s, res.outcome)
+
+    def _dead_trimmed(self, queue: str, n: int) -> None:
+        """A script deleted ``n`` dead letters of ``queue`` because the dead-letter list was over
+        its count bound: say so (one line per trim) and count them."""
+        if n <= 0:
+            return
+        log.warning(
+            "queue %s: %d dead letter(s) deleted, oldest first: the dead-letter list was over dead_max (%d)",
+            queue,
+            n,
+            self.app.store.limits.dead_max,
+        )
+        if self.metrics is not None:
+            self.metrics.dead_trimmed_by_count(queue, n)
 
     def _stale(self, run: _Running) -> None:
         """Redis refused the ack or fail: another node holds the job now (stale completion)."""
@@ -926,10 +960,16 @@ class Worker:
     async def _ack_batch(self, queue: str, items: list[tuple[_Running, bytes]]) -> None:
         assert self.runner is not None
         call = self.app.store.ack(
-            queue, self.node, [(r.job.id, enc) for r, enc in items], now_ms=self.app.now_ms()
+            queue,
+            self.node,
+            [(r.job.id, enc) for r, enc in items],
+            attempts=[r.job.attempts for r, _ in items],
+            now_ms=self.app.now_ms(),
         )
         backoff = Backoff(0.05, 2.0)
         faults.crash_point("before_ack")
+        if faults.HOLD:
+            await faults.hold_point("before_ack")
         while True:
             try:
                 codes = await self.runner.run(call)
@@ -939,7 +979,7 @@ class Worker:
                 if isinstance(exc, RedisUnavailable) and exc.slot and not self._stopping:
                     self._defer_acks(queue, items, exc)
                     return
-                # Retrying is safe: a repeated ack of a job this node finished returns 0.
+                # Retrying is safe: a repeated ack of an attempt that finished returns 0.
                 log.warning("ack of %d job(s) failed: %s; retrying", len(items), exc)
                 await asyncio.sleep(backoff.next())
                 if self._hard_stop is not None and self._hard_stop.is_set() and backoff.at_cap:
@@ -1016,7 +1056,7 @@ class Worker:
 
     async def _release_unknown(self, queue: str, ids: list[str]) -> None:
         try:
-            await self._release(queue, ids)
+            await self._release(queue, ids)  # never started here: attempt given back
         except JobqError as exc:
             # They stay in the active list, leased; the heartbeat finds them again two beats on.
             log.warning("queue %s: releasing %d unknown job(s) failed: %s", queue, len(ids), exc)
@@ -1086,10 +1126,36 @@ class Worker:
                     )
         self._poke()
 
-    async def _release(self, queue: str, ids: list[str] | None) -> int:
+    def _max_interruptions(self, run: _Running) -> int:
+        """The release limit for one held job: 0 if it never started (its attempt is given back),
+        else the interruptions at which it is dead-lettered (the task's, else the node's)."""
+        if run.task is None:
+            return 0
+        task = self.app.tasks.get(run.job.task)
+        limit = task.defaults.max_interruptions if task is not None else None
+        if limit is None:
+            limit = self.config.max_interruptions
+        return limit if limit > 0 else 1_000_000
+
+    async def _release(self, queue: str, held: list[_Running] | list[str] | None) -> ReleaseResult:
+        """Release jobs this node holds: ``held`` runs (each names its attempt; a started one
+        counts an interruption), ids of claimed jobs the node never saw, or ``None`` = every job
+        in the node's active list (as never started)."""
         assert self.runner is not None
         runner = self.runner
-        if ids is not None:
+        ids: list[str] | None = None
+        attempts: list[int | None] | None = None
+        limits: list[int] | None = None
+        if held is not None:
+            if not held:
+                return ReleaseResult(0)  # an empty list must not mean "everything held"
+            runs = [r for r in held if isinstance(r, _Running)]
+            if runs:
+                ids = [r.job.id for r in runs]
+                attempts = [r.job.attempts for r in runs]
+                limits = [self._max_interruptions(r) for r in runs]
+            else:
+                ids = [r for r in held if isinstance(r, str)]
             # Never re-sent after a connection error: a release whose reply was lost may have
             # run, and this node may have claimed the job again since; a blind re-send would
             # hand that new claim back while it runs (F8: jobs ran twice, no reap). What is left
@@ -1101,12 +1167,37 @@ class Worker:
                 once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
                 self._once_runner = AsyncRunner(connection.async_client(self.url, retry=once))
             runner = self._once_runner
-        total = 0
+        released = interrupted = trimmed = 0
+        dead: list[tuple[str, str]] = []
         while True:
-            n = await runner.run(self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms()))
-            total += n
-            if ids is not None or n < 1000:
-                return total
+            call = self.app.store.release(
+                queue,
+                self.node,
+                ids,
+                attempts=attempts,
+                max_interruptions=limits,
+                now_ms=self.app.now_ms(),
+            )
+            res = await runner.run(call)
+            released += res.released
+            interrupted += res.interrupted
+            trimmed += res.dead_trimmed
+            dead += res.dead
+            self._count_release(queue, res)
+            if ids is not None or res.released + len(res.dead) < 1000:
+                return ReleaseResult(released, interrupted, dead, trimmed)
+
+    def _count_release(self, queue: str, res: ReleaseResult) -> None:
+        """Count and log what one release call did besides giving jobs back."""
+        if res.interrupted:
+            self.stats["interrupted"] += res.interrupted
+            if self.metrics is not None:
+                self.metrics.jobs_interrupted(queue, res.interrupted)
+        for job_id, reason in res.dead:
+            log.error("queue %s: job %s dead-lettered at release: %s", queue, job_id, reason)
+            if self.metrics is not None:
+                self.metrics.job_failed(queue, "", 0.0, "dead")
+        self._dead_trimmed(queue, res.dead_trimmed)
 
     # -- maintenance ----------------------------------------------------------------------------
     async def _maintain(self) -> None:
@@ -1142,6 +1233,8 @@ class Worker:
                                 self.metrics.jobs_reaped(q, len(ids))
                             for q, ids in report.dead.items():
                                 self.metrics.jobs_reaped(q, len(ids))
+                            for q, n in report.trimmed.items():
+                                self.metrics.dead_trimmed_by_count(q, n)
             except (RedisUnavailable, RedisBusy) as exc:
                 log.warning("maintenance pass failed: %s", exc)
                 # After a reconnect, let live nodes renew before reaping anything.
@@ -1227,14 +1320,26 @@ class Worker:
         # Finish what completed, then hand back everything else this node still holds.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_acks(), timeout=5)
-        released = 0
+        released = interrupted = 0
         for q in self.queues:
+            # The jobs known here name their attempt (a started one counts an interruption);
+            # then whatever else the active list holds (claims never heard of: not started).
+            held = [r for r in list(self.running.values()) if r.job.queue == q and not r.lost]
+            for i in range(0, len(held), 1000):
+                try:
+                    res = await self._release(q, held[i : i + 1000])
+                    released += res.released
+                    interrupted += res.interrupted
+                except Exception as exc:
+                    log.error("queue %s: release failed (%s); the reaper will recover the jobs", q, exc)
             try:
-                released += await self._release(q, None)
+                released += (await self._release(q, None)).released
             except Exception as exc:
                 log.error("queue %s: release failed (%s); the reaper will recover the jobs", q, exc)
         if released:
-            log.warning("released %d unfinished job(s) back to ready", released)
+            log.warning(
+                "released %d unfinished job(s) back to ready (%d interrupted mid-run)", released, interrupted
+            )
         # redis-py's asyncio client can swallow a cancel that lands inside a command (the task
         # then loops on): cancel again until every background task has ended.
         pending = set(self._bg)

@@ -1,31 +1,39 @@
 #!lua flags=allow-oom
 --[[
-  ack: finish a batch of jobs one node ran to completion. Fenced by ownership: a job is finished
-  only if it is still in this node's active list; otherwise its lease was reaped (or it was never
-  claimed here) and the ack is refused, changing nothing. A retried ack of a job this node
-  already finished is a no-op. A finished job keeps its result for retention_ms, then expires
+  ack: finish a batch of jobs one node ran to completion. Fenced per attempt: a job is finished
+  only if the attempt named is the job's current attempt and the job is still in this node's
+  active list; otherwise its lease was reaped (and the job perhaps claimed again, even by this
+  node: a newer attempt) or it was never claimed here, and the ack is refused, changing nothing.
+  A repeated ack of an attempt that already finished the job (a call re-sent after a lost reply)
+  answers 0: the job hash records the attempt that finished it ("finished_by" = node:attempt);
+  with retention 0 the hash is deleted at once, so the call's id is recorded instead (the node's
+  last 64 calls, kept 60 s). A finished job keeps its result for retention_ms, then expires
   (retention 0 deletes it at once); its unique key is released. Allowed under OOM.
 
   KEYS[1]  active    LIST  jobq:{q}:active:<node>
   KEYS[2]  leases    ZSET  jobq:{q}:leases
   KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
   KEYS[4]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:acked:<node> (ZSET, member = call id, score = ms; retention 0 only, expires).
 
   ARGV[1]  qprefix       "jobq:{q}:"
   ARGV[2]  node          the acking node's id; KEYS[1] must be its active list
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
   ARGV[5]  n             number of jobs, 1..1000
-  then 2 fields per job: id, result (msgpack bytes, "" = no result)
+  ARGV[6]  call_id       "" or 1..64 letters, digits, "-" or "_": the same for every send of one
+                         call (tells a re-sent call from a new one when retention is 0)
+  then 3 fields per job: id, attempt (the attempt number the claim returned; "" = the attempt
+  this node holds), result (msgpack bytes, "" = no result)
 
-  Returns: one code per job: 1 finished, 0 already finished by this node, -1 no such job,
-           -2 lease lost (the ack was refused).
+  Returns: one code per job: 1 finished, 0 already finished by this attempt (a repeated call),
+           -1 no such job, -2 refused: the job is not this attempt's (stale completion).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(n * (A + log N)), A = the node's active list length.
 ]]
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
-local qprefix, node = ARGV[1], ARGV[2]
+local qprefix, node, call_id = ARGV[1], ARGV[2], ARGV[6]
 
 if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
 local e = bad_qprefix(qprefix) or bad_node(node)
@@ -38,48 +46,72 @@ local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 local n = int_arg(ARGV[5])
 if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
-if #ARGV ~= 5 + 2 * n then return badarg('argv', 'expected ' .. (5 + 2 * n) .. ' values') end
+if #ARGV ~= 6 + 3 * n then return badarg('argv', 'expected ' .. (6 + 3 * n) .. ' values') end
+if type(call_id) ~= 'string' or #call_id > 64 or not string.find(call_id, '^[%w_-]*$') then
+  return badarg('call_id', 'must be 0..64 letters, digits, - or _')
+end
 for i = 1, n do
-  e = bad_id(ARGV[4 + 2 * i]); if e then return e end
+  e = bad_id(ARGV[4 + 3 * i]); if e then return e end
+  local a = ARGV[5 + 3 * i]
+  if a ~= '' then
+    a = int_arg(a)
+    if a == nil or a < 1 then return badarg('attempt', 'must be an integer >= 1 or empty') end
+  end
 end
 
 local codes = {}
-local n_finished = 0
+local n_finished, n_deleted = 0, 0
 local expire_at = now + retention
+-- Retention 0: the calls of this node whose jobs were deleted at once (a re-sent call finds
+-- its own id here); looked up at most once per call.
+local acked_key = qprefix .. 'acked:' .. node
+local repeated = nil
 -- Lease removals and finished-index entries are written with one command each, after the loop.
 local unlease, finished_add = {}, {}
 for i = 1, n do
-  local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local id, attempt, result = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   local jkey = qprefix .. 'job:' .. id
-  -- The ownership fence: only the node whose active list holds the job may finish it.
-  if rcall('LREM', active_key, 1, id) == 0 then
-    -- Not ours (any more): change nothing. Tell a retried ack apart from a stale one.
-    local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'node')
-    if not ok or not f[1] then
-      codes[i] = -1
-    elseif f[1] == 'done' and f[2] == node then
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state')
+  if not ok or not f[1] then
+    -- No job hash: deleted at once by this very call's earlier send (retention 0), or gone.
+    if repeated == nil then
+      repeated = call_id ~= '' and rcall('ZSCORE', acked_key, call_id) ~= false
+    end
+    if repeated then
       codes[i] = 0
     else
-      codes[i] = -2
+      if rcall('LREM', active_key, 1, id) == 1 then unlease[#unlease + 1] = id end
+      codes[i] = -1
     end
   else
-    unlease[#unlease + 1] = id
-    local ok, unique = pcall(rcall, 'HGET', jkey, 'unique')
-    if ok then release_unique(qprefix, id, unique) end
-    if retention > 0 and ok then
-      -- 'node' stays on a finished job so a retried ack from the same node is told apart.
-      if result ~= '' then
-        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s, 'result', result)
-      else
-        rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s)
-      end
-      rcall('PEXPIRE', jkey, ARGV[4]) -- retention_ms, canonical (int_arg)
-      finished_add[#finished_add + 1] = expire_at; finished_add[#finished_add + 1] = id
-      n_finished = n_finished + 1
+    if attempt == '' then attempt = f[1] end
+    local mine = node .. ':' .. attempt
+    if f[2] == mine and f[4] == 'done' then
+      -- This attempt finished the job already: a repeated call, not a new completion.
+      codes[i] = 0
+    elseif tonumber(f[1]) ~= tonumber(attempt) or rcall('LREM', active_key, 1, id) == 0 then
+      -- The per-attempt fence: another attempt holds the job now (its lease was reaped, and it
+      -- may have been claimed again, by this node too), or this node does not hold it.
+      codes[i] = -2
     else
-      rcall('DEL', jkey)
+      unlease[#unlease + 1] = id
+      release_unique(qprefix, id, f[3])
+      if retention > 0 then
+        -- 'node' and 'finished_by' stay on a finished job so a repeated ack is told apart.
+        if result ~= '' then
+          rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s, 'finished_by', mine, 'result', result)
+        else
+          rcall('HSET', jkey, 'state', 'done', 'finished_ms', now_s, 'finished_by', mine)
+        end
+        rcall('PEXPIRE', jkey, ARGV[4]) -- retention_ms, canonical (int_arg)
+        finished_add[#finished_add + 1] = expire_at; finished_add[#finished_add + 1] = id
+        n_finished = n_finished + 1
+      else
+        rcall('DEL', jkey)
+        n_deleted = n_deleted + 1
+      end
+      codes[i] = 1
     end
-    codes[i] = 1
   end
 end
 
@@ -90,5 +122,12 @@ if n_finished > 0 then
   if rcall('PTTL', finished_key) < retention then rcall('PEXPIRE', finished_key, retention) end
   local gone = rcall('ZRANGEBYSCORE', finished_key, '-inf', now, 'LIMIT', 0, n + 10)
   if #gone > 0 then rcall('ZREM', finished_key, unpack(gone)) end
+end
+if n_deleted > 0 and call_id ~= '' then
+  -- Remember this call (its jobs left no hash to tell a re-send by): the node's last 64 calls,
+  -- for 60 s (longer than a client's re-sends: 3 tries of a 10 s socket timeout).
+  rcall('ZADD', acked_key, now, call_id)
+  rcall('ZREMRANGEBYRANK', acked_key, 0, -65)
+  rcall('PEXPIRE', acked_key, 60000)
 end
 return codes

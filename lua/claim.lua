@@ -30,7 +30,8 @@
   Returns: {now_ms, next_due_ms (-1 = none), n_claimed, n_dead,
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
                          deadline_ms (0 = none)),
-            n_dead x (id, reason)}
+            n_dead x (id, reason), dead_trimmed}; dead_trimmed = dead letters deleted because
+           the list was over dead_max (absent when the queue is paused).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O((max_jobs + promote_limit) * log N); per claimed job one HMGET and one HSET.
 ]]
@@ -110,4 +111,5 @@ end
 local out = {now, next_due(sched_key), #claimed / 8, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
+out[#out + 1] = dead_trimmed
 return out

@@ -1,7 +1,10 @@
 #!lua flags=allow-oom
 --[[
-  fail: record a failed attempt of a job one node ran. Fenced by ownership like ack. The job is
-  retried (scheduled after a delay: the one given, or exponential backoff with jitter from its
+  fail: record a failed attempt of a job one node ran. Fenced per attempt like ack: refused
+  unless the attempt named is the job's current one and the job is in this node's active list;
+  a repeated call of an attempt whose failure is already recorded ("finished_by" = node:attempt
+  on the job) changes nothing and answers what the first call did, flagged as a repeat. The job
+  is retried (scheduled after a delay: the one given, or exponential backoff with jitter from its
   retry_backoff base) while attempts remain, else it moves to the dead-letter list with its last
   error. mode "dead" dead-letters at once (jobq.Fail, decode errors). Allowed under OOM.
 
@@ -25,9 +28,14 @@
   ARGV[9]  backoff_cap_ms  integer >= 0, upper bound of a backoff delay
   ARGV[10] dead_max        integer >= 1
   ARGV[11] dead_ttl_ms     integer >= 1
+  ARGV[12] attempt         the attempt number the claim returned; "" = the attempt this node holds
 
-  Returns: {1, run_at_ms} retry scheduled, {2, 0} dead-lettered, {-2, 0} lease lost (refused),
-           {-1, 0} no such job (the id was in the active list but its hash is gone: removed).
+  Returns: {code, run_at_ms, repeated, dead_trimmed}: code 1 retry scheduled (at run_at_ms),
+           2 dead-lettered, -2 refused: the job is not this attempt's (stale completion),
+           -1 no such job (the id was in the active list but its hash is gone: dead-lettered);
+           repeated = 1 when this attempt's failure was already recorded by an earlier send of
+           the call (code then tells what that send did); dead_trimmed = dead letters deleted
+           because the list was over dead_max.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(A + log N), A = the node's active list length.
 ]]
@@ -35,7 +43,7 @@ local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
 local qprefix, node, id, err, mode = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 
-local e = bad_counts(7, 11) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
+local e = bad_counts(7, 12) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
@@ -56,23 +64,42 @@ local dead_max = int_arg(ARGV[10])
 if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
 local dead_ttl = int_arg(ARGV[11])
 if dead_ttl == nil or dead_ttl < 1 then return badarg('dead_ttl_ms', 'must be >= 1') end
-
--- Ownership fence: only the node holding the job may fail it; otherwise change nothing.
-if rcall('LREM', active_key, 1, id) == 0 then return {-2, 0} end
-rcall('ZREM', leases_key, id)
-local jkey = qprefix .. 'job:' .. id
-local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority')
-if not ok or not f[1] then
-  to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
-  return {-1, 0}
+local attempt = ARGV[12]
+if attempt ~= '' then
+  local a = int_arg(attempt)
+  if a == nil or a < 1 then return badarg('attempt', 'must be an integer >= 1 or empty') end
 end
+
+local jkey = qprefix .. 'job:' .. id
+local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority',
+  'finished_by', 'state', 'run_at_ms')
+if not ok or not f[1] then
+  -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
+  if rcall('LREM', active_key, 1, id) == 0 then return {-2, 0, 0, 0} end
+  rcall('ZREM', leases_key, id)
+  to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
+  return {-1, 0, 0, dead_trimmed}
+end
+if attempt == '' then attempt = f[1] end
+local mine = node .. ':' .. attempt
+if f[5] == mine and f[6] ~= 'done' then
+  -- This attempt's failure is recorded already: a repeated call changes nothing.
+  if f[6] == 'dead' then return {2, 0, 1, 0} end
+  return {1, tonumber(f[7] or '') or now, 1, 0}
+end
+-- The per-attempt fence: only the attempt that holds the job, on the node that holds it.
+if tonumber(f[1]) ~= tonumber(attempt) or rcall('LREM', active_key, 1, id) == 0 then
+  return {-2, 0, 0, 0}
+end
+rcall('ZREM', leases_key, id)
 local attempts = tonumber(f[1]) or 1
 local max_attempts = tonumber(f[2]) or 1
 
 if mode == 'dead' or attempts >= max_attempts then
   -- Attempts exhausted (or no retry wanted): dead-letter with the last error.
+  rcall('HSET', jkey, 'finished_by', mine)
   to_dead(qprefix, dead_key, id, err, now, dead_max, dead_ttl)
-  return {2, 0}
+  return {2, 0, 0, dead_trimmed}
 end
 
 if delay == nil then
@@ -85,15 +112,15 @@ end
 if delay == 0 then
   -- Retry at once: back to ready, behind the jobs of its priority.
   local score = ready_score(tonumber(f[4] or '0') or 0, rcall('INCR', seq_key))
-  rcall('HSET', jkey, 'state', 'ready', 'error', err, 'ready_ms', now, 'score', score)
+  rcall('HSET', jkey, 'state', 'ready', 'error', err, 'ready_ms', now, 'score', score, 'finished_by', mine)
   rcall('HDEL', jkey, 'node')
   rcall('ZADD', ready_key, score, id)
   rcall('PUBLISH', qprefix .. 'wake', 'r')
-  return {1, now}
+  return {1, now, 0, 0}
 end
 local run_at = fmt_int(now + delay)
-rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at)
+rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'finished_by', mine)
 rcall('HDEL', jkey, 'node')
 rcall('ZADD', sched_key, run_at, id)
 rcall('PUBLISH', qprefix .. 'wake', 's')
-return {1, now + delay}
+return {1, now + delay, 0, 0}

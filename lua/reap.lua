@@ -30,7 +30,8 @@
   ARGV[6]  dead_ttl_ms  integer >= 1
   ARGV[7]  guard_ms     integer >= 0; > 0 = skip (return {-1}) if another reap ran within it
 
-  Returns: {n_requeued, n_dead, requeued ids..., dead ids...}, or {-1} when skipped by the guard.
+  Returns: {n_requeued, n_dead, requeued ids..., dead ids..., dead_trimmed}, or {-1} when skipped
+           by the guard; dead_trimmed = dead letters deleted because the list was over dead_max.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(limit * (A + log N)).
 ]]
@@ -124,4 +125,5 @@ if #requeued > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
 local out = {#requeued, #dead}
 for _, id in ipairs(requeued) do out[#out + 1] = id end
 for _, id in ipairs(dead) do out[#out + 1] = id end
+out[#out + 1] = dead_trimmed
 return out

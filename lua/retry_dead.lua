@@ -51,7 +51,8 @@ for _, id in ipairs(ids) do
     if ok and f[1] then
       local score = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
       rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', score)
-      rcall('HDEL', jkey, 'finished_ms')
+      -- A fresh start: no finished attempt and no interruption carried over.
+      rcall('HDEL', jkey, 'finished_ms', 'finished_by', 'interrupted')
       rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
       rcall('ZADD', ready_key, score, id)
       -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).

@@ -113,14 +113,20 @@ local function release_unique(qprefix, id, unique)
   end
 end
 
+--: Dead letters this script call deleted because the list was over dead_max (not for age): each
+--: script that dead-letters reports it in its reply, so the caller can count and log them.
+local dead_trimmed = 0
+
 -- Keep a queue's dead-letter list bounded: at most dead_max entries (the oldest go first), and
--- none older than dead_ttl (at most `age_limit` removed per call). Trimmed jobs are deleted.
+-- none older than dead_ttl (at most `age_limit` removed per call). Trimmed jobs are deleted; the
+-- ones removed for the count bound are added to dead_trimmed.
 local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, age_limit)
   local excess = rcall('ZCARD', dead_key) - dead_max
   if excess > 0 then
     for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
       rcall('DEL', qprefix .. 'job:' .. old)
       rcall('ZREM', dead_key, old)
+      dead_trimmed = dead_trimmed + 1
     end
   end
   local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, age_limit)

@@ -127,7 +127,7 @@ class TestLostReplies:
         # B cannot take them while they are leased to A...
         assert b.run(store.claim(Q, "node-b", 1000, lease)).jobs == []
         # ... until A releases them (the worker's heartbeat does so after two beats).
-        assert a.run(store.release(Q, "node-a", sorted(unknown))) == len(unknown)
+        assert a.run(store.release(Q, "node-a", sorted(unknown))).released == len(unknown)
         for j in b.run(store.claim(Q, "node-b", 1000, lease)).jobs:
             assert j.id not in handed, f"{j.id} handed out twice"
             handed[j.id] = "b"
@@ -174,7 +174,81 @@ class TestLostReplies:
         assert r.zcard(app.keys.leases(Q)) == 0
         assert r.zcard(app.keys.finished(Q)) == self.N
 
+    def test_lost_fail_reply_retried_fail_is_answered_as_a_repeat(
+        self, redis_server: RedisServer, r: redis.Redis, app: JobQ, chaos_proxy
+    ) -> None:
+        """A fail whose reply was lost, sent again (by the connection's retry or by the caller):
+        Redis recognises the attempt's recorded failure and answers what the first send did,
+        flagged as a repeat: not "lease lost" (a stale completion), and nothing changes twice."""
+        app.enqueue_many(
+            [
+                {"task": "t", "args": [i], "queue": Q, "job_id": f"f{i}", "max_attempts": 2}
+                for i in range(self.N)
+            ]
+        )
+        proxy = chaos_proxy(redis_server)
+        a = SyncRunner(sync_client(proxy.url(redis_server.url)))
+        manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
+        store = app.store
+        jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+        assert len(jobs) == self.N
+        r.script_load(source(ScriptName.FAIL))
+        for i, j in enumerate(jobs):
+            runner = a if i % 2 == 0 else manual
+            runner.run(store.extend(Q, "node-warm", 60_000))
+            dead = i % 4 >= 2
+            call = store.fail(Q, "node-a", j.id, "boom", dead=dead, delay_ms=60_000, attempt=j.attempts)
+            proxy.drop_next_reply()
+            try:
+                res = runner.run(call)
+            except RedisUnavailable:
+                assert runner is manual
+                res = a.run(call)  # the caller retries the unknown outcome
+            want = "dead" if dead else "retry"
+            assert res.outcome == want and res.repeated, (i, res)
+            state = r.hget(app.keys.job(Q, j.id), "state")
+            assert state == (b"dead" if dead else b"scheduled")
+            again = a.run(call)
+            assert again.outcome == want and again.repeated
+        assert r.llen(app.keys.active(Q, "node-a")) == 0
+        assert r.zcard(app.keys.dead(Q)) == len([i for i in range(self.N) if i % 4 >= 2])
 
+    def test_lost_ack_reply_with_retention_zero_is_answered_already_done(
+        self, redis_server: RedisServer, r: redis.Redis, chaos_proxy
+    ) -> None:
+        """Retention 0 deletes a finished job at once, so the job hash cannot tell a re-sent ack
+        from a stray one: the call's id, kept a minute, does. The re-sent ack answers "already
+        finished by this attempt" (0), not "no such job" (-1)."""
+        app = JobQ(redis_server.url, result_ttl=0)
+        try:
+            app.enqueue_many(
+                [{"task": "t", "args": [i], "queue": Q, "job_id": f"z{i}"} for i in range(self.N)]
+            )
+            proxy = chaos_proxy(redis_server)
+            a = SyncRunner(sync_client(proxy.url(redis_server.url)))
+            manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
+            store = app.store
+            jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+            r.script_load(source(ScriptName.ACK))
+            for i, j in enumerate(jobs):
+                runner = a if i % 2 == 0 else manual
+                runner.run(store.extend(Q, "node-warm", 60_000))
+                call = store.ack(Q, "node-a", [(j.id, b"")], attempts=[j.attempts])
+                proxy.drop_next_reply()
+                try:
+                    codes = runner.run(call)
+                except RedisUnavailable:
+                    assert runner is manual
+                    codes = a.run(call)
+                assert codes == [0], (i, codes)
+                assert not r.exists(app.keys.job(Q, j.id))
+            assert r.llen(app.keys.active(Q, "node-a")) == 0
+            assert r.zcard(app.keys.leases(Q)) == 0
+        finally:
+            app.close()
+
+
+@pytest.mark.parametrize("result_ttl", [600, 0])
 def test_f8_worker_under_lost_replies_runs_each_job_once(
     redis_server: RedisServer,
     r: redis.Redis,
@@ -182,17 +256,19 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     thread_workers,
     seed: int,
     caplog: pytest.LogCaptureFixture,
+    result_ttl: int,
 ) -> None:
     """F8 end to end: a worker node whose replies (claims, acks, renewals, announcements) are
     dropped every 20 ms, its connections reset each time. Every job runs exactly once, never
     twice at the same time, and the queue ends empty: a claim whose reply was lost is released
-    by the heartbeat and claimed again, a retried ack is a no-op."""
+    by the heartbeat and claimed again, a retried ack is a no-op, counted once as a completion
+    (also with retention 0, where the finished job is deleted at once: never "vanished")."""
     from tests.harness.proxy_fixtures import ThreadWorker
 
     n = proxy_fixtures.scale(250, 4000)
     runs: dict[int, list[tuple[float, float]]] = {}
     lock = threading.Lock()
-    app = JobQ(redis_server.url)
+    app = JobQ(redis_server.url, result_ttl=result_ttl)
 
     @app.task(name="rec", queue=Q)
     def rec(i: int) -> None:
@@ -236,6 +312,17 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     # (renewal replies can be lost long enough at this rate), never twice at the same time, and
     # its attempts count every claim that reached it: 1 + reaps (a lost claim's attempt is given
     # back when the heartbeat releases the job).
+    # Each job's completion is counted once, a re-sent ack included; none "vanished".
+    assert w.worker.stats["completed"] == n, w.worker.stats
+    assert not [x for x in caplog.records if "vanished" in x.getMessage()]
+    if result_ttl == 0:
+        # Finished jobs are deleted at once: nothing left to compare per job but their runs.
+        assert not any(r.exists(app.keys.job(Q, f"w{i}")) for i in range(n))
+        for i in range(n):
+            spans = sorted(runs[i])
+            assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), f"job {i} ran twice at once"
+        app.close()
+        return
     pipe = r.pipeline(transaction=False)
     for i in range(n):
         pipe.hmget(app.keys.job(Q, f"w{i}"), "state", "attempts", "reaped")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import socket
 import threading
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+import jobq
 from jobq import JobQ
 from jobq.faults import CRASH_EXIT_CODE
 from tests.fault.conftest import tier
@@ -261,8 +264,9 @@ def test_f2_sigterm_graceful(
 def test_f2_second_signal_releases_at_once(
     worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
 ) -> None:
-    """Jobs longer than the grace: a second SIGTERM exits < 1 s, releasing every job held,
-    attempt counts unchanged; another node then runs each exactly once more."""
+    """Jobs longer than the grace: a second SIGTERM exits < 1 s, releasing every job held (a
+    started one keeps its attempt and counts an interruption); another node then runs each
+    exactly once more."""
     fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
     prod = Producer(app, history)
     victim = fleet.spawn("v0", concurrency=20)
@@ -280,16 +284,22 @@ def test_f2_second_signal_releases_at_once(
     assert took < 1.0, f"second signal: exit took {took:.2f} s"
     assert not r.exists(active_key(victim))
     snap = Snapshot.take(r)
-    assert all(snap.jobs[j].state == "ready" and snap.jobs[j].attempts == 0 for j in ids), [
-        (j, snap.jobs[j]) for j in ids if snap.jobs[j].attempts
-    ]
+    # The 20 that started keep their attempt and count an interruption; the rest never started.
+    started = {a.job_id for a in history.attempts() if a.node == victim.name}
+    assert len(started) == 20
+    for j in ids:
+        want = (1, b"1") if j in started else (0, None)
+        got = (snap.jobs[j].attempts, r.hget(app.keys.job(Q, j), "interrupted"))
+        assert snap.jobs[j].state == "ready" and got == want, (j, snap.jobs[j], got)
     fleet.spawn("h0", concurrency=20)
     wait_drained(r, [Q], timeout=30)
     snap = Snapshot.take(r)
     rep = check(history, snap, allow_release=True)
     rep.assert_ok(ctx(seed, history))
     assert len(rep.duplicates) == 20 and all(n == 2 for n in rep.duplicates.values())
-    assert all(js.attempts == 1 and js.state == "done" for js in snap.jobs.values())
+    assert all(
+        js.attempts == (2 if j in started else 1) and js.state == "done" for j, js in snap.jobs.items()
+    )
     figures(
         "F2-second-signal",
         jobs=rep.enqueued_ok,
@@ -368,6 +378,141 @@ def test_f3_sigstop_beyond_lease(
         notice_max_s=round(max(notice), 2),
         seed=seed,
     )
+
+
+# -- the per-attempt fence, end to end (issue 16) -------------------------------------------------
+def _labelled(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_fence_stale_attempt_of_a_job_its_own_node_claimed_again(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    """One node, a sync task. Attempt 1 of X finishes and its ack is held on its way
+    (``JOBQ_HOLD_POINT``); the node is SIGSTOPped past its lease; X is reaped back to the head of
+    ready; the node is SIGCONTed, claims X again (attempt 2) and runs it. Then attempt 1's ack
+    reaches Redis: refused as stale, and counted. X ends done by attempt 2 with its result; the
+    checker finds nothing else. (Before the per-attempt fence, attempt 1's ack finished X with its
+    result, and attempt 2's ack was answered "already finished by this node".)"""
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history)
+    node = fleet.spawn(
+        "n1", concurrency=2, env={"JOBQ_HOLD_POINT": "before_ack"}, extra=["--metrics-port", "0"]
+    )
+    port = node.metrics_port()
+    [jid] = prod.enqueue_batch(1, sleep=0.05)
+    wait_until(lambda: "holding at before_ack" in node.log_text(), 10, "attempt 1's ack held")
+    node.stop()
+
+    def lease_expired() -> bool:
+        score = r.zscore(app.keys.leases(Q), jid)
+        sec, usec = r.time()
+        return score is not None and score < sec * 1000 + usec // 1000
+
+    wait_until(lease_expired, 3 * LEASE, "the stopped node's lease expires", interval=0.05)
+    assert app.run(app.store.reap(Q, node_ttl_ms=int(NODE_TTL * 1000))).requeued == [jid]
+    node.cont()
+
+    def attempt2_ran() -> bool:
+        return any(a.attempt == 2 and a.outcome == "ok" for a in history.by_job().get(jid, []))
+
+    wait_until(attempt2_ran, 10, "the same node claims X again and runs attempt 2")
+    # Attempt 2's ack waits behind attempt 1's held one: X is still attempt 2's, on this node.
+    assert r.hmget(app.keys.job(Q, jid), "state", "attempts", "node") == [b"active", b"2", b"n1"]
+    node.signal(signal.SIGUSR1)
+    wait_drained(r, [Q], timeout=10)
+    wait_until(lambda: fleet.stale_count() >= 1, 5, "the stale completion is logged")
+    snap = Snapshot.take(r)
+    js = snap.jobs[jid]
+    assert js.state == "done" and js.attempts == 2 and js.reaped == 1, js
+    assert js.result["attempt"] == 2 and js.result["node"] == "n1", js.result
+    runs = history.by_job()[jid]
+    assert [(a.attempt, a.outcome) for a in runs] == [(1, "ok"), (2, "ok")], runs
+    assert fleet.stale_count() == 1
+    metrics = node.scrape(port)
+    assert _labelled(metrics, "jobq_jobs_stale_total", queue=Q) == 1
+    assert _labelled(metrics, "jobq_jobs_completed_total", queue=Q) == 1
+    rep = check(history, snap, stale_reported=fleet.stale_count())
+    rep.assert_ok(ctx(seed, history))
+    assert rep.non_winner_ok == 1 == rep.stale_reported and not rep.lost, rep.summary()
+    assert_invariants(
+        r, ctx(seed, history), reap_interval_ms=int(REAP * 1000), node_ttl_ms=int(NODE_TTL * 1000)
+    )
+    assert not fleet.crashes()
+    figures("fence-reclaimed", stale_refused=rep.stale_reported, attempts=js.attempts, seed=seed)
+
+
+# -- interruptions: a job longer than the grace, SIGTERMed again and again (issue 16) ------------
+def test_interrupted_job_is_dead_lettered_after_max_interruptions(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
+) -> None:
+    """A sync job that outlasts the grace: every SIGTERM releases it with its attempt kept and an
+    interruption counted (the next run is attempt k + 1); at --max-interruptions it is
+    dead-lettered with reason ``interrupted`` instead of re-running at every deploy forever."""
+    limit = 3
+    fleet = worker_fleet(lease=LEASE, grace=0.3, reap_interval=REAP)
+    prod = Producer(app, history)
+    [jid] = prod.enqueue_batch(1, sleep=30.0, options={"max_attempts": 5})
+    key = app.keys.job(Q, jid)
+    node: Node | None = None
+    for k in range(1, limit + 1):
+        extra = ["--max-interruptions", str(limit), "--metrics-port", "0"]
+        node = fleet.spawn("n1", concurrency=2, extra=extra) if node is None else fleet.restart(node)
+        wait_until(
+            lambda k=k: any(a.attempt == k for a in history.by_job().get(jid, [])),  # type: ignore[misc]
+            10,
+            f"run {k} starts",
+        )
+        node.term()
+        assert node.wait(10) == 0, node.log_text()[-3000:]
+        state, attempts, interrupted = r.hmget(key, "state", "attempts", "interrupted")
+        assert int(attempts) == k and int(interrupted) == k, (k, state, attempts, interrupted)
+        if k < limit:
+            assert state == b"ready"
+    info = app.job(jid, Q).info()
+    assert info.state is jobq.JobState.DEAD and info.interrupted == limit and info.attempts == limit
+    assert info.error is not None and info.error.startswith("interrupted"), info.error
+    assert r.zscore(app.keys.dead(Q), jid) is not None
+    assert node is not None and f"job {jid} dead-lettered at release: interrupted" in node.log_text()
+    assert len(history.by_job()[jid]) == limit
+    assert_invariants(r, ctx(seed, history), reapers_running=False)
+    figures("interrupted", interruptions=info.interrupted, attempts=info.attempts, seed=seed)
+
+
+def test_a_buffered_job_released_at_stop_keeps_attempts_zero(
+    worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int
+) -> None:
+    """Jobs claimed ahead of a free slot (the prefetch buffer) never started: the stop hands them
+    back with no attempt and no interruption counted."""
+    fleet = worker_fleet(lease=LEASE, grace=GRACE, reap_interval=REAP)
+    prod = Producer(app, history)
+    node = fleet.spawn("n1", concurrency=2)
+    # Quick jobs first, so the node learns its run time and prefetches; then slow ones fill both
+    # slots and the buffer.
+    prod.enqueue_batch(40, sleep=0.005)
+    wait_drained(r, [Q], timeout=10)
+    slow = prod.enqueue_batch(6, sleep=1.0)
+
+    def buffered() -> list[str]:
+        held = [x.decode() for x in r.lrange(active_key(node), 0, -1)]
+        started = {a.job_id for a in history.attempts() if a.node == node.name}
+        return [j for j in held if j in slow and j not in started]
+
+    wait_until(lambda: len(buffered()) > 0, 10, "a job waits in the prefetch buffer")
+    held_unstarted = buffered()
+    node.term()
+    assert node.wait(GRACE + 5) == 0, node.log_text()[-3000:]
+    for jid in held_unstarted:
+        if any(a.job_id == jid for a in history.attempts()):
+            continue  # it started from the buffer before the stop
+        attempts, interrupted = r.hmget(app.keys.job(Q, jid), "attempts", "interrupted")
+        assert int(attempts) == 0 and interrupted is None, (jid, attempts, interrupted)
 
 
 # -- F11: poison pill ------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_s3_thundering_herd(
     for _ in range(50):
         app.run(app.store.claim(Q, "probe", 20, 60_000))
     probe_us = script_durations(r, ScriptName.CLAIM)
-    while app.run(app.store.release(Q, "probe")):
+    while app.run(app.store.release(Q, "probe")).released:
         pass
     r.config_set("slowlog-log-slower-than", 10000)
     r.config_set("slowlog-max-len", 1024)

@@ -509,7 +509,7 @@ def _check_i5(qd: _QueueData, ctx: _ScanCtx) -> list[str]:
             ttl = ctx.ttls[key]
             if kind in _PERMANENT_SUFFIXES or kind in ("active", "cron"):
                 continue
-            if kind in ("finished", "reap-lock"):
+            if kind in ("finished", "reap-lock", "acked"):
                 if ttl < 0:
                     v.append(f"I5 {key}: no TTL")
             elif kind == "job":

@@ -41,6 +41,9 @@ OPT_INT_BAD = [v for v in NOT_INT if v != ""] + ["-1"]  # "" is valid: "not give
 QPREFIX_BAD = ["", "x", "jobq:{other}:", "jobq:{fuzz}", "jobq:", "{fuzz}:", "jobq:{fuzz}:ready"]
 NODE_BAD = ["", "a b", "x{y}", "a:b", "n\n", "x" * 129, "other-node"]
 ID_BAD = ["", "a b", "{x}", "x" * 129, "a\tb"]
+#: An attempt number: "" is valid ("the attempt this node holds").
+ATTEMPT_BAD = [v for v in NOT_INT if v != ""] + ["0", "-1"]
+CALL_ID_BAD = ["a b", "x" * 65, "{x}", "a:b", "a\nb"]
 
 #: Per script: 1-based ARGV position -> bad values for it.
 BAD: dict[ScriptName, dict[int, list[str]]] = {
@@ -78,7 +81,9 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         3: NOW_BAD,
         4: int_bad(0, None),
         5: int_bad(1, 1000),
-        6: ID_BAD,
+        6: CALL_ID_BAD,
+        7: ID_BAD,
+        8: ATTEMPT_BAD,
     },
     ScriptName.FAIL: {
         1: QPREFIX_BAD,
@@ -91,6 +96,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         9: int_bad(0, None),
         10: int_bad(1, None),
         11: int_bad(1, None),
+        12: ATTEMPT_BAD,
     },
     ScriptName.EXTEND: {
         1: NODE_BAD,
@@ -103,7 +109,11 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(0, 1000),
-        5: ID_BAD,
+        5: int_bad(1, None),
+        6: int_bad(1, None),
+        7: ID_BAD,
+        8: ATTEMPT_BAD,
+        9: int_bad(0, 1_000_000),
     },
     ScriptName.REAP: {
         1: QPREFIX_BAD,

@@ -90,7 +90,7 @@ def test_ack_or_fail_from_a_node_that_lost_its_lease_changes_nothing(
     assert res.outcome == "lease_lost"
     res2 = fapp.run(fapp.store.fail(Q, "old", job.id, "late error", dead=True, now_ms=fapp.now_ms()))
     assert res2.outcome == "lease_lost"
-    assert fapp.run(fapp.store.release(Q, "old", [job.id], now_ms=fapp.now_ms())) == 0
+    assert fapp.run(fapp.store.release(Q, "old", [job.id], now_ms=fapp.now_ms())).released == 0
     assert_unchanged(r, before, size)
     # The winner's ack works; the loser's retried ack is still refused, the winner's is a no-op.
     assert ack(fapp, "new", job.id, "winner") == 1

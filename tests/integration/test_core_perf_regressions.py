@@ -205,7 +205,7 @@ def test_released_job_goes_back_to_its_old_place(fapp: jobq.JobQ, r: redis.Redis
     first = fapp.enqueue("t", queue=Q)
     assert [c.id for c in claim(fapp)] == [first.id]
     later = fapp.enqueue("t", queue=Q)
-    assert fapp.run(fapp.store.release(Q, "n1", now_ms=fapp.now_ms())) == 1
+    assert fapp.run(fapp.store.release(Q, "n1", now_ms=fapp.now_ms())).released == 1
     assert r.zrange(fapp.keys.ready(Q), 0, -1) == [first.id.encode(), later.id.encode()]
     [again] = claim(fapp)
     assert (again.id, again.attempts) == (first.id, 1)  # the released attempt did not count

@@ -56,6 +56,8 @@ class MJob:
     lease: int = 0
     state: str = "ready"  # the job hash's state field
     finisher: str | None = None
+    #: (node, attempt) of the last recorded failure: a repeated fail of it is told apart.
+    failed_by: tuple[str, int] | None = None
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -246,9 +248,14 @@ class QueueMachine(RuleBasedStateMachine):
             )
         )
         if not (j.place == "active" and j.node == node):
-            assert res.outcome == "lease_lost"
+            if j.failed_by == (node, j.attempts) and j.state != "done":
+                # The same attempt's failure again (a re-sent call): nothing changes.
+                assert res.repeated and res.outcome == ("dead" if j.state == "dead" else "retry")
+            else:
+                assert res.outcome == "lease_lost" and not res.repeated
             return
         self.leave_active(j)
+        j.failed_by = (node, j.attempts)
         if dead or j.attempts >= j.max_attempts:
             self.to_dead(j)
             assert res.outcome == "dead"
@@ -295,7 +302,7 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             chosen = [self.pick(idx).id]
             ids = chosen
-        n = self.app.run(self.app.store.release(QUEUE, node, ids, now_ms=self.now))
+        n = self.app.run(self.app.store.release(QUEUE, node, ids, now_ms=self.now)).released
         released = 0
         for jid in chosen:
             j = self.jobs[jid]
@@ -340,6 +347,7 @@ class QueueMachine(RuleBasedStateMachine):
         j = self.jobs[dead[idx % len(dead)]]
         assert self.app.run(self.app.store.retry_dead(QUEUE, [j.id], now_ms=self.now)) == 1
         j.attempts = 0
+        j.failed_by = None
         self.to_ready(j, new_seq=True)
         if j.unique is not None and j.unique not in self.uniques:
             self.uniques[j.unique] = j.id

@@ -254,9 +254,10 @@ def test_sigterm_after_grace_releases_jobs_and_exits_0_even_with_a_stuck_thread(
     assert fleet.wait_exit("w", 10) == 0
     assert time.monotonic() - t0 < 0.3 + 2.5
     for j in jobs:
-        assert (j.info().state, j.info().attempts) == (JobState.READY, 0)
+        # Both had started: each keeps its attempt and counts an interruption.
+        assert (j.info().state, j.info().attempts, j.info().interrupted) == (JobState.READY, 1, 1)
     assert r.llen(qapp.keys.active(Q, "w")) == 0
-    assert "released 2 unfinished job(s)" in fleet.log("w")
+    assert "released 2 unfinished job(s) back to ready (2 interrupted mid-run)" in fleet.log("w")
 
 
 def test_processes_option_runs_and_supervises_n_nodes(fleet: Fleet, qapp: JobQ, r: redis.Redis) -> None:

@@ -399,9 +399,11 @@ def test_graceful_stop_finishes_running_jobs_within_grace(
     assert r.zcard(app.keys.leases("default")) == 0
 
 
-def test_jobs_still_running_after_grace_are_released_without_counting_an_attempt(
+def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
     app: JobQ, r: redis.Redis, bg: list[Background]
 ) -> None:
+    """They started: each keeps its attempt and counts one interruption (a re-run is visible)."""
+
     @app.task
     async def forever() -> None:
         await asyncio.sleep(60)
@@ -416,7 +418,7 @@ def test_jobs_still_running_after_grace_are_released_without_counting_an_attempt
     assert time.monotonic() - t0 < 3
     for j in jobs:
         info = j.info()
-        assert info.state is JobState.READY and info.attempts == 0
+        assert info.state is JobState.READY and info.attempts == 1 and info.interrupted == 1
     assert r.zcard(app.keys.ready("default")) == 3
     assert r.llen(app.keys.active("default", b.worker.node)) == 0
 

@@ -17,10 +17,10 @@ SPEC = JobSpec(id="j1", task="t", payload=b"\x92\x90\x80")
 CALLS = {
     ScriptName.ENQUEUE: (STORE.enqueue("q", [SPEC, SPEC]), 2, 11),
     ScriptName.CLAIM: (STORE.claim("q", "n1", 5, 1000), 0, 0),
-    ScriptName.ACK: (STORE.ack("q", "n1", [("a", b""), ("b", b"")]), 2, 2),
+    ScriptName.ACK: (STORE.ack("q", "n1", [("a", b""), ("b", b"")]), 2, 3),
     ScriptName.FAIL: (STORE.fail("q", "n1", "a", "err"), 0, 0),
     ScriptName.EXTEND: (STORE.extend("q", "n1", 1000), 0, 0),
-    ScriptName.RELEASE: (STORE.release("q", "n1", ["a", "b", "c"]), 3, 1),
+    ScriptName.RELEASE: (STORE.release("q", "n1", ["a", "b", "c"]), 3, 3),
     ScriptName.REAP: (STORE.reap("q", node_ttl_ms=1000), 0, 0),
     ScriptName.PROMOTE: (STORE.promote("q"), 0, 0),
     ScriptName.CANCEL: (STORE.cancel("q", "a"), 0, 0),
