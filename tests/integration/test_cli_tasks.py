@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from jobq import logs
 from jobq.cli import main
-from jobq.cli_worker import load_app
+from jobq.cli.apps import load_app
 from jobq.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration]

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from jobq import InvalidInput, JobQ, JobState
 from jobq.cli import main
-from jobq.cli_worker import load_app, parse_queues
+from jobq.cli.apps import load_app
+from jobq.cli.worker import parse_queues
 
 pytestmark = pytest.mark.integration
 
