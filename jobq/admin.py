@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from jobq import errors
+from jobq import errors, util
 from jobq.app import EnqueueRequest, JobInfo, JobQ, request_from_mapping, validate_job_id
 from jobq.cron import parse_duration
 from jobq.keys import validate_queue
@@ -83,10 +83,6 @@ class NodeInfo:
         return asdict(self)
 
 
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def server_now_ms(app: JobQ) -> int:
     """Now on the Redis clock (or the app's fake clock in tests)."""
     fake = app.now_ms()
@@ -101,7 +97,7 @@ def server_now_ms(app: JobQ) -> int:
 
 def queues(app: JobQ) -> list[str]:
     """Every queue ever enqueued to (the ``jobq:queues`` registry), sorted."""
-    return sorted(_s(q) for q in app.client.smembers(app.keys.queues))
+    return sorted(util.to_str(q, "replace") for q in app.client.smembers(app.keys.queues))
 
 
 def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
@@ -122,7 +118,7 @@ def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
         if not rows:
             break
         band = int(rows[0][1]) // PRIO_SPAN
-        heads.extend(_s(m) for m, score in rows if int(score) // PRIO_SPAN == band)
+        heads.extend(util.to_str(m, "replace") for m, score in rows if int(score) // PRIO_SPAN == band)
         start = (band + 1) * PRIO_SPAN
     if not heads:
         return None
@@ -194,13 +190,18 @@ def _ids(app: JobQ, queue: str, state: str, limit: int) -> list[str]:
         raw = c.zrevrange(k.dead(queue), 0, limit - 1)  # most recent first
     else:
         # done and cancelled share the finished ZSET: keep the ones in the state asked for.
-        ids = [_s(x) for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
+        ids = [util.to_str(x, "replace") for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
         pipe = c.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(k.job(queue, job_id), "state")
         states = pipe.execute() if ids else []
-        return [i for i, st in zip(ids, states, strict=True) if st is not None and _s(st) == state][:limit]
-    return [_s(x) for x in raw]
+        found = [
+            i
+            for i, st in zip(ids, states, strict=True)
+            if st is not None and util.to_str(st, "replace") == state
+        ]
+        return found[:limit]
+    return [util.to_str(x, "replace") for x in raw]
 
 
 def list_jobs(
@@ -244,11 +245,11 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
     rows = app.client.zrevrange(app.keys.nodes, 0, limit - 1, withscores=True)
     pipe = app.client.pipeline(transaction=False)
     for node, _ in rows:
-        pipe.hgetall(app.keys.node(_s(node)))
+        pipe.hgetall(app.keys.node(util.to_str(node, "replace")))
     hashes = pipe.execute() if rows else []
     out = []
     for (node, score), h in zip(rows, hashes, strict=True):
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {util.to_str(k, "replace"): util.to_str(v, "replace") for k, v in h.items()}
         if not d and not include_gone:
             continue
 
@@ -258,7 +259,7 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
 
         out.append(
             NodeInfo(
-                node=_s(node),
+                node=util.to_str(node, "replace"),
                 live=bool(d),
                 heartbeat_ms=int(score),
                 heartbeat_age_s=max(0, now - int(score)) / 1000,

@@ -358,15 +358,3 @@ class _ApiHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Routes are logged by _route (method, path, status, time; never headers or bodies).
         pass
-
-
-def serve_api(
-    app: JobQ,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    *,
-    token: str | None = None,
-    max_body: int = DEFAULT_MAX_BODY,
-) -> ApiServer:
-    """Start the API on a daemon thread and return the running server."""
-    return ApiServer(app, host, port, token=token, max_body=max_body).start()
