@@ -11,15 +11,14 @@ moves, and loop in bounded calls so that no call blocks Redis for long.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from jobq import errors, util
-from jobq.app import EnqueueRequest, JobInfo, JobQ, request_from_mapping, validate_job_id
-from jobq.cron import parse_duration
+from jobq.app import JobInfo, JobQ
 from jobq.keys import validate_queue
+from jobq.requests import validate_job_id
 
 #: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
 PRIO_SPAN = 2**44
@@ -443,61 +442,3 @@ def redacted(info: JobInfo) -> dict[str, Any]:
     if isinstance(d.get("error"), str):
         d["error"] = redact_text(d["error"])
     return d
-
-
-def parse_time(value: Any, name: str, exc: type[errors.InvalidInput]) -> datetime | float:
-    """An absolute time: ISO 8601 text (naive = UTC; ``Z`` accepted) or epoch seconds."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise exc(
-                f"{name}: {value!r} is not an ISO 8601 time (e.g. 2030-01-01T12:00:00Z)", name
-            ) from None
-        return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise exc(f"{name}: must be an ISO 8601 time or epoch seconds, got {value!r}", name)
-    return float(value)
-
-
-def parse_seconds(value: Any, name: str, exc: type[errors.InvalidInput]) -> float:
-    """A duration: a number of seconds or text like ``"30s"``, ``"250ms"``, ``"5m"``."""
-    if isinstance(value, str):
-        try:
-            return parse_duration(value, name)
-        except errors.InvalidInput as e:
-            raise exc(str(e), name) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise exc(f"{name}: must be a number of seconds or a duration like '30s', got {value!r}", name)
-    return float(value)
-
-
-def request_from_json(data: Any, index: int | None = None) -> EnqueueRequest:
-    """An :class:`jobq.app.EnqueueRequest` from a decoded JSON object (an HTTP body or an NDJSON
-    line). Field names are those of ``JobQ.enqueue`` (``scheduled_at`` is accepted for
-    ``run_at``); times are ISO 8601 or epoch seconds, durations seconds or ``"30s"``. Raises
-    :class:`jobq.errors.InvalidInput` naming the field."""
-    where = "" if index is None else f"job {index}: "
-    if not isinstance(data, Mapping):
-        raise errors.InvalidInput(f"{where}must be a JSON object", "body")
-    d = dict(data)
-    if "scheduled_at" in d:
-        if d.get("run_at") is not None:
-            raise errors.InvalidRunAt(f"{where}run_at: give run_at or scheduled_at, not both")
-        d["run_at"] = d.pop("scheduled_at")
-    try:
-        for name, exc in (("delay", errors.InvalidDelay), ("timeout", errors.InvalidTimeout)):
-            if d.get(name) is not None:
-                d[name] = parse_seconds(d[name], name, exc)
-        if d.get("retry_backoff") is not None:
-            d["retry_backoff"] = parse_seconds(d["retry_backoff"], "retry_backoff", errors.InvalidDelay)
-        if d.get("run_at") is not None:
-            d["run_at"] = parse_time(d["run_at"], "run_at", errors.InvalidRunAt)
-        if d.get("deadline") is not None:
-            d["deadline"] = parse_time(d["deadline"], "deadline", errors.InvalidDeadline)
-    except errors.InvalidInput as exc:
-        raise type(exc)(f"{where}{exc}", exc.field) from None
-    return request_from_mapping(d, index=index)

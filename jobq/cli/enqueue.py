@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import click
 
-from jobq import admin, errors, strict_json
+from jobq import errors, requests, strict_json
 from jobq.app import EnqueueRequest, JobQ
 from jobq.cli.apps import TaskNames, app_option, user_app
 from jobq.cli.common import Settings, cli_errors, connection_options
@@ -52,7 +52,7 @@ def _single_request(
             raise click.UsageError("--kwargs: must be a JSON object")
         data["kwargs"] = value
     data.update({k: v for k, v in options.items() if v is not None})
-    return admin.request_from_json(data)
+    return requests.request_from_json(data)
 
 
 def _read_lines(stream: IO[str]) -> list[tuple[int, str]]:
@@ -90,7 +90,7 @@ def _bulk(
                     defaults.pop("delay", None)
                     defaults.pop("run_at", None)
                 data = {**defaults, **data}
-            req = admin.request_from_json(data)
+            req = requests.request_from_json(data)
             app.prepare(req)  # full validation, no I/O
         except (ValueError, errors.InvalidInput) as exc:
             bad.append(f"line {lineno}: {exc}")

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import click
 
-from jobq import admin, errors
+from jobq import admin, errors, requests
 from jobq.cli.common import Settings, admin_app, cli_errors, connection_options, json_option, warn_unknown
 from jobq.cli.output import age, table
 
@@ -47,7 +47,7 @@ def stats(
 ) -> None:
     """Per-queue depths: ready, scheduled, active, dead, paused, nodes, oldest ready job's age."""
     with cli_errors():
-        every = admin.parse_seconds(interval, "interval", errors.InvalidInput)
+        every = requests.parse_seconds(interval, "interval", errors.InvalidInput)
         if every <= 0:
             raise errors.InvalidInput("interval: must be > 0", "interval")
         app = admin_app(settings)
