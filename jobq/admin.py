@@ -15,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobq import errors, util
+from jobq import errors, requests, util
 from jobq.app import JobInfo, JobQ
 from jobq.keys import validate_queue
-from jobq.requests import validate_job_id
 
 #: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
 PRIO_SPAN = 2**44
@@ -170,7 +169,7 @@ def totals(stats: Sequence[QueueStats]) -> dict[str, int]:
 # -- jobs -------------------------------------------------------------------------------------------
 def job_info(app: JobQ, job_id: str, queue: str | None = None, *, with_args: bool = True) -> JobInfo:
     """One job's stored fields. Raises :class:`jobq.errors.JobNotFound`."""
-    validate_job_id(job_id)
+    requests.validate_job_id(job_id)
     info = app.job(job_id, queue).info(with_args=with_args)
     if info.state.value == "unknown":
         raise errors.JobNotFound(f"no job {job_id!r} in queue {info.queue!r}")
@@ -361,7 +360,7 @@ def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> i
     all of them (1,000 per script call). Returns how many moved."""
     q = validate_queue(queue)
     if job_ids:
-        ids = [validate_job_id(i) for i in job_ids]
+        ids = [requests.validate_job_id(i) for i in job_ids]
         return sum(
             app.run(app.store.retry_dead(q, ids[i : i + 1000], now_ms=app.now_ms()))
             for i in range(0, len(ids), 1000)
@@ -377,7 +376,7 @@ def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> i
 def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
     """Cancel a job that has not started; returns its queue. Raises
     :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable`."""
-    validate_job_id(job_id)
+    requests.validate_job_id(job_id)
     job = app.job(job_id, queue)
     job.cancel()
     return job.queue
