@@ -11,14 +11,12 @@ moves, and loop in bounded calls so that no call blocks Redis for long.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from jobq import errors
-from jobq.app import EnqueueRequest, JobInfo, JobQ, request_from_mapping, validate_job_id
-from jobq.cron import parse_duration
+from jobq import errors, requests, util
+from jobq.app import JobInfo, JobQ
 from jobq.keys import validate_queue
 
 #: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
@@ -83,10 +81,6 @@ class NodeInfo:
         return asdict(self)
 
 
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def server_now_ms(app: JobQ) -> int:
     """Now on the Redis clock (or the app's fake clock in tests)."""
     fake = app.now_ms()
@@ -101,7 +95,7 @@ def server_now_ms(app: JobQ) -> int:
 
 def queues(app: JobQ) -> list[str]:
     """Every queue ever enqueued to (the ``jobq:queues`` registry), sorted."""
-    return sorted(_s(q) for q in app.client.smembers(app.keys.queues))
+    return sorted(util.to_str(q, "replace") for q in app.client.smembers(app.keys.queues))
 
 
 def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
@@ -122,7 +116,7 @@ def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
         if not rows:
             break
         band = int(rows[0][1]) // PRIO_SPAN
-        heads.extend(_s(m) for m, score in rows if int(score) // PRIO_SPAN == band)
+        heads.extend(util.to_str(m, "replace") for m, score in rows if int(score) // PRIO_SPAN == band)
         start = (band + 1) * PRIO_SPAN
     if not heads:
         return None
@@ -175,7 +169,7 @@ def totals(stats: Sequence[QueueStats]) -> dict[str, int]:
 # -- jobs -------------------------------------------------------------------------------------------
 def job_info(app: JobQ, job_id: str, queue: str | None = None, *, with_args: bool = True) -> JobInfo:
     """One job's stored fields. Raises :class:`jobq.errors.JobNotFound`."""
-    validate_job_id(job_id)
+    requests.validate_job_id(job_id)
     info = app.job(job_id, queue).info(with_args=with_args)
     if info.state.value == "unknown":
         raise errors.JobNotFound(f"no job {job_id!r} in queue {info.queue!r}")
@@ -194,13 +188,18 @@ def _ids(app: JobQ, queue: str, state: str, limit: int) -> list[str]:
         raw = c.zrevrange(k.dead(queue), 0, limit - 1)  # most recent first
     else:
         # done and cancelled share the finished ZSET: keep the ones in the state asked for.
-        ids = [_s(x) for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
+        ids = [util.to_str(x, "replace") for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
         pipe = c.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(k.job(queue, job_id), "state")
         states = pipe.execute() if ids else []
-        return [i for i, st in zip(ids, states, strict=True) if st is not None and _s(st) == state][:limit]
-    return [_s(x) for x in raw]
+        found = [
+            i
+            for i, st in zip(ids, states, strict=True)
+            if st is not None and util.to_str(st, "replace") == state
+        ]
+        return found[:limit]
+    return [util.to_str(x, "replace") for x in raw]
 
 
 def list_jobs(
@@ -244,11 +243,11 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
     rows = app.client.zrevrange(app.keys.nodes, 0, limit - 1, withscores=True)
     pipe = app.client.pipeline(transaction=False)
     for node, _ in rows:
-        pipe.hgetall(app.keys.node(_s(node)))
+        pipe.hgetall(app.keys.node(util.to_str(node, "replace")))
     hashes = pipe.execute() if rows else []
     out = []
     for (node, score), h in zip(rows, hashes, strict=True):
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {util.to_str(k, "replace"): util.to_str(v, "replace") for k, v in h.items()}
         if not d and not include_gone:
             continue
 
@@ -258,7 +257,7 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
 
         out.append(
             NodeInfo(
-                node=_s(node),
+                node=util.to_str(node, "replace"),
                 live=bool(d),
                 heartbeat_ms=int(score),
                 heartbeat_age_s=max(0, now - int(score)) / 1000,
@@ -361,7 +360,7 @@ def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> i
     all of them (1,000 per script call). Returns how many moved."""
     q = validate_queue(queue)
     if job_ids:
-        ids = [validate_job_id(i) for i in job_ids]
+        ids = [requests.validate_job_id(i) for i in job_ids]
         return sum(
             app.run(app.store.retry_dead(q, ids[i : i + 1000], now_ms=app.now_ms()))
             for i in range(0, len(ids), 1000)
@@ -377,7 +376,7 @@ def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> i
 def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
     """Cancel a job that has not started; returns its queue. Raises
     :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable`."""
-    validate_job_id(job_id)
+    requests.validate_job_id(job_id)
     job = app.job(job_id, queue)
     job.cancel()
     return job.queue
@@ -442,61 +441,3 @@ def redacted(info: JobInfo) -> dict[str, Any]:
     if isinstance(d.get("error"), str):
         d["error"] = redact_text(d["error"])
     return d
-
-
-def parse_time(value: Any, name: str, exc: type[errors.InvalidInput]) -> datetime | float:
-    """An absolute time: ISO 8601 text (naive = UTC; ``Z`` accepted) or epoch seconds."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise exc(
-                f"{name}: {value!r} is not an ISO 8601 time (e.g. 2030-01-01T12:00:00Z)", name
-            ) from None
-        return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise exc(f"{name}: must be an ISO 8601 time or epoch seconds, got {value!r}", name)
-    return float(value)
-
-
-def parse_seconds(value: Any, name: str, exc: type[errors.InvalidInput]) -> float:
-    """A duration: a number of seconds or text like ``"30s"``, ``"250ms"``, ``"5m"``."""
-    if isinstance(value, str):
-        try:
-            return parse_duration(value, name)
-        except errors.InvalidInput as e:
-            raise exc(str(e), name) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise exc(f"{name}: must be a number of seconds or a duration like '30s', got {value!r}", name)
-    return float(value)
-
-
-def request_from_json(data: Any, index: int | None = None) -> EnqueueRequest:
-    """An :class:`jobq.app.EnqueueRequest` from a decoded JSON object (an HTTP body or an NDJSON
-    line). Field names are those of ``JobQ.enqueue`` (``scheduled_at`` is accepted for
-    ``run_at``); times are ISO 8601 or epoch seconds, durations seconds or ``"30s"``. Raises
-    :class:`jobq.errors.InvalidInput` naming the field."""
-    where = "" if index is None else f"job {index}: "
-    if not isinstance(data, Mapping):
-        raise errors.InvalidInput(f"{where}must be a JSON object", "body")
-    d = dict(data)
-    if "scheduled_at" in d:
-        if d.get("run_at") is not None:
-            raise errors.InvalidRunAt(f"{where}run_at: give run_at or scheduled_at, not both")
-        d["run_at"] = d.pop("scheduled_at")
-    try:
-        for name, exc in (("delay", errors.InvalidDelay), ("timeout", errors.InvalidTimeout)):
-            if d.get(name) is not None:
-                d[name] = parse_seconds(d[name], name, exc)
-        if d.get("retry_backoff") is not None:
-            d["retry_backoff"] = parse_seconds(d["retry_backoff"], "retry_backoff", errors.InvalidDelay)
-        if d.get("run_at") is not None:
-            d["run_at"] = parse_time(d["run_at"], "run_at", errors.InvalidRunAt)
-        if d.get("deadline") is not None:
-            d["deadline"] = parse_time(d["deadline"], "deadline", errors.InvalidDeadline)
-    except errors.InvalidInput as exc:
-        raise type(exc)(f"{where}{exc}", exc.field) from None
-    return request_from_mapping(d, index=index)

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-import os
-import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import Enum
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from jobq import codec, errors
 from jobq.clock import Clock, SystemClock
 from jobq.connection import default_url, sync_client
 from jobq.keys import Keys, validate_queue, validate_task_name
+from jobq.requests import MAX_TIME_MS as MAX_TIME_MS
+from jobq.requests import OPTION_NAMES as OPTION_NAMES
+from jobq.requests import PY_OPTION_NAMES as PY_OPTION_NAMES
+from jobq.requests import EnqueueRequest as EnqueueRequest
+from jobq.requests import Seconds as Seconds
+from jobq.requests import (
+    TaskBase,
+    check_options,
+    request_from_mapping,
+    seconds_to_ms,
+    to_spec,
+    validate_max_attempts,
+    validate_priority,
+)
 from jobq.store import (
     MAX_BATCH,
-    MAX_PRIORITY,
-    MIN_PRIORITY,
     Call,
     JobSpec,
     Limits,
@@ -38,26 +45,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-#: Largest time in ms that Lua handles exactly (2^53 - 1).
-MAX_TIME_MS = 2**53 - 1
-#: Numbers accepted as seconds. ``int``, ``Decimal`` and ``Fraction`` convert to ms exactly (so
-#: every ms up to 2^53 - 1 can be given); a ``float`` is rounded to the microsecond first, so
-#: ``1.1`` is 1100 ms, not 1101.
-Seconds = int | float | Decimal | Fraction
-#: Options accepted by every enqueue path (Python, CLI flags, HTTP fields), with the same names.
-OPTION_NAMES = (
-    "queue",
-    "priority",
-    "delay",
-    "run_at",
-    "max_attempts",
-    "timeout",
-    "deadline",
-    "unique_key",
-    "retry_backoff",
-    "job_id",
-)
 
 
 class JobState(str, Enum):
@@ -80,29 +67,6 @@ class JobState(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class EnqueueRequest:
-    """One job to enqueue: a task name, its arguments, and per-call options (None = the task's
-    or the app's default)."""
-
-    task: str
-    args: Sequence[Any] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    queue: str | None = None
-    priority: int | None = None
-    delay: Seconds | timedelta | None = None
-    run_at: datetime | Seconds | None = None
-    max_attempts: int | None = None
-    timeout: Seconds | timedelta | None = None
-    deadline: datetime | timedelta | Seconds | None = None
-    unique_key: str | None = None
-    retry_backoff: Seconds | timedelta | None = None
-    job_id: str | None = None
-    #: Check ``args``/``kwargs`` against the task's signature when the task is registered here
-    #: (and its own ``check_args`` is on); False skips the check for this call.
-    check_args: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class TaskDefaults:
     queue: str = "default"
     priority: int = 0
@@ -112,117 +76,6 @@ class TaskDefaults:
     #: Releases of a started job (node shutdowns before it finished) at which it is
     #: dead-lettered with reason ``interrupted``; None = the worker's ``max_interruptions``.
     max_interruptions: int | None = None
-
-
-# -- validation ---------------------------------------------------------------------------------
-def _seconds(value: object, name: str, exc: type[errors.InvalidInput]) -> float | Fraction:
-    if isinstance(value, timedelta):
-        return Fraction(value.days * 86_400 + value.seconds) + Fraction(value.microseconds, 1_000_000)
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, Fraction)):
-        raise exc(f"{name}: must be a number of seconds, got {type(value).__name__} {value!r}")
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            raise exc(f"{name}: must be a finite number of seconds, got {value!r}")
-        return value
-    if isinstance(value, Decimal) and not value.is_finite():
-        raise exc(f"{name}: must be a finite number of seconds, got {value!r}")
-    return Fraction(value)
-
-
-def _to_ms(secs: float | Fraction, value: object, name: str, exc: type[errors.InvalidInput]) -> int:
-    """Seconds to whole ms, rounding up (never earlier or shorter than asked)."""
-    ms = secs * 1000
-    if ms > MAX_TIME_MS:
-        raise exc(f"{name}: {value!r} is beyond the largest supported time (2^53 - 1 ms)")
-    if isinstance(ms, float):
-        return math.ceil(round(ms, 3))
-    return math.ceil(ms)
-
-
-def seconds_to_ms(value: object, name: str, exc: type[errors.InvalidInput]) -> int:
-    """A non-negative duration in seconds (or a timedelta) as integer ms."""
-    secs = _seconds(value, name, exc)
-    if secs < 0:
-        raise exc(f"{name}: must not be negative, got {value!r}")
-    return _to_ms(secs, value, name, exc)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def timestamp_ms(value: object, name: str, exc: type[errors.InvalidInput], *, past_ok: bool = False) -> int:
-    """An absolute time (an aware datetime, a naive one in local time, or epoch seconds) as
-    integer ms. With ``past_ok`` a time before 1970 becomes 0 (a run time in the past = now)."""
-    if isinstance(value, datetime):
-        aware = value if value.tzinfo is not None else value.astimezone()
-        secs = _seconds(aware - _EPOCH, name, exc)
-    else:
-        secs = _seconds(value, name, exc)
-    if secs < 0:
-        if past_ok:
-            return 0
-        raise exc(f"{name}: must not be before 1970, got {value!r}")
-    return _to_ms(secs, value, name, exc)
-
-
-def validate_priority(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.InvalidPriority(f"priority: must be an integer, got {value!r}")
-    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
-        raise errors.InvalidPriority(
-            f"priority: {value} is outside {MIN_PRIORITY}..{MAX_PRIORITY} (higher runs first)"
-        )
-    return value
-
-
-def validate_max_attempts(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise errors.InvalidMaxAttempts(f"max_attempts: must be an integer >= 1, got {value!r}")
-    if value > 1_000_000:
-        raise errors.InvalidMaxAttempts(f"max_attempts: {value} is over 1000000")
-    return value
-
-
-def validate_job_id(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 128:
-        raise errors.InvalidJobId(f"id: must be a string of 1-128 characters, got {value!r}")
-    if any(c.isspace() or not c.isprintable() or c in "{}" for c in value):
-        raise errors.InvalidJobId(f"id: {value!r} contains whitespace, braces or control characters")
-    return value
-
-
-#: Ids a new job may take: letters, digits and ``. _ - :``, starting with a letter, a digit or
-#: ``_`` (no ``/``, ``%``, ``?``, ``#``: an id is a path segment of ``GET /jobs/{id}`` and a key
-#: name's last segment). Generated ids are 24 hex digits.
-_NEW_JOB_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,127}")
-
-
-def validate_new_job_id(value: object) -> str:
-    """The id of a job being enqueued (stricter than :func:`validate_job_id`, which looks jobs
-    up and so still reaches one stored before the rule)."""
-    validate_job_id(value)
-    assert isinstance(value, str)
-    if not _NEW_JOB_ID_RE.fullmatch(value):
-        raise errors.InvalidJobId(
-            f"id: {value!r} is not a valid job id (1-128 characters of A-Z a-z 0-9 . _ - :, "
-            "starting with a letter, a digit or _)"
-        )
-    return value
-
-
-def validate_unique_key(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise errors.InvalidUniqueKey(f"unique_key: must be a non-empty string, got {value!r}")
-    if len(value.encode("utf-8", "surrogatepass")) > 512:
-        raise errors.InvalidUniqueKey("unique_key: longer than 512 bytes")
-    if any(not c.isprintable() for c in value):
-        raise errors.InvalidUniqueKey(f"unique_key: {value!r} contains control characters")
-    return value
-
-
-def new_job_id() -> str:
-    """A random, client-generated job id: a retried enqueue with the same id is a no-op."""
-    return os.urandom(12).hex()
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -293,9 +146,8 @@ class JobQ:
         self._client = client
         self._runner: SyncRunner | None = None
         self._known_queues: set[str] = set()
-        #: Per task name: (its defaults, queue, priority, max_attempts, timeout_ms, backoff_ms) for
-        #: requests with no per-call option (see :meth:`prepare`); the name was validated.
-        self._plain: dict[str, tuple[TaskDefaults, str, int, int, int, int]] = {}
+        #: Per task name (validated): its defaults, converted once (see :meth:`prepare`).
+        self._task_bases: dict[str, TaskBase] = {}
         self.shards: dict[str, int] = {}
         for name, n in (shards or {}).items():
             if "#" in validate_queue(name):
@@ -527,118 +379,28 @@ class JobQ:
 
     def prepare(self, req: EnqueueRequest) -> tuple[str, JobSpec]:
         """Validate one request completely and turn it into ``(queue, JobSpec)``; raises an
-        :class:`jobq.errors.InvalidInput` naming the field. Writes nothing."""
-        if (
-            req.queue is None
-            and req.priority is None
-            and req.delay is None
-            and req.run_at is None
-            and req.max_attempts is None
-            and req.timeout is None
-            and req.deadline is None
-            and req.unique_key is None
-            and req.retry_backoff is None
-            and req.job_id is None
-            and type(req.task) is str
-        ):
-            return self._prepare_plain(req)
-        task = validate_task_name(req.task)
-        d = self._defaults_for(task)
-        t = self.tasks.get(task)
-        if t is not None and req.check_args:
-            t.check_arguments(req.args, req.kwargs)
-        queue = d.queue if req.queue is None else self.validate_enqueue_queue(req.queue)
-        priority = d.priority if req.priority is None else validate_priority(req.priority)
-        max_attempts = d.max_attempts if req.max_attempts is None else validate_max_attempts(req.max_attempts)
-        if req.timeout is not None:
-            timeout_ms = seconds_to_ms(req.timeout, "timeout", errors.InvalidTimeout)
-        else:
-            timeout_ms = 0 if d.timeout is None else round(d.timeout * 1000)
-        backoff_ms = round(d.retry_backoff * 1000)
-        if req.retry_backoff is not None:
-            backoff_ms = seconds_to_ms(req.retry_backoff, "retry_backoff", errors.InvalidRetryBackoff)
-        if req.delay is not None and req.run_at is not None:
-            raise errors.InvalidDelay("delay: give either delay or run_at, not both")
-        delay_ms = None
-        run_at_ms = None
-        if req.delay is not None:
-            delay_ms = seconds_to_ms(req.delay, "delay", errors.InvalidDelay)
-        if req.run_at is not None:
-            run_at_ms = timestamp_ms(req.run_at, "run_at", errors.InvalidRunAt, past_ok=True)
-        deadline = ""
-        if req.deadline is not None:
-            if isinstance(req.deadline, timedelta):
-                rel = seconds_to_ms(req.deadline, "deadline", errors.InvalidDeadline)
-                if delay_ms is not None and rel < delay_ms:
-                    raise errors.InvalidDeadline("deadline: is before the run time (delay)")
-                deadline = f"+{rel}"
-            else:
-                abs_ms = timestamp_ms(req.deadline, "deadline", errors.InvalidDeadline)
-                if run_at_ms is not None and abs_ms < run_at_ms:
-                    raise errors.InvalidDeadline("deadline: is before run_at")
-                deadline = str(abs_ms)
-        unique_key = "" if req.unique_key is None else validate_unique_key(req.unique_key)
-        job_id = new_job_id() if req.job_id is None else validate_new_job_id(req.job_id)
-        if not isinstance(req.args, (list, tuple)):
-            raise errors.EncodeError(f"args: must be a list, got {type(req.args).__name__}")
-        if not isinstance(req.kwargs, Mapping) or not all(isinstance(k, str) for k in req.kwargs):
-            raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
-        payload = codec.encode_payload(req.args, dict(req.kwargs), self.max_payload)
-        if queue in self.shards:
-            queue = self.shard_for(queue, unique_key or job_id)
-        return queue, JobSpec(
-            id=job_id,
-            task=task,
-            payload=payload,
-            priority=priority,
-            delay_ms=delay_ms,
-            run_at_ms=run_at_ms,
-            max_attempts=max_attempts,
-            timeout_ms=timeout_ms,
-            backoff_ms=backoff_ms,
-            deadline=deadline,
-            unique_key=unique_key,
-        )
+        :class:`jobq.errors.InvalidInput` naming the field. Writes nothing.
 
-    def _prepare_plain(self, req: EnqueueRequest) -> tuple[str, JobSpec]:
-        """:meth:`prepare` of the common case, a request with no per-call option: the task's
-        defaults, already validated and converted once per task name."""
+        The task's defaults are validated and converted once per task name (kept in
+        ``_task_bases``); :func:`jobq.requests.to_spec` does the rest."""
         name = req.task
+        if type(name) is not str:
+            validate_task_name(name)
         t = self.tasks.get(name)
         d = t.defaults if t is not None else self.defaults
+        base = self._task_bases.get(name)
+        if base is None or base.source is not d:
+            validate_task_name(name)
+            base = TaskBase.of(d)
+            if len(self._task_bases) >= 4096:  # bounded, whatever names producers send
+                self._task_bases.clear()
+            self._task_bases[name] = base
         if t is not None and req.check_args:
             t.check_arguments(req.args, req.kwargs)
-        entry = self._plain.get(name)
-        if entry is None or entry[0] is not d:
-            validate_task_name(name)
-            timeout_ms = 0 if d.timeout is None else round(d.timeout * 1000)
-            entry = (d, d.queue, d.priority, d.max_attempts, timeout_ms, round(d.retry_backoff * 1000))
-            if len(self._plain) >= 4096:  # bounded, whatever names producers send
-                self._plain.clear()
-            self._plain[name] = entry
-        _, queue, priority, max_attempts, timeout_ms, backoff_ms = entry
-        args, kwargs = req.args, req.kwargs
-        if not isinstance(args, (list, tuple)):
-            raise errors.EncodeError(f"args: must be a list, got {type(args).__name__}")
-        if type(kwargs) is not dict:
-            if not isinstance(kwargs, Mapping):
-                raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
-            kwargs = dict(kwargs)
-        if kwargs and not all(isinstance(k, str) for k in kwargs):
-            raise errors.EncodeError("kwargs: must be a mapping with string keys", "kwargs")
-        payload = codec.encode_payload(args, kwargs, self.max_payload)
-        job_id = new_job_id()
+        queue, spec = to_spec(req, name, base, self.validate_enqueue_queue, self.max_payload)
         if queue in self.shards:
-            queue = self.shard_for(queue, job_id)
-        return queue, JobSpec(
-            id=job_id,
-            task=name,
-            payload=payload,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout_ms=timeout_ms,
-            backoff_ms=backoff_ms,
-        )
+            queue = self.shard_for(queue, spec.unique_key or spec.id)
+        return queue, spec
 
     def _register_queue(self, queue: str) -> None:
         if queue not in self._known_queues:
@@ -791,30 +553,6 @@ class JobQ:
         return found
 
 
-def request_from_mapping(data: Mapping[str, Any], index: int | None = None) -> EnqueueRequest:
-    """Build a request from a JSON-like mapping (NDJSON lines, HTTP bodies), refusing unknown
-    fields by name."""
-    where = "" if index is None else f"job {index}: "
-    if not isinstance(data, Mapping):
-        raise errors.InvalidInput(f"{where}must be an object", "job")
-    allowed = {"task", "args", "kwargs", *OPTION_NAMES}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise errors.InvalidInput(f"{where}{unknown[0]!r}: unknown field", str(unknown[0]))
-    if "task" not in data:
-        raise errors.InvalidTaskName(f"{where}task: missing")
-    args = data.get("args", ())
-    if args is None:
-        args = ()
-    if not isinstance(args, (list, tuple)):
-        raise errors.EncodeError(f"{where}args: must be a list")
-    kwargs = data.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise errors.EncodeError(f"{where}kwargs: must be an object", "kwargs")
-    opts = {k: data[k] for k in OPTION_NAMES if k in data and data[k] is not None}
-    return EnqueueRequest(data["task"], tuple(args), kwargs, **opts)
-
-
 # -- tasks --------------------------------------------------------------------------------------
 #: A check of a task's argument values at enqueue: ``validate(args, kwargs)`` raises.
 Validator = Callable[[Sequence[Any], Mapping[str, Any]], None]
@@ -856,7 +594,7 @@ class Task(Generic[P, R]):
     def options(self, **options: Any) -> BoundTask:
         """Per-call options kept apart from the task's own arguments:
         ``send.options(priority=5, delay=30).enqueue("a@example.com", subject="hi")``."""
-        return BoundTask(self, _check_options(options))
+        return BoundTask(self, check_options(options))
 
     def request(self, *args: Any, **kwargs: Any) -> EnqueueRequest:
         """An :class:`EnqueueRequest` for :meth:`JobQ.enqueue_many`; ``_``-prefixed keyword
@@ -870,17 +608,6 @@ class Task(Generic[P, R]):
         """Enqueue a run of this task. Options go in ``_``-prefixed keywords (``_priority=5``,
         ``_delay=30``) or through :meth:`options`; every other argument goes to the task."""
         return self.app.enqueue_request(self.request(*args, **kwargs))
-
-
-#: Per-call options of the Python API only (not HTTP fields or NDJSON keys).
-PY_OPTION_NAMES = (*OPTION_NAMES, "check_args")
-
-
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    for k in options:
-        if k not in PY_OPTION_NAMES:
-            raise errors.InvalidInput(f"{k}: unknown option (options are {', '.join(PY_OPTION_NAMES)})", k)
-    return dict(options)
 
 
 _POK = inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -48,6 +48,7 @@ from redis.retry import Retry
 from redis.utils import check_protocol_version
 
 from jobq import errors
+from jobq.util import to_str
 
 # redis-py's Sentinel classes were untyped before redis-py 8.2 and are typed since: through Any,
 # the calls type-check the same against either.
@@ -276,7 +277,7 @@ def _hello_version(reply: Any) -> str | None:
         return None
     if v is None:
         return None
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return to_str(v)
 
 
 def check_version(version: str | None, where: str) -> None:

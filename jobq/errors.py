@@ -173,10 +173,6 @@ class JobNotFound(JobqError, LookupError):
     """No job with that id exists (it may have expired after its retention time)."""
 
 
-class LeaseLost(JobqError):
-    """This node no longer owns the job: its lease expired and was reaped."""
-
-
 class JobNotCancellable(JobqError):
     """The job is running or already finished, so it cannot be cancelled."""
 

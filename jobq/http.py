@@ -39,7 +39,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from jobq import admin, connection, errors, strict_json
+from jobq import admin, connection, errors, requests, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
 
@@ -141,10 +141,10 @@ class ApiServer:
         if isinstance(body, list):
             if not 1 <= len(body) <= MAX_BULK:
                 raise HttpError(400, f"body: an array must hold 1..{MAX_BULK} jobs", "body")
-            reqs = [admin.request_from_json(item, index=i) for i, item in enumerate(body)]
+            reqs = [requests.request_from_json(item, index=i) for i, item in enumerate(body)]
             jobs = self.app.enqueue_many(reqs)
             return 201, {"jobs": [{"id": j.id, "queue": j.queue} for j in jobs]}
-        job = self.app.enqueue_request(admin.request_from_json(body))
+        job = self.app.enqueue_request(requests.request_from_json(body))
         return 201, {"id": job.id, "queue": job.queue, "status": job.status().value}
 
     def get_jobs(self, query: dict[str, str]) -> dict[str, Any]:
@@ -358,15 +358,3 @@ class _ApiHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Routes are logged by _route (method, path, status, time; never headers or bodies).
         pass
-
-
-def serve_api(
-    app: JobQ,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    *,
-    token: str | None = None,
-    max_body: int = DEFAULT_MAX_BODY,
-) -> ApiServer:
-    """Start the API on a daemon thread and return the running server."""
-    return ApiServer(app, host, port, token=token, max_body=max_body).start()

@@ -14,15 +14,12 @@ from typing import Any
 import redis.exceptions
 
 from jobq.connection import redact
+from jobq.util import to_str
 
 log = logging.getLogger("jobq.redis")
 
 #: The only policy under which Redis never deletes a job by itself.
 SAFE_POLICY = "noeviction"
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 async def eviction_policy(client: Any) -> str | None:
@@ -33,13 +30,13 @@ async def eviction_policy(client: Any) -> str | None:
         info = await client.info("memory")
         policy = info.get("maxmemory_policy")
         if policy is not None:
-            return _s(policy)
+            return to_str(policy)
     except redis.exceptions.ResponseError as exc:  # NOPERM, or INFO renamed
         log.debug("INFO memory refused: %s", exc)
     try:
         cfg = await client.config_get("maxmemory-policy")
         value = cfg.get("maxmemory-policy") or cfg.get(b"maxmemory-policy")
-        return None if value is None else _s(value)
+        return None if value is None else to_str(value)
     except redis.exceptions.ResponseError as exc:
         log.debug("CONFIG GET maxmemory-policy refused: %s", exc)
         return None

@@ -18,7 +18,7 @@ import redis
 
 from jobq import logs
 from jobq.cli import main
-from jobq.cli_worker import load_app
+from jobq.cli.apps import load_app
 from jobq.worker import Worker, WorkerConfig
 from tests.harness.cli import cli_runner
 

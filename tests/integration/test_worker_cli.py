@@ -10,7 +10,8 @@ import redis
 
 from jobq import InvalidInput, JobQ, JobState
 from jobq.cli import main
-from jobq.cli_worker import load_app, parse_queues
+from jobq.cli.apps import load_app
+from jobq.cli.worker import parse_queues
 from tests.harness.cli import cli_runner
 
 pytestmark = pytest.mark.integration

@@ -84,6 +84,6 @@ def test_the_documented_acl_is_the_tested_one() -> None:
     page = (DOCS / "redis.md").read_text()
     block = page.split("ACL SETUSER jobq", 1)[1].split("```", 1)[0]
     documented = set(re.findall(r"\+[a-z|]+", block))
-    test = (ROOT / "tests" / "cluster" / "test_tls_acl.py").read_text()
+    test = (ROOT / "tests" / "redis_setups" / "test_tls_acl.py").read_text()
     tested = set(re.findall(r"\+[a-z|]+", test.split("JOBQ_ACL_COMMANDS = (", 1)[1].split("\n)", 1)[0]))
     assert documented == tested

@@ -13,8 +13,8 @@ import redis.asyncio.cluster
 import redis.cluster
 
 from jobq import JobQ, JobState, connection, errors
-from tests.cluster.conftest import burst
 from tests.harness.cluster import RedisClusterHarness
+from tests.redis_setups.conftest import burst
 
 pytestmark = pytest.mark.integration
 

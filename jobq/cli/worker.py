@@ -9,7 +9,6 @@ that crashes is restarted, and the supervisor exits 0 when every node exited 0.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import signal
@@ -23,11 +22,11 @@ import click
 from jobq import connection
 from jobq import loop as jobq_loop
 from jobq.app import JobQ
-from jobq.cli import Settings, connection_options
+from jobq.cli.apps import bind, explicit, load_app
+from jobq.cli.common import Settings, connection_options
 from jobq.cron import parse_duration
 from jobq.errors import InvalidInput, JobqError
-from jobq.keys import Keys, validate_node, validate_queue
-from jobq.store import Store
+from jobq.keys import validate_node, validate_queue
 from jobq.worker import Worker, WorkerConfig
 
 log = logging.getLogger("jobq.cli")
@@ -58,41 +57,6 @@ def parse_queues(text: str) -> tuple[list[tuple[str, int]], bool]:
         seen.add(name)
         out.append((name, weight))
     return out, weighted
-
-
-def load_app(spec: str) -> JobQ:
-    """Import ``module[:attr]`` and return its :class:`JobQ`."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name:
-        raise click.BadParameter(f"{spec!r}: expected module[:attr]", param_hint="'-A'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(
-            f"cannot import {module_name!r}: {connection.redact(str(exc))}", param_hint="'-A'"
-        ) from None
-    if attr:
-        obj: Any = module
-        for part in attr.split("."):
-            obj = getattr(obj, part, None)
-        if not isinstance(obj, JobQ):
-            raise click.BadParameter(
-                f"{module_name}:{attr} is not a jobq.JobQ application", param_hint="'-A'"
-            )
-        return obj
-    found = getattr(module, "app", None)
-    if isinstance(found, JobQ):
-        return found
-    apps = {id(v): v for v in vars(module).values() if isinstance(v, JobQ)}
-    if len(apps) == 1:
-        return next(iter(apps.values()))
-    what = "no jobq.JobQ" if not apps else "several jobq.JobQ objects"
-    raise click.BadParameter(
-        f"module {module_name!r} has {what}; name one with -A {module_name}:ATTR",
-        param_hint="'-A'",
-    )
 
 
 #: The shortest durations ``jobq worker`` accepts, seconds, and why. A lease is renewed every
@@ -126,28 +90,6 @@ def _duration(name: str) -> Callable[[click.Context, click.Parameter, str | None
         return secs
 
     return convert
-
-
-def _explicit(ctx: click.Context, sub: str, group: str) -> bool:
-    """Was a connection option given (flag or environment), rather than defaulted?"""
-    src = ctx.get_parameter_source(sub)
-    if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
-        return ctx.params.get(sub) is not None
-    parent = ctx.parent
-    if parent is None:
-        return False
-    psrc = parent.get_parameter_source(group)
-    return psrc is not None and psrc.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _bind(app: JobQ, settings: Settings, ctx: click.Context) -> str:
-    """Point the app at the command's Redis URL and prefix when they were given."""
-    if _explicit(ctx, "sub_redis_url", "redis_url") or app.url == connection.DEFAULT_URL:
-        app.url = settings.redis_url
-    if _explicit(ctx, "sub_prefix", "prefix") and settings.prefix != app.keys.prefix:
-        app.keys = Keys(settings.prefix)
-        app.store = Store(app.keys, app.limits)
-    return app.url
 
 
 def _default_queues(app: JobQ) -> list[tuple[str, int]]:
@@ -288,7 +230,7 @@ def worker(
     from jobq import builtin, logs
 
     logs.configure(log_format, log_level.upper())
-    if connection.redact_url(settings.redis_url) != settings.redis_url and _explicit(
+    if connection.redact_url(settings.redis_url) != settings.redis_url and explicit(
         ctx, "sub_redis_url", "redis_url"
     ):
         src = ctx.get_parameter_source("sub_redis_url")
@@ -299,7 +241,7 @@ def worker(
                 "it; prefer JOBQ_REDIS_URL"
             )
     app = load_app(app_spec) if app_spec else JobQ(settings.redis_url, prefix=settings.prefix)
-    url = _bind(app, settings, ctx)
+    url = bind(app, settings, ctx)
     builtin.register(app)
     try:
         if queues is not None:
@@ -476,6 +418,3 @@ def _supervise(
         if not stopping:
             spawn(slot)
     return 1 if failed else 0
-
-
-COMMANDS: list[click.Command] = [worker]

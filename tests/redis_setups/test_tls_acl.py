@@ -12,9 +12,9 @@ import pytest
 
 import jobq
 from jobq import JobQ, JobState, connection
-from tests.cluster.conftest import burst
 from tests.harness.redis_server import RedisServer, free_port
 from tests.harness.tls import TlsFiles, make_tls_files, tls_server_args
+from tests.redis_setups.conftest import burst
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,9 @@
-"""Fixtures for the distributed-Redis tests: one 3-primary Redis Cluster per session (started on
-free loopback ports with ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster
-create``), and helpers shared by the cluster, Sentinel and TLS/ACL tests."""
+"""The tests of jobq on each Redis setup other than one plain server: Redis Cluster, Sentinel,
+TLS and ACL users, and the connection URLs that reach them.
+
+Fixtures: one 3-primary Redis Cluster per session (started on free loopback ports with
+``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create``), and helpers shared
+by the cluster, Sentinel and TLS/ACL tests."""
 
 from __future__ import annotations
 

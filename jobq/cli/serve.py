@@ -1,0 +1,103 @@
+"""``jobq serve``: run the HTTP API (:mod:`jobq.http`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from jobq import builtin, connection
+from jobq.app import JobQ
+from jobq.cli.common import Settings, connection_options
+
+
+def _max_depth(values: tuple[str, ...]) -> int | dict[str, int]:
+    per_queue: dict[str, int] = {}
+    default = 0
+    for v in values:
+        name, sep, num = v.rpartition("=")
+        if not num.isdigit():
+            raise click.BadParameter(f"{v!r}: expected N or QUEUE=N", param_hint="'--max-depth'")
+        if sep:
+            per_queue[name] = int(num)
+        else:
+            default = int(num)
+    if not per_queue:
+        return default
+    if default:
+        raise click.BadParameter("give either N or QUEUE=N values, not both", param_hint="'--max-depth'")
+    return per_queue
+
+
+@click.command()
+@connection_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--token",
+    envvar="JOBQ_HTTP_TOKEN",
+    help="Require 'Authorization: Bearer TOKEN' (prefer $JOBQ_HTTP_TOKEN: argv is visible to others).",
+)
+@click.option(
+    "--max-depth",
+    "max_depth",
+    multiple=True,
+    metavar="N|QUEUE=N",
+    help="Refuse enqueues (503) when a queue holds N waiting jobs (repeatable per queue).",
+)
+@click.option("--max-body", default=2 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    max_depth: tuple[str, ...],
+    max_body: int,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json)."""
+    from jobq import logs
+    from jobq.http import ApiServer
+
+    logs.configure(log_format, log_level)
+    logs.add_secret(token)
+    depth = _max_depth(max_depth)
+    app = JobQ(settings.redis_url, prefix=settings.prefix, max_depth=depth)
+    builtin.register(app)
+    try:
+        server = ApiServer(app, host, port, token=token, max_body=max_body)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+    import logging
+    import signal
+
+    log = logging.getLogger("jobq.http")
+    log.info(
+        "jobq HTTP API on http://%s:%d (redis %s%s)",
+        host,
+        server.port,
+        connection.redact_url(app.url),
+        ", token required" if token else "",
+    )
+
+    def stop(sig: int, _frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(sig).name)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        server.health_client.close()
+        app.close()

@@ -1,0 +1,226 @@
+"""The package's shape, enforced: imports point down, the command line has no circle, and every
+module has a place in the map (docs/layout.md).
+
+Rules are stated per module prefix, so a module keeps its layer when a flat module becomes a
+package (``jobq.worker`` covers ``jobq/worker.py`` and a future ``jobq/worker/fetcher.py``;
+``jobq.storage`` is the storage package to come). Imports are read from the source with
+:mod:`ast` (nothing is imported): every ``import`` counts, inside functions and under
+``TYPE_CHECKING`` too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "jobq"
+
+#: Layers from the bottom up, each a list of module prefixes. A module may import its own layer
+#: and the layers below it, never one above.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # Pure helpers: no Redis, no jobq imports outside this layer.
+    (
+        "base",
+        (
+            "jobq.errors",
+            "jobq.clock",
+            "jobq.util",
+            "jobq.strict_json",
+            "jobq.backoff",
+            "jobq.loop",
+            "jobq.faults",
+            "jobq.scripts",
+        ),
+    ),
+    # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks.
+    (
+        "storage",
+        ("jobq.storage", "jobq.store", "jobq.connection", "jobq.keys", "jobq.codec", "jobq.redis_checks"),
+    ),
+    # The public API: the app, tasks, requests, inspection, built-in tasks, metrics, logs.
+    (
+        "api",
+        (
+            "jobq",
+            "jobq.app",
+            "jobq.requests",
+            "jobq.cron",
+            "jobq.admin",
+            "jobq.builtin",
+            "jobq.metrics",
+            "jobq.logs",
+        ),
+    ),
+    # The worker node and its background components.
+    ("worker", ("jobq.worker", "jobq.reaper", "jobq.scheduler", "jobq.heartbeat")),
+    # The fronts: the command line and the HTTP API (and a future web/ dashboard).
+    ("front", ("jobq.cli", "jobq.http", "jobq.web", "jobq.__main__")),
+]
+
+#: Fronts only the given modules may import (a front is an entry point, not a library).
+FRONT_USERS: dict[str, tuple[str, ...]] = {
+    "jobq.cli": ("jobq.cli", "jobq.__main__"),
+    "jobq.http": ("jobq.cli", "jobq.web"),
+    "jobq.web": ("jobq.cli", "jobq.web"),
+}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest prefix that covers ``module`` (None: unplaced). The
+    package itself, ``jobq``, covers only its ``__init__``."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            covers = module == p if p == "jobq" else _under(module, p)
+            if covers and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    out = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The jobq modules ``module`` imports (``from jobq.x import y`` counts as ``jobq.x.y`` when
+    that is a module, else as ``jobq.x``)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                head = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*head, *([node.module] if node.module else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return {m for m in found if _under(m, "jobq") and m != module}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {m: imports(m, p, known) for m, p in mods.items()}
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in edges:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+EDGES = graph()
+
+
+def test_the_rules_read_the_imports() -> None:
+    assert "jobq.store" in EDGES["jobq.app"]
+    assert "jobq.cli.common" in EDGES["jobq.cli.worker"]
+    assert "jobq.worker" in EDGES["jobq.cli.worker"]  # an import inside a function counts too
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted(m for m in EDGES if layer_of(m) is None)
+    assert not unplaced, f"add these to LAYERS here and to docs/layout.md: {unplaced}"
+
+
+@pytest.mark.parametrize("module", sorted(EDGES))
+def test_imports_point_down(module: str) -> None:
+    mine = layer_of(module)
+    if mine is None:
+        pytest.skip("unplaced (test_every_module_has_a_layer fails)")
+    up = sorted(
+        f"{target} ({LAYERS[t][0]})"
+        for target in EDGES[module]
+        if (t := layer_of(target)) is not None and t > mine
+    )
+    assert not up, f"{module} ({LAYERS[mine][0]}) imports a layer above it: {up}"
+
+
+def test_storage_never_imports_the_worker_the_api_or_a_front() -> None:
+    storage = LAYERS.index(next(layer for layer in LAYERS if layer[0] == "storage"))
+    low = [m for m in EDGES if (layer_of(m) or 0) <= storage]
+    bad = {m: sorted(t for t in EDGES[m] if (layer_of(t) or 0) > storage) for m in low}
+    assert not {m: t for m, t in bad.items() if t}
+
+
+def test_fronts_are_imported_only_by_their_users() -> None:
+    bad = [
+        f"{m} -> {t}"
+        for m, targets in EDGES.items()
+        for t in targets
+        for front, users in FRONT_USERS.items()
+        if _under(t, front) and not any(_under(m, u) for u in users)
+    ]
+    assert not bad
+
+
+def test_the_command_line_has_no_circle() -> None:
+    cli = {m: {t for t in ts if _under(t, "jobq.cli")} for m, ts in EDGES.items() if _under(m, "jobq.cli")}
+    assert len(cli) > 5
+    assert not circles(cli)
+    # The command modules import what they share (common, apps, output), never the group itself
+    # or another command.
+    assert not [m for m, ts in cli.items() if "jobq.cli" in ts]
+    shared = {"jobq.cli", "jobq.cli.common", "jobq.cli.apps", "jobq.cli.output"}
+    commands = set(cli) - shared
+    assert not {m: ts & commands for m, ts in cli.items() if m != "jobq.cli" and ts & commands}
+
+
+def test_no_circle_anywhere() -> None:
+    assert not circles(EDGES)
+
+
+def test_a_new_module_must_be_placed() -> None:
+    assert layer_of("jobq") is not None and layer_of("jobq.somethingnew") is None
+    assert LAYERS[layer_of("jobq.worker.fetcher") or 0][0] == "worker"
+    assert LAYERS[layer_of("jobq.storage.calls") or 0][0] == "storage"
+
+
+def test_circles_are_found() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
