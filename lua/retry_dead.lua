@@ -46,20 +46,26 @@ end
 local moved = 0
 for _, id in ipairs(ids) do
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'priority', 'unique')
-  if rcall('ZREM', dead_key, id) == 1 then
-    if ok and f[1] then
-      local score = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
-      rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', score)
-      rcall('HDEL', jkey, 'finished_ms')
-      rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
-      rcall('ZADD', ready_key, score, id)
-      -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
-      if f[2] then rcall('SET', qprefix .. 'unique:' .. f[2], id, 'NX') end
-      moved = moved + 1
-    elseif ok then
-      -- A dead entry without a job to run (missing_job): nothing to retry.
-      rcall('DEL', jkey)
+  local score = rcall('ZSCORE', dead_key, id)
+  if score then
+    rcall('ZREM', dead_key, id)
+    -- The entry may outlive its expired hash, and the id may name a newer job since: that job
+    -- is left alone (same_incarnation in lib/common.lua).
+    if same_incarnation(jkey, score, DEAD_STATES, true) then
+      local f = rcall('HMGET', jkey, 'priority', 'unique')
+      if f[1] then
+        local rscore = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
+        rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', rscore)
+        rcall('HDEL', jkey, 'finished_ms')
+        rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
+        rcall('ZADD', ready_key, rscore, id)
+        -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
+        if f[2] then rcall('SET', qprefix .. 'unique:' .. f[2], id, 'NX') end
+        moved = moved + 1
+      else
+        -- A dead entry without a job to run (missing_job): nothing to retry.
+        rcall('DEL', jkey)
+      end
     end
   end
 end

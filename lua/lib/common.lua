@@ -113,21 +113,41 @@ local function release_unique(qprefix, id, unique)
   end
 end
 
+-- Is the job hash at jkey the incarnation an index entry (id, score) names? A job id can be used
+-- again once its hash is gone (a dead hash expires after dead_ttl, a finished one after its
+-- retention), while its old index entry is still waiting to be trimmed; the entry must then not
+-- take the new job's hash with it. `state` is the state the index holds; `exact` = the score is
+-- the job's finished_ms (dead), else its expiry, which is at or after finished_ms (finished).
+local function same_incarnation(jkey, score, states, exact)
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms')
+  if not ok or not f[1] or not states[f[1]] then return false end
+  local fin, sc = tonumber(f[2] or ''), tonumber(score)
+  if fin == nil or sc == nil then return false end
+  if exact then return fin == sc end
+  return fin <= sc
+end
+local DEAD_STATES = {dead = true}
+local FINISHED_STATES = {done = true, cancelled = true}
+
+-- Drop one dead-letter entry, and its job hash if the entry still names it (same_incarnation).
+local function drop_dead(qprefix, dead_key, id, score)
+  local jkey = qprefix .. 'job:' .. id
+  if same_incarnation(jkey, score, DEAD_STATES, true) then rcall('DEL', jkey) end
+  rcall('ZREM', dead_key, id)
+end
+
 -- Keep a queue's dead-letter list bounded: at most dead_max entries (the oldest go first), and
--- none older than dead_ttl (at most `age_limit` removed per call). Trimmed jobs are deleted.
-local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, age_limit)
+-- none older than dead_ttl; at most `limit` entries of each kind are removed per call, so a long
+-- backlog (dead_max lowered, a burst of deaths) is trimmed over the following calls. Trimmed jobs
+-- are deleted, unless the id now names a newer job (drop_dead).
+local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, limit)
   local excess = rcall('ZCARD', dead_key) - dead_max
   if excess > 0 then
-    for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
-      rcall('DEL', qprefix .. 'job:' .. old)
-      rcall('ZREM', dead_key, old)
-    end
+    local old = rcall('ZRANGE', dead_key, 0, math.min(excess, limit) - 1, 'WITHSCORES')
+    for i = 1, #old, 2 do drop_dead(qprefix, dead_key, old[i], old[i + 1]) end
   end
-  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, age_limit)
-  for _, old in ipairs(aged) do
-    rcall('DEL', qprefix .. 'job:' .. old)
-    rcall('ZREM', dead_key, old)
-  end
+  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #aged, 2 do drop_dead(qprefix, dead_key, aged[i], aged[i + 1]) end
 end
 
 -- Move a job to the dead-letter list with a reason, release its unique key, and trim the list.
