@@ -28,7 +28,7 @@ from jobq.cron import parse_duration
 from jobq.errors import InvalidInput, JobqError
 from jobq.keys import Keys, validate_node, validate_queue
 from jobq.store import Store
-from jobq.worker import Worker, WorkerConfig
+from jobq.worker import MAX_CONCURRENCY, Worker, WorkerConfig
 
 log = logging.getLogger("jobq.cli")
 
@@ -161,7 +161,7 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
 @click.option(
     "-c",
     "--concurrency",
-    type=click.IntRange(1, 10_000),
+    type=click.IntRange(1, MAX_CONCURRENCY),
     default=20,
     show_default=True,
     help="Jobs run at once per node.",

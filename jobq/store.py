@@ -29,8 +29,19 @@ from jobq.scripts import ScriptName, source
 T = TypeVar("T")
 Arg = str | bytes | int | float
 
-#: Most jobs one enqueue or ack script call carries.
-MAX_BATCH = 1000
+# Bounds on every script call, mirrored by the scripts' argument checks: at these maxima, with
+# the worst data shape, each script stays within about 10 ms of Redis time (measured in
+# tests/integration/test_core_script_bounds.py). Longer work goes on over several calls.
+#: Most jobs one enqueue, claim, ack, release or retry-dead call carries.
+MAX_BATCH = 500
+#: Most expired leases one reap call handles (dead-lettering costs about twice a requeue).
+MAX_REAP = 250
+#: Most due scheduled jobs one claim call promotes before popping (Limits.promote_limit).
+MAX_CLAIM_PROMOTE = 100
+#: Most jobs one promote or purge call moves or deletes.
+MAX_SCAN = 1000
+#: Most leases one extend call renews: the most jobs of one queue a node may hold.
+MAX_EXTEND = 5000
 #: Priority bounds (inclusive); higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
@@ -342,7 +353,7 @@ class Store:
         node: str,
         lease_ms: int,
         *,
-        limit: int = 10_000,
+        limit: int = MAX_EXTEND,
         now_ms: int | None = None,
     ) -> Call[ExtendResult]:
         k = self.keys
@@ -365,7 +376,7 @@ class Store:
         now_ms: int | None = None,
     ) -> Call[int]:
         """Give jobs back to ready without counting an attempt; ``None`` = all the node holds
-        (up to 1,000 per call)."""
+        (up to MAX_BATCH per call)."""
         k = self.keys
         ids = list(job_ids or [])
         keys = [k.active(queue, node), k.leases(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
@@ -378,7 +389,7 @@ class Store:
         queue: str,
         *,
         node_ttl_ms: int,
-        limit: int = 1000,
+        limit: int = MAX_REAP,
         guard_ms: int = 0,
         now_ms: int | None = None,
     ) -> Call[ReapResult]:
@@ -411,7 +422,7 @@ class Store:
 
         return Call(ScriptName.REAP, keys, args, parse, queue)
 
-    def promote(self, queue: str, *, limit: int = 1000, now_ms: int | None = None) -> Call[PromoteResult]:
+    def promote(self, queue: str, *, limit: int = MAX_SCAN, now_ms: int | None = None) -> Call[PromoteResult]:
         k = self.keys
         keys = [k.scheduled(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit]
@@ -435,7 +446,7 @@ class Store:
         queue: str,
         job_ids: Sequence[str] | None = None,
         *,
-        limit: int = 1000,
+        limit: int = MAX_BATCH,
         now_ms: int | None = None,
     ) -> Call[int]:
         k = self.keys
@@ -444,7 +455,7 @@ class Store:
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, len(ids), *ids]
         return Call(ScriptName.RETRY_DEAD, keys, args, int, queue)
 
-    def purge(self, queue: str, which: str, *, limit: int = 1000) -> Call[int]:
+    def purge(self, queue: str, which: str, *, limit: int = MAX_SCAN) -> Call[int]:
         """Delete up to ``limit`` jobs of ``which`` in {ready, scheduled, dead, finished}."""
         k = self.keys
         sets = {

@@ -65,12 +65,16 @@ from jobq.heartbeat import BeatResult, Heartbeat
 from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
-from jobq.store import AsyncRunner, ClaimedJob, SyncRunner
+from jobq.store import MAX_BATCH, MAX_EXTEND, AsyncRunner, ClaimedJob, SyncRunner
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
 
 log = logging.getLogger("jobq.worker")
+
+#: Most jobs run at once per node: with a full prefetch buffer (at most the concurrency) a node
+#: then holds at most MAX_EXTEND jobs of a queue, the leases one heartbeat call renews.
+MAX_CONCURRENCY = MAX_EXTEND // 2
 
 #: Seconds of pub/sub silence before the subscription is probed with a PING (and given up on when
 #: the PONG does not come within as long again).
@@ -224,8 +228,8 @@ class Worker:
     ) -> None:
         self.app = app
         self.config = cfg = config or WorkerConfig()
-        if cfg.concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if not 1 <= cfg.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}")
         if cfg.lease <= 0 or cfg.grace < 0 or cfg.poll_interval <= 0:
             raise ValueError("lease and poll interval must be > 0, grace >= 0")
         self.node = validate_node(cfg.node_id or default_node_id())
@@ -468,7 +472,7 @@ class Worker:
         below = self.config.concurrency + (target + 1) // 2
         if held >= below:
             return 0, below
-        return min(1000, self.config.concurrency + target - held), below
+        return min(MAX_BATCH, self.config.concurrency + target - held), below
 
     async def _fetch_loop(self) -> None:
         assert self.runner is not None
@@ -601,8 +605,8 @@ class Worker:
         return run.now_ms + (now - run.started) * 1000 + DEADLINE_MARGIN_MS >= deadline
 
     async def _release_runs(self, queue: str, runs: list[_Running]) -> None:
-        for i in range(0, len(runs), 1000):
-            part = runs[i : i + 1000]
+        for i in range(0, len(runs), MAX_BATCH):
+            part = runs[i : i + MAX_BATCH]
             try:
                 await self._release(queue, [r.job.id for r in part])
             except Exception as exc:
@@ -917,9 +921,9 @@ class Worker:
                 self._acks_later[q].extend(batches.pop(q))  # its retry is already due later
             await asyncio.gather(
                 *(
-                    self._ack_batch(q, items[i : i + 1000])
+                    self._ack_batch(q, items[i : i + MAX_BATCH])
                     for q, items in batches.items()
-                    for i in range(0, len(items), 1000)
+                    for i in range(0, len(items), MAX_BATCH)
                 )
             )
 
@@ -1105,7 +1109,7 @@ class Worker:
         while True:
             n = await runner.run(self.app.store.release(queue, self.node, ids, now_ms=self.app.now_ms()))
             total += n
-            if ids is not None or n < 1000:
+            if ids is not None or n < MAX_BATCH:
                 return total
 
     # -- maintenance ----------------------------------------------------------------------------

@@ -1,28 +1,28 @@
 #!lua flags=allow-oom
 --[[
   ack: finish a batch of jobs one node ran to completion. Fenced by ownership: a job is finished
-  only if it is still in this node's active list; otherwise its lease was reaped (or it was never
+  only if it is still in this node's active set; otherwise its lease was reaped (or it was never
   claimed here) and the ack is refused, changing nothing. A retried ack of a job this node
   already finished is a no-op. A finished job keeps its result for retention_ms, then expires
   (retention 0 deletes it at once); its unique key is released. Allowed under OOM.
 
-  KEYS[1]  active    LIST  jobq:{q}:active:<node>
+  KEYS[1]  active    ZSET  jobq:{q}:active:<node>
   KEYS[2]  leases    ZSET  jobq:{q}:leases
   KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
   KEYS[4]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix       "jobq:{q}:"
-  ARGV[2]  node          the acking node's id; KEYS[1] must be its active list
+  ARGV[2]  node          the acking node's id; KEYS[1] must be its active set
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
-  ARGV[5]  n             number of jobs, 1..1000
+  ARGV[5]  n             number of jobs, 1..500
   then 2 fields per job: id, result (msgpack bytes, "" = no result)
 
   Returns: one code per job: 1 finished, 0 already finished by this node, -1 no such job,
            -2 lease lost (the ack was refused).
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n * (A + log N)), A = the node's active list length.
+  Cost:    O(n * log N); per job ZREM, HGET and HSET + PEXPIRE (or DEL).
 ]]
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix, node = ARGV[1], ARGV[2]
@@ -37,7 +37,7 @@ local now_s = fmt_int(now)
 local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 local n = int_arg(ARGV[5])
-if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
+if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 5 + 2 * n then return badarg('argv', 'expected ' .. (5 + 2 * n) .. ' values') end
 for i = 1, n do
   e = bad_id(ARGV[4 + 2 * i]); if e then return e end
@@ -51,8 +51,8 @@ local unlease, finished_add = {}, {}
 for i = 1, n do
   local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local jkey = qprefix .. 'job:' .. id
-  -- The ownership fence: only the node whose active list holds the job may finish it.
-  if rcall('LREM', active_key, 1, id) == 0 then
+  -- The ownership fence: only the node whose active set holds the job may finish it.
+  if rcall('ZREM', active_key, id) == 0 then
     -- Not ours (any more): change nothing. Tell a retried ack apart from a stale one.
     local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'node')
     if not ok or not f[1] then

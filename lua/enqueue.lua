@@ -19,7 +19,7 @@
   ARGV[3]  max_depth  refuse the batch when ready + scheduled + n > max_depth; 0 = no limit
   ARGV[4]  cron_name  "" or the periodic entry's name (no spaces, braces)
   ARGV[5]  cron_tick  integer >= 0, the tick (ms) being fired; ignored without cron_name
-  ARGV[6]  n          number of jobs that follow, 1..1000
+  ARGV[6]  n          number of jobs that follow, 1..500
   then 11 fields per job:
     id            1..128 bytes, no whitespace
     task          the task name
@@ -70,7 +70,7 @@ end
 local cron_tick = int_arg(ARGV[5])
 if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-negative integer') end
 local n = int_arg(ARGV[6])
-if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
+if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
 
 -- Validate every job before the first write: Redis never rolls a script back.

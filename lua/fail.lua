@@ -5,7 +5,7 @@
   retry_backoff base) while attempts remain, else it moves to the dead-letter list with its last
   error. mode "dead" dead-letters at once (jobq.Fail, decode errors). Allowed under OOM.
 
-  KEYS[1]  active     LIST    jobq:{q}:active:<node>
+  KEYS[1]  active     ZSET    jobq:{q}:active:<node>
   KEYS[2]  leases     ZSET    jobq:{q}:leases
   KEYS[3]  scheduled  ZSET    jobq:{q}:scheduled
   KEYS[4]  dead       ZSET    jobq:{q}:dead
@@ -15,7 +15,7 @@
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix         "jobq:{q}:"
-  ARGV[2]  node            the failing node's id; KEYS[1] must be its active list
+  ARGV[2]  node            the failing node's id; KEYS[1] must be its active set
   ARGV[3]  now_ms          integer ms, or "" for the Redis server clock
   ARGV[4]  id              the job id
   ARGV[5]  error           the error text kept on the job
@@ -29,7 +29,7 @@
   Returns: {1, run_at_ms} retry scheduled, {2, 0} dead-lettered, {-2, 0} lease lost (refused),
            {-1, 0} no such job (the id was in the active list but its hash is gone: removed).
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(A + log N), A = the node's active list length.
+  Cost:    O(log N).
 ]]
 local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
@@ -58,7 +58,7 @@ local dead_ttl = int_arg(ARGV[11])
 if dead_ttl == nil or dead_ttl < 1 then return badarg('dead_ttl_ms', 'must be >= 1') end
 
 -- Ownership fence: only the node holding the job may fail it; otherwise change nothing.
-if rcall('LREM', active_key, 1, id) == 0 then return {-2, 0} end
+if rcall('ZREM', active_key, id) == 0 then return {-2, 0} end
 rcall('ZREM', leases_key, id)
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority')

@@ -10,7 +10,7 @@
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix  "jobq:{q}:"
-  ARGV[2]  limit    integer 1..10000
+  ARGV[2]  limit    integer 1..1000
 
   Returns: the number of jobs deleted.
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -22,7 +22,7 @@ local qprefix = ARGV[1]
 local e = bad_counts(2, 2) or bad_qprefix(qprefix)
 if e then return e end
 local limit = int_arg(ARGV[2])
-if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+if limit == nil or limit < 1 or limit > 1000 then return badarg('limit', 'must be 1..1000') end
 
 -- The dead and finished indexes can outlive their job hashes (those expire), and the id may name
 -- a newer job since: its hash is deleted only if it is the incarnation the entry was scored for

@@ -2,9 +2,9 @@
 --[[
   release: on graceful shutdown (or for a claimed job the node does not know of), hand jobs a
   node holds back to ready without counting an attempt. Each job returns to its old place in
-  the ready order. Only jobs in this node's active list are touched. Allowed under OOM.
+  the ready order. Only jobs in this node's active set are touched. Allowed under OOM.
 
-  KEYS[1]  active  LIST    jobq:{q}:active:<node>
+  KEYS[1]  active  ZSET    jobq:{q}:active:<node>
   KEYS[2]  leases  ZSET    jobq:{q}:leases
   KEYS[3]  ready   ZSET    jobq:{q}:ready
   KEYS[4]  seq     STRING  jobq:{q}:seq
@@ -14,12 +14,12 @@
   ARGV[1]  qprefix  "jobq:{q}:"
   ARGV[2]  node     the node's id
   ARGV[3]  now_ms   integer ms, or "" for the Redis server clock
-  ARGV[4]  n        0 = every job in the active list (up to 1000 per call), else 1..1000 ids
+  ARGV[4]  n        0 = the jobs in the active set (up to 500 per call), else 1..500 ids
   then n job ids
 
   Returns: the number of jobs released.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n * (A + log N)).
+  Cost:    O(n * log N).
 ]]
 local active_key, leases_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, node = ARGV[1], ARGV[2]
@@ -31,7 +31,7 @@ if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does n
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local n = int_arg(ARGV[4])
-if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
+if n == nil or n < 0 or n > 500 then return badarg('n', 'must be 0..500') end
 if #ARGV ~= 4 + n then return badarg('argv', 'expected ' .. (4 + n) .. ' values') end
 for i = 1, n do
   e = bad_id(ARGV[4 + i]); if e then return e end
@@ -39,7 +39,7 @@ end
 
 local ids
 if n == 0 then
-  ids = rcall('LRANGE', active_key, 0, 999)
+  ids = rcall('ZRANGE', active_key, 0, 499)
 else
   ids = {}
   for i = 1, n do ids[i] = ARGV[4 + i] end
@@ -48,7 +48,7 @@ end
 local released = 0
 for _, id in ipairs(ids) do
   -- Only jobs this node still holds; anything else is left alone.
-  if rcall('LREM', active_key, 1, id) == 1 then
+  if rcall('ZREM', active_key, id) == 1 then
     rcall('ZREM', leases_key, id)
     local jkey = qprefix .. 'job:' .. id
     local ok, f = pcall(rcall, 'HMGET', jkey, 'score', 'priority')

@@ -11,8 +11,8 @@
 
   ARGV[1]  qprefix  "jobq:{q}:"
   ARGV[2]  now_ms   integer ms, or "" for the Redis server clock
-  ARGV[3]  limit    integer 1..10000, used when n = 0
-  ARGV[4]  n        0 = the oldest `limit` dead jobs, else 1..1000 ids that follow
+  ARGV[3]  limit    integer 1..500, used when n = 0
+  ARGV[4]  n        0 = the oldest `limit` dead jobs, else 1..500 ids that follow
 
   Returns: the number of jobs moved back to ready.
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -27,9 +27,9 @@ if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local limit = int_arg(ARGV[3])
-if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+if limit == nil or limit < 1 or limit > 500 then return badarg('limit', 'must be 1..500') end
 local n = int_arg(ARGV[4])
-if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
+if n == nil or n < 0 or n > 500 then return badarg('n', 'must be 0..500') end
 if #ARGV ~= 4 + n then return badarg('argv', 'expected ' .. (4 + n) .. ' values') end
 for i = 1, n do
   e = bad_id(ARGV[4 + i]); if e then return e end

@@ -177,16 +177,19 @@ local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
   local due = rcall('ZRANGEBYSCORE', sched_key, '-inf', now, 'LIMIT', 0, limit)
   if #due == 0 then return 0 end
   local seq = rcall('INCRBY', seq_key, #due) - #due
+  -- The moves are written with one ZREM and one ZADD; per job one HGET and one HSET.
+  local add = {}
   for _, id in ipairs(due) do
     seq = seq + 1
     local jkey = qprefix .. 'job:' .. id
     local ok, prio = pcall(rcall, 'HGET', jkey, 'priority')
     if not ok then prio = false end
     local score = ready_score(tonumber(prio or '0') or 0, seq)
-    rcall('ZREM', sched_key, id)
-    rcall('ZADD', ready_key, score, id)
+    add[#add + 1] = score; add[#add + 1] = id
     if ok and prio then rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score) end
   end
+  rcall('ZREM', sched_key, unpack(due))
+  rcall('ZADD', ready_key, unpack(add))
   return #due
 end
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import jobq
 from jobq.scripts import ScriptName, source
-from jobq.store import Call
+from jobq.store import MAX_BATCH, MAX_CLAIM_PROMOTE, MAX_EXTEND, MAX_REAP, MAX_SCAN, Call
 from tests.integration.core_support import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         3: int_bad(0, None),
         4: ["a b", "{x}", "a\nb"],
         5: int_bad(0, None),
-        6: int_bad(1, 1000),
+        6: int_bad(1, MAX_BATCH),
         7: ID_BAD,
         8: ["", "a b", "x" * 201, "a\nb"],
         10: int_bad(-100, 100),
@@ -67,8 +67,8 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(1, None),
-        5: int_bad(0, 1000),
-        6: int_bad(0, 10_000),
+        5: int_bad(0, MAX_BATCH),
+        6: int_bad(0, MAX_CLAIM_PROMOTE),
         7: int_bad(1, None),
         8: int_bad(1, None),
     },
@@ -77,7 +77,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(0, None),
-        5: int_bad(1, 1000),
+        5: int_bad(1, MAX_BATCH),
         6: ID_BAD,
     },
     ScriptName.FAIL: {
@@ -96,34 +96,34 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         1: NODE_BAD,
         2: NOW_BAD,
         3: int_bad(1, None),
-        4: int_bad(1, 10_000),
+        4: int_bad(1, MAX_EXTEND),
     },
     ScriptName.RELEASE: {
         1: QPREFIX_BAD,
         2: NODE_BAD,
         3: NOW_BAD,
-        4: int_bad(0, 1000),
+        4: int_bad(0, MAX_BATCH),
         5: ID_BAD,
     },
     ScriptName.REAP: {
         1: QPREFIX_BAD,
         2: NOW_BAD,
-        3: int_bad(1, 10_000),
+        3: int_bad(1, MAX_REAP),
         4: int_bad(1, None),
         5: int_bad(1, None),
         6: int_bad(1, None),
         7: int_bad(0, None),
     },
-    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, 10_000)},
+    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, MAX_SCAN)},
     ScriptName.CANCEL: {1: QPREFIX_BAD, 2: ID_BAD, 3: NOW_BAD, 4: int_bad(0, None)},
     ScriptName.RETRY_DEAD: {
         1: QPREFIX_BAD,
         2: NOW_BAD,
-        3: int_bad(1, 10_000),
-        4: int_bad(0, 1000),
+        3: int_bad(1, MAX_BATCH),
+        4: int_bad(0, MAX_BATCH),
         5: ID_BAD,
     },
-    ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, 10_000)},
+    ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, MAX_SCAN)},
 }
 
 
