@@ -208,6 +208,11 @@ class JobQ:
         prefix: the first segment of every key (default ``jobq``).
         max_payload: the largest encoded args + kwargs, bytes (default 1 MiB).
         result_ttl: seconds a finished job and its result are kept (default 600).
+        result_max: the most finished (done or cancelled) jobs a queue keeps, however young
+            (default 100,000; 0 = no count bound): past it, the finished jobs that expire first
+            are deleted early, a few hundred per ack call. An int for every queue, or a mapping
+            of queue name to bound (queues not named get 100,000). Each kept job costs Redis
+            about 0.5 KiB plus its result, so 100,000 is about 50 MiB per queue.
         dead_max / dead_ttl: the dead-letter list's bounds (default 10,000 jobs, 7 days).
         max_depth: back-pressure: refuse an enqueue when ready + scheduled would exceed it;
             an int for every queue, or a mapping of queue name to limit (0 = no limit).
@@ -230,6 +235,7 @@ class JobQ:
         prefix: str = "jobq",
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         result_ttl: float = 600,
+        result_max: int | Mapping[str, int] = 100_000,
         dead_max: int = 10_000,
         dead_ttl: float = 7 * 24 * 3600,
         max_depth: int | Mapping[str, int] = 0,
@@ -246,6 +252,9 @@ class JobQ:
             raise errors.InvalidInput("max_payload: must be a positive integer", "max_payload")
         if isinstance(dead_max, bool) or not isinstance(dead_max, int) or dead_max < 1:
             raise errors.InvalidInput(f"dead_max: must be an integer >= 1, got {dead_max!r}", "dead_max")
+        caps = result_max.values() if isinstance(result_max, Mapping) else [result_max]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in caps):
+            raise errors.InvalidInput("result_max: must be an integer >= 0 (0 = no bound)", "result_max")
         depths = max_depth.values() if isinstance(max_depth, Mapping) else [max_depth]
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
             raise errors.InvalidInput("max_depth: must be an integer >= 0 (0 = no limit)", "max_depth")
@@ -255,6 +264,8 @@ class JobQ:
             retention_ms=seconds_to_ms(result_ttl, "result_ttl", errors.InvalidInput),
             dead_max=int(dead_max),
             dead_ttl_ms=max(1, seconds_to_ms(dead_ttl, "dead_ttl", errors.InvalidInput)),
+            finished_max=100_000 if isinstance(result_max, Mapping) else result_max,
+            finished_max_queues=dict(result_max) if isinstance(result_max, Mapping) else {},
         )
         self.store = Store(self.keys, self.limits)
         self.max_payload = max_payload

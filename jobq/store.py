@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -60,6 +60,15 @@ class Limits:
     backoff_cap_ms: int = 3600 * 1000
     #: Due scheduled jobs a claim call promotes before popping.
     promote_limit: int = 100
+    #: Most finished (done or cancelled) jobs a queue keeps, 0 = no count bound: past it, the
+    #: jobs that expire first are deleted early (bounded per ack call).
+    finished_max: int = 100_000
+    #: Per-queue overrides of finished_max (a sharded queue's shards each use their queue's).
+    finished_max_queues: Mapping[str, int] = field(default_factory=dict)
+
+    def finished_cap(self, queue: str) -> int:
+        """The finished-job count bound of ``queue`` (0 = none)."""
+        return int(self.finished_max_queues.get(queue.partition("#")[0], self.finished_max))
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +298,7 @@ class Store:
             node,
             _now(now_ms),
             self.limits.retention_ms,
+            self.limits.finished_cap(queue),
             len(items),
         ]
         for job_id, result in items:

@@ -4,7 +4,9 @@
   only if it is still in this node's active set; otherwise its lease was reaped (or it was never
   claimed here) and the ack is refused, changing nothing. A retried ack of a job this node
   already finished is a no-op. A finished job keeps its result for retention_ms, then expires
-  (retention 0 deletes it at once); its unique key is released. Allowed under OOM.
+  (retention 0 deletes it at once); its unique key is released. The queue keeps at most
+  finished_max finished jobs: past it, the oldest are deleted (at most n + 100 per call, so a
+  lowered cap is reached over the following calls). Allowed under OOM.
 
   KEYS[1]  active    ZSET  jobq:{q}:active:<node>
   KEYS[2]  leases    ZSET  jobq:{q}:leases
@@ -16,13 +18,15 @@
   ARGV[2]  node          the acking node's id; KEYS[1] must be its active set
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
-  ARGV[5]  n             number of jobs, 1..500
+  ARGV[5]  finished_max  integer >= 0, most finished jobs the queue keeps (0 = no count bound)
+  ARGV[6]  n             number of jobs, 1..500
   then 2 fields per job: id, result (msgpack bytes, "" = no result)
 
   Returns: one code per job: 1 finished, 0 already finished by this node, -1 no such job,
            -2 lease lost (the ack was refused).
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n * log N); per job ZREM, HGET and HSET + PEXPIRE (or DEL).
+  Cost:    O(n * log N); per job ZREM, HGET and HSET + PEXPIRE (or DEL); past finished_max,
+           per deleted finished job one HMGET and one DEL (at most n + 100).
 ]]
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix, node = ARGV[1], ARGV[2]
@@ -36,11 +40,13 @@ if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local now_s = fmt_int(now)
 local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
-local n = int_arg(ARGV[5])
+local finished_max = int_arg(ARGV[5])
+if finished_max == nil or finished_max < 0 then return badarg('finished_max', 'must be >= 0') end
+local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
-if #ARGV ~= 5 + 2 * n then return badarg('argv', 'expected ' .. (5 + 2 * n) .. ' values') end
+if #ARGV ~= 6 + 2 * n then return badarg('argv', 'expected ' .. (6 + 2 * n) .. ' values') end
 for i = 1, n do
-  e = bad_id(ARGV[4 + 2 * i]); if e then return e end
+  e = bad_id(ARGV[5 + 2 * i]); if e then return e end
 end
 
 local codes = {}
@@ -49,7 +55,7 @@ local expire_at = now + retention
 -- Lease removals and finished-index entries are written with one command each, after the loop.
 local unlease, finished_add = {}, {}
 for i = 1, n do
-  local id, result = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local id, result = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   local jkey = qprefix .. 'job:' .. id
   -- The ownership fence: only the node whose active set holds the job may finish it.
   if rcall('ZREM', active_key, id) == 0 then
@@ -90,5 +96,18 @@ if n_finished > 0 then
   if rcall('PTTL', finished_key) < retention then rcall('PEXPIRE', finished_key, retention) end
   local gone = rcall('ZRANGEBYSCORE', finished_key, '-inf', now, 'LIMIT', 0, n + 10)
   if #gone > 0 then rcall('ZREM', finished_key, unpack(gone)) end
+  -- The count bound: past finished_max, the jobs that expire first go now, with their hashes
+  -- (unless the id names a newer job since: same_incarnation in lib/common.lua).
+  local excess = finished_max > 0 and rcall('ZCARD', finished_key) - finished_max or 0
+  if excess > 0 then
+    local old = rcall('ZRANGE', finished_key, 0, math.min(excess, n + 100) - 1, 'WITHSCORES')
+    local drop = {}
+    for i = 1, #old, 2 do
+      local jkey = qprefix .. 'job:' .. old[i]
+      if same_incarnation(jkey, old[i + 1], FINISHED_STATES, false) then rcall('DEL', jkey) end
+      drop[#drop + 1] = old[i]
+    end
+    rcall('ZREM', finished_key, unpack(drop))
+  end
 end
 return codes

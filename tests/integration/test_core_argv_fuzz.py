@@ -77,8 +77,9 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(0, None),
-        5: int_bad(1, MAX_BATCH),
-        6: ID_BAD,
+        5: int_bad(0, None),
+        6: int_bad(1, MAX_BATCH),
+        7: ID_BAD,
     },
     ScriptName.FAIL: {
         1: QPREFIX_BAD,
