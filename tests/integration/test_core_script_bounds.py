@@ -116,6 +116,19 @@ def ack_tail_of_long_active(b: Bench) -> Call[Any]:
     return b.st.ack(Q, "n1", [(i, b"r" * 50) for i in held[-MAX_BATCH:]], now_ms=b.now())
 
 
+def ack_over_a_lowered_result_max(b: Bench) -> Call[Any]:
+    # result_max lowered under 20,000 kept finished jobs: the ack trims n + 100 of them, no more.
+    pipe = b.r.pipeline(transaction=False)
+    for i in range(20_000):
+        pipe.zadd(b.k.finished(Q), {f"kept{i}": T0 + 1_000})
+        pipe.hset(b.k.job(Q, f"kept{i}"), mapping={"state": "done", "finished_ms": T0, "result": "r"})
+    pipe.execute()
+    ids = b.seed(4 * MAX_BATCH)
+    held = b.claim("n1", len(ids))
+    b.st.limits = jobq.store.Limits(finished_max=100)
+    return b.st.ack(Q, "n1", [(i, b"r" * 50) for i in held[-MAX_BATCH:]], now_ms=b.now())
+
+
 def fail_into_dead_backlog(b: Bench) -> Call[Any]:
     # dead_max lowered under a backlog: one death must not trim the whole backlog at once.
     b.dead_backlog(20_000, T0 - 1)
@@ -205,6 +218,7 @@ CASES: dict[str, Callable[[Bench], Call[Any]]] = {
     f"enqueue {MAX_BATCH} with stale unique keys": enqueue_unique,
     f"claim {MAX_BATCH} + {MAX_CLAIM_PROMOTE} promoted": claim_with_promotions,
     f"ack {MAX_BATCH} at the tail of {4 * MAX_BATCH} active": ack_tail_of_long_active,
+    f"ack {MAX_BATCH}, 20,000 kept over a lowered result_max": ack_over_a_lowered_result_max,
     "fail to dead, 20,000 over a lowered dead_max": fail_into_dead_backlog,
     f"extend {MAX_EXTEND}": extend_at_limit,
     f"release all of {4 * MAX_BATCH} active": release_all,
