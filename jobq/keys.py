@@ -131,6 +131,11 @@ class Keys:
         """ZSET of the job ids ``node`` has claimed from ``q`` (score = claim time, ms)."""
         return f"{self.prefix}:{{{q}}}:active:{node}"
 
+    def active_upgrade(self, q: str, node: str) -> str:
+        """A ZSET built from an active LIST of a jobq from before the active ZSET, then renamed
+        over it (jobq.reaper.recover_inherited)."""
+        return f"{self.prefix}:{{{q}}}:active-upgrade:{node}"
+
     def leases(self, q: str) -> str:
         """ZSET job id -> lease deadline ms."""
         return f"{self.prefix}:{{{q}}}:leases"

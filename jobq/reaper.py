@@ -115,7 +115,16 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
     run forever: RELIABILITY F11.) Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
-        for raw in await runner.client.zrange(app.keys.active(q, node), 0, 999):
+        akey = app.keys.active(q, node)
+        if await runner.client.type(akey) in (b"list", "list"):
+            # Left by a jobq from before the active ZSET: converted (reap does the same), the
+            # ZSET built beside it (same hash tag) and renamed over it in one step.
+            ids = await runner.client.lrange(akey, 0, -1)
+            if ids:
+                tmp = app.keys.active_upgrade(q, node)
+                await runner.client.zadd(tmp, dict.fromkeys(ids, 0))
+                await runner.client.rename(tmp, akey)
+        for raw in await runner.client.zrange(akey, 0, 999):
             job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
             res = await runner.run(
                 app.store.fail(

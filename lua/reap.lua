@@ -58,6 +58,28 @@ if guard > 0 and not rcall('SET', lock_key, now, 'NX', 'PX', guard) then return 
 
 local requeued, dead = {}, {}
 
+-- An active LIST left by a jobq from before the active ZSET (a node stopped without releasing,
+-- then jobq upgraded): converted in place, once, so it is read like any other. Such a list
+-- holds what one node had claimed (a few thousand ids at most).
+local function upgrade_active(akey)
+  if rcall('TYPE', akey)['ok'] ~= 'list' then return end
+  local ids = rcall('LRANGE', akey, 0, -1)
+  rcall('DEL', akey)
+  for first = 1, #ids, 1000 do
+    local add = {}
+    for i = first, math.min(first + 999, #ids) do add[#add + 1] = now; add[#add + 1] = ids[i] end
+    rcall('ZADD', akey, unpack(add))
+  end
+end
+
+-- Remove an id from a node's active set: 1 if it was there.
+local function active_rem(akey, id)
+  local ok, n = pcall(rcall, 'ZREM', akey, id)
+  if ok then return n end
+  upgrade_active(akey)
+  return rcall('ZREM', akey, id)
+end
+
 -- Ready entries of requeued jobs, written with one ZADD after the loops.
 local ready_add = {}
 
@@ -102,7 +124,7 @@ if #expired > 0 then rcall('ZREM', leases_key, unpack(expired)) end
 for _, id in ipairs(expired) do
   local ok, f = read_job(qprefix .. 'job:' .. id)
   -- Only a job its owner still holds (the active set is a ZSET: removal is O(log A)).
-  if ok and f[6] and rcall('ZREM', qprefix .. 'active:' .. f[6], id) == 1 then recover(id, ok, f) end
+  if ok and f[6] and active_rem(qprefix .. 'active:' .. f[6], id) == 1 then recover(id, ok, f) end
 end
 
 -- 2. Silent nodes: repair active entries without a lease; forget nodes with nothing left.
@@ -110,6 +132,7 @@ local budget = limit - #expired
 if budget > 0 then
   for _, node in ipairs(rcall('ZRANGEBYSCORE', nodes_key, '-inf', now - node_ttl, 'LIMIT', 0, 10)) do
     local akey = qprefix .. 'active:' .. node
+    upgrade_active(akey)
     for _, id in ipairs(rcall('ZRANGE', akey, 0, budget - 1)) do
       if not rcall('ZSCORE', leases_key, id) then
         rcall('ZREM', akey, id)
