@@ -27,7 +27,7 @@
   ARGV[11] dead_ttl_ms     integer >= 1
 
   Returns: {1, run_at_ms} retry scheduled, {2, 0} dead-lettered, {-2, 0} lease lost (refused),
-           {-1, 0} no such job (the id was in the active list but its hash is gone: removed).
+           {-1, 0} no such job (the id was in the active set but its hash is gone: removed).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(log N).
 ]]

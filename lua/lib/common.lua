@@ -116,8 +116,8 @@ end
 -- Is the job hash at jkey the incarnation an index entry (id, score) names? A job id can be used
 -- again once its hash is gone (a dead hash expires after dead_ttl, a finished one after its
 -- retention), while its old index entry is still waiting to be trimmed; the entry must then not
--- take the new job's hash with it. `state` is the state the index holds; `exact` = the score is
--- the job's finished_ms (dead), else its expiry, which is at or after finished_ms (finished).
+-- take the new job's hash with it. `states`: the states the index holds (a set); `exact`: the
+-- score is the job's finished_ms (dead), else its expiry, at or after finished_ms (finished).
 local function same_incarnation(jkey, score, states, exact)
   local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms')
   if not ok or not f[1] or not states[f[1]] then return false end
@@ -146,7 +146,8 @@ local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, limit)
     local old = rcall('ZRANGE', dead_key, 0, math.min(excess, limit) - 1, 'WITHSCORES')
     for i = 1, #old, 2 do drop_dead(qprefix, dead_key, old[i], old[i + 1]) end
   end
-  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'WITHSCORES', 'LIMIT', 0, limit)
+  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl,
+    'WITHSCORES', 'LIMIT', 0, limit)
   for i = 1, #aged, 2 do drop_dead(qprefix, dead_key, aged[i], aged[i + 1]) end
 end
 
