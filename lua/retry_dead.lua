@@ -16,7 +16,8 @@
 
   Returns: the number of jobs moved back to ready.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(max(n, limit) * log N).
+  Cost:    O(max(n, limit) * log N); per job one HMGET, HSET, HDEL and PERSIST (and ZSCORE for
+           given ids, SET for a unique key).
 ]]
 local dead_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
@@ -35,39 +36,49 @@ for i = 1, n do
   e = bad_id(ARGV[4 + i]); if e then return e end
 end
 
-local ids
+-- The entries to retry, with their scores (time of death).
+local ids, scores = {}, {}
 if n == 0 then
-  ids = rcall('ZRANGE', dead_key, 0, limit - 1)
+  local got = rcall('ZRANGE', dead_key, 0, limit - 1, 'WITHSCORES')
+  for i = 1, #got, 2 do ids[#ids + 1] = got[i]; scores[#scores + 1] = got[i + 1] end
 else
-  ids = {}
-  for i = 1, n do ids[i] = ARGV[4 + i] end
+  local seen = {}
+  for i = 1, n do
+    local id = ARGV[4 + i]
+    local score = not seen[id] and rcall('ZSCORE', dead_key, id)
+    seen[id] = true
+    if score then ids[#ids + 1] = id; scores[#scores + 1] = score end
+  end
 end
+if #ids == 0 then return 0 end
 
-local moved = 0
-for _, id in ipairs(ids) do
+-- One INCRBY reserves the ready sequence numbers; the entries leave dead and enter ready with
+-- one command each.
+local seq = rcall('INCRBY', seq_key, #ids) - #ids
+local ready_add = {}
+for i, id in ipairs(ids) do
   local jkey = qprefix .. 'job:' .. id
-  local score = rcall('ZSCORE', dead_key, id)
-  if score then
-    rcall('ZREM', dead_key, id)
-    -- The entry may outlive its expired hash, and the id may name a newer job since: that job
-    -- is left alone (same_incarnation in lib/common.lua).
-    if same_incarnation(jkey, score, DEAD_STATES, true) then
-      local f = rcall('HMGET', jkey, 'priority', 'unique')
-      if f[1] then
-        local rscore = ready_score(tonumber(f[1]) or 0, rcall('INCR', seq_key))
-        rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', rscore)
-        rcall('HDEL', jkey, 'finished_ms')
-        rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
-        rcall('ZADD', ready_key, rscore, id)
-        -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
-        if f[2] then rcall('SET', qprefix .. 'unique:' .. f[2], id, 'NX') end
-        moved = moved + 1
-      else
-        -- A dead entry without a job to run (missing_job): nothing to retry.
-        rcall('DEL', jkey)
-      end
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms', 'priority', 'unique')
+  -- The entry may outlive its expired hash, and the id may name a newer job since: that job is
+  -- left alone (the rule of same_incarnation in lib/common.lua, on the fields read here).
+  if ok and f[1] == 'dead' and tonumber(f[2] or '') == tonumber(scores[i]) then
+    if f[3] then
+      seq = seq + 1
+      local rscore = ready_score(tonumber(f[3]) or 0, seq)
+      rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', rscore)
+      rcall('HDEL', jkey, 'finished_ms')
+      rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not
+      ready_add[#ready_add + 1] = rscore; ready_add[#ready_add + 1] = id
+      -- Take the unique key back if nobody took it meanwhile (dead-lettering freed it).
+      if f[4] then rcall('SET', qprefix .. 'unique:' .. f[4], id, 'NX') end
+    else
+      -- A dead entry without a job to run (missing_job): nothing to retry.
+      rcall('DEL', jkey)
     end
   end
 end
+rcall('ZREM', dead_key, unpack(ids))
+if #ready_add > 0 then rcall('ZADD', ready_key, unpack(ready_add)) end
+local moved = #ready_add / 2
 if moved > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
 return moved
