@@ -21,7 +21,6 @@ from jobq.clock import Clock, SystemClock
 from jobq.connection import default_url, sync_client
 from jobq.keys import Keys, validate_queue, validate_task_name
 from jobq.store import (
-    MAX_BATCH,
     MAX_PRIORITY,
     MIN_PRIORITY,
     Call,
@@ -29,6 +28,7 @@ from jobq.store import (
     Limits,
     Store,
     SyncRunner,
+    split_batches,
 )
 
 if TYPE_CHECKING:
@@ -630,8 +630,8 @@ class JobQ:
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
-        writes nothing), then each queue's jobs go in script calls of up to 1,000 jobs,
-        pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
+        writes nothing), then each queue's jobs go in script calls of up to 500 jobs (and 2 MiB
+        of payloads), pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
         covers them all). Mappings take the keys of :class:`EnqueueRequest`.
 
         Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
@@ -655,8 +655,7 @@ class JobQ:
         slots: list[list[int]] = []
         now = self.now_ms()
         for q, items in by_queue.items():
-            for start in range(0, len(items), MAX_BATCH):
-                chunk = items[start : start + MAX_BATCH]
+            for chunk in split_batches(items, lambda it: len(it[1].payload)):
                 calls.append(
                     self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
                 )

@@ -42,6 +42,29 @@ MAX_CLAIM_PROMOTE = 100
 MAX_SCAN = 1000
 #: Most leases one extend call renews: the most jobs of one queue a node may hold.
 MAX_EXTEND = 5000
+#: Most payload (enqueue, claim) or result (ack) bytes one call carries, unless it carries one
+#: job only (a larger job goes alone).
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+
+
+def split_batches(items: Sequence[T], size: Callable[[T], int]) -> list[list[T]]:
+    """``items`` in consecutive script-call batches: at most MAX_BATCH items and at most
+    MAX_BATCH_BYTES of ``size`` each (an item larger than that goes alone)."""
+    out: list[list[T]] = []
+    cur: list[T] = []
+    total = 0
+    for it in items:
+        n = size(it)
+        if cur and (len(cur) >= MAX_BATCH or total + n > MAX_BATCH_BYTES):
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(it)
+        total += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 #: Priority bounds (inclusive); higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
@@ -195,6 +218,8 @@ class Store:
         k = self.keys
         if not 1 <= len(jobs) <= MAX_BATCH:
             raise ValueError(f"enqueue takes 1..{MAX_BATCH} jobs per call")
+        if len(split_batches(jobs, lambda j: len(j.payload))) > 1:
+            raise ValueError(f"enqueue takes at most {MAX_BATCH_BYTES} payload bytes per call")
         args: list[Arg] = [
             k.queue_prefix(queue),
             _now(now_ms),
@@ -291,7 +316,8 @@ class Store:
         *,
         now_ms: int | None = None,
     ) -> Call[list[int]]:
-        """Finish jobs: ``items`` are (job id, encoded result or b"")."""
+        """Finish jobs: ``items`` are (job id, encoded result or b""), one batch of
+        :func:`split_batches`."""
         k = self.keys
         args: list[Arg] = [
             k.queue_prefix(queue),

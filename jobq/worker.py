@@ -65,7 +65,7 @@ from jobq.heartbeat import BeatResult, Heartbeat
 from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
-from jobq.store import MAX_BATCH, MAX_EXTEND, AsyncRunner, ClaimedJob, SyncRunner
+from jobq.store import MAX_BATCH, MAX_EXTEND, AsyncRunner, ClaimedJob, SyncRunner, split_batches
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
@@ -921,9 +921,9 @@ class Worker:
                 self._acks_later[q].extend(batches.pop(q))  # its retry is already due later
             await asyncio.gather(
                 *(
-                    self._ack_batch(q, items[i : i + MAX_BATCH])
+                    self._ack_batch(q, batch)
                     for q, items in batches.items()
-                    for i in range(0, len(items), MAX_BATCH)
+                    for batch in split_batches(items, lambda it: len(it[1]))
                 )
             )
 

@@ -19,7 +19,7 @@
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
   ARGV[5]  finished_max  integer >= 0, most finished jobs the queue keeps (0 = no count bound)
-  ARGV[6]  n             number of jobs, 1..500
+  ARGV[6]  n             number of jobs, 1..500; more than one carry at most 2 MiB of results
   then 2 fields per job: id, result (msgpack bytes, "" = no result)
 
   Returns: one code per job: 1 finished, 0 already finished by this node, -1 no such job,
@@ -45,8 +45,11 @@ if finished_max == nil or finished_max < 0 then return badarg('finished_max', 'm
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 6 + 2 * n then return badarg('argv', 'expected ' .. (6 + 2 * n) .. ' values') end
+local bytes = 0
 for i = 1, n do
   e = bad_id(ARGV[5 + 2 * i]); if e then return e end
+  bytes = bytes + #ARGV[6 + 2 * i]
+  if i > 1 and bytes > MAX_BATCH_BYTES then return badarg('n', 'results over 2 MiB: split the batch') end
 end
 
 local codes = {}

@@ -22,12 +22,13 @@
   ARGV[2]  node           the claiming node's id; KEYS[3] must be its active set
   ARGV[3]  now_ms         integer ms, or "" for the Redis server clock
   ARGV[4]  lease_ms       integer > 0
-  ARGV[5]  max_jobs       integer 0..500
+  ARGV[5]  max_jobs       integer 0..500; fewer when their payloads would pass 2 MiB in all
   ARGV[6]  promote_limit  integer 0..100, due scheduled jobs promoted per call
   ARGV[7]  dead_max       integer >= 1, dead-letter list size bound
   ARGV[8]  dead_ttl_ms    integer >= 1, dead-letter age bound
 
-  Returns: {now_ms, next_due_ms (-1 = none), n_claimed, n_dead,
+  Returns: {now_ms, next_due_ms (-1 = none; now_ms when jobs were left for the byte bound),
+            n_claimed, n_dead,
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
                          deadline_ms (0 = none)),
             n_dead x (id, reason)}
@@ -68,8 +69,12 @@ promote_due(qprefix, sched_key, ready_key, seq_key, now, promote_limit)
 local claimed, dead = {}, {}
 -- The active-set entries and the leases are written with one command each, after the loop.
 local push, lease_add = {}, {}
+local over = nil -- where the byte budget stopped the claim (see below)
 if max_jobs > 0 then
   local popped = rcall('ZPOPMIN', ready_key, max_jobs)
+  -- Payload bytes claimed so far; a job that would pass MAX_BATCH_BYTES (after a first one) and
+  -- the rest of the popped ones go back to ready in their places, for the next call.
+  local bytes = 0
   for i = 1, #popped, 2 do
     local id = popped[i]
     local jkey = qprefix .. 'job:' .. id
@@ -87,6 +92,11 @@ if max_jobs > 0 then
       dead[#dead + 1] = id; dead[#dead + 1] = 'expired'
       to_dead(qprefix, dead_key, id, 'expired', now, dead_max, dead_ttl)
     else
+      bytes = bytes + #(f[2] or '')
+      if #claimed > 0 and bytes > MAX_BATCH_BYTES then
+        over = i
+        break
+      end
       -- The attempt is counted from the value just read (one HSET, no HINCRBY); the ready score
       -- is kept on the job so reap and release can put it back in its old place.
       local attempts = (tonumber(f[3]) or 0) + 1
@@ -100,6 +110,11 @@ if max_jobs > 0 then
       claimed[c + 7] = f[6] or now_s; claimed[c + 8] = f[7] or '0'
     end
   end
+  if over then
+    local back = {}
+    for k = over, #popped, 2 do back[#back + 1] = popped[k + 1]; back[#back + 1] = popped[k] end
+    rcall('ZADD', ready_key, unpack(back))
+  end
 end
 
 if #push > 0 then
@@ -107,7 +122,10 @@ if #push > 0 then
   rcall('ZADD', leases_key, unpack(lease_add))
 end
 
-local out = {now, next_due(sched_key), #claimed / 8, #dead / 2}
+-- Jobs left in ready for the byte budget are due now: the caller claims again at once.
+local due = next_due(sched_key)
+if over and (due < 0 or due > now) then due = now end
+local out = {now, due, #claimed / 8, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
 return out

@@ -14,6 +14,10 @@
 local rcall = redis.call
 --: The largest integer Lua's doubles hold exactly (2^53 - 1).
 local MAX_INT = 9007199254740991
+--: Most payload (enqueue, claim) or result (ack) bytes one call carries, unless it carries one
+--: job only: a batch of large jobs is split over several calls (jobq/store.py MAX_BATCH_BYTES),
+--: so that copying them stays a small part of a call's ~10 ms bound.
+local MAX_BATCH_BYTES = 2097152
 --: Ready score = (100 - priority) * PRIO_SPAN + seq: room for 2^44 sequence numbers under each
 --: of the 201 priorities, and 200 * 2^44 + 2^44 < 2^53.
 local PRIO_SPAN = 17592186044416

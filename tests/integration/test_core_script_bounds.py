@@ -18,7 +18,16 @@ import pytest
 import redis
 
 import jobq
-from jobq.store import MAX_BATCH, MAX_CLAIM_PROMOTE, MAX_EXTEND, MAX_REAP, MAX_SCAN, Call, JobSpec
+from jobq.store import (
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    MAX_CLAIM_PROMOTE,
+    MAX_EXTEND,
+    MAX_REAP,
+    MAX_SCAN,
+    Call,
+    JobSpec,
+)
 from tests.integration.conftest import T0
 
 pytestmark = [
@@ -214,7 +223,31 @@ def retry_dead_at_limit(b: Bench) -> Call[Any]:
     return b.st.retry_dead(Q, None, limit=MAX_BATCH, now_ms=b.now())
 
 
+#: A payload (or result) as large as a job may have by default: 1 MB.
+BIG = 1_000_000
+PER_CALL = MAX_BATCH_BYTES // BIG  # 2 such jobs per call
+
+
+def enqueue_big_payloads(b: Bench) -> Call[Any]:
+    specs = [JobSpec(f"big{i}", "t", bytes([i]) * BIG) for i in range(PER_CALL)]
+    return b.st.enqueue(Q, specs, now_ms=b.now())
+
+
+def claim_big_payloads(b: Bench) -> Call[Any]:
+    for i in range(3 * PER_CALL):
+        b.app.run(b.st.enqueue(Q, [JobSpec(f"big{i}", "t", bytes([i]) * BIG)], now_ms=b.now()))
+    return b.st.claim(Q, "n1", MAX_BATCH, LEASE_MS, now_ms=b.now())
+
+
+def ack_big_results(b: Bench) -> Call[Any]:
+    held = b.claim("n1", len(b.seed(PER_CALL)))
+    return b.st.ack(Q, "n1", [(i, b"r" * BIG) for i in held], now_ms=b.now())
+
+
 CASES: dict[str, Callable[[Bench], Call[Any]]] = {
+    f"enqueue {PER_CALL} payloads of 1 MB": enqueue_big_payloads,
+    f"claim {PER_CALL} payloads of 1 MB (of {3 * PER_CALL} ready)": claim_big_payloads,
+    f"ack {PER_CALL} results of 1 MB": ack_big_results,
     f"enqueue {MAX_BATCH} with stale unique keys": enqueue_unique,
     f"claim {MAX_BATCH} + {MAX_CLAIM_PROMOTE} promoted": claim_with_promotions,
     f"ack {MAX_BATCH} at the tail of {4 * MAX_BATCH} active": ack_tail_of_long_active,
@@ -246,3 +279,44 @@ def test_script_is_bounded_at_its_maximum(bench: Bench, case: str) -> None:
     bench.st.limits = jobq.store.Limits()
     print(f"\n{case}: {min(runs)} µs best of {RUNS} (all: {runs})")
     assert min(runs) <= BOUND_US, f"{case}: {min(runs)} µs of Redis time (bound {BOUND_US} µs)"
+
+
+def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
+    """A call carries at most MAX_BATCH_BYTES of payloads or results (or one job alone): enqueue
+    and ack refuse more, claim leaves the rest in ready (due now), enqueue_many and the worker's
+    acks split their batches."""
+    app, st = bench.app, bench.st
+    big = [JobSpec(f"big{i}", "t", bytes([i]) * BIG) for i in range(PER_CALL + 1)]
+    with pytest.raises(ValueError, match="payload bytes"):
+        st.enqueue(Q, big)
+    raw = bench.r.register_script(jobq.scripts.source(jobq.scripts.ScriptName.ENQUEUE))
+    call = st.enqueue(Q, big[:1])
+    args = list(call.args)
+    args[5] = len(big)
+    for spec in big[1:]:
+        args += [spec.id, "t", spec.payload, 0, "", "", 3, 0, 1000, "", ""]
+    with pytest.raises(redis.ResponseError, match="BADARG n payloads over 2 MiB"):
+        raw(keys=call.keys, args=args, client=bench.r)
+    assert bench.r.dbsize() == 0
+    # One job alone may be as large as the payload limit; enqueue_many splits by bytes.
+    bench.r.config_resetstat()
+    jobs = app.enqueue_many(
+        jobq.EnqueueRequest("t", ("x" * (BIG - 100),), queue=Q, job_id=f"m{i}") for i in range(3 * PER_CALL)
+    )
+    assert len(jobs) == 3 * PER_CALL
+    assert int(bench.r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 3
+    # claim takes what fits, leaves the rest in ready in order, and says more is due now.
+    res = app.run(st.claim(Q, "n1", MAX_BATCH, LEASE_MS, now_ms=bench.now()))
+    assert [j.id for j in res.jobs] == [f"m{i}" for i in range(PER_CALL)]
+    assert res.next_due_ms == res.now_ms
+    ready = [m.decode() for m in bench.r.zrange(bench.k.ready(Q), 0, -1)]
+    assert ready == [f"m{i}" for i in range(PER_CALL, 3 * PER_CALL)]
+    # ack refuses more than MAX_BATCH_BYTES of results in one call (writing nothing).
+    items = [(j.id, b"r" * BIG) for j in res.jobs]
+    with pytest.raises(jobq.errors.ScriptError, match="results over 2 MiB"):
+        app.run(st.ack(Q, "n1", [*items, (res.jobs[0].id, b"r" * BIG)], now_ms=bench.now()))
+    assert app.run(st.ack(Q, "n1", items, now_ms=bench.now())) == [1] * PER_CALL
+    assert jobq.store.split_batches([b"r" * BIG] * (PER_CALL + 1), len) == [
+        [b"r" * BIG] * PER_CALL,
+        [b"r" * BIG],
+    ]
