@@ -11,6 +11,7 @@ while a script that is O(backlog) or quadratic (the 44-103 ms of the issue) stil
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -320,3 +321,33 @@ def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
         [b"r" * BIG] * PER_CALL,
         [b"r" * BIG],
     ]
+
+
+def test_a_worker_drains_large_jobs_in_byte_bounded_calls_without_waiting(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """A claim cut short by the byte bound says more is due now: the worker claims again at once,
+    so all the jobs run side by side instead of the rest waiting a poll interval with slots free;
+    its acks of large results are split by bytes the same way."""
+    from tests.integration.test_worker import Background
+
+    app = jobq.JobQ(redis_url)
+    starts: list[float] = []
+
+    @app.task(name="echo_big", queue=Q)
+    def echo_big(s: str) -> str:
+        starts.append(time.monotonic())
+        time.sleep(1.0)
+        return s
+
+    jobs = [echo_big.enqueue(str(i) * (BIG - 100)) for i in range(3 * PER_CALL)]
+    r.config_resetstat()
+    node = Background(app, queues=[(Q, 1)], concurrency=3 * PER_CALL, poll_interval=10.0)
+    try:
+        assert [len(j.result(timeout=8)) for j in jobs] == [BIG - 100] * (3 * PER_CALL)
+        assert max(starts) - min(starts) < 0.8, starts  # no poll-interval wait between the claims
+        assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) >= 6  # >= 3 claims + 3 acks
+    finally:
+        node.stop()
+        node.join()
+        app.close()
