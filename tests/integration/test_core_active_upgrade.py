@@ -73,4 +73,5 @@ def test_a_restarted_node_recovers_its_old_active_list(
 
     assert asyncio.run(run()) == 2
     assert r.type(fapp.keys.active(Q, "fixed-id")) == b"none"
-    assert sorted(m.decode() for m in r.zrange(fapp.keys.ready(Q), 0, -1)) == sorted(ids)
+    ready: list[bytes] = r.zrange(fapp.keys.ready(Q), 0, -1)  # type: ignore[assignment]
+    assert sorted(m.decode() for m in ready) == sorted(ids)

@@ -42,7 +42,8 @@ def run_all(app: jobq.JobQ, queue: str, n: int, prefix: str) -> list[str]:
 def test_a_queue_keeps_at_most_result_max_finished_jobs(capped: jobq.JobQ, r: redis.Redis) -> None:
     ids = run_all(capped, Q, 12, "a")
     # The newest 5 are kept, with their results; the older ones are gone with their hashes.
-    assert sorted(m.decode() for m in r.zrange(capped.keys.finished(Q), 0, -1)) == sorted(ids[-5:])
+    kept: list[bytes] = r.zrange(capped.keys.finished(Q), 0, -1)  # type: ignore[assignment]
+    assert sorted(m.decode() for m in kept) == sorted(ids[-5:])
     for i in ids[-5:]:
         assert capped.job(i, Q).status() is jobq.JobState.DONE
         assert r.hget(capped.keys.job(Q, i), "result") == b"\x01"

@@ -85,7 +85,7 @@ class Bench:
     def redis_us(self, call: Call[Any]) -> int:
         """The script's duration in µs as Redis measured it (its SLOWLOG entry)."""
         r = self.r
-        old = r.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+        old = str(r.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"])
         r.config_set("slowlog-log-slower-than", 0)
         r.slowlog_reset()
         try:
@@ -93,7 +93,7 @@ class Bench:
             entries = r.slowlog_get(128)
         finally:
             r.config_set("slowlog-log-slower-than", old)
-        times = [e["duration"] for e in entries if bytes(e["command"][:4]).upper() == b"EVAL"]
+        times = [int(e["duration"]) for e in entries if bytes(e["command"][:4]).upper() == b"EVAL"]
         assert times, "the script call is not in the SLOWLOG"
         return max(times)
 
@@ -310,7 +310,8 @@ def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
     res = app.run(st.claim(Q, "n1", MAX_BATCH, LEASE_MS, now_ms=bench.now()))
     assert [j.id for j in res.jobs] == [f"m{i}" for i in range(PER_CALL)]
     assert res.next_due_ms == res.now_ms
-    ready = [m.decode() for m in bench.r.zrange(bench.k.ready(Q), 0, -1)]
+    members: list[bytes] = bench.r.zrange(bench.k.ready(Q), 0, -1)  # type: ignore[assignment]
+    ready = [m.decode() for m in members]
     assert ready == [f"m{i}" for i in range(PER_CALL, 3 * PER_CALL)]
     # ack refuses more than MAX_BATCH_BYTES of results in one call (writing nothing).
     items = [(j.id, b"r" * BIG) for j in res.jobs]
