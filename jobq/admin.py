@@ -18,6 +18,7 @@ from typing import Any
 from jobq import errors, requests, util
 from jobq.app import JobInfo, JobQ
 from jobq.keys import validate_queue
+from jobq.store import MAX_BATCH, MAX_SCAN
 
 #: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
 PRIO_SPAN = 2**44
@@ -347,7 +348,7 @@ def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled"))
     for st in states:
         total = 0
         while True:
-            n = app.run(app.store.purge(q, st, limit=1000))
+            n = app.run(app.store.purge(q, st, limit=MAX_SCAN))
             total += n
             if n == 0:
                 break
@@ -357,19 +358,19 @@ def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled"))
 
 def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> int:
     """Move dead-lettered jobs of ``queue`` back to ready with fresh attempts: the given ids, or
-    all of them (1,000 per script call). Returns how many moved."""
+    all of them (MAX_BATCH per script call). Returns how many moved."""
     q = validate_queue(queue)
     if job_ids:
         ids = [requests.validate_job_id(i) for i in job_ids]
         return sum(
-            app.run(app.store.retry_dead(q, ids[i : i + 1000], now_ms=app.now_ms()))
-            for i in range(0, len(ids), 1000)
+            app.run(app.store.retry_dead(q, ids[i : i + MAX_BATCH], now_ms=app.now_ms()))
+            for i in range(0, len(ids), MAX_BATCH)
         )
     total = 0
     while True:
-        n = app.run(app.store.retry_dead(q, None, limit=1000, now_ms=app.now_ms()))
+        n = app.run(app.store.retry_dead(q, None, limit=MAX_BATCH, now_ms=app.now_ms()))
         total += n
-        if n < 1000:
+        if n < MAX_BATCH:
             return total
 
 

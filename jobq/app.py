@@ -31,12 +31,12 @@ from jobq.requests import (
     validate_priority,
 )
 from jobq.store import (
-    MAX_BATCH,
     Call,
     JobSpec,
     Limits,
     Store,
     SyncRunner,
+    split_batches,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +87,11 @@ class JobQ:
         prefix: the first segment of every key (default ``jobq``).
         max_payload: the largest encoded args + kwargs, bytes (default 1 MiB).
         result_ttl: seconds a finished job and its result are kept (default 600).
+        result_max: the most finished (done or cancelled) jobs a queue keeps, however young
+            (default 100,000; 0 = no count bound): past it, the finished jobs that expire first
+            are deleted early, a few hundred per ack call. An int for every queue, or a mapping
+            of queue name to bound (queues not named get 100,000). Each kept job costs Redis
+            about 0.5 KiB plus its result, so 100,000 is about 50 MiB per queue.
         dead_max: the most jobs the dead-letter list of a queue keeps (default 10,000).
         dead_ttl: seconds a dead-lettered job is kept (default 7 days).
         max_depth: back-pressure: refuse an enqueue when ready + scheduled would exceed it;
@@ -110,6 +115,7 @@ class JobQ:
         prefix: str = "jobq",
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         result_ttl: float = 600,
+        result_max: int | Mapping[str, int] = 100_000,
         dead_max: int = 10_000,
         dead_ttl: float = 7 * 24 * 3600,
         max_depth: int | Mapping[str, int] = 0,
@@ -126,6 +132,9 @@ class JobQ:
             raise errors.InvalidInput("max_payload: must be a positive integer", "max_payload")
         if isinstance(dead_max, bool) or not isinstance(dead_max, int) or dead_max < 1:
             raise errors.InvalidInput(f"dead_max: must be an integer >= 1, got {dead_max!r}", "dead_max")
+        caps = result_max.values() if isinstance(result_max, Mapping) else [result_max]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in caps):
+            raise errors.InvalidInput("result_max: must be an integer >= 0 (0 = no bound)", "result_max")
         depths = max_depth.values() if isinstance(max_depth, Mapping) else [max_depth]
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
             raise errors.InvalidInput("max_depth: must be an integer >= 0 (0 = no limit)", "max_depth")
@@ -135,6 +144,8 @@ class JobQ:
             retention_ms=seconds_to_ms(result_ttl, "result_ttl", errors.InvalidInput),
             dead_max=int(dead_max),
             dead_ttl_ms=max(1, seconds_to_ms(dead_ttl, "dead_ttl", errors.InvalidInput)),
+            finished_max=100_000 if isinstance(result_max, Mapping) else result_max,
+            finished_max_queues=dict(result_max) if isinstance(result_max, Mapping) else {},
         )
         self.store = Store(self.keys, self.limits)
         self.max_payload = max_payload
@@ -471,8 +482,8 @@ class JobQ:
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
-        writes nothing), then each queue's jobs go in script calls of up to 1,000 jobs,
-        pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
+        writes nothing), then each queue's jobs go in script calls of up to 500 jobs (and 2 MiB
+        of payloads), pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
         covers them all). Mappings take the keys of :class:`EnqueueRequest`.
 
         Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
@@ -496,8 +507,7 @@ class JobQ:
         slots: list[list[int]] = []
         now = self.now_ms()
         for q, items in by_queue.items():
-            for start in range(0, len(items), MAX_BATCH):
-                chunk = items[start : start + MAX_BATCH]
+            for chunk in split_batches(items, lambda it: len(it[1].payload)):
                 calls.append(
                     self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
                 )

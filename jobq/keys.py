@@ -16,8 +16,9 @@ key                                type    holds                                
                                            Lua), priority, attempts, max_attempts,          finished
                                            timeout, deadline, state, node, timestamps,      + retention
                                            last error, result
-``jobq:{q}:active:<node>``         LIST    the job ids node ``<node>`` has claimed          while the
-                                                                                            node lives
+``jobq:{q}:active:<node>``         ZSET    the job ids node ``<node>`` has claimed ->       while the
+                                           claim time, ms (a ZSET: removing one id is       node lives
+                                           O(log n), where a LIST's LREM was O(n))
 ``jobq:{q}:leases``                ZSET    job id -> lease deadline, ms of the Redis        permanent
                                            clock; the reaper's index
 ``jobq:{q}:finished``              ZSET    finished (done or cancelled) job ids ->          PEXPIRE
@@ -127,13 +128,18 @@ class Keys:
         return f"{self.prefix}:{{{q}}}:job:{job_id}"
 
     def active(self, q: str, node: str) -> str:
-        """LIST of the job ids ``node`` has claimed from ``q``."""
+        """ZSET of the job ids ``node`` has claimed from ``q`` (score = claim time, ms)."""
         return f"{self.prefix}:{{{q}}}:active:{node}"
 
     def acked(self, q: str, node: str) -> str:
         """ZSET of ``node``'s recent ack calls on ``q`` whose jobs were deleted at once (retention
         0), so a re-sent call is told from a new one; built by the ack script, kept 60 s."""
         return f"{self.prefix}:{{{q}}}:acked:{node}"
+
+    def active_upgrade(self, q: str, node: str) -> str:
+        """A ZSET built from an active LIST of a jobq from before the active ZSET, then renamed
+        over it (jobq.reaper.recover_inherited)."""
+        return f"{self.prefix}:{{{q}}}:active-upgrade:{node}"
 
     def leases(self, q: str) -> str:
         """ZSET job id -> lease deadline ms."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from jobq.app import JobQ
 from jobq.errors import RedisUnavailable
-from jobq.store import AsyncRunner
+from jobq.store import MAX_REAP, AsyncRunner
 
 log = logging.getLogger("jobq.reaper")
 
@@ -46,7 +46,7 @@ class Reaper:
         *,
         node_ttl_ms: int,
         interval: float,
-        limit: int = 1000,
+        limit: int = MAX_REAP,
         hold: float = 0.0,
     ) -> None:
         self.app = app
@@ -118,7 +118,7 @@ class Reaper:
 
 
 async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: list[str]) -> int:
-    """At start-up: jobs already in this node's active lists were claimed by an earlier process
+    """At start-up: jobs already in this node's active sets were claimed by an earlier process
     with the same node id that died before finishing them (a crash, then a restart under a fixed
     ``--node-id``). Handle them as a reaped lease would: the attempt stays counted, the job is
     retried at once, or dead-lettered with reason ``lease_expired`` when no attempt is left.
@@ -127,7 +127,16 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
     Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
-        for raw in await runner.client.lrange(app.keys.active(q, node), 0, 999):
+        akey = app.keys.active(q, node)
+        if await runner.client.type(akey) in (b"list", "list"):
+            # Left by a jobq from before the active ZSET: converted (reap does the same), the
+            # ZSET built beside it (same hash tag) and renamed over it in one step.
+            ids = await runner.client.lrange(akey, 0, -1)
+            if ids:
+                tmp = app.keys.active_upgrade(q, node)
+                await runner.client.zadd(tmp, dict.fromkeys(ids, 0))
+                await runner.client.rename(tmp, akey)
+        for raw in await runner.client.zrange(akey, 0, 999):
             job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
             res = await runner.run(
                 app.store.fail(

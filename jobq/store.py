@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -29,8 +29,42 @@ from jobq.scripts import ScriptName, source
 T = TypeVar("T")
 Arg = str | bytes | int | float
 
-#: Most jobs one enqueue or ack script call carries.
-MAX_BATCH = 1000
+# Bounds on every script call, mirrored by the scripts' argument checks: at these maxima, with
+# the worst data shape, each script stays within about 10 ms of Redis time (measured in
+# tests/integration/test_core_script_bounds.py). Longer work goes on over several calls.
+#: Most jobs one enqueue, claim, ack, release or retry-dead call carries.
+MAX_BATCH = 500
+#: Most expired leases one reap call handles (dead-lettering costs about twice a requeue).
+MAX_REAP = 250
+#: Most due scheduled jobs one claim call promotes before popping (Limits.promote_limit).
+MAX_CLAIM_PROMOTE = 100
+#: Most jobs one promote or purge call moves or deletes.
+MAX_SCAN = 1000
+#: Most leases one extend call renews: the most jobs of one queue a node may hold.
+MAX_EXTEND = 5000
+#: Most payload (enqueue, claim) or result (ack) bytes one call carries, unless it carries one
+#: job only (a larger job goes alone).
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+
+
+def split_batches(items: Sequence[T], size: Callable[[T], int]) -> list[list[T]]:
+    """``items`` in consecutive script-call batches: at most MAX_BATCH items and at most
+    MAX_BATCH_BYTES of ``size`` each (an item larger than that goes alone)."""
+    out: list[list[T]] = []
+    cur: list[T] = []
+    total = 0
+    for it in items:
+        n = size(it)
+        if cur and (len(cur) >= MAX_BATCH or total + n > MAX_BATCH_BYTES):
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(it)
+        total += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 #: Priority bounds (inclusive); higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
@@ -49,6 +83,15 @@ class Limits:
     backoff_cap_ms: int = 3600 * 1000
     #: Due scheduled jobs a claim call promotes before popping.
     promote_limit: int = 100
+    #: Most finished (done or cancelled) jobs a queue keeps, 0 = no count bound: past it, the
+    #: jobs that expire first are deleted early (bounded per ack call).
+    finished_max: int = 100_000
+    #: Per-queue overrides of finished_max (a sharded queue's shards each use their queue's).
+    finished_max_queues: Mapping[str, int] = field(default_factory=dict)
+
+    def finished_cap(self, queue: str) -> int:
+        """The finished-job count bound of ``queue`` (0 = none)."""
+        return int(self.finished_max_queues.get(queue.partition("#")[0], self.finished_max))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +239,8 @@ class Store:
         k = self.keys
         if not 1 <= len(jobs) <= MAX_BATCH:
             raise ValueError(f"enqueue takes 1..{MAX_BATCH} jobs per call")
+        if len(split_batches(jobs, lambda j: len(j.payload))) > 1:
+            raise ValueError(f"enqueue takes at most {MAX_BATCH_BYTES} payload bytes per call")
         args: list[Arg] = [
             k.queue_prefix(queue),
             _now(now_ms),
@@ -295,7 +340,8 @@ class Store:
         attempts: Sequence[int | None] | None = None,
         now_ms: int | None = None,
     ) -> Call[list[int]]:
-        """Finish jobs: ``items`` are (job id, encoded result or b""); ``attempts`` the attempt
+        """Finish jobs: ``items`` are (job id, encoded result or b""), one batch of
+        :func:`split_batches`; ``attempts`` the attempt
         number each job's claim returned, in the same order (the per-attempt fence; None = the
         attempt this node holds). Codes: 1 finished, 0 already finished by this attempt (a
         repeated call), -1 no such job, -2 refused (stale: another attempt holds the job).
@@ -311,6 +357,7 @@ class Store:
             node,
             _now(now_ms),
             self.limits.retention_ms,
+            self.limits.finished_cap(queue),
             len(items),
             os.urandom(8).hex(),
         ]
@@ -381,7 +428,7 @@ class Store:
         node: str,
         lease_ms: int,
         *,
-        limit: int = 10_000,
+        limit: int = MAX_EXTEND,
         now_ms: int | None = None,
     ) -> Call[ExtendResult]:
         k = self.keys
@@ -405,7 +452,7 @@ class Store:
         max_interruptions: Sequence[int] | None = None,
         now_ms: int | None = None,
     ) -> Call[ReleaseResult]:
-        """Give jobs back to ready; ``None`` = all the node holds (up to 1,000 per call), as
+        """Give jobs back to ready; ``None`` = all the node holds (up to MAX_BATCH per call), as
         never started. Per job (same order as ``job_ids``): ``attempts``, the attempt number
         its claim returned (None = the attempt this node holds); ``max_interruptions``, 0 for a
         job that never started (its attempt is given back; the default), else the job started:
@@ -444,7 +491,7 @@ class Store:
         queue: str,
         *,
         node_ttl_ms: int,
-        limit: int = 1000,
+        limit: int = MAX_REAP,
         guard_ms: int = 0,
         now_ms: int | None = None,
     ) -> Call[ReapResult]:
@@ -479,7 +526,7 @@ class Store:
 
         return Call(ScriptName.REAP, keys, args, parse, queue)
 
-    def promote(self, queue: str, *, limit: int = 1000, now_ms: int | None = None) -> Call[PromoteResult]:
+    def promote(self, queue: str, *, limit: int = MAX_SCAN, now_ms: int | None = None) -> Call[PromoteResult]:
         k = self.keys
         keys = [k.scheduled(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit]
@@ -503,7 +550,7 @@ class Store:
         queue: str,
         job_ids: Sequence[str] | None = None,
         *,
-        limit: int = 1000,
+        limit: int = MAX_BATCH,
         now_ms: int | None = None,
     ) -> Call[int]:
         k = self.keys
@@ -512,7 +559,7 @@ class Store:
         args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, len(ids), *ids]
         return Call(ScriptName.RETRY_DEAD, keys, args, int, queue)
 
-    def purge(self, queue: str, which: str, *, limit: int = 1000) -> Call[int]:
+    def purge(self, queue: str, which: str, *, limit: int = MAX_SCAN) -> Call[int]:
         """Delete up to ``limit`` jobs of ``which`` in {ready, scheduled, dead, finished}."""
         k = self.keys
         sets = {

@@ -72,12 +72,24 @@ from jobq.heartbeat import BeatResult, Heartbeat
 from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
-from jobq.store import AsyncRunner, ClaimedJob, ReleaseResult, SyncRunner
+from jobq.store import (
+    MAX_BATCH,
+    MAX_EXTEND,
+    AsyncRunner,
+    ClaimedJob,
+    ReleaseResult,
+    SyncRunner,
+    split_batches,
+)
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
 
 log = logging.getLogger("jobq.worker")
+
+#: Most jobs run at once per node: with a full prefetch buffer (at most the concurrency) a node
+#: then holds at most MAX_EXTEND jobs of a queue, the leases one heartbeat call renews.
+MAX_CONCURRENCY = MAX_EXTEND // 2
 
 #: Seconds of pub/sub silence before the subscription is probed with a PING (and given up on when
 #: the PONG does not come within as long again).
@@ -234,8 +246,8 @@ class Worker:
     ) -> None:
         self.app = app
         self.config = cfg = config or WorkerConfig()
-        if cfg.concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if not 1 <= cfg.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}")
         if cfg.lease <= 0 or cfg.grace < 0 or cfg.poll_interval <= 0:
             raise ValueError("lease and poll interval must be > 0, grace >= 0")
         self.node = validate_node(cfg.node_id or default_node_id())
@@ -478,7 +490,7 @@ class Worker:
         below = self.config.concurrency + (target + 1) // 2
         if held >= below:
             return 0, below
-        return min(1000, self.config.concurrency + target - held), below
+        return min(MAX_BATCH, self.config.concurrency + target - held), below
 
     async def _fetch_loop(self) -> None:
         assert self.runner is not None
@@ -611,8 +623,8 @@ class Worker:
         return run.now_ms + (now - run.started) * 1000 + DEADLINE_MARGIN_MS >= deadline
 
     async def _release_runs(self, queue: str, runs: list[_Running]) -> None:
-        for i in range(0, len(runs), 1000):
-            part = runs[i : i + 1000]
+        for i in range(0, len(runs), MAX_BATCH):
+            part = runs[i : i + MAX_BATCH]
             try:
                 await self._release(queue, part)
             except Exception as exc:
@@ -951,9 +963,9 @@ class Worker:
                 self._acks_later[q].extend(batches.pop(q))  # its retry is already due later
             await asyncio.gather(
                 *(
-                    self._ack_batch(q, items[i : i + 1000])
+                    self._ack_batch(q, batch)
                     for q, items in batches.items()
-                    for i in range(0, len(items), 1000)
+                    for batch in split_batches(items, lambda it: len(it[1]))
                 )
             )
 
@@ -1184,7 +1196,7 @@ class Worker:
             trimmed += res.dead_trimmed
             dead += res.dead
             self._count_release(queue, res)
-            if ids is not None or res.released + len(res.dead) < 1000:
+            if ids is not None or res.released + len(res.dead) < MAX_BATCH:
                 return ReleaseResult(released, interrupted, dead, trimmed)
 
     def _count_release(self, queue: str, res: ReleaseResult) -> None:
@@ -1325,9 +1337,9 @@ class Worker:
             # The jobs known here name their attempt (a started one counts an interruption);
             # then whatever else the active list holds (claims never heard of: not started).
             held = [r for r in list(self.running.values()) if r.job.queue == q and not r.lost]
-            for i in range(0, len(held), 1000):
+            for i in range(0, len(held), MAX_BATCH):
                 try:
-                    res = await self._release(q, held[i : i + 1000])
+                    res = await self._release(q, held[i : i + MAX_BATCH])
                     released += res.released
                     interrupted += res.interrupted
                 except Exception as exc:

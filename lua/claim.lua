@@ -2,7 +2,7 @@
 --[[
   claim: lease up to N runnable jobs of one queue to one node. Due scheduled jobs are promoted
   to ready first; then the best jobs are popped from ready (highest priority, FIFO within a
-  priority), pushed to the node's active list, leased until now + lease_ms, and their attempt is
+  priority), added to the node's active set, leased until now + lease_ms, and their attempt is
   counted; the job hash gets state active, node, started_ms, attempts and its ready score. A job
   whose deadline has passed is dead-lettered with reason "expired" instead of being claimed; so
   are ids with a missing or foreign-typed job key. A paused queue claims nothing. Allowed under
@@ -10,7 +10,7 @@
 
   KEYS[1]  ready      ZSET    jobq:{q}:ready
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled
-  KEYS[3]  active     LIST    jobq:{q}:active:<node>
+  KEYS[3]  active     ZSET    jobq:{q}:active:<node>  member = job id, score = claim time ms
   KEYS[4]  leases     ZSET    jobq:{q}:leases         member = job id, score = lease deadline ms
   KEYS[5]  dead       ZSET    jobq:{q}:dead
   KEYS[6]  paused     STRING  jobq:{q}:paused
@@ -19,15 +19,16 @@
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix        "jobq:{q}:"
-  ARGV[2]  node           the claiming node's id; KEYS[3] must be its active list
+  ARGV[2]  node           the claiming node's id; KEYS[3] must be its active set
   ARGV[3]  now_ms         integer ms, or "" for the Redis server clock
   ARGV[4]  lease_ms       integer > 0
-  ARGV[5]  max_jobs       integer 0..1000
-  ARGV[6]  promote_limit  integer 0..10000, due scheduled jobs promoted per call
+  ARGV[5]  max_jobs       integer 0..500; fewer when their payloads would pass 2 MiB in all
+  ARGV[6]  promote_limit  integer 0..100, due scheduled jobs promoted per call
   ARGV[7]  dead_max       integer >= 1, dead-letter list size bound
   ARGV[8]  dead_ttl_ms    integer >= 1, dead-letter age bound
 
-  Returns: {now_ms, next_due_ms (-1 = none), n_claimed, n_dead,
+  Returns: {now_ms, next_due_ms (-1 = none; now_ms when jobs were left for the byte bound),
+            n_claimed, n_dead,
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
                          deadline_ms (0 = none)),
             n_dead x (id, reason), dead_trimmed}; dead_trimmed = dead letters deleted because
@@ -48,10 +49,10 @@ local now_s = fmt_int(now)
 local lease = int_arg(ARGV[4])
 if lease == nil or lease <= 0 then return badarg('lease_ms', 'must be an integer > 0') end
 local max_jobs = int_arg(ARGV[5])
-if max_jobs == nil or max_jobs < 0 or max_jobs > 1000 then return badarg('max_jobs', 'must be 0..1000') end
+if max_jobs == nil or max_jobs < 0 or max_jobs > 500 then return badarg('max_jobs', 'must be 0..500') end
 local promote_limit = int_arg(ARGV[6])
-if promote_limit == nil or promote_limit < 0 or promote_limit > 10000 then
-  return badarg('promote_limit', 'must be 0..10000')
+if promote_limit == nil or promote_limit < 0 or promote_limit > 100 then
+  return badarg('promote_limit', 'must be 0..100')
 end
 local dead_max = int_arg(ARGV[7])
 if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
@@ -67,10 +68,14 @@ end
 promote_due(qprefix, sched_key, ready_key, seq_key, now, promote_limit)
 
 local claimed, dead = {}, {}
--- The active-list pushes and the leases are written with one command each, after the loop.
+-- The active-set entries and the leases are written with one command each, after the loop.
 local push, lease_add = {}, {}
+local over = nil -- where the byte budget stopped the claim (see below)
 if max_jobs > 0 then
   local popped = rcall('ZPOPMIN', ready_key, max_jobs)
+  -- Payload bytes claimed so far; a job that would pass MAX_BATCH_BYTES (after a first one) and
+  -- the rest of the popped ones go back to ready in their places, for the next call.
+  local bytes = 0
   for i = 1, #popped, 2 do
     local id = popped[i]
     local jkey = qprefix .. 'job:' .. id
@@ -88,12 +93,17 @@ if max_jobs > 0 then
       dead[#dead + 1] = id; dead[#dead + 1] = 'expired'
       to_dead(qprefix, dead_key, id, 'expired', now, dead_max, dead_ttl)
     else
+      bytes = bytes + #(f[2] or '')
+      if #claimed > 0 and bytes > MAX_BATCH_BYTES then
+        over = i
+        break
+      end
       -- The attempt is counted from the value just read (one HSET, no HINCRBY); the ready score
       -- is kept on the job so reap and release can put it back in its old place.
       local attempts = (tonumber(f[3]) or 0) + 1
       rcall('HSET', jkey, 'attempts', attempts, 'state', 'active', 'node', node,
         'started_ms', now_s, 'score', popped[i + 1])
-      push[#push + 1] = id
+      push[#push + 1] = now; push[#push + 1] = id
       lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed
       claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2] or ''
@@ -101,14 +111,22 @@ if max_jobs > 0 then
       claimed[c + 7] = f[6] or now_s; claimed[c + 8] = f[7] or '0'
     end
   end
+  if over then
+    local back = {}
+    for k = over, #popped, 2 do back[#back + 1] = popped[k + 1]; back[#back + 1] = popped[k] end
+    rcall('ZADD', ready_key, unpack(back))
+  end
 end
 
 if #push > 0 then
-  rcall('RPUSH', active_key, unpack(push))
+  rcall('ZADD', active_key, unpack(push))
   rcall('ZADD', leases_key, unpack(lease_add))
 end
 
-local out = {now, next_due(sched_key), #claimed / 8, #dead / 2}
+-- Jobs left in ready for the byte budget are due now: the caller claims again at once.
+local due = next_due(sched_key)
+if over and (due < 0 or due > now) then due = now end
+local out = {now, due, #claimed / 8, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
 out[#out + 1] = dead_trimmed

@@ -19,7 +19,8 @@
   ARGV[3]  max_depth  refuse the batch when ready + scheduled + n > max_depth; 0 = no limit
   ARGV[4]  cron_name  "" or the periodic entry's name (no spaces, braces)
   ARGV[5]  cron_tick  integer >= 0, the tick (ms) being fired; ignored without cron_name
-  ARGV[6]  n          number of jobs that follow, 1..1000
+  ARGV[6]  n          number of jobs that follow, 1..500; more than one carry at most 2 MiB
+                      of payloads in all
   then 11 fields per job:
     id            1..128 bytes, no whitespace
     task          the task name
@@ -70,7 +71,7 @@ end
 local cron_tick = int_arg(ARGV[5])
 if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-negative integer') end
 local n = int_arg(ARGV[6])
-if n == nil or n < 1 or n > 1000 then return badarg('n', 'must be 1..1000') end
+if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
 
 -- Validate every job before the first write: Redis never rolls a script back.
@@ -87,6 +88,7 @@ local function int_memo(v)
   return x or nil
 end
 local last_task = nil -- a batch usually repeats one task name: check each distinct run once
+local bytes = 0
 for i = 1, n do
   local b = 6 + (i - 1) * NFIELDS
   -- Integers are validated in canonical form (int_arg), so their ARGV text is stored as given.
@@ -97,6 +99,8 @@ for i = 1, n do
     unique = ARGV[b + 11], prio_s = ARGV[b + 4],
   }
   e = bad_id(j.id); if e then return e end
+  bytes = bytes + #j.payload
+  if i > 1 and bytes > MAX_BATCH_BYTES then return badarg('n', 'payloads over 2 MiB: split the batch') end
   if j.task ~= last_task then
     if j.task == '' or #j.task > 200 or string.find(j.task, '[%s%c]') then
       return badarg('task', 'invalid task name')

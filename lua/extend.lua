@@ -1,19 +1,19 @@
 #!lua flags=allow-oom
 --[[
   extend: the heartbeat of one node on one queue. Renews the lease of every job still in the
-  node's active list (so a job whose lease was reaped is not renewed: it is no longer in the
-  list) and records the node as alive for this queue. Returns the ids the node owns, so the
+  node's active set (so a job whose lease was reaped is not renewed: it is no longer in the
+  set) and records the node as alive for this queue. Returns the ids the node owns, so the
   caller can tell which of its running jobs it lost, and which claimed jobs it does not know of
   (a claim whose reply was lost) and must release. Allowed under OOM.
 
-  KEYS[1]  active  LIST  jobq:{q}:active:<node>
+  KEYS[1]  active  ZSET  jobq:{q}:active:<node>
   KEYS[2]  leases  ZSET  jobq:{q}:leases
   KEYS[3]  nodes   ZSET  jobq:{q}:nodes         member = node id, score = last heartbeat ms
 
   ARGV[1]  node      the node's id
   ARGV[2]  now_ms    integer ms, or "" for the Redis server clock
   ARGV[3]  lease_ms  integer > 0
-  ARGV[4]  limit     integer 1..10000, most ids renewed per call
+  ARGV[4]  limit     integer 1..5000, most ids renewed per call
 
   Returns: {now_ms, owned ids...}
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -32,15 +32,19 @@ if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local lease = int_arg(ARGV[3])
 if lease == nil or lease <= 0 then return badarg('lease_ms', 'must be an integer > 0') end
 local limit = int_arg(ARGV[4])
-if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+if limit == nil or limit < 1 or limit > 5000 then return badarg('limit', 'must be 1..5000') end
 
--- Only jobs still in this node's list are renewed: a reaped job left the list, so a node that
+-- Only jobs still in this node's set are renewed: a reaped job left the set, so a node that
 -- lost a lease cannot take it back by renewing.
-local owned = rcall('LRANGE', active_key, 0, limit - 1)
+local owned = rcall('ZRANGE', active_key, 0, limit - 1)
 local deadline = now + lease
-for _, id in ipairs(owned) do
-  -- Also repairs an active entry that lost its lease entry.
-  rcall('ZADD', leases_key, deadline, id)
+-- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry).
+for first = 1, #owned, 1000 do
+  local add = {}
+  for i = first, math.min(first + 999, #owned) do
+    add[#add + 1] = deadline; add[#add + 1] = owned[i]
+  end
+  rcall('ZADD', leases_key, unpack(add))
 end
 rcall('ZADD', nodes_key, now, node)
 local out = {now}

@@ -8,7 +8,7 @@
   retry_backoff base) while attempts remain, else it moves to the dead-letter list with its last
   error. mode "dead" dead-letters at once (jobq.Fail, decode errors). Allowed under OOM.
 
-  KEYS[1]  active     LIST    jobq:{q}:active:<node>
+  KEYS[1]  active     ZSET    jobq:{q}:active:<node>
   KEYS[2]  leases     ZSET    jobq:{q}:leases
   KEYS[3]  scheduled  ZSET    jobq:{q}:scheduled
   KEYS[4]  dead       ZSET    jobq:{q}:dead
@@ -18,7 +18,7 @@
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix         "jobq:{q}:"
-  ARGV[2]  node            the failing node's id; KEYS[1] must be its active list
+  ARGV[2]  node            the failing node's id; KEYS[1] must be its active set
   ARGV[3]  now_ms          integer ms, or "" for the Redis server clock
   ARGV[4]  id              the job id
   ARGV[5]  error           the error text kept on the job
@@ -32,12 +32,12 @@
 
   Returns: {code, run_at_ms, repeated, dead_trimmed}: code 1 retry scheduled (at run_at_ms),
            2 dead-lettered, -2 refused: the job is not this attempt's (stale completion),
-           -1 no such job (the id was in the active list but its hash is gone: dead-lettered);
+           -1 no such job (the id was in the active set but its hash is gone: dead-lettered);
            repeated = 1 when this attempt's failure was already recorded by an earlier send of
            the call (code then tells what that send did); dead_trimmed = dead letters deleted
            because the list was over dead_max.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(A + log N), A = the node's active list length.
+  Cost:    O(log N).
 ]]
 local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
@@ -75,7 +75,7 @@ local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_m
   'finished_by', 'state', 'run_at_ms')
 if not ok or not f[1] then
   -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
-  if rcall('LREM', active_key, 1, id) == 0 then return {-2, 0, 0, 0} end
+  if rcall('ZREM', active_key, id) == 0 then return {-2, 0, 0, 0} end
   rcall('ZREM', leases_key, id)
   to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
   return {-1, 0, 0, dead_trimmed}
@@ -88,7 +88,7 @@ if f[5] == mine and f[6] ~= 'done' then
   return {1, tonumber(f[7] or '') or now, 1, 0}
 end
 -- The per-attempt fence: only the attempt that holds the job, on the node that holds it.
-if tonumber(f[1]) ~= tonumber(attempt) or rcall('LREM', active_key, 1, id) == 0 then
+if tonumber(f[1]) ~= tonumber(attempt) or rcall('ZREM', active_key, id) == 0 then
   return {-2, 0, 0, 0}
 end
 rcall('ZREM', leases_key, id)

@@ -11,7 +11,7 @@
 
   ARGV[1]  qprefix  "jobq:{q}:"
   ARGV[2]  now_ms   integer ms, or "" for the Redis server clock
-  ARGV[3]  limit    integer 1..10000
+  ARGV[3]  limit    integer 1..1000
 
   Returns: {n_promoted, next_due_ms (-1 = none), now_ms}
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -25,7 +25,7 @@ if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local limit = int_arg(ARGV[3])
-if limit == nil or limit < 1 or limit > 10000 then return badarg('limit', 'must be 1..10000') end
+if limit == nil or limit < 1 or limit > 1000 then return badarg('limit', 'must be 1..1000') end
 
 local moved = promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
 if moved > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end

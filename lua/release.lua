@@ -2,7 +2,7 @@
 --[[
   release: hand jobs a node holds back to ready, each to its old place in the ready order: on
   graceful shutdown, for claimed jobs the node does not know of, and for prefetched jobs it did
-  not start in time. Fenced per attempt like ack: only jobs in this node's active list, and only
+  not start in time. Fenced per attempt like ack: only jobs in this node's active set, and only
   when the attempt named is the job's current one. A job that never started (the prefetch
   buffer; max_interruptions 0) goes back uncounted: its attempt is given back. A job that did
   start keeps its attempt and counts an interruption ("interrupted" on the job); at its
@@ -11,7 +11,7 @@
   missing or unusable is dead-lettered ("missing_job" / "wrong_type"), as reap does. Allowed
   under OOM.
 
-  KEYS[1]  active  LIST    jobq:{q}:active:<node>
+  KEYS[1]  active  ZSET    jobq:{q}:active:<node>
   KEYS[2]  leases  ZSET    jobq:{q}:leases
   KEYS[3]  ready   ZSET    jobq:{q}:ready
   KEYS[4]  seq     STRING  jobq:{q}:seq
@@ -22,8 +22,8 @@
   ARGV[1]  qprefix      "jobq:{q}:"
   ARGV[2]  node         the node's id
   ARGV[3]  now_ms       integer ms, or "" for the Redis server clock
-  ARGV[4]  n            0 = every job in the active list (up to 1000 per call), each as never
-                        started; else 1..1000 jobs that follow
+  ARGV[4]  n            0 = every job in the active set (up to 500 per call), each as never
+                        started; else 1..500 jobs that follow
   ARGV[5]  dead_max     integer >= 1
   ARGV[6]  dead_ttl_ms  integer >= 1
   then 3 fields per job: id; attempt (the attempt number the claim returned, "" = the attempt
@@ -35,7 +35,7 @@
            counted); n_dead were dead-lettered; dead_trimmed = dead letters deleted because the
            list was over dead_max.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n * (A + log N)).
+  Cost:    O(n * log N).
 ]]
 local active_key, leases_key, ready_key, seq_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qprefix, node = ARGV[1], ARGV[2]
@@ -47,7 +47,7 @@ if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does n
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 local n = int_arg(ARGV[4])
-if n == nil or n < 0 or n > 1000 then return badarg('n', 'must be 0..1000') end
+if n == nil or n < 0 or n > 500 then return badarg('n', 'must be 0..500') end
 local dead_max = int_arg(ARGV[5])
 if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
 local dead_ttl = int_arg(ARGV[6])
@@ -66,7 +66,7 @@ end
 
 local jobs = {}
 if n == 0 then
-  for _, id in ipairs(rcall('LRANGE', active_key, 0, 999)) do jobs[#jobs + 1] = {id, '', 0} end
+  for _, id in ipairs(rcall('ZRANGE', active_key, 0, 499)) do jobs[#jobs + 1] = {id, '', 0} end
 else
   for i = 1, n do
     jobs[i] = {ARGV[4 + 3 * i], ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i])}
@@ -81,7 +81,7 @@ for _, job in ipairs(jobs) do
   if not ok or not f[3] then
     -- No usable job hash: nothing to run. If this node holds the id, dead-letter it so it is
     -- seen (as reap does), instead of dropping it silently.
-    if rcall('LREM', active_key, 1, id) == 1 then
+    if rcall('ZREM', active_key, id) == 1 then
       rcall('ZREM', leases_key, id)
       local reason = ok and 'missing_job' or 'wrong_type'
       to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
@@ -90,7 +90,7 @@ for _, job in ipairs(jobs) do
   else
     if attempt == '' then attempt = f[1] end
     -- Only this node's hold of this attempt; anything else is left alone.
-    if tonumber(f[1]) == tonumber(attempt) and rcall('LREM', active_key, 1, id) == 1 then
+    if tonumber(f[1]) == tonumber(attempt) and rcall('ZREM', active_key, id) == 1 then
       rcall('ZREM', leases_key, id)
       local count = (tonumber(f[4] or '0') or 0) + 1
       if max_int > 0 and count >= max_int then

@@ -27,7 +27,7 @@ from jobq.cli.common import Settings, connection_options
 from jobq.cron import parse_duration
 from jobq.errors import InvalidInput, JobqError
 from jobq.keys import validate_node, validate_queue
-from jobq.worker import Worker, WorkerConfig
+from jobq.worker import MAX_CONCURRENCY, Worker, WorkerConfig
 
 log = logging.getLogger("jobq.cli")
 
@@ -123,7 +123,7 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
 @click.option(
     "-c",
     "--concurrency",
-    type=click.IntRange(1, 10_000),
+    type=click.IntRange(1, MAX_CONCURRENCY),
     default=20,
     show_default=True,
     help="Jobs run at once per node.",

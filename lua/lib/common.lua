@@ -14,6 +14,10 @@
 local rcall = redis.call
 --: The largest integer Lua's doubles hold exactly (2^53 - 1).
 local MAX_INT = 9007199254740991
+--: Most payload (enqueue, claim) or result (ack) bytes one call carries, unless it carries one
+--: job only: a batch of large jobs is split over several calls (jobq/store.py MAX_BATCH_BYTES),
+--: so that copying them stays a small part of a call's ~10 ms bound.
+local MAX_BATCH_BYTES = 2097152
 --: Ready score = (100 - priority) * PRIO_SPAN + seq: room for 2^44 sequence numbers under each
 --: of the 201 priorities, and 200 * 2^44 + 2^44 < 2^53.
 local PRIO_SPAN = 17592186044416
@@ -117,23 +121,44 @@ end
 --: script that dead-letters reports it in its reply, so the caller can count and log them.
 local dead_trimmed = 0
 
+-- Is the job hash at jkey the incarnation an index entry (id, score) names? A job id can be used
+-- again once its hash is gone (a dead hash expires after dead_ttl, a finished one after its
+-- retention), while its old index entry is still waiting to be trimmed; the entry must then not
+-- take the new job's hash with it. `states`: the states the index holds (a set); `exact`: the
+-- score is the job's finished_ms (dead), else its expiry, at or after finished_ms (finished).
+local function same_incarnation(jkey, score, states, exact)
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms')
+  if not ok or not f[1] or not states[f[1]] then return false end
+  local fin, sc = tonumber(f[2] or ''), tonumber(score)
+  if fin == nil or sc == nil then return false end
+  if exact then return fin == sc end
+  return fin <= sc
+end
+local DEAD_STATES = {dead = true}
+local FINISHED_STATES = {done = true, cancelled = true}
+
+-- Drop one dead-letter entry, and its job hash if the entry still names it (same_incarnation).
+local function drop_dead(qprefix, dead_key, id, score)
+  local jkey = qprefix .. 'job:' .. id
+  if same_incarnation(jkey, score, DEAD_STATES, true) then rcall('DEL', jkey) end
+  rcall('ZREM', dead_key, id)
+end
+
 -- Keep a queue's dead-letter list bounded: at most dead_max entries (the oldest go first), and
--- none older than dead_ttl (at most `age_limit` removed per call). Trimmed jobs are deleted; the
--- ones removed for the count bound are added to dead_trimmed.
-local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, age_limit)
+-- none older than dead_ttl; at most `limit` entries of each kind are removed per call, so a long
+-- backlog (dead_max lowered, a burst of deaths) is trimmed over the following calls. Trimmed jobs
+-- are deleted, unless the id now names a newer job (drop_dead); the ones removed for the count
+-- bound are added to dead_trimmed.
+local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, limit)
   local excess = rcall('ZCARD', dead_key) - dead_max
   if excess > 0 then
-    for _, old in ipairs(rcall('ZRANGE', dead_key, 0, excess - 1)) do
-      rcall('DEL', qprefix .. 'job:' .. old)
-      rcall('ZREM', dead_key, old)
-      dead_trimmed = dead_trimmed + 1
-    end
+    local old = rcall('ZRANGE', dead_key, 0, math.min(excess, limit) - 1, 'WITHSCORES')
+    for i = 1, #old, 2 do drop_dead(qprefix, dead_key, old[i], old[i + 1]) end
+    dead_trimmed = dead_trimmed + #old / 2
   end
-  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl, 'LIMIT', 0, age_limit)
-  for _, old in ipairs(aged) do
-    rcall('DEL', qprefix .. 'job:' .. old)
-    rcall('ZREM', dead_key, old)
-  end
+  local aged = rcall('ZRANGEBYSCORE', dead_key, '-inf', now - dead_ttl,
+    'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #aged, 2 do drop_dead(qprefix, dead_key, aged[i], aged[i + 1]) end
 end
 
 -- Move a job to the dead-letter list with a reason, release its unique key, and trim the list.
@@ -163,16 +188,19 @@ local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
   local due = rcall('ZRANGEBYSCORE', sched_key, '-inf', now, 'LIMIT', 0, limit)
   if #due == 0 then return 0 end
   local seq = rcall('INCRBY', seq_key, #due) - #due
+  -- The moves are written with one ZREM and one ZADD; per job one HGET and one HSET.
+  local add = {}
   for _, id in ipairs(due) do
     seq = seq + 1
     local jkey = qprefix .. 'job:' .. id
     local ok, prio = pcall(rcall, 'HGET', jkey, 'priority')
     if not ok then prio = false end
     local score = ready_score(tonumber(prio or '0') or 0, seq)
-    rcall('ZREM', sched_key, id)
-    rcall('ZADD', ready_key, score, id)
+    add[#add + 1] = score; add[#add + 1] = id
     if ok and prio then rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score) end
   end
+  rcall('ZREM', sched_key, unpack(due))
+  rcall('ZADD', ready_key, unpack(add))
   return #due
 end
 

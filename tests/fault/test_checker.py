@@ -99,7 +99,7 @@ def test_invariant_scan_names_each_broken_invariant(app: JobQ, r: redis.Redis, t
     r.zadd(k.dead(Q), {"in-two": 1})  # I1: ready and dead
     app.run(app.store.claim(Q, "n1", 10, 60_000))
     r.zrem(k.leases(Q), "no-lease")  # I2: active without a lease
-    r.lrem(k.active(Q, "n1"), 1, "orphan-lease")  # I3: a lease without its active entry
+    r.zrem(k.active(Q, "n1"), "orphan-lease")  # I3: a lease without its active entry
     r.hset(k.job(Q, "orphan-lease"), "state", "ready")
     r.zadd(k.ready(Q), {"orphan-lease": 1})
     r.set(f"jobq:{{{Q}}}:mystery", 1)  # I5: unknown key

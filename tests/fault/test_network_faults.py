@@ -17,7 +17,7 @@ import redis
 from jobq import JobQ, RedisUnavailable
 from jobq.connection import sync_client
 from jobq.scripts import ScriptName, source
-from jobq.store import SyncRunner
+from jobq.store import MAX_BATCH, SyncRunner
 from tests.harness import proxy_fixtures
 from tests.harness.proxy_fixtures import wait_for
 from tests.harness.redis_server import RedisServer
@@ -125,10 +125,10 @@ class TestLostReplies:
         assert 0 < len(unknown) <= drops
         assert not unknown & set(handed)
         # B cannot take them while they are leased to A...
-        assert b.run(store.claim(Q, "node-b", 1000, lease)).jobs == []
+        assert b.run(store.claim(Q, "node-b", MAX_BATCH, lease)).jobs == []
         # ... until A releases them (the worker's heartbeat does so after two beats).
         assert a.run(store.release(Q, "node-a", sorted(unknown))).released == len(unknown)
-        for j in b.run(store.claim(Q, "node-b", 1000, lease)).jobs:
+        for j in b.run(store.claim(Q, "node-b", MAX_BATCH, lease)).jobs:
             assert j.id not in handed, f"{j.id} handed out twice"
             handed[j.id] = "b"
         assert set(handed) == {f"j{i}" for i in range(n)}  # none lost
@@ -144,7 +144,7 @@ class TestLostReplies:
         a = SyncRunner(sync_client(proxy.url(redis_server.url)))
         manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
         store = app.store
-        jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+        jobs = a.run(store.claim(Q, "node-a", MAX_BATCH, 60_000)).jobs
         assert len(jobs) == self.N
         r.script_load(source(ScriptName.ACK))  # a lost NOSCRIPT reply would prove nothing
         replayed = 0
@@ -170,7 +170,7 @@ class TestLostReplies:
             assert a.run(call) == [0]
             assert r.hget(app.keys.job(Q, j.id), "finished_ms") == finished
         assert replayed == self.N
-        assert r.llen(app.keys.active(Q, "node-a")) == 0
+        assert r.zcard(app.keys.active(Q, "node-a")) == 0
         assert r.zcard(app.keys.leases(Q)) == 0
         assert r.zcard(app.keys.finished(Q)) == self.N
 
@@ -190,7 +190,7 @@ class TestLostReplies:
         a = SyncRunner(sync_client(proxy.url(redis_server.url)))
         manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
         store = app.store
-        jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+        jobs = a.run(store.claim(Q, "node-a", MAX_BATCH, 60_000)).jobs
         assert len(jobs) == self.N
         r.script_load(source(ScriptName.FAIL))
         for i, j in enumerate(jobs):
@@ -210,7 +210,7 @@ class TestLostReplies:
             assert state == (b"dead" if dead else b"scheduled")
             again = a.run(call)
             assert again.outcome == want and again.repeated
-        assert r.llen(app.keys.active(Q, "node-a")) == 0
+        assert r.zcard(app.keys.active(Q, "node-a")) == 0
         assert r.zcard(app.keys.dead(Q)) == len([i for i in range(self.N) if i % 4 >= 2])
 
     def test_lost_ack_reply_with_retention_zero_is_answered_already_done(
@@ -228,7 +228,7 @@ class TestLostReplies:
             a = SyncRunner(sync_client(proxy.url(redis_server.url)))
             manual = SyncRunner(_no_retry_client(proxy.url(redis_server.url)))
             store = app.store
-            jobs = a.run(store.claim(Q, "node-a", 1000, 60_000)).jobs
+            jobs = a.run(store.claim(Q, "node-a", MAX_BATCH, 60_000)).jobs
             r.script_load(source(ScriptName.ACK))
             for i, j in enumerate(jobs):
                 runner = a if i % 2 == 0 else manual
@@ -242,7 +242,7 @@ class TestLostReplies:
                     codes = a.run(call)
                 assert codes == [0], (i, codes)
                 assert not r.exists(app.keys.job(Q, j.id))
-            assert r.llen(app.keys.active(Q, "node-a")) == 0
+            assert r.zcard(app.keys.active(Q, "node-a")) == 0
             assert r.zcard(app.keys.leases(Q)) == 0
         finally:
             app.close()
@@ -307,7 +307,7 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     )
     assert proxy.stats.dropped_replies > 20 and released, "no claim reply was lost"
     assert set(runs) == set(range(n))
-    assert r.zcard(app.keys.ready(Q)) == 0 and r.llen(app.keys.active(Q, w.node)) == 0
+    assert r.zcard(app.keys.ready(Q)) == 0 and r.zcard(app.keys.active(Q, w.node)) == 0
     # Every job finished. A job ran more than once only if its lease expired and was reaped
     # (renewal replies can be lost long enough at this rate), never twice at the same time, and
     # its attempts count every claim that reached it: 1 + reaps (a lost claim's attempt is given
@@ -360,7 +360,7 @@ def _partitioned_fleet(worker_fleet, server: RedisServer, proxy, socket_timeout:
 
 
 def _hold_jobs_on(r: redis.Redis, node: str, n: int, timeout: float = 10.0) -> None:
-    wait_for(lambda: r.llen(f"jobq:{{fault}}:active:{node}") >= n, timeout)
+    wait_for(lambda: r.zcard(f"jobq:{{fault}}:active:{node}") >= n, timeout)
 
 
 def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServer, chaos_proxy) -> None:

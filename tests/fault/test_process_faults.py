@@ -63,7 +63,7 @@ def claim_all_on(
         h.stop()
     try:
         ids = enqueue()
-        wait_until(lambda: r.llen(active_key(victim)) >= n or not victim.alive(), 10, "victim claims all")
+        wait_until(lambda: r.zcard(active_key(victim)) >= n or not victim.alive(), 10, "victim claims all")
     finally:
         for h in helpers:
             h.cont()
@@ -109,7 +109,7 @@ def run_f1(
         if point is None:
             delay = rng.uniform(0.05, 0.45)  # before the shortest job ends: 20 in flight
             time.sleep(delay)
-            assert r.llen(active_key(victim)) == 20
+            assert r.zcard(active_key(victim)) == 20
             t_kill = time.time()
             victim.kill()
         else:
@@ -218,9 +218,9 @@ def test_f2_sigterm_graceful(
         victim = fleet.spawn(f"v{i}", concurrency=20)
         # All 70 jobs take 0.3-2 s: shorter than the grace, longer than the signal delay.
         ids = prod.enqueue_batch(70, per_job=[{"sleep": rng.uniform(0.3, 2.0)} for _ in range(70)])
-        wait_until(lambda v=victim: r.llen(active_key(v)) == 20, 10, "20 in flight")
+        wait_until(lambda v=victim: r.zcard(active_key(v)) == 20, 10, "20 in flight")
         time.sleep(rng.uniform(0.02, 0.2))
-        assert r.llen(active_key(victim)) == 20
+        assert r.zcard(active_key(victim)) == 20
         t0 = time.monotonic()
         victim.term()
         rc = victim.wait(GRACE + 5)
@@ -271,7 +271,7 @@ def test_f2_second_signal_releases_at_once(
     prod = Producer(app, history)
     victim = fleet.spawn("v0", concurrency=20)
     ids = prod.enqueue_batch(70, slow=30.0, slow_node="v0", sleep=0.05)
-    wait_until(lambda: r.llen(active_key(victim)) == 20, 10, "20 in flight")
+    wait_until(lambda: r.zcard(active_key(victim)) == 20, 10, "20 in flight")
     time.sleep(0.3)
     victim.term()
     time.sleep(0.5)
@@ -500,7 +500,7 @@ def test_a_buffered_job_released_at_stop_keeps_attempts_zero(
     slow = prod.enqueue_batch(6, sleep=1.0)
 
     def buffered() -> list[str]:
-        held = [x.decode() for x in r.lrange(active_key(node), 0, -1)]
+        held = [x.decode() for x in r.zrange(active_key(node), 0, -1)]
         started = {a.job_id for a in history.attempts() if a.node == node.name}
         return [j for j in held if j in slow and j not in started]
 

@@ -390,7 +390,7 @@ def scan_invariants(
         for kind in ("active", "job", "unique"):
             for key in qd.keys.get(kind, []):
                 if kind == "active":
-                    pipe.lrange(key, 0, -1)
+                    pipe.zrange(key, 0, -1)
                 elif kind == "job":
                     pipe.hmget(key, "state", "node")
                 else:

@@ -69,7 +69,7 @@ def read_places(r: redis.Redis, keys: Keys, queue: str, nodes: Iterable[str]) ->
     pipe.zrange(keys.ready(queue), 0, -1)
     pipe.zrange(keys.scheduled(queue), 0, -1)
     for n in nodes:
-        pipe.lrange(keys.active(queue, n), 0, -1)
+        pipe.zrange(keys.active(queue, n), 0, -1)
     pipe.zrange(keys.dead(queue), 0, -1)
     pipe.zrange(keys.finished(queue), 0, -1)
     pipe.zrange(keys.leases(queue), 0, -1, withscores=True)

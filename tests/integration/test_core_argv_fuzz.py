@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import jobq
 from jobq.scripts import ScriptName, source
-from jobq.store import Call
+from jobq.store import MAX_BATCH, MAX_CLAIM_PROMOTE, MAX_EXTEND, MAX_REAP, MAX_SCAN, Call
 from tests.integration.core_support import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         3: int_bad(0, None),
         4: ["a b", "{x}", "a\nb"],
         5: int_bad(0, None),
-        6: int_bad(1, 1000),
+        6: int_bad(1, MAX_BATCH),
         7: ID_BAD,
         8: ["", "a b", "x" * 201, "a\nb"],
         10: int_bad(-100, 100),
@@ -70,8 +70,8 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(1, None),
-        5: int_bad(0, 1000),
-        6: int_bad(0, 10_000),
+        5: int_bad(0, MAX_BATCH),
+        6: int_bad(0, MAX_CLAIM_PROMOTE),
         7: int_bad(1, None),
         8: int_bad(1, None),
     },
@@ -80,10 +80,11 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NODE_BAD,
         3: NOW_BAD,
         4: int_bad(0, None),
-        5: int_bad(1, 1000),
-        6: CALL_ID_BAD,
-        7: ID_BAD,
-        8: ATTEMPT_BAD,
+        5: int_bad(0, None),
+        6: int_bad(1, MAX_BATCH),
+        7: CALL_ID_BAD,
+        8: ID_BAD,
+        9: ATTEMPT_BAD,
     },
     ScriptName.FAIL: {
         1: QPREFIX_BAD,
@@ -102,13 +103,13 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         1: NODE_BAD,
         2: NOW_BAD,
         3: int_bad(1, None),
-        4: int_bad(1, 10_000),
+        4: int_bad(1, MAX_EXTEND),
     },
     ScriptName.RELEASE: {
         1: QPREFIX_BAD,
         2: NODE_BAD,
         3: NOW_BAD,
-        4: int_bad(0, 1000),
+        4: int_bad(0, MAX_BATCH),
         5: int_bad(1, None),
         6: int_bad(1, None),
         7: ID_BAD,
@@ -118,22 +119,22 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
     ScriptName.REAP: {
         1: QPREFIX_BAD,
         2: NOW_BAD,
-        3: int_bad(1, 10_000),
+        3: int_bad(1, MAX_REAP),
         4: int_bad(1, None),
         5: int_bad(1, None),
         6: int_bad(1, None),
         7: int_bad(0, None),
     },
-    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, 10_000)},
+    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, MAX_SCAN)},
     ScriptName.CANCEL: {1: QPREFIX_BAD, 2: ID_BAD, 3: NOW_BAD, 4: int_bad(0, None)},
     ScriptName.RETRY_DEAD: {
         1: QPREFIX_BAD,
         2: NOW_BAD,
-        3: int_bad(1, 10_000),
-        4: int_bad(0, 1000),
+        3: int_bad(1, MAX_BATCH),
+        4: int_bad(0, MAX_BATCH),
         5: ID_BAD,
     },
-    ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, 10_000)},
+    ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, MAX_SCAN)},
 }
 
 

@@ -173,7 +173,7 @@ def test_release_dead_letters_a_job_without_priority_as_reap_does(fapp: jobq.Job
     res = fapp.run(fapp.store.release(Q, "a", None, now_ms=fapp.now_ms()))
     assert res.released == 0 and res.dead == [(job.id, "missing_job")]
     assert r.zscore(fapp.keys.dead(Q), job.id) is not None
-    assert r.llen(fapp.keys.active(Q, "a")) == 0 and r.zcard(fapp.keys.leases(Q)) == 0
+    assert r.zcard(fapp.keys.active(Q, "a")) == 0 and r.zcard(fapp.keys.leases(Q)) == 0
     assert job.status() is jobq.JobState.DEAD
 
 

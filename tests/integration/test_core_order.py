@@ -31,7 +31,7 @@ def fapp(redis_url: str) -> Iterator[jobq.JobQ]:
 def claim_all(app: jobq.JobQ, node: str = "n1") -> list[str]:
     out: list[str] = []
     while True:
-        res = app.run(app.store.claim(Q, node, 1000, 30_000, now_ms=app.now_ms()))
+        res = app.run(app.store.claim(Q, node, jobq.store.MAX_BATCH, 30_000, now_ms=app.now_ms()))
         if not res.jobs:
             return out
         out += [j.id for j in res.jobs]

@@ -186,7 +186,7 @@ def test_reaped_and_stale_on_a_live_worker(metrics_app: JobQ, r: redis.Redis) ->
     def loses_lease() -> None:
         # The job leaves this node's active list while it runs, as if its lease had been reaped
         # and another node had taken it: the ack that follows is refused (stale completion).
-        r.lrem(app.keys.active("mq", node), 0, job_box[0])
+        r.zrem(app.keys.active("mq", node), job_box[0])
         release.wait(10)
 
     job_box: list[str] = []

@@ -202,7 +202,7 @@ def test_kill_9_with_20_jobs_in_flight_they_complete_on_another_node(
     for j in jobs:
         info = j.info()
         assert info.attempts == 2 and info.reaped == 1
-    assert r.llen(qapp.keys.active(Q, "victim")) == 0
+    assert r.zcard(qapp.keys.active(Q, "victim")) == 0
     fleet.signal("rescuer", signal.SIGTERM)
     assert fleet.wait_exit("rescuer", 10) == 0
 
@@ -228,7 +228,7 @@ def test_sigterm_with_jobs_in_flight_loses_none_runs_none_twice_exits_0(
         info = j.info()
         key = info.args[0]  # type: ignore[index]
         assert (info.state, info.attempts) == ((JobState.DONE, 1) if key in ran else (JobState.READY, 0))
-    assert r.llen(qapp.keys.active(Q, "w")) == 0 and r.zcard(qapp.keys.leases(Q)) == 0
+    assert r.zcard(qapp.keys.active(Q, "w")) == 0 and r.zcard(qapp.keys.leases(Q)) == 0
 
     # Another node finishes the rest: every job ran exactly once.
     fleet.start("drain", "--concurrency", "20", "--burst")
@@ -256,7 +256,7 @@ def test_sigterm_after_grace_releases_jobs_and_exits_0_even_with_a_stuck_thread(
     for j in jobs:
         # Both had started: each keeps its attempt and counts an interruption.
         assert (j.info().state, j.info().attempts, j.info().interrupted) == (JobState.READY, 1, 1)
-    assert r.llen(qapp.keys.active(Q, "w")) == 0
+    assert r.zcard(qapp.keys.active(Q, "w")) == 0
     assert "released 2 unfinished job(s) back to ready (2 interrupted mid-run)" in fleet.log("w")
 
 

@@ -102,7 +102,7 @@ def test_sync_and_async_tasks_run_and_store_results(app: JobQ, r: redis.Redis) -
     # Nothing left running or leased.
     assert r.zcard(app.keys.ready("default")) == 0
     assert r.zcard(app.keys.leases("default")) == 0
-    assert r.llen(app.keys.active("default", w.node)) == 0
+    assert r.zcard(app.keys.active("default", w.node)) == 0
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -395,7 +395,7 @@ def test_graceful_stop_finishes_running_jobs_within_grace(
         info = j.info()
         assert int(r.get(f"ran:{info.args[0]}") or 0) == (1 if info.state is JobState.DONE else 0)  # type: ignore[index]
         assert info.attempts == (1 if info.state is JobState.DONE else 0)
-    assert r.llen(app.keys.active("default", b.worker.node)) == 0
+    assert r.zcard(app.keys.active("default", b.worker.node)) == 0
     assert r.zcard(app.keys.leases("default")) == 0
 
 
@@ -420,7 +420,7 @@ def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
         info = j.info()
         assert info.state is JobState.READY and info.attempts == 1 and info.interrupted == 1
     assert r.zcard(app.keys.ready("default")) == 3
-    assert r.llen(app.keys.active("default", b.worker.node)) == 0
+    assert r.zcard(app.keys.active("default", b.worker.node)) == 0
 
 
 def test_a_second_stop_releases_at_once(app: JobQ, r: redis.Redis, bg: list[Background]) -> None:

@@ -63,8 +63,12 @@ def test_a_buffered_job_stays_leased_while_it_waits(
     slow = app.enqueue("nap", ("slow", 1.5))  # 2.5 leases
     waiting = app.enqueue("nap", ("waiting", 0.0))
     b = one_slot_node(app, bg, lease=0.6)
-    wait_for(lambda: buffered_ids(b) == [waiting.id], 10, "the job buffered behind the slow one")
-    assert started == ["first", "slow"]
+    # The slow job leaves the buffer a moment before its coroutine first runs: wait for both.
+    wait_for(
+        lambda: buffered_ids(b) == [waiting.id] and started == ["first", "slow"],
+        10,
+        "the job buffered behind the slow one, which has started",
+    )
     wait_for(lambda: waiting.status() is JobState.DONE, 10, "the buffered job to run")
     b.stop()
     b.join()
@@ -92,7 +96,7 @@ def test_a_stop_hands_buffered_jobs_back_at_once_without_counting_an_attempt(
     b.join()
     assert slow.status() is JobState.DONE
     assert started == ["first", "slow"]  # the buffered job never started here
-    assert r.llen(app.keys.active("default", b.worker.node)) == 0
+    assert r.zcard(app.keys.active("default", b.worker.node)) == 0
 
 
 def test_a_buffered_job_that_waits_too_long_goes_back_to_ready(
@@ -129,7 +133,7 @@ def test_a_buffered_job_whose_lease_is_lost_never_starts_here(
     b = one_slot_node(app, bg, lease=0.6, maintenance=False)
     wait_for(lambda: buffered_ids(b) == [waiting.id], 10, "the job buffered behind the slow one")
     # What a reaper does to an expired lease (the job then belongs to whoever claims it next).
-    r.lrem(app.keys.active("default", b.worker.node), 0, waiting.id)
+    r.zrem(app.keys.active("default", b.worker.node), waiting.id)
     r.zrem(app.keys.leases("default"), waiting.id)
     wait_for(lambda: b.worker.stats["lost"] == 1, 5, "the heartbeat to find the lease lost")
     assert buffered_ids(b) == [] and waiting.id not in b.worker.running
