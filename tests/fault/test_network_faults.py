@@ -265,7 +265,7 @@ def test_f8_worker_under_lost_replies_runs_each_job_once(
     (also with retention 0, where the finished job is deleted at once: never "vanished")."""
     from tests.harness.proxy_fixtures import ThreadWorker
 
-    n = proxy_fixtures.scale(250, 4000)
+    n = proxy_fixtures.scale(1000, 4000)  # enough to keep the node claiming through the 8 s of lost replies
     runs: dict[int, list[tuple[float, float]]] = {}
     lock = threading.Lock()
     app = JobQ(redis_server.url, result_ttl=result_ttl)
