@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from jobq.app import JobQ
 from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
-from jobq.store import SyncRunner
+from jobq.storage import reads
+from jobq.storage.calls import SyncRunner
 
 log = logging.getLogger("jobq.heartbeat")
 
@@ -194,15 +195,10 @@ class Heartbeat:
                 "heartbeat_ms": now_ms,
                 **self._info(),
             }
-            pipe = self.runner.client.pipeline(transaction=False)
-            pipe.zadd(k.nodes, {self.node: now_ms})
-            pipe.hset(k.node(self.node), mapping=info)
-            pipe.pexpire(k.node(self.node), self.lease_ms * 3)
-            # Killed nodes never deregister: drop registry entries as old as an expired node hash.
-            pipe.zremrangebyscore(k.nodes, "-inf", now_ms - self.lease_ms * 3)
-            pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
-            pipe.get(k.epoch)
-            *_, epoch = pipe.execute()
+            # Killed nodes never deregister: entries as old as an expired node hash are dropped.
+            epoch = reads.register_node(
+                self.runner.client, k, self.node, info, now_ms=now_ms, ttl_ms=self.lease_ms * 3
+            )
         except Exception as exc:
             log.debug("node registry update failed: %s", exc)
             return
@@ -253,12 +249,7 @@ class Heartbeat:
         """Remove this node from the registries on a clean exit."""
         k = self.app.keys
         try:
-            pipe = self.runner.client.pipeline(transaction=False)
-            pipe.zrem(k.nodes, self.node)
-            pipe.delete(k.node(self.node))
-            pipe.execute()
-            for q in self.queues:
-                self.runner.client.zrem(k.queue_nodes(q), self.node)
+            reads.deregister_node(self.runner.client, k, self.node, self.queues)
         except Exception as exc:
             log.debug("node deregistration failed: %s", exc)
 

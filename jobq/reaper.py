@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from jobq.app import JobQ
 from jobq.errors import RedisUnavailable
-from jobq.store import MAX_REAP, AsyncRunner
+from jobq.storage import reads
+from jobq.storage.calls import MAX_REAP, AsyncRunner
 
 log = logging.getLogger("jobq.reaper")
 
@@ -127,17 +128,7 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
     Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
-        akey = app.keys.active(q, node)
-        if await runner.client.type(akey) in (b"list", "list"):
-            # Left by a jobq from before the active ZSET: converted (reap does the same), the
-            # ZSET built beside it (same hash tag) and renamed over it in one step.
-            ids = await runner.client.lrange(akey, 0, -1)
-            if ids:
-                tmp = app.keys.active_upgrade(q, node)
-                await runner.client.zadd(tmp, dict.fromkeys(ids, 0))
-                await runner.client.rename(tmp, akey)
-        for raw in await runner.client.zrange(akey, 0, 999):
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        for job_id in await reads.active_ids_async(runner.client, app.keys, q, node, 1000):
             res = await runner.run(
                 app.store.fail(
                     q,
@@ -151,7 +142,7 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
             if res.outcome in ("retry", "dead"):
                 recovered += 1
                 if res.outcome == "retry":  # counted like a reap: every re-run is visible
-                    await runner.client.hincrby(app.keys.job(q, job_id), "reaped", 1)
+                    await reads.count_reaped_async(runner.client, app.keys, q, job_id)
                 log.warning(
                     "queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome
                 )

@@ -16,7 +16,8 @@ from jobq.app import EnqueueRequest, JobQ
 from jobq.backoff import worth_a_line
 from jobq.cron import CronEntry
 from jobq.errors import RedisUnavailable
-from jobq.store import AsyncRunner, map_error
+from jobq.storage import reads
+from jobq.storage.calls import AsyncRunner, map_error
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -83,8 +84,7 @@ class Scheduler:
         return report
 
     async def _redis_now(self) -> int:
-        sec, usec = await self.runner.client.time()
-        return int(sec) * 1000 + int(usec) // 1000
+        return await reads.server_time_ms_async(self.runner.client)
 
     async def fire_cron(self, now_ms: int, report: ScheduleReport | None = None) -> ScheduleReport:
         """Enqueue every entry whose latest tick (<= now_ms) has not fired yet."""
@@ -110,7 +110,7 @@ class Scheduler:
                         # In the queue registry like any enqueue's queue, so a queue fed only by
                         # cron shows in `jobq stats` and `jobq jobs list`.
                         try:
-                            await self.runner.client.sadd(self.app.keys.queues, shard)
+                            await reads.register_queue_async(self.runner.client, self.app.keys, shard)
                         except Exception as exc:
                             raise map_error(exc, "register queue", shard) from None
                         self._registered.add(shard)

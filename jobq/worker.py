@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobq import codec, connection, faults, redis_checks
+from jobq import codec, faults
 from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.backoff import Backoff, worth_a_line
@@ -69,10 +69,10 @@ from jobq.errors import (
     Retry,
 )
 from jobq.heartbeat import BeatResult, Heartbeat
-from jobq.keys import validate_node, validate_queue
 from jobq.reaper import Reaper, recover_inherited
 from jobq.scheduler import Scheduler
-from jobq.store import (
+from jobq.storage import checks, clients
+from jobq.storage.calls import (
     MAX_BATCH,
     MAX_EXTEND,
     AsyncRunner,
@@ -81,6 +81,7 @@ from jobq.store import (
     SyncRunner,
     split_batches,
 )
+from jobq.storage.keys import validate_node, validate_queue
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
@@ -374,9 +375,9 @@ class Worker:
         self._ack_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
-        self.client = connection.async_client(self.url, retry_refused=False)
+        self.client = clients.async_client(self.url, retry_refused=False)
         self.runner = AsyncRunner(self.client)
-        sync_client = connection.sync_client(self.url)
+        sync_client = clients.sync_client(self.url)
         self.heartbeat = Heartbeat(
             self.app,
             SyncRunner(sync_client),
@@ -399,7 +400,7 @@ class Worker:
             ",".join(self.queues),
             self.config.concurrency,
             self.config.lease,
-            connection.redact_url(self.url),
+            clients.redact_url(self.url),
         )
         ready = False
         try:
@@ -412,7 +413,7 @@ class Worker:
                 self._pool.shutdown(wait=False)
         if not ready:
             return
-        self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
+        self.eviction_policy_ok = await checks.check_eviction_policy(self.client)
         if self.metrics is not None:
             self.metrics.set_eviction_policy_ok(self.eviction_policy_ok)
             self.metrics.pubsub_from(lambda: self.pubsub_connected)
@@ -1177,7 +1178,7 @@ class Worker:
                 import redis.backoff
 
                 once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
-                self._once_runner = AsyncRunner(connection.async_client(self.url, retry=once))
+                self._once_runner = AsyncRunner(clients.async_client(self.url, retry=once))
             runner = self._once_runner
         released = interrupted = trimmed = 0
         dead: list[tuple[str, str]] = []
@@ -1258,7 +1259,7 @@ class Worker:
     # -- pub/sub --------------------------------------------------------------------------------
     async def _listen(self) -> None:
         channels = [self.app.keys.wake(q) for q in self.queues]
-        make = getattr(connection, "async_pubsub_client", connection.async_client)
+        make = clients.async_pubsub_client
         backoff = Backoff(0.1, 5.0)
         while True:
             client = pubsub = None

@@ -20,7 +20,7 @@ import redis.retry
 from jobq import JobQ
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.heartbeat import Heartbeat
-from jobq.store import ExtendResult, map_error
+from jobq.storage.calls import ExtendResult, map_error
 
 LEASE_MS = 3000
 

@@ -31,13 +31,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.backoff",
             "jobq.loop",
             "jobq.faults",
-            "jobq.scripts",
         ),
     ),
-    # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks.
+    # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks,
+    # loading the Lua files; and payload encoding.
     (
         "storage",
-        ("jobq.storage", "jobq.store", "jobq.connection", "jobq.keys", "jobq.codec", "jobq.redis_checks"),
+        ("jobq.storage", "jobq.codec"),
     ),
     # The public API: the app, tasks, requests, inspection, built-in tasks, metrics, logs.
     (
@@ -159,7 +159,7 @@ EDGES = graph()
 
 
 def test_the_rules_read_the_imports() -> None:
-    assert "jobq.store" in EDGES["jobq.app"]
+    assert "jobq.storage.calls" in EDGES["jobq.app"]
     assert "jobq.cli.common" in EDGES["jobq.cli.worker"]
     assert "jobq.worker" in EDGES["jobq.cli.worker"]  # an import inside a function counts too
 

@@ -21,7 +21,7 @@ from jobq import JobQ
 from jobq.errors import RedisUnavailable
 from jobq.reaper import Reaper
 from jobq.scheduler import Scheduler
-from jobq.store import Call, PromoteResult, ReapResult, map_error
+from jobq.storage.calls import Call, PromoteResult, ReapResult, map_error
 
 
 def _slot_moving(queue: str) -> RedisUnavailable:
