@@ -19,7 +19,6 @@ from typing import Any
 
 import click
 
-from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.cli.apps import bind, explicit, load_app
 from jobq.cli.common import Settings, connection_options
@@ -28,6 +27,7 @@ from jobq.errors import InvalidInput, JobqError
 from jobq.storage import clients
 from jobq.storage.keys import validate_node, validate_queue
 from jobq.worker import MAX_CONCURRENCY, Worker, WorkerConfig
+from jobq.worker import loop as jobq_loop
 
 log = logging.getLogger("jobq.cli")
 
@@ -309,7 +309,7 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
         await node.run()
 
     try:
-        jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
+        jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
     except JobqError as exc:  # fatal at startup: wrong password, missing permission, old Redis
         log.error("worker node %s cannot run: %s", node.node, clients.redact(str(exc)))
         return 1

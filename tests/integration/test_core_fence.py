@@ -185,9 +185,9 @@ def test_the_reaper_logs_and_reports_dead_letters_trimmed_by_count(
     import asyncio
 
     from jobq.metrics import Metrics
-    from jobq.reaper import Reaper
     from jobq.storage.calls import AsyncRunner
     from jobq.storage.clients import async_client
+    from jobq.worker.reaper import Reaper
 
     big = jobq.JobQ(redis_url, dead_max=10)
     small = jobq.JobQ(redis_url, dead_max=1)

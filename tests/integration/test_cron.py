@@ -16,10 +16,10 @@ import redis
 
 from jobq import FakeClock, InvalidInput, JobQ
 from jobq.cron import CronEntry, CronSchedule, parse_duration
-from jobq.scheduler import Scheduler
 from jobq.storage.calls import AsyncRunner
 from jobq.storage.clients import async_client
 from jobq.worker import Worker, WorkerConfig
+from jobq.worker.scheduler import Scheduler
 
 pytestmark = pytest.mark.integration
 

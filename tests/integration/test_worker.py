@@ -536,7 +536,7 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
     bg: list[Background],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from jobq import worker as worker_module
+    from jobq.worker import node as worker_module
     from tests.harness.chaos_proxy import ChaosProxy
 
     # A partition raises nothing on an idle subscription: only the PING probe can tell.

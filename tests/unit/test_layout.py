@@ -2,7 +2,7 @@
 module has a place in the map (docs/layout.md).
 
 Rules are stated per module prefix, so a module keeps its layer when a flat module becomes a
-package (``jobq.worker`` covers ``jobq/worker.py`` and a future ``jobq/worker/fetcher.py``;
+package (``jobq.worker`` covers ``jobq/worker/node.py`` and a future ``jobq/worker/fetcher.py``;
 ``jobq.storage`` is the storage package to come). Imports are read from the source with
 :mod:`ast` (nothing is imported): every ``import`` counts, inside functions and under
 ``TYPE_CHECKING`` too.
@@ -29,7 +29,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.util",
             "jobq.strict_json",
             "jobq.backoff",
-            "jobq.loop",
             "jobq.faults",
         ),
     ),
@@ -54,7 +53,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # The worker node and its background components.
-    ("worker", ("jobq.worker", "jobq.reaper", "jobq.scheduler", "jobq.heartbeat")),
+    ("worker", ("jobq.worker",)),
     # The fronts: the command line and the HTTP API (and a future web/ dashboard).
     ("front", ("jobq.cli", "jobq.http", "jobq.web", "jobq.__main__")),
 ]

@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass, field
 
 from jobq.app import EnqueueRequest, JobQ
-from jobq.backoff import worth_a_line
 from jobq.cron import CronEntry
 from jobq.errors import RedisUnavailable
 from jobq.storage import reads
 from jobq.storage.calls import AsyncRunner, map_error
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -47,7 +47,7 @@ class Scheduler:
         self.queues = queues
         self.cron = cron
         #: Promotions refused in a row, per queue whose cluster slot is moving (for the log).
-        self._refused: dict[str, int] = {}
+        self.slots = SlotBackoff("promote", logger=log, recovered_level=logging.INFO)
         #: Cron queues this scheduler put in the queue registry.
         self._registered: set[str] = set()
 
@@ -63,11 +63,9 @@ class Scheduler:
                     if not exc.slot or len(self.queues) == 1:
                         raise
                     # Only this queue's cluster slot is moving: promote the others.
-                    n = self._refused[q] = self._refused.get(q, 0) + 1
-                    if worth_a_line(n):
-                        log.warning("queue %s: promote refused (%d in a row): %s", q, n, exc)
+                    self.slots.refused(q, exc)
                     break
-                self._refused.pop(q, None)
+                self.slots.ok(q)
                 report.promoted += res.promoted
                 report.now_ms = res.now_ms
                 if res.next_due_ms is not None and (

@@ -11,13 +11,13 @@ refusal, for the same reason: no node could renew its leases while the slot move
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 from jobq.app import JobQ
 from jobq.errors import RedisUnavailable
 from jobq.storage import reads
 from jobq.storage.calls import MAX_REAP, AsyncRunner
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.reaper")
 
@@ -58,15 +58,15 @@ class Reaper:
         self.limit = limit
         #: Seconds a queue is not reaped after its cluster slot refused a reap (one lease).
         self.hold = hold
-        #: Queue -> monotonic time before which it is not reaped.
-        self._held: dict[str, float] = {}
+        #: Queues whose slot refused a reap, each left alone for ``hold`` seconds.
+        self.slots = SlotBackoff("reap", hold=hold, logger=log, recovered_level=logging.INFO)
 
     async def run_once(self, *, guard: bool = True) -> ReapReport:
         """Reap every queue until no expired lease is left (bounded batches)."""
         report = ReapReport()
         guard_ms = max(1, int(self.interval * 1000 * 0.9)) if guard else 0
         for q in self.queues:
-            if self._held and self._held.get(q, 0.0) > time.monotonic():
+            if self.slots and self.slots.waiting(q):
                 continue
             first = True
             while True:
@@ -83,9 +83,9 @@ class Reaper:
                 except RedisUnavailable as exc:
                     if not exc.slot or len(self.queues) == 1:
                         raise
-                    self._held[q] = time.monotonic() + self.hold
-                    log.warning("queue %s: reap refused, the others go on: %s", q, exc)
+                    self.slots.refused(q, exc, "; the others go on")
                     break
+                self.slots.ok(q)
                 first = False
                 if res.skipped:
                     break

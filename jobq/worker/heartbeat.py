@@ -30,6 +30,7 @@ from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.storage import reads
 from jobq.storage.calls import SyncRunner
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.heartbeat")
 
@@ -77,7 +78,7 @@ class Heartbeat:
         self.last_ok = time.monotonic()
         self.fenced = False
         #: Renewals refused in a row, per queue, because the queue's cluster slot was moving.
-        self._slot_refusals: dict[str, int] = {}
+        self.slots = SlotBackoff("lease renewal", logger=log, recovered_level=logging.INFO)
         #: The fence is up because Redis is down for every client (see ``redis_down``).
         self.fenced_redis_down = False
         #: The last renewal failed in a way every client sees alike: connection refused (the
@@ -157,13 +158,9 @@ class Heartbeat:
                 # Only this queue's slot refused (moving to another primary). Nothing can take
                 # its jobs meanwhile: its reaper and claims are refused alike (the slot guard).
                 # So the node is not fenced for it; it renews the leases when the move is done.
-                self._slot_refusals[q] = self._slot_refusals.get(q, 0) + 1
-                n = self._slot_refusals[q]
-                if worth_a_line(n):
-                    log.warning("queue %s: lease renewal refused (%d in a row): %s", q, n, res)
+                self.slots.refused(q, res)
                 continue
-            if self._slot_refusals.pop(q, 0):
-                log.info("queue %s: lease renewal recovered", q)
+            self.slots.ok(q)
             owned = set(res.owned)
             # Lost: known before and after the call, yet not owned. A job acked meanwhile has
             # left `known` by the time we look again.

@@ -10,8 +10,8 @@ One process is one node. Inside it:
   pool, at most ``concurrency`` at once, each under its timeout;
 - the **acker** finishes completed jobs in batches: every job that completes while an ack is in
   flight rides the next call, so a busy node pays far less than one round trip per job;
-- the **heartbeat** (its own thread and connection, :mod:`jobq.heartbeat`) renews leases;
-- the **reaper** and **scheduler** loops (:mod:`jobq.reaper`, :mod:`jobq.scheduler`).
+- the **heartbeat** (its own thread and connection, :mod:`jobq.worker.heartbeat`) renews leases;
+- the **reaper** and **scheduler** loops (:mod:`jobq.worker.reaper`, :mod:`jobq.worker.scheduler`).
 
 Prefetch: a slot that frees up starts its next job from a small local buffer of claimed, not yet
 started jobs in the same loop turn, instead of waiting for a claim round trip; the fetcher refills
@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobq import codec, faults
-from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.backoff import Backoff, worth_a_line
 from jobq.errors import (
@@ -68,9 +67,6 @@ from jobq.errors import (
     RedisUnavailable,
     Retry,
 )
-from jobq.heartbeat import BeatResult, Heartbeat
-from jobq.reaper import Reaper, recover_inherited
-from jobq.scheduler import Scheduler
 from jobq.storage import checks, clients
 from jobq.storage.calls import (
     MAX_BATCH,
@@ -82,6 +78,11 @@ from jobq.storage.calls import (
     split_batches,
 )
 from jobq.storage.keys import validate_node, validate_queue
+from jobq.worker import loop as jobq_loop
+from jobq.worker.heartbeat import BeatResult, Heartbeat
+from jobq.worker.reaper import Reaper, recover_inherited
+from jobq.worker.scheduler import Scheduler
+from jobq.worker.slots import SlotBackoff
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
@@ -287,9 +288,9 @@ class Worker:
         self._claim_below = 0
         self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
         #: Acks of queues whose Redis Cluster slot is moving, waiting for their retry (so the
-        #: acks of the other queues are not held up behind them), with each queue's backoff.
+        #: acks of the other queues are not held up behind them); each queue's backoff below.
         self._acks_later: dict[str, list[tuple[_Running, bytes]]] = {}
-        self._ack_backoff: dict[str, Backoff] = {}
+        self._ack_slots = SlotBackoff("ack", logger=log)
         self._ack_event: asyncio.Event | None = None
         self._ack_lock = asyncio.Lock()
         self._next_due_ms: int | None = None
@@ -301,9 +302,9 @@ class Worker:
         self._hard_stop: asyncio.Event | None = None
         self._reap_not_before = 0.0
         self._promoted_at = 0.0
-        #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary):
-        #: queue -> (its backoff, monotonic time before which it is not claimed from again).
-        self._slot_down: dict[str, tuple[Backoff, float]] = {}
+        #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary),
+        #: each left alone for a backoff of its own.
+        self._claim_slots = SlotBackoff("claim", logger=log)
         self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
@@ -647,8 +648,7 @@ class Worker:
             want = free - got
             if want <= 0:
                 break
-            down = self._slot_down.get(q)
-            if down is not None and time.monotonic() < down[1]:
+            if self._claim_slots and self._claim_slots.waiting(q):
                 continue
             visited += 1
             try:
@@ -660,15 +660,10 @@ class Worker:
                     raise  # Redis itself: every queue fails alike
                 # Only this queue's cluster slot (moving to another primary): serve the others,
                 # and try this one again after a backoff of its own.
-                backoff = down[0] if down is not None else Backoff(0.05, 2.0)
-                self._slot_down[q] = (backoff, time.monotonic() + backoff.next())
-                if worth_a_line(backoff.attempts):
-                    log.warning("queue %s: claim refused (%d in a row): %s", q, backoff.attempts, exc)
+                self._claim_slots.refused(q, exc)
                 slot_errors.append(exc)
                 continue
-            if down is not None:
-                del self._slot_down[q]
-                log.warning("queue %s: claims succeed again", q)
+            self._claim_slots.ok(q)
             self.last_ok = time.monotonic()
             self._last_now_ms = res.now_ms
             if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
@@ -1005,8 +1000,7 @@ class Worker:
                     self._forget(run)
                 return
         self.last_ok = time.monotonic()
-        if self._ack_backoff and self._ack_backoff.pop(queue, None) is not None:
-            log.warning("queue %s: acks succeed again", queue)
+        self._ack_slots.ok(queue)
         m = self.metrics
         now = time.monotonic()
         for (run, _), code in zip(items, codes, strict=True):
@@ -1023,10 +1017,7 @@ class Worker:
     def _defer_acks(self, queue: str, items: list[tuple[_Running, bytes]], exc: RedisUnavailable) -> None:
         """Only ``queue``'s cluster slot refused the ack (it is moving to another primary): try
         these again after a backoff of the queue's own, and let the other queues' acks go on."""
-        backoff = self._ack_backoff.setdefault(queue, Backoff(0.05, 2.0))
-        delay = backoff.next()
-        if worth_a_line(backoff.attempts):
-            log.warning("queue %s: ack refused (%d in a row): %s; retrying", queue, backoff.attempts, exc)
+        delay = self._ack_slots.refused(queue, exc, "; retrying")
         waiting = self._acks_later.setdefault(queue, [])
         if not waiting:
             asyncio.get_running_loop().call_later(delay, self._undefer_acks, queue)
@@ -1411,5 +1402,5 @@ def run_worker(
             on_start(worker)
         await worker.run()
 
-    jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
+    jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
     return worker
