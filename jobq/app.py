@@ -182,6 +182,25 @@ class JobQ:
         self.on_enqueued: list[Callable[[str, str, int], None]] = []
 
     # -- connection -----------------------------------------------------------------------------
+    def bind(self, *, url: str | None = None, prefix: str | None = None) -> None:
+        """Point this app at another Redis ``url`` and/or key ``prefix`` (what ``jobq worker
+        --redis-url/--prefix`` do to the app of ``-A``), keeping everything else: its tasks,
+        limits, shards and durable mode (``durable=True`` still waits for a replica)."""
+        if prefix is not None and prefix != self.keys.prefix:
+            if not prefix or any(c in prefix for c in "{} \t\n"):
+                raise errors.InvalidInput(f"prefix: {prefix!r} is not a valid key prefix", "prefix")
+            self.keys = Keys(prefix)
+            self.store = self.store.with_keys(self.keys)
+            self._known_queues.clear()
+        if url is not None and url != self.url:
+            if self.store.wait_replicas:
+                from jobq.storage.clients import is_cluster_url
+
+                if is_cluster_url(url):
+                    raise errors.InvalidInput("durable: not supported on Redis Cluster", "durable")
+            self.close()
+            self.url = url
+
     @property
     def client(self) -> Any:
         """The synchronous redis-py client (created on first use)."""

@@ -15,8 +15,6 @@ from jobq import builtin, errors
 from jobq.app import JobQ
 from jobq.cli.common import Settings, admin_app
 from jobq.storage import clients
-from jobq.storage.calls import Store
-from jobq.storage.keys import Keys
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,11 +68,13 @@ def explicit(ctx: click.Context, sub: str, group: str) -> bool:
 
 def bind(app: JobQ, settings: Settings, ctx: click.Context) -> str:
     """Point the app at the command's Redis URL and prefix when they were given."""
-    if explicit(ctx, "sub_redis_url", "redis_url") or app.url == clients.DEFAULT_URL:
-        app.url = settings.redis_url
-    if explicit(ctx, "sub_prefix", "prefix") and settings.prefix != app.keys.prefix:
-        app.keys = Keys(settings.prefix)
-        app.store = Store(app.keys, app.limits)
+    url = (
+        settings.redis_url
+        if explicit(ctx, "sub_redis_url", "redis_url") or app.url == clients.DEFAULT_URL
+        else None
+    )
+    prefix = settings.prefix if explicit(ctx, "sub_prefix", "prefix") else None
+    app.bind(url=url, prefix=prefix)
     return app.url
 
 

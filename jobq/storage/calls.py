@@ -222,6 +222,12 @@ class Store:
         self.wait_replicas = 0
         self.wait_timeout_ms = 1000
 
+    def with_keys(self, keys: Keys) -> Store:
+        """The same calls under other key names: the limits and the durable mode carry over."""
+        store = Store(keys, self.limits)
+        store.wait_replicas, store.wait_timeout_ms = self.wait_replicas, self.wait_timeout_ms
+        return store
+
     # -- producer -------------------------------------------------------------------------------
     def enqueue(
         self,
