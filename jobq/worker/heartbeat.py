@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobq.app import JobQ
 from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.storage import reads
 from jobq.storage.calls import SyncRunner
+from jobq.worker.context import Context
 from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.heartbeat")
@@ -49,7 +49,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        app: JobQ,
+        app: Context,
         runner: SyncRunner,
         node: str,
         queues: list[str],

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from jobq.app import JobQ
 from jobq.errors import RedisUnavailable
 from jobq.storage import reads
 from jobq.storage.calls import MAX_REAP, AsyncRunner
+from jobq.worker.context import Context
 from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.reaper")
@@ -41,7 +41,7 @@ class Reaper:
 
     def __init__(
         self,
-        app: JobQ,
+        app: Context,
         runner: AsyncRunner,
         queues: list[str],
         *,
@@ -118,7 +118,7 @@ class Reaper:
         return report
 
 
-async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: list[str]) -> int:
+async def recover_inherited(app: Context, runner: AsyncRunner, node: str, queues: list[str]) -> int:
     """At start-up: jobs already in this node's active sets were claimed by an earlier process
     with the same node id that died before finishing them (a crash, then a restart under a fixed
     ``--node-id``). Handle them as a reaped lease would: the attempt stays counted, the job is
