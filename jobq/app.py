@@ -874,9 +874,9 @@ class Job:
         """Cancel the job if it has not started. Raises :class:`jobq.errors.JobNotFound` or
         :class:`jobq.errors.JobNotCancellable` (running or finished)."""
         code = self.app.run(self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms()))
-        if code == -1:
+        if code == errors.ErrorCode.JOB_NOT_FOUND:
             raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
-        if code == -3:
+        if code == errors.ErrorCode.JOB_ACTIVE:
             raise errors.JobNotCancellable(f"job {self.id} is running and cannot be cancelled")
-        if code == -4:
+        if code == errors.ErrorCode.JOB_FINISHED:
             raise errors.JobNotCancellable(f"job {self.id} has already finished")

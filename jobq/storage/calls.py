@@ -268,7 +268,7 @@ class Store:
             )
 
         def parse(raw: Any) -> list[str]:
-            if raw and isinstance(raw[0], int):
+            if raw and isinstance(raw[0], int) and raw[0] == errors.ErrorCode.QUEUE_FULL:
                 raise errors.QueueFull(queue, int(raw[1]), max_depth)
             return [to_str(x) for x in raw]
 
@@ -416,7 +416,12 @@ class Store:
             lim.dead_ttl_ms,
             "" if attempt is None else attempt,
         ]
-        outcomes = {1: "retry", 2: "dead", -2: "lease_lost", -1: "missing"}
+        outcomes = {
+            1: "retry",
+            2: "dead",
+            errors.ErrorCode.LEASE_LOST: "lease_lost",
+            errors.ErrorCode.JOB_NOT_FOUND: "missing",
+        }
         return Call(
             ScriptName.FAIL,
             keys,

@@ -54,12 +54,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobq import codec, faults
+from jobq import _fault_injection as faults
+from jobq import codec
 from jobq.app import JobQ
 from jobq.backoff import Backoff, worth_a_line
 from jobq.errors import (
     DecodeError,
     EncodeError,
+    ErrorCode,
     Fail,
     JobqError,
     JobTimeout,
@@ -674,7 +676,8 @@ class Worker:
                     self.metrics.job_failed(q, "", 0.0, "dead")
             self._dead_trimmed(q, res.dead_trimmed)
             if res.jobs:
-                faults.crash_point("after_claim")
+                if faults.ACTIVE:
+                    faults.crash_point("after_claim")
                 self._take(res.jobs, res.now_ms)
             got += len(res.jobs)
             if res.dead and len(res.jobs) + len(res.dead) >= want:
@@ -726,7 +729,8 @@ class Worker:
 
     async def _execute(self, run: _Running) -> None:
         job = run.job
-        faults.crash_point("mid_execute")
+        if faults.ACTIVE:
+            faults.crash_point("mid_execute")
         try:
             result = await self._invoke(run)
         except asyncio.CancelledError:
@@ -975,13 +979,15 @@ class Worker:
             now_ms=self.app.now_ms(),
         )
         backoff = Backoff(0.05, 2.0)
-        faults.crash_point("before_ack")
+        if faults.ACTIVE:
+            faults.crash_point("before_ack")
         if faults.HOLD:
             await faults.hold_point("before_ack")
         while True:
             try:
                 codes = await self.runner.run(call)
-                faults.crash_point("after_ack_sent")
+                if faults.ACTIVE:
+                    faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
                 if isinstance(exc, RedisUnavailable) and exc.slot and not self._stopping:
@@ -1009,7 +1015,7 @@ class Worker:
                 self.stats["completed"] += 1
                 if m is not None:
                     m.job_completed(queue, run.job.task, now - run.started)
-            elif code == -2:
+            elif code == ErrorCode.LEASE_LOST:
                 self._stale(run)
             else:
                 log.warning("job %s vanished before its ack (deleted by an operator?)", run.job.id)

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.util",
             "jobq.strict_json",
             "jobq.backoff",
-            "jobq.faults",
+            "jobq._fault_injection",
         ),
     ),
     # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks,
