@@ -119,14 +119,14 @@ def test_announcements_reach_a_subscriber_on_any_node(cluster: RedisClusterHarne
 
     async def run() -> list[str]:
         heard = []
-        clients = []
+        subscribers = []
         for n in cluster.nodes:
             c = clients.async_client(f"redis://127.0.0.1:{n.port}/0")
             ps = c.pubsub(ignore_subscribe_messages=True)
             await ps.subscribe(channel)
-            clients.append((f"127.0.0.1:{n.port}", c, ps))
+            subscribers.append((f"127.0.0.1:{n.port}", c, ps))
         await asyncio.to_thread(capp.enqueue, "t", queue=q)
-        for name, c, ps in clients:
+        for name, c, ps in subscribers:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 msg = await ps.get_message(timeout=0.5)
