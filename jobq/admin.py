@@ -15,13 +15,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobq import errors, requests, util
+from jobq import errors, requests
 from jobq.app import JobInfo, JobQ
-from jobq.keys import validate_queue
-from jobq.store import MAX_BATCH, MAX_SCAN
+from jobq.storage import reads
+from jobq.storage.calls import MAX_BATCH, MAX_SCAN
+from jobq.storage.keys import validate_queue
 
 #: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
-PRIO_SPAN = 2**44
+PRIO_SPAN = reads.PRIO_SPAN
 #: Job ids read per priority band when looking for the oldest ready job (see queue_stats).
 OLDEST_SAMPLE = 8
 #: Most queues one stats call reports (the registry could be large; the rest are skipped).
@@ -87,16 +88,12 @@ def server_now_ms(app: JobQ) -> int:
     fake = app.now_ms()
     if fake is not None:
         return fake
-    reply = app.client.time()
-    if isinstance(reply, dict):  # a cluster client may answer per node
-        reply = next(iter(reply.values()))
-    secs, micros = reply
-    return int(secs) * 1000 + int(micros) // 1000
+    return reads.server_time_ms(app.client)
 
 
 def queues(app: JobQ) -> list[str]:
     """Every queue ever enqueued to (the ``jobq:queues`` registry), sorted."""
-    return sorted(util.to_str(q, "replace") for q in app.client.smembers(app.keys.queues))
+    return reads.queues(app.client, app.keys)
 
 
 def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
@@ -109,23 +106,7 @@ def _oldest_ready_ms(app: JobQ, queue: str) -> int | None:
     the first ``OLDEST_SAMPLE`` ids of each band present: one ZRANGE per band present (at most
     201) and one HMGET per sampled id, pipelined. Plain reads only.
     """
-    c, key = app.client, app.keys.ready(queue)
-    heads: list[str] = []
-    start: str | float = "-inf"
-    for _ in range(202):
-        rows = c.zrangebyscore(key, start, "+inf", start=0, num=OLDEST_SAMPLE, withscores=True)
-        if not rows:
-            break
-        band = int(rows[0][1]) // PRIO_SPAN
-        heads.extend(util.to_str(m, "replace") for m, score in rows if int(score) // PRIO_SPAN == band)
-        start = (band + 1) * PRIO_SPAN
-    if not heads:
-        return None
-    pipe = c.pipeline(transaction=False)
-    for job_id in heads:
-        pipe.hget(app.keys.job(queue, job_id), "ready_ms")
-    times = [int(v) for v in pipe.execute() if v is not None]
-    return min(times) if times else None
+    return reads.oldest_ready_ms(app.client, app.keys, queue, OLDEST_SAMPLE)
 
 
 def queue_stats(
@@ -142,20 +123,9 @@ def queue_stats(
     if not qs:
         return []
     now = server_now_ms(app)
-    k = app.keys
-    pipe = app.client.pipeline(transaction=False)
-    for q in qs:
-        pipe.zcard(k.ready(q))
-        pipe.zcard(k.scheduled(q))
-        pipe.zcard(k.leases(q))
-        pipe.zcard(k.dead(q))
-        pipe.zcard(k.finished(q))
-        pipe.exists(k.paused(q))
-        pipe.zcount(k.queue_nodes(q), now - int(node_ttl_s * 1000), "+inf")
-    raw = pipe.execute()
+    depths = reads.queue_depths(app.client, app.keys, qs, live_since_ms=now - int(node_ttl_s * 1000))
     out = []
-    for i, q in enumerate(qs):
-        ready, sched, active, dead, finished, paused, n_nodes = (int(x) for x in raw[i * 7 : i * 7 + 7])
+    for q, (ready, sched, active, dead, finished, paused, n_nodes) in zip(qs, depths, strict=True):
         oldest = _oldest_ready_ms(app, q) if ready else None
         age = 0.0 if oldest is None else max(0, now - oldest) / 1000
         out.append(QueueStats(q, ready, sched, active, dead, finished, bool(paused), n_nodes, age))
@@ -178,29 +148,7 @@ def job_info(app: JobQ, job_id: str, queue: str | None = None, *, with_args: boo
 
 
 def _ids(app: JobQ, queue: str, state: str, limit: int) -> list[str]:
-    k, c = app.keys, app.client
-    if state == "ready":
-        raw = c.zrange(k.ready(queue), 0, limit - 1)
-    elif state == "scheduled":
-        raw = c.zrange(k.scheduled(queue), 0, limit - 1)
-    elif state == "active":
-        raw = c.zrange(k.leases(queue), 0, limit - 1)
-    elif state == "dead":
-        raw = c.zrevrange(k.dead(queue), 0, limit - 1)  # most recent first
-    else:
-        # done and cancelled share the finished ZSET: keep the ones in the state asked for.
-        ids = [util.to_str(x, "replace") for x in c.zrevrange(k.finished(queue), 0, MAX_LIST * 4 - 1)]
-        pipe = c.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(k.job(queue, job_id), "state")
-        states = pipe.execute() if ids else []
-        found = [
-            i
-            for i, st in zip(ids, states, strict=True)
-            if st is not None and util.to_str(st, "replace") == state
-        ]
-        return found[:limit]
-    return [util.to_str(x, "replace") for x in raw]
+    return reads.job_ids(app.client, app.keys, queue, state, limit, scan=MAX_LIST * 4)
 
 
 def list_jobs(
@@ -241,14 +189,8 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
     its hash exists (it expires three leases after its last heartbeat); gone nodes are listed
     only with ``include_gone`` (a clean exit removes the node from the registry)."""
     now = server_now_ms(app)
-    rows = app.client.zrevrange(app.keys.nodes, 0, limit - 1, withscores=True)
-    pipe = app.client.pipeline(transaction=False)
-    for node, _ in rows:
-        pipe.hgetall(app.keys.node(util.to_str(node, "replace")))
-    hashes = pipe.execute() if rows else []
     out = []
-    for (node, score), h in zip(rows, hashes, strict=True):
-        d = {util.to_str(k, "replace"): util.to_str(v, "replace") for k, v in h.items()}
+    for node, score, d in reads.nodes(app.client, app.keys, limit):
         if not d and not include_gone:
             continue
 
@@ -258,10 +200,10 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
 
         out.append(
             NodeInfo(
-                node=util.to_str(node, "replace"),
+                node=node,
                 live=bool(d),
-                heartbeat_ms=int(score),
-                heartbeat_age_s=max(0, now - int(score)) / 1000,
+                heartbeat_ms=score,
+                heartbeat_age_s=max(0, now - score) / 1000,
                 queues=[q for q in d.get("queues", "").split(",") if q],
                 host=d.get("host"),
                 pid=num("pid"),
@@ -277,7 +219,7 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
 def live_node_count(app: JobQ, *, node_ttl_s: float = 60.0) -> int:
     """Nodes whose last heartbeat is within ``node_ttl_s`` (one ZCOUNT)."""
     now = server_now_ms(app)
-    return int(app.client.zcount(app.keys.nodes, now - int(node_ttl_s * 1000), "+inf"))
+    return reads.live_node_count(app.client, app.keys, now - int(node_ttl_s * 1000))
 
 
 # -- repair -----------------------------------------------------------------------------------------
@@ -285,11 +227,7 @@ def known_queue(app: JobQ, queue: str) -> bool:
     """Is ``queue`` one jobq knows: in the registry (something was enqueued to it, or a cron
     entry fired into it), served by a node, or paused? Plain reads."""
     q = validate_queue(queue)
-    pipe = app.client.pipeline(transaction=False)
-    pipe.sismember(app.keys.queues, q)
-    pipe.exists(app.keys.queue_nodes(q), app.keys.paused(q))
-    registered, present = pipe.execute()
-    return bool(registered) or bool(present)
+    return reads.known_queue(app.client, app.keys, q)
 
 
 def _unknown(app: JobQ, queue: str, verb: str) -> errors.UnknownQueue:
@@ -319,10 +257,7 @@ def pause(app: JobQ, queue: str, *, create: bool = False) -> bool:
     q = validate_queue(queue)
     if not create and not known_queue(app, q):
         raise _unknown(app, q, "pause")
-    changed = bool(app.client.set(app.keys.paused(q), "1", nx=True))
-    if create:
-        app.client.sadd(app.keys.queues, q)
-    return changed
+    return reads.pause(app.client, app.keys, q, register=create)
 
 
 def resume(app: JobQ, queue: str, *, create: bool = False) -> bool:
@@ -332,7 +267,7 @@ def resume(app: JobQ, queue: str, *, create: bool = False) -> bool:
     q = validate_queue(queue)
     if not create and not known_queue(app, q):
         raise _unknown(app, q, "resume")
-    return bool(app.client.delete(app.keys.paused(q)))
+    return reads.resume(app.client, app.keys, q)
 
 
 def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled")) -> dict[str, int]:

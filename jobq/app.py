@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from jobq import codec, errors
 from jobq.clock import Clock, SystemClock
-from jobq.connection import default_url, sync_client
-from jobq.keys import Keys, validate_queue, validate_task_name
 from jobq.requests import MAX_TIME_MS as MAX_TIME_MS
 from jobq.requests import OPTION_NAMES as OPTION_NAMES
 from jobq.requests import PY_OPTION_NAMES as PY_OPTION_NAMES
@@ -30,7 +28,8 @@ from jobq.requests import (
     validate_max_attempts,
     validate_priority,
 )
-from jobq.store import (
+from jobq.storage import reads
+from jobq.storage.calls import (
     Call,
     JobSpec,
     Limits,
@@ -38,6 +37,8 @@ from jobq.store import (
     SyncRunner,
     split_batches,
 )
+from jobq.storage.clients import default_url, sync_client
+from jobq.storage.keys import Keys, validate_queue, validate_task_name
 
 if TYPE_CHECKING:
     from jobq.cron import CronEntry
@@ -169,7 +170,7 @@ class JobQ:
         self.validate_enqueue_queue(self.defaults.queue)
         self._rotation = 0
         if durable:
-            from jobq.connection import is_cluster_url
+            from jobq.storage.clients import is_cluster_url
 
             if is_cluster_url(self.url):
                 raise errors.InvalidInput("durable: not supported on Redis Cluster", "durable")
@@ -181,6 +182,25 @@ class JobQ:
         self.on_enqueued: list[Callable[[str, str, int], None]] = []
 
     # -- connection -----------------------------------------------------------------------------
+    def bind(self, *, url: str | None = None, prefix: str | None = None) -> None:
+        """Point this app at another Redis ``url`` and/or key ``prefix`` (what ``jobq worker
+        --redis-url/--prefix`` do to the app of ``-A``), keeping everything else: its tasks,
+        limits, shards and durable mode (``durable=True`` still waits for a replica)."""
+        if prefix is not None and prefix != self.keys.prefix:
+            if not prefix or any(c in prefix for c in "{} \t\n"):
+                raise errors.InvalidInput(f"prefix: {prefix!r} is not a valid key prefix", "prefix")
+            self.keys = Keys(prefix)
+            self.store = self.store.with_keys(self.keys)
+            self._known_queues.clear()
+        if url is not None and url != self.url:
+            if self.store.wait_replicas:
+                from jobq.storage.clients import is_cluster_url
+
+                if is_cluster_url(url):
+                    raise errors.InvalidInput("durable: not supported on Redis Cluster", "durable")
+            self.close()
+            self.url = url
+
     @property
     def client(self) -> Any:
         """The synchronous redis-py client (created on first use)."""
@@ -195,7 +215,7 @@ class JobQ:
         return self._runner
 
     def run(self, call: Call[T]) -> T:
-        """Run one script call (see :mod:`jobq.store`)."""
+        """Run one script call (see :mod:`jobq.storage.calls`)."""
         return self.runner.run(call)
 
     def close(self) -> None:
@@ -416,9 +436,9 @@ class JobQ:
     def _register_queue(self, queue: str) -> None:
         if queue not in self._known_queues:
             try:
-                self.client.sadd(self.keys.queues, queue)
+                reads.register_queue(self.client, self.keys, queue)
             except Exception as exc:
-                from jobq.store import map_error
+                from jobq.storage.calls import map_error
 
                 raise map_error(exc, "register queue", queue) from None
             self._known_queues.add(queue)
@@ -549,18 +569,7 @@ class JobQ:
         return Job(self, job_id, found)
 
     def find_job_queue(self, job_id: str) -> str | None:
-        queues = sorted(q.decode() for q in self.client.smembers(self.keys.queues))
-        found: str | None = None
-        if not queues:
-            return None
-        pipe = self.client.pipeline(transaction=False)
-        for q in queues:
-            pipe.exists(self.keys.job(q, job_id))
-        for q, hit in zip(queues, pipe.execute(), strict=True):
-            if hit:
-                found = q
-                break
-        return found
+        return reads.job_queue(self.client, self.keys, job_id, reads.queues(self.client, self.keys))
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -787,13 +796,13 @@ class Job:
 
     def status(self) -> JobState:
         """Where the job is now (``UNKNOWN`` once it is gone after its retention time)."""
-        state = self.app.client.hget(self.key, "state")
+        (state,) = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, ("state",))
         return JobState.UNKNOWN if state is None else JobState(state.decode())
 
     def info(self, *, with_args: bool = True) -> JobInfo:
         """Everything stored about the job."""
         fields = (*_INFO_FIELDS, "payload", "result")
-        raw = self.app.client.hmget(self.key, fields)
+        raw = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, fields)
         v = dict(zip(fields, raw, strict=True))
         if v["state"] is None:
             return JobInfo(self.id, self.queue, JobState.UNKNOWN)
@@ -841,7 +850,9 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = 0.005
         while True:
-            state, result, error = self.app.client.hmget(self.key, ("state", "result", "error"))
+            state, result, error = reads.job_fields(
+                self.app.client, self.app.keys, self.queue, self.id, ("state", "result", "error")
+            )
             if state is None:
                 raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
             st = state.decode()
@@ -863,9 +874,9 @@ class Job:
         """Cancel the job if it has not started. Raises :class:`jobq.errors.JobNotFound` or
         :class:`jobq.errors.JobNotCancellable` (running or finished)."""
         code = self.app.run(self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms()))
-        if code == -1:
+        if code == errors.ErrorCode.JOB_NOT_FOUND:
             raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
-        if code == -3:
+        if code == errors.ErrorCode.JOB_ACTIVE:
             raise errors.JobNotCancellable(f"job {self.id} is running and cannot be cancelled")
-        if code == -4:
+        if code == errors.ErrorCode.JOB_FINISHED:
             raise errors.JobNotCancellable(f"job {self.id} has already finished")

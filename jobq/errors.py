@@ -22,6 +22,8 @@ class ErrorCode(IntEnum):
     JOB_ACTIVE = -3
     #: The job already finished (cancel refused).
     JOB_FINISHED = -4
+    #: The queue is at its ``max_depth`` (enqueue refused; the reply is ``{-5, depth}``).
+    QUEUE_FULL = -5
 
 
 class JobqError(Exception):

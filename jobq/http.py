@@ -39,9 +39,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from jobq import admin, connection, errors, requests, strict_json
+from jobq import admin, errors, requests, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
+from jobq.storage import clients, reads
 
 log = logging.getLogger("jobq.http")
 
@@ -91,7 +92,7 @@ class ApiServer:
         self.max_body = max_body
         self.metrics = metrics if metrics is not None else Metrics(app, node="http")
         # A separate client for /health: short timeouts and no retries, so a probe answers fast.
-        self.health_client = connection.sync_client(
+        self.health_client = clients.sync_client(
             app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
         )
         handler = type("Handler", (_ApiHandler,), {"api": self, "timeout": request_timeout})
@@ -131,11 +132,10 @@ class ApiServer:
     # -- routes -----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
         try:
-            secs, _ = self.health_client.time()
-            self.health_client.exists(self.app.keys.epoch)
+            secs = reads.health(self.health_client, self.app.keys)
         except Exception as exc:
-            return False, f"Redis unavailable: {connection.redact(str(exc))}"
-        return True, f"ok (Redis time {int(secs)})"
+            return False, f"Redis unavailable: {clients.redact(str(exc))}"
+        return True, f"ok (Redis time {secs})"
 
     def post_jobs(self, body: Any) -> tuple[int, dict[str, Any]]:
         if isinstance(body, list):
@@ -284,7 +284,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             redis.exceptions.TimeoutError,
         ) as exc:
             status = 503
-            self._json(503, {"error": connection.redact(str(exc))}, Retry_After=str(RETRY_AFTER))
+            self._json(503, {"error": clients.redact(str(exc))}, Retry_After=str(RETRY_AFTER))
         except Exception as exc:
             status = 500
             log.exception("%s %s failed", method, path)

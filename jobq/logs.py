@@ -30,7 +30,7 @@ import time
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-from jobq.connection import redact as redact_urls
+from jobq.storage.clients import redact as redact_urls
 
 #: The ``extra=`` fields both formats show, in this order.
 JOB_FIELDS = ("job_id", "task", "queue", "attempt", "error", "node", "outcome", "delay_s")

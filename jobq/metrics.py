@@ -275,10 +275,6 @@ class Metrics:
         if n > 0:
             self.dead_trimmed.labels(self._queue(queue)).inc(n)
 
-    def set_node_gauges(self, inflight: int, busy: int) -> None:
-        self.inflight.set(inflight)
-        self.busy.set(busy)
-
     def redis_epoch_changed(self) -> None:
         self.epoch_changes.inc()
 

@@ -5,8 +5,8 @@ Text from the CLI and JSON from HTTP or NDJSON become a request through
 :func:`request_from_json` (times as ISO 8601, durations as ``"30s"``), which goes through
 :func:`request_from_mapping` (field names), as Python mappings do. :meth:`jobq.JobQ.prepare`
 then resolves the task's defaults and calls :func:`to_spec`, which validates each option and
-the arguments and builds the :class:`jobq.store.JobSpec` the enqueue script takes. Names are
-checked by the rules in :mod:`jobq.keys` (re-exported here), payloads encoded by
+the arguments and builds the :class:`jobq.storage.calls.JobSpec` the enqueue script takes. Names are
+checked by the rules in :mod:`jobq.storage.keys` (re-exported here), payloads encoded by
 :mod:`jobq.codec`. Nothing here does I/O.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 from jobq import codec, errors
 from jobq.cron import parse_duration
-from jobq.keys import validate_node as validate_node
-from jobq.keys import validate_queue as validate_queue
-from jobq.keys import validate_task_name as validate_task_name
-from jobq.store import MAX_PRIORITY, MIN_PRIORITY, JobSpec
+from jobq.storage.calls import MAX_PRIORITY, MIN_PRIORITY, JobSpec
+from jobq.storage.keys import validate_node as validate_node
+from jobq.storage.keys import validate_queue as validate_queue
+from jobq.storage.keys import validate_task_name as validate_task_name
 
 #: Largest time in ms that Lua handles exactly (2^53 - 1).
 MAX_TIME_MS = 2**53 - 1

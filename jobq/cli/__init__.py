@@ -16,7 +16,7 @@ import click
 
 from jobq.cli import dead, enqueue, jobs, nodes, queue, serve, stats, tasks, worker
 from jobq.cli.common import Settings
-from jobq.connection import default_url
+from jobq.storage.clients import default_url
 
 __all__ = ["main"]
 

@@ -11,11 +11,10 @@ from typing import Any, TypeVar
 
 import click
 
-from jobq import builtin, connection, errors
+from jobq import builtin, errors
 from jobq.app import JobQ
 from jobq.cli.common import Settings, admin_app
-from jobq.keys import Keys
-from jobq.store import Store
+from jobq.storage import clients
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,7 +30,7 @@ def load_app(spec: str) -> JobQ:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(
-            f"cannot import {module_name!r}: {connection.redact(str(exc))}", param_hint="'-A'"
+            f"cannot import {module_name!r}: {clients.redact(str(exc))}", param_hint="'-A'"
         ) from None
     if attr:
         obj: Any = module
@@ -69,11 +68,13 @@ def explicit(ctx: click.Context, sub: str, group: str) -> bool:
 
 def bind(app: JobQ, settings: Settings, ctx: click.Context) -> str:
     """Point the app at the command's Redis URL and prefix when they were given."""
-    if explicit(ctx, "sub_redis_url", "redis_url") or app.url == connection.DEFAULT_URL:
-        app.url = settings.redis_url
-    if explicit(ctx, "sub_prefix", "prefix") and settings.prefix != app.keys.prefix:
-        app.keys = Keys(settings.prefix)
-        app.store = Store(app.keys, app.limits)
+    url = (
+        settings.redis_url
+        if explicit(ctx, "sub_redis_url", "redis_url") or app.url == clients.DEFAULT_URL
+        else None
+    )
+    prefix = settings.prefix if explicit(ctx, "sub_prefix", "prefix") else None
+    app.bind(url=url, prefix=prefix)
     return app.url
 
 

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import click
 
-from jobq import admin, builtin, connection, errors
+from jobq import admin, builtin, errors
 from jobq.app import JobQ
-from jobq.connection import default_url
+from jobq.storage import clients
+from jobq.storage.clients import default_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,14 +79,14 @@ def cli_errors() -> Iterator[None]:
     except (errors.JobNotFound, errors.JobNotCancellable, errors.QueueFull) as exc:
         raise click.ClickException(str(exc)) from None
     except errors.JobqError as exc:
-        raise click.ClickException(connection.redact(str(exc))) from None
+        raise click.ClickException(clients.redact(str(exc))) from None
     except (ConnectionError, TimeoutError, OSError) as exc:
-        raise click.ClickException(f"Redis unavailable: {connection.redact(str(exc))}") from None
+        raise click.ClickException(f"Redis unavailable: {clients.redact(str(exc))}") from None
     except Exception as exc:
         import redis
 
         if isinstance(exc, redis.exceptions.RedisError):
-            raise click.ClickException(f"Redis error: {connection.redact(str(exc))}") from None
+            raise click.ClickException(f"Redis error: {clients.redact(str(exc))}") from None
         raise
 
 

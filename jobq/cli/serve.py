@@ -6,9 +6,10 @@ from typing import Any
 
 import click
 
-from jobq import builtin, connection
+from jobq import builtin
 from jobq.app import JobQ
 from jobq.cli.common import Settings, connection_options
+from jobq.storage import clients
 
 
 def _max_depth(values: tuple[str, ...]) -> int | dict[str, int]:
@@ -84,7 +85,7 @@ def serve(
         "jobq HTTP API on http://%s:%d (redis %s%s)",
         host,
         server.port,
-        connection.redact_url(app.url),
+        clients.redact_url(app.url),
         ", token required" if token else "",
     )
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import click
 
-from jobq import connection
-from jobq import loop as jobq_loop
 from jobq.app import JobQ
 from jobq.cli.apps import bind, explicit, load_app
 from jobq.cli.common import Settings, connection_options
 from jobq.cron import parse_duration
 from jobq.errors import InvalidInput, JobqError
-from jobq.keys import validate_node, validate_queue
+from jobq.storage import clients
+from jobq.storage.keys import validate_node, validate_queue
 from jobq.worker import MAX_CONCURRENCY, Worker, WorkerConfig
+from jobq.worker import loop as jobq_loop
 
 log = logging.getLogger("jobq.cli")
 
@@ -230,7 +230,7 @@ def worker(
     from jobq import builtin, logs
 
     logs.configure(log_format, log_level.upper())
-    if connection.redact_url(settings.redis_url) != settings.redis_url and explicit(
+    if clients.redact_url(settings.redis_url) != settings.redis_url and explicit(
         ctx, "sub_redis_url", "redis_url"
     ):
         src = ctx.get_parameter_source("sub_redis_url")
@@ -309,9 +309,9 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
         await node.run()
 
     try:
-        jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
+        jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
     except JobqError as exc:  # fatal at startup: wrong password, missing permission, old Redis
-        log.error("worker node %s cannot run: %s", node.node, connection.redact(str(exc)))
+        log.error("worker node %s cannot run: %s", node.node, clients.redact(str(exc)))
         return 1
     finally:
         if server is not None:

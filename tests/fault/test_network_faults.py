@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from jobq import JobQ, RedisUnavailable
-from jobq.connection import sync_client
-from jobq.scripts import ScriptName, source
-from jobq.store import MAX_BATCH, SyncRunner
+from jobq.storage.calls import MAX_BATCH, SyncRunner
+from jobq.storage.clients import sync_client
+from jobq.storage.scripts import ScriptName, source
 from tests.harness import proxy_fixtures
 from tests.harness.proxy_fixtures import wait_for
 from tests.harness.redis_server import RedisServer
@@ -369,7 +369,7 @@ def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServe
     retrying its timeout several times over."""
     import asyncio
 
-    from jobq.connection import async_client
+    from jobq.storage.clients import async_client
 
     proxy = chaos_proxy(redis_server)
     url = proxy.url(redis_server.url) + "?socket_timeout=1"
@@ -393,7 +393,7 @@ def test_f6_redis_calls_never_block_past_socket_timeout(redis_server: RedisServe
         durations.append(time.monotonic() - t0)
 
     async def async_calls() -> list[float]:
-        from jobq.store import AsyncRunner
+        from jobq.storage.calls import AsyncRunner
 
         proxy.heal()
         client = async_client(url)

@@ -23,7 +23,7 @@ import redis
 
 import jobq
 from jobq import JobQ
-from jobq.faults import CRASH_EXIT_CODE
+from jobq._fault_injection import CRASH_EXIT_CODE
 from tests.fault.conftest import tier
 from tests.harness.checker import Snapshot, assert_invariants, check, wait_drained
 from tests.harness.fleet import Node, WorkerFleet

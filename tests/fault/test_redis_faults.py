@@ -688,7 +688,19 @@ def test_f9_lease_and_schedule_paths_never_read_the_node_clock() -> None:
     """Static: shared time (leases, run times, deadlines, cron ticks) comes from Redis TIME or a
     test clock's now_ms; the modules on those paths never read the wall clock."""
     root = Path(__file__).resolve().parents[2] / "jobq"
-    paths = ["app", "clock", "cron", "heartbeat", "reaper", "scheduler", "store", "worker", "keys"]
+    paths = [
+        "app",
+        "clock",
+        "cron",
+        "worker/heartbeat",
+        "worker/reaper",
+        "worker/scheduler",
+        "worker/node",
+        "worker/slots",
+        "storage/calls",
+        "storage/reads",
+        "storage/keys",
+    ]
     pattern = re.compile(r"\btime\.time(_ns)?\(|datetime\.(now|utcnow|today)\(|\bdate\.today\(")
     hits = [
         f"{name}.py:{i}: {line.strip()}"

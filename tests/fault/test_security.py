@@ -23,7 +23,7 @@ import pytest
 import jobq
 from jobq import codec
 from jobq.errors import DecodeError
-from jobq.scripts import lua_dir
+from jobq.storage.scripts import lua_dir
 from tests.harness.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def test_sec6_lua_scripts_are_static_files() -> None:
             for m in re.finditer(pat, text):
                 bad.append(f"{path.name}:{text[: m.start()].count(chr(10)) + 1} {m.group(0)}")
     assert bad == []
-    # Python side: every script body comes from a file through jobq.scripts.source(); nothing
+    # Python side: every script body comes from a file through jobq.storage.scripts.source(); nothing
     # builds a script from strings or sends EVAL with an inline body.
     for path in _py_files():
         tree = ast.parse(path.read_text(encoding="utf-8"))

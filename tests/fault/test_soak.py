@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from jobq import JobQ
-from jobq.scripts import ScriptName, source
+from jobq.storage.scripts import ScriptName, source
 from tests.fault.conftest import NIGHTLY, tier
 from tests.harness.checker import Snapshot, assert_invariants, check, wait_drained
 from tests.harness.history import History, Producer

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobq.connection import sync_client
+from jobq.storage.clients import sync_client
 from tests.harness.history import History
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from jobq.keys import Keys
+from jobq.storage.keys import Keys
 
 
 def snapshot(r: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:

@@ -12,9 +12,9 @@ import redis
 
 from jobq import JobQ
 from jobq.cli import main
-from jobq.heartbeat import Heartbeat
-from jobq.store import SyncRunner
+from jobq.storage.calls import SyncRunner
 from jobq.worker import Worker, WorkerConfig
+from jobq.worker.heartbeat import Heartbeat
 from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]

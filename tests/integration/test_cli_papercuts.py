@@ -90,9 +90,9 @@ def test_pause_names_the_shards_of_a_sharded_queue(redis_url: str) -> None:
 def test_a_queue_fed_only_by_cron_is_listed(redis_url: str) -> None:
     import asyncio
 
-    from jobq.connection import async_client
-    from jobq.scheduler import Scheduler
-    from jobq.store import AsyncRunner
+    from jobq.storage.calls import AsyncRunner
+    from jobq.storage.clients import async_client
+    from jobq.worker.scheduler import Scheduler
 
     app = JobQ(redis_url, clock=FakeClock(T0))
 

@@ -10,9 +10,9 @@ import pytest
 import redis
 
 import jobq
-from jobq.connection import async_client
-from jobq.reaper import recover_inherited
-from jobq.store import AsyncRunner
+from jobq.storage.calls import AsyncRunner
+from jobq.storage.clients import async_client
+from jobq.worker.reaper import recover_inherited
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jobq
-from jobq.scripts import ScriptName, source
-from jobq.store import MAX_BATCH, MAX_CLAIM_PROMOTE, MAX_EXTEND, MAX_REAP, MAX_SCAN, Call
+from jobq.storage.calls import MAX_BATCH, MAX_CLAIM_PROMOTE, MAX_EXTEND, MAX_REAP, MAX_SCAN, Call
+from jobq.storage.scripts import ScriptName, source
 from tests.integration.core_support import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.integration

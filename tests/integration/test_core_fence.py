@@ -20,7 +20,7 @@ Q = "fence"
 LEASE_MS = 1_000
 
 
-def claim_one(app: jobq.JobQ, node: str) -> jobq.store.ClaimedJob:
+def claim_one(app: jobq.JobQ, node: str) -> jobq.storage.calls.ClaimedJob:
     res = app.run(app.store.claim(Q, node, 1, LEASE_MS, now_ms=app.now_ms()))
     assert len(res.jobs) == 1
     return res.jobs[0]
@@ -184,10 +184,10 @@ def test_the_reaper_logs_and_reports_dead_letters_trimmed_by_count(
     and logs one line for the pass; the worker counts them in jobq_dead_trimmed_total."""
     import asyncio
 
-    from jobq.connection import async_client
     from jobq.metrics import Metrics
-    from jobq.reaper import Reaper
-    from jobq.store import AsyncRunner
+    from jobq.storage.calls import AsyncRunner
+    from jobq.storage.clients import async_client
+    from jobq.worker.reaper import Reaper
 
     big = jobq.JobQ(redis_url, dead_max=10)
     small = jobq.JobQ(redis_url, dead_max=1)

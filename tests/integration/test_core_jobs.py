@@ -249,7 +249,7 @@ def test_enqueue_many_is_one_script_call_per_max_batch_in_one_round_trip(
     jobs = fapp.enqueue_many(jobq.EnqueueRequest("t", (i,), queue=Q) for i in range(2_500))
     monkeypatch.undo()
     assert len(jobs) == 2_500
-    assert _eval_calls(r) == -(-2_500 // jobq.store.MAX_BATCH)  # 500 jobs per call
+    assert _eval_calls(r) == -(-2_500 // jobq.storage.calls.MAX_BATCH)  # 500 jobs per call
     assert round_trips == 1
     # After SCRIPT FLUSH the pipelined EVALSHAs get NOSCRIPT and are sent again: nothing lost.
     r.script_flush()

@@ -12,7 +12,7 @@ import redis
 
 import jobq
 from jobq.app import MAX_TIME_MS
-from jobq.store import MAX_PRIORITY, MIN_PRIORITY
+from jobq.storage.calls import MAX_PRIORITY, MIN_PRIORITY
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def fapp(redis_url: str) -> Iterator[jobq.JobQ]:
 def claim_all(app: jobq.JobQ, node: str = "n1") -> list[str]:
     out: list[str] = []
     while True:
-        res = app.run(app.store.claim(Q, node, jobq.store.MAX_BATCH, 30_000, now_ms=app.now_ms()))
+        res = app.run(app.store.claim(Q, node, jobq.storage.calls.MAX_BATCH, 30_000, now_ms=app.now_ms()))
         if not res.jobs:
             return out
         out += [j.id for j in res.jobs]

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 import jobq
-from jobq.scripts import ScriptName, source
+from jobq.storage.scripts import ScriptName, source
 from tests.integration.conftest import T0
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 Q = "perf"
 
 
-def claim(app: jobq.JobQ, node: str = "n1", n: int = 1) -> list[jobq.store.ClaimedJob]:
+def claim(app: jobq.JobQ, node: str = "n1", n: int = 1) -> list[jobq.storage.calls.ClaimedJob]:
     return app.run(app.store.claim(Q, node, n, 10_000, now_ms=app.now_ms())).jobs
 
 
@@ -214,7 +214,7 @@ def test_released_job_goes_back_to_its_old_place(fapp: jobq.JobQ, r: redis.Redis
 # -- canonical integers ------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["007", "-0", "00"])
 def test_non_canonical_integers_are_refused(fapp: jobq.JobQ, r: redis.Redis, bad: str) -> None:
-    call = fapp.store.enqueue(Q, [jobq.store.JobSpec("j1", "t", b"\x92\x90\x80")], now_ms=T0)
+    call = fapp.store.enqueue(Q, [jobq.storage.calls.JobSpec("j1", "t", b"\x92\x90\x80")], now_ms=T0)
     call.args[9] = bad  # the job's priority
     with pytest.raises(jobq.errors.InvalidPriority):
         fapp.run(call)

@@ -32,9 +32,9 @@ def test_reap_moves_exactly_the_expired_jobs(fapp: jobq.JobQ, clock: jobq.FakeCl
     clock.advance(0.5)
     assert claim(fapp, "n2", 10, 1_000) == later
     clock.advance(0.5)  # n1's leases end now: not yet expired
-    assert fapp.run(fapp.store.reap(Q, node_ttl_ms=60_000, now_ms=fapp.now_ms())) == jobq.store.ReapResult(
-        [], []
-    )
+    assert fapp.run(
+        fapp.store.reap(Q, node_ttl_ms=60_000, now_ms=fapp.now_ms())
+    ) == jobq.storage.calls.ReapResult([], [])
     clock.advance(0.001)
     res = fapp.run(fapp.store.reap(Q, node_ttl_ms=60_000, now_ms=fapp.now_ms()))
     assert sorted(res.requeued) == sorted(retry)
@@ -52,9 +52,9 @@ def test_reap_moves_exactly_the_expired_jobs(fapp: jobq.JobQ, clock: jobq.FakeCl
         assert info.state is jobq.JobState.DEAD
         assert info.error is not None and info.error.startswith("lease_expired")
     # Nothing more to reap; a second pass changes nothing.
-    assert fapp.run(fapp.store.reap(Q, node_ttl_ms=60_000, now_ms=fapp.now_ms())) == jobq.store.ReapResult(
-        [], []
-    )
+    assert fapp.run(
+        fapp.store.reap(Q, node_ttl_ms=60_000, now_ms=fapp.now_ms())
+    ) == jobq.storage.calls.ReapResult([], [])
 
 
 def test_exhausted_after_failures_goes_dead_with_its_last_error(
@@ -158,7 +158,7 @@ def test_100000_finished_jobs_leave_no_keys_after_their_retention(redis_url: str
             app.enqueue_many(jobq.EnqueueRequest("t", queue=Q) for _ in range(1_000))
         done = 0
         while True:
-            res = app.run(app.store.claim(Q, "n1", jobq.store.MAX_BATCH, 60_000))
+            res = app.run(app.store.claim(Q, "n1", jobq.storage.calls.MAX_BATCH, 60_000))
             if not res.jobs:
                 break
             codes = app.run(app.store.ack(Q, "n1", [(j.id, b"\x01") for j in res.jobs]))

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 import jobq
-from jobq.store import MAX_BATCH, JobSpec
+from jobq.storage.calls import MAX_BATCH, JobSpec
 from tests.integration.conftest import T0
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.integration
 
 Q = "reuse"
 ID = "order-42"
-DEAD_TTL_S = jobq.store.Limits().dead_ttl_ms / 1000
+DEAD_TTL_S = jobq.storage.calls.Limits().dead_ttl_ms / 1000
 
 
-def claim(app: jobq.JobQ, node: str = "n1", n: int = 10) -> list[jobq.store.ClaimedJob]:
+def claim(app: jobq.JobQ, node: str = "n1", n: int = 10) -> list[jobq.storage.calls.ClaimedJob]:
     res = app.run(app.store.claim(Q, node, n, 30_000, now_ms=app.now_ms()))
     assert res.dead == []
     return res.jobs
@@ -58,7 +58,7 @@ def test_count_trim_keeps_the_new_job_with_a_reused_id(
     dead_then_expired(fapp, r)
     fapp.enqueue("t", [2], queue=Q, job_id=ID)
     # dead_max = 1: the next death trims the oldest entry, order-42's old one.
-    fapp.store.limits = jobq.store.Limits(dead_max=1)
+    fapp.store.limits = jobq.storage.calls.Limits(dead_max=1)
     clock.advance(1)
     other = fapp.enqueue("t", queue=Q, max_attempts=1, priority=1)
     assert [j.id for j in claim(fapp, n=1)] == [other.id]  # priority 1 first

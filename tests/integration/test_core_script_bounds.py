@@ -1,7 +1,7 @@
 """Every script stays bounded at the largest input it accepts (issue 16, item 6; DESIGN §3: "every
 script does bounded work at the largest input it accepts (<= 10 ms of Redis time)").
 
-Each case drives one script at its maximum batch (the bounds in jobq/store.py, which the scripts
+Each case drives one script at its maximum batch (the bounds in jobq/storage/calls.py, which the scripts
 enforce) against its worst data shape, and reads the script's own duration from Redis's SLOWLOG
 (threshold 0): Redis-side time, not wall clock. The target is 10 ms on an idle machine; the test
 asserts 25 ms, the best of three runs, so that a CI machine shared with other work does not fail it
@@ -19,7 +19,7 @@ import pytest
 import redis
 
 import jobq
-from jobq.store import (
+from jobq.storage.calls import (
     MAX_BATCH,
     MAX_BATCH_BYTES,
     MAX_CLAIM_PROMOTE,
@@ -116,7 +116,7 @@ def claim_with_promotions(b: Bench) -> Call[Any]:
     b.claim("n1", 3 * MAX_BATCH)  # a long active set already
     b.seed(MAX_CLAIM_PROMOTE, "s", delay_ms=1)
     b.clock.advance(0.002)
-    b.st.limits = jobq.store.Limits(promote_limit=MAX_CLAIM_PROMOTE)
+    b.st.limits = jobq.storage.calls.Limits(promote_limit=MAX_CLAIM_PROMOTE)
     return b.st.claim(Q, "n1", MAX_BATCH, LEASE_MS, now_ms=b.now())
 
 
@@ -135,7 +135,7 @@ def ack_over_a_lowered_result_max(b: Bench) -> Call[Any]:
     pipe.execute()
     ids = b.seed(4 * MAX_BATCH)
     held = b.claim("n1", len(ids))
-    b.st.limits = jobq.store.Limits(finished_max=100)
+    b.st.limits = jobq.storage.calls.Limits(finished_max=100)
     return b.st.ack(Q, "n1", [(i, b"r" * 50) for i in held[-MAX_BATCH:]], now_ms=b.now())
 
 
@@ -144,7 +144,7 @@ def fail_into_dead_backlog(b: Bench) -> Call[Any]:
     b.dead_backlog(20_000, T0 - 1)
     b.seed(1, "f", max_attempts=1)
     (jid,) = b.claim("n1", 1)
-    b.st.limits = jobq.store.Limits(dead_max=100)
+    b.st.limits = jobq.storage.calls.Limits(dead_max=100)
     return b.st.fail(Q, "n1", jid, "boom", dead=True, now_ms=b.now())
 
 
@@ -195,7 +195,7 @@ def reap_silent_node_without_leases(b: Bench) -> Call[Any]:
 
 def reap_dead_backlog(b: Bench) -> Call[Any]:
     # A long-lived queue's dead letters all past their age bound at once.
-    b.dead_backlog(20_000, T0 - jobq.store.Limits().dead_ttl_ms - 1)
+    b.dead_backlog(20_000, T0 - jobq.storage.calls.Limits().dead_ttl_ms - 1)
     return b.st.reap(Q, node_ttl_ms=600_000, limit=MAX_REAP, now_ms=b.now())
 
 
@@ -274,10 +274,10 @@ def test_script_is_bounded_at_its_maximum(bench: Bench, case: str) -> None:
     for _ in range(RUNS):
         bench.r.flushall()
         bench.clock.set_ms(T0)
-        bench.st.limits = jobq.store.Limits()
+        bench.st.limits = jobq.storage.calls.Limits()
         call = CASES[case](bench)
         runs.append(bench.redis_us(call))
-    bench.st.limits = jobq.store.Limits()
+    bench.st.limits = jobq.storage.calls.Limits()
     print(f"\n{case}: {min(runs)} µs best of {RUNS} (all: {runs})")
     assert min(runs) <= BOUND_US, f"{case}: {min(runs)} µs of Redis time (bound {BOUND_US} µs)"
 
@@ -290,7 +290,7 @@ def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
     big = [JobSpec(f"big{i}", "t", bytes([i]) * BIG) for i in range(PER_CALL + 1)]
     with pytest.raises(ValueError, match="payload bytes"):
         st.enqueue(Q, big)
-    raw = bench.r.register_script(jobq.scripts.source(jobq.scripts.ScriptName.ENQUEUE))
+    raw = bench.r.register_script(jobq.storage.scripts.source(jobq.storage.scripts.ScriptName.ENQUEUE))
     call = st.enqueue(Q, big[:1])
     args = list(call.args)
     args[5] = len(big)
@@ -318,7 +318,7 @@ def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
     with pytest.raises(jobq.errors.ScriptError, match="results over 2 MiB"):
         app.run(st.ack(Q, "n1", [*items, (res.jobs[0].id, b"r" * BIG)], now_ms=bench.now()))
     assert app.run(st.ack(Q, "n1", items, now_ms=bench.now())) == [1] * PER_CALL
-    assert jobq.store.split_batches([b"r" * BIG] * (PER_CALL + 1), len) == [
+    assert jobq.storage.calls.split_batches([b"r" * BIG] * (PER_CALL + 1), len) == [
         [b"r" * BIG] * PER_CALL,
         [b"r" * BIG],
     ]

@@ -281,7 +281,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def reap(self) -> None:
         res = self.app.run(
-            self.app.store.reap(QUEUE, node_ttl_ms=10**12, limit=jobq.store.MAX_REAP, now_ms=self.now)
+            self.app.store.reap(QUEUE, node_ttl_ms=10**12, limit=jobq.storage.calls.MAX_REAP, now_ms=self.now)
         )
         want_req, want_dead = set(), set()
         for j in self.jobs.values():

@@ -15,11 +15,11 @@ import pytest
 import redis
 
 from jobq import FakeClock, InvalidInput, JobQ
-from jobq.connection import async_client
 from jobq.cron import CronEntry, CronSchedule, parse_duration
-from jobq.scheduler import Scheduler
-from jobq.store import AsyncRunner
+from jobq.storage.calls import AsyncRunner
+from jobq.storage.clients import async_client
 from jobq.worker import Worker, WorkerConfig
+from jobq.worker.scheduler import Scheduler
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jobq import InvalidInput, JobQ, connection
+from jobq import InvalidInput, JobQ
 from jobq.cli import main
+from jobq.storage import clients
 from tests.harness.cli import cli_runner
 from tests.harness.redis_server import RedisServer
 
@@ -36,10 +37,10 @@ SECRET_PIECES = (SECRET, SECRET[:3], SECRET[4:], "secret")
 @pytest.mark.parametrize(("url", "why"), BAD)
 def test_library_errors_name_the_problem_not_the_password(url: str, why: str) -> None:
     with pytest.raises(InvalidInput) as e:
-        connection.parse_url(url)
+        clients.parse_url(url)
     assert e.value.field == "url" and why in str(e.value)
     assert not any(p in str(e.value) for p in SECRET_PIECES), str(e.value)
-    assert not any(p in connection.redact_url(url) for p in SECRET_PIECES), connection.redact_url(url)
+    assert not any(p in clients.redact_url(url) for p in SECRET_PIECES), clients.redact_url(url)
 
 
 @pytest.mark.parametrize(("url", "why"), BAD)
@@ -66,10 +67,10 @@ def test_a_worker_logs_no_password_from_a_bad_url(tmp_path: Path) -> None:
 
 
 def test_redact_url_keeps_what_is_safe() -> None:
-    assert connection.redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
-    assert connection.redact_url("redis://host:6379/0") == "redis://host:6379/0"
-    assert connection.redact_url("rediss://user@host:1/0") == "rediss://user@host:1/0"
-    assert connection.redact_url("redis://a/b:pw@host/0") == "redis://***@host/0"
+    assert clients.redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert clients.redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    assert clients.redact_url("rediss://user@host:1/0") == "rediss://user@host:1/0"
+    assert clients.redact_url("redis://a/b:pw@host/0") == "redis://***@host/0"
 
 
 def test_a_percent_encoded_password_with_slash_and_hash_works() -> None:

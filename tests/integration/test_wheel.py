@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10
 
 import pytest
 
-from jobq.scripts import PRELUDE, ScriptName
+from jobq.storage.scripts import PRELUDE, ScriptName
 from tests.harness.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,7 +37,7 @@ PROGRAM = textwrap.dedent(
     from pathlib import Path
     import click, hiredis, msgpack, prometheus_client, redis
     import jobq
-    from jobq.scripts import lua_dir
+    from jobq.storage.scripts import lua_dir
 
     app = jobq.JobQ(sys.argv[1], prefix="wheeltest")
     job = app.enqueue("pkg.task", [1, "two"], {"k": 3}, queue="wheel", priority=5)

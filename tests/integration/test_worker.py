@@ -164,8 +164,8 @@ def test_retry_and_fail_from_a_task(app: JobQ) -> None:
 
 
 def test_burst_waits_for_an_immediate_retry(app: JobQ, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobq.scripts import ScriptName
-    from jobq.store import AsyncRunner
+    from jobq.storage.calls import AsyncRunner
+    from jobq.storage.scripts import ScriptName
 
     # A slow fail call: the node must not decide it is done while the fail is on its way.
     real_run = AsyncRunner.run
@@ -536,7 +536,7 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
     bg: list[Background],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from jobq import worker as worker_module
+    from jobq.worker import node as worker_module
     from tests.harness.chaos_proxy import ChaosProxy
 
     # A partition raises nothing on an idle subscription: only the PING probe can tell.
@@ -561,8 +561,8 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
 def test_heartbeat_renews_every_lease_third_in_one_round_trip(
     app: JobQ, bg: list[Background], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jobq.scripts import ScriptName
-    from jobq.store import SyncRunner
+    from jobq.storage.calls import SyncRunner
+    from jobq.storage.scripts import ScriptName
 
     beats: list[tuple[float, list[str]]] = []
     real = SyncRunner.run_many

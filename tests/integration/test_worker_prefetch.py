@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from jobq import JobQ, JobState
-from jobq import worker as worker_mod
 from jobq.worker import Worker, WorkerConfig
+from jobq.worker import node as worker_mod
 from tests.integration.test_worker import Background, wait_for
 
 pytestmark = pytest.mark.integration

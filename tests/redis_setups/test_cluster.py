@@ -12,7 +12,8 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 
-from jobq import JobQ, JobState, connection, errors
+from jobq import JobQ, JobState, errors
+from jobq.storage import clients
 from tests.harness.cluster import RedisClusterHarness
 from tests.redis_setups.conftest import burst
 
@@ -39,7 +40,7 @@ def queues_on_distinct_nodes(cluster: RedisClusterHarness, app: JobQ, n: int = 3
 
 
 def test_cluster_url_gives_cluster_clients(cluster_url: str) -> None:
-    c = connection.sync_client(cluster_url)
+    c = clients.sync_client(cluster_url)
     try:
         assert isinstance(c, redis.cluster.RedisCluster)
         assert c.ping()
@@ -47,7 +48,7 @@ def test_cluster_url_gives_cluster_clients(cluster_url: str) -> None:
         c.close()
 
     async def check() -> None:
-        ac = connection.async_client(cluster_url)
+        ac = clients.async_client(cluster_url)
         try:
             assert isinstance(ac, redis.asyncio.cluster.RedisCluster)
             assert await ac.ping()
@@ -118,14 +119,14 @@ def test_announcements_reach_a_subscriber_on_any_node(cluster: RedisClusterHarne
 
     async def run() -> list[str]:
         heard = []
-        clients = []
+        subscribers = []
         for n in cluster.nodes:
-            c = connection.async_client(f"redis://127.0.0.1:{n.port}/0")
+            c = clients.async_client(f"redis://127.0.0.1:{n.port}/0")
             ps = c.pubsub(ignore_subscribe_messages=True)
             await ps.subscribe(channel)
-            clients.append((f"127.0.0.1:{n.port}", c, ps))
+            subscribers.append((f"127.0.0.1:{n.port}", c, ps))
         await asyncio.to_thread(capp.enqueue, "t", queue=q)
-        for name, c, ps in clients:
+        for name, c, ps in subscribers:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 msg = await ps.get_message(timeout=0.5)
@@ -142,7 +143,7 @@ def test_announcements_reach_a_subscriber_on_any_node(cluster: RedisClusterHarne
 
 def test_async_pubsub_client_subscribes_on_a_cluster(cluster_url: str) -> None:
     async def run() -> None:
-        c = connection.async_pubsub_client(cluster_url, socket_timeout=None)
+        c = clients.async_pubsub_client(cluster_url, socket_timeout=None)
         try:
             ps = c.pubsub(ignore_subscribe_messages=True)
             await ps.subscribe("jobq:{z}:wake")

@@ -12,7 +12,8 @@ from typing import BinaryIO
 import pytest
 
 import jobq
-from jobq import JobQ, connection
+from jobq import JobQ
+from jobq.storage import clients
 from tests.harness.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -20,18 +21,18 @@ pytestmark = pytest.mark.integration
 
 # -- URLs ---------------------------------------------------------------------------------------
 def test_cluster_and_sentinel_urls_parse() -> None:
-    t = connection.parse_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001")
+    t = clients.parse_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001")
     assert (t.kind, t.hosts, t.username, t.password) == (
         "cluster",
         (("10.0.0.1", 7000), ("10.0.0.2", 7001)),
         "u",
         "p@ss",
     )
-    t = connection.parse_url("redis+sentinel://h1:26379,h2:26380/mymaster/2?sentinel_password=x")
+    t = clients.parse_url("redis+sentinel://h1:26379,h2:26380/mymaster/2?sentinel_password=x")
     assert (t.kind, t.service, t.db, t.options["sentinel_password"]) == ("sentinel", "mymaster", 2, "x")
-    t = connection.parse_url("rediss://h:6380/1?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required")
+    t = clients.parse_url("rediss://h:6380/1?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required")
     assert (t.kind, t.tls, t.db, t.options["ssl_ca_certs"]) == ("standalone", True, 1, "/ca.pem")
-    t = connection.parse_url("unix:///run/redis.sock?db=3")
+    t = clients.parse_url("unix:///run/redis.sock?db=3")
     assert (t.kind, t.path, t.db) == ("unix", "/run/redis.sock", 3)
 
 
@@ -49,19 +50,19 @@ def test_cluster_and_sentinel_urls_parse() -> None:
 )
 def test_bad_urls_are_refused_naming_the_problem_not_the_password(url: str, why: str) -> None:
     with pytest.raises(jobq.InvalidInput) as e:
-        connection.sync_client(url)
+        clients.sync_client(url)
     assert e.value.field == "url" and why in str(e.value) and "topsecret" not in str(e.value)
 
 
 def test_redact_url_hides_every_password() -> None:
     url = "redis+sentinel://u:pw1@h:1/m?sentinel_password=pw2"
-    red = connection.redact_url(url)
+    red = clients.redact_url(url)
     assert "pw1" not in red and "pw2" not in red and red.startswith("redis+sentinel://u:***@h:1/m")
 
 
 # -- the version check ---------------------------------------------------------------------------
 def test_current_server_passes_the_version_check(redis_url: str) -> None:
-    c = connection.sync_client(redis_url)
+    c = clients.sync_client(redis_url)
     try:
         assert c.ping()
     finally:
@@ -69,7 +70,7 @@ def test_current_server_passes_the_version_check(redis_url: str) -> None:
 
 
 def test_too_old_server_is_refused_at_first_use(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connection, "MIN_REDIS_VERSION", (99, 0, 0))
+    monkeypatch.setattr(clients, "MIN_REDIS_VERSION", (99, 0, 0))
     app = JobQ(redis_url)  # no I/O yet
     try:
         with pytest.raises(
@@ -80,7 +81,7 @@ def test_too_old_server_is_refused_at_first_use(redis_url: str, monkeypatch: pyt
         app.close()
 
     async def async_use() -> None:
-        c = connection.async_client(redis_url)
+        c = clients.async_client(redis_url)
         try:
             await c.ping()
         finally:
@@ -156,7 +157,7 @@ def old_redis(request: pytest.FixtureRequest) -> Iterator[FakeOldRedis]:
 
 
 def test_an_old_server_reply_gives_a_clear_version_error(old_redis: FakeOldRedis) -> None:
-    c = connection.sync_client(f"redis://127.0.0.1:{old_redis.port}/0", socket_timeout=2)
+    c = clients.sync_client(f"redis://127.0.0.1:{old_redis.port}/0", socket_timeout=2)
     try:
         with pytest.raises(jobq.RedisVersionError) as e:
             c.ping()
@@ -172,7 +173,7 @@ def test_an_old_server_reply_gives_a_clear_version_error(old_redis: FakeOldRedis
 
 
 def test_version_check_on_every_cluster_node(cluster_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connection, "MIN_REDIS_VERSION", (99, 0, 0))
+    monkeypatch.setattr(clients, "MIN_REDIS_VERSION", (99, 0, 0))
     app = JobQ(cluster_url)
     try:
         with pytest.raises(jobq.RedisVersionError):
@@ -185,7 +186,7 @@ def test_readme_states_the_minimum_version() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    need = ".".join(map(str, connection.MIN_REDIS_VERSION))
+    need = ".".join(map(str, clients.MIN_REDIS_VERSION))
     assert f"Redis >= {need}" in readme or f"Redis {need}" in readme
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import jobq
-from jobq import JobQ, JobState, connection
+from jobq import JobQ, JobState
+from jobq.storage import clients
 from tests.harness.redis_server import RedisServer, free_port
 from tests.harness.tls import TlsFiles, make_tls_files, tls_server_args
 from tests.redis_setups.conftest import burst
@@ -103,7 +104,7 @@ def test_tls_paths_from_environment(
     monkeypatch.setenv("JOBQ_REDIS_SSL_CA_CERTS", str(tls_files.ca))
     monkeypatch.setenv("JOBQ_REDIS_SSL_CERTFILE", str(tls_files.client_cert))
     monkeypatch.setenv("JOBQ_REDIS_SSL_KEYFILE", str(tls_files.client_key))
-    c = connection.sync_client(f"rediss://127.0.0.1:{port}/0")
+    c = clients.sync_client(f"rediss://127.0.0.1:{port}/0")
     try:
         assert c.ping()
     finally:

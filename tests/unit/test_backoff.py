@@ -8,8 +8,8 @@ import random
 import pytest
 import redis
 
-from jobq import connection
 from jobq.backoff import Backoff, worth_a_line
+from jobq.storage import clients
 
 
 def test_the_window_doubles_to_the_cap_and_resets() -> None:
@@ -67,13 +67,13 @@ def _calls_until_raised(client: object, error: Exception) -> int:
     return calls
 
 
-@pytest.mark.skipif(not connection._RETRY_REFINES, reason="needs redis-py >= 8.2 (Retry is_retryable)")
+@pytest.mark.skipif(not clients._RETRY_REFINES, reason="needs redis-py >= 8.2 (Retry is_retryable)")
 def test_worker_clients_do_not_retry_a_refused_connection_inside_the_call() -> None:
     refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
     refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
     dropped = redis.ConnectionError("Connection closed by server.")
-    worker = connection.async_client("redis://127.0.0.1:6379/0", retry_refused=False)
-    default = connection.async_client("redis://127.0.0.1:6379/0")
+    worker = clients.async_client("redis://127.0.0.1:6379/0", retry_refused=False)
+    default = clients.async_client("redis://127.0.0.1:6379/0")
     # Redis not running: the worker's loop backs off with full jitter instead (S4).
     assert _calls_until_raised(worker, refused) == 1
     # A dropped connection (CLIENT KILL, a restart mid-call) is still retried: 1 + 3 tries.

@@ -19,8 +19,8 @@ import redis.retry
 
 from jobq import JobQ
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
-from jobq.heartbeat import Heartbeat
-from jobq.store import ExtendResult, map_error
+from jobq.storage.calls import ExtendResult, map_error
+from jobq.worker.heartbeat import Heartbeat
 
 LEASE_MS = 3000
 

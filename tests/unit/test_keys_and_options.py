@@ -11,8 +11,8 @@ import pytest
 
 import jobq
 from jobq import errors
-from jobq.keys import Keys, validate_queue, validate_task_name
 from jobq.requests import MAX_TIME_MS, seconds_to_ms, timestamp_ms
+from jobq.storage.keys import Keys, validate_queue, validate_task_name
 
 
 def test_every_queue_key_carries_the_hash_tag() -> None:

@@ -1,4 +1,4 @@
-"""The worker's event loop (jobq/loop.py): timers to the microsecond, I/O still through epoll."""
+"""The worker's event loop (jobq/worker/loop.py): timers to the microsecond, I/O still through epoll."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jobq import loop as jobq_loop
+from jobq.worker import loop as jobq_loop
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the precise selector is for epoll (Linux)")
 

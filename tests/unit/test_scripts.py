@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from jobq.keys import Keys
-from jobq.scripts import PRELUDE, ScriptName, lua_dir, operation_file, prelude, source
-from jobq.store import JobSpec, Store
+from jobq.storage.calls import JobSpec, Store
+from jobq.storage.keys import Keys
+from jobq.storage.scripts import PRELUDE, ScriptName, lua_dir, operation_file, prelude, source
 
 STORE = Store(Keys("jobq"))
 SPEC = JobSpec(id="j1", task="t", payload=b"\x92\x90\x80")

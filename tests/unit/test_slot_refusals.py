@@ -19,9 +19,9 @@ import redis
 
 from jobq import JobQ
 from jobq.errors import RedisUnavailable
-from jobq.reaper import Reaper
-from jobq.scheduler import Scheduler
-from jobq.store import Call, PromoteResult, ReapResult, map_error
+from jobq.storage.calls import Call, PromoteResult, ReapResult, map_error
+from jobq.worker.reaper import Reaper
+from jobq.worker.scheduler import Scheduler
 
 
 def _slot_moving(queue: str) -> RedisUnavailable:
@@ -68,7 +68,8 @@ def test_the_reaper_skips_a_moving_queue_and_holds_it_for_a_lease(app: JobQ) -> 
     runner.seen.clear()
     report = asyncio.run(reaper.run_once())
     assert runner.seen == ["other"] and report.requeued == {"other": ["other-job"]}
-    reaper._held["moving"] = 0.0  # the lease has passed
+    backoff, _ = reaper.slots.down["moving"]
+    reaper.slots.down["moving"] = (backoff, 0.0)  # the lease has passed
     report = asyncio.run(reaper.run_once())
     assert report.requeued == {"moving": ["moving-job"], "other": ["other-job"]}
 

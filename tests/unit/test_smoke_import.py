@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jobq
 from jobq.cli import main
-from jobq.scripts import ScriptName, lua_dir
+from jobq.storage.scripts import ScriptName, lua_dir
 from tests.harness.cli import cli_runner
 
 

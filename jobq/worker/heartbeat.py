@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobq.app import JobQ
 from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
-from jobq.store import SyncRunner
+from jobq.storage import reads
+from jobq.storage.calls import SyncRunner
+from jobq.worker.context import Context
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.heartbeat")
 
@@ -47,7 +49,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        app: JobQ,
+        app: Context,
         runner: SyncRunner,
         node: str,
         queues: list[str],
@@ -76,7 +78,7 @@ class Heartbeat:
         self.last_ok = time.monotonic()
         self.fenced = False
         #: Renewals refused in a row, per queue, because the queue's cluster slot was moving.
-        self._slot_refusals: dict[str, int] = {}
+        self.slots = SlotBackoff("lease renewal", logger=log, recovered_level=logging.INFO)
         #: The fence is up because Redis is down for every client (see ``redis_down``).
         self.fenced_redis_down = False
         #: The last renewal failed in a way every client sees alike: connection refused (the
@@ -156,13 +158,9 @@ class Heartbeat:
                 # Only this queue's slot refused (moving to another primary). Nothing can take
                 # its jobs meanwhile: its reaper and claims are refused alike (the slot guard).
                 # So the node is not fenced for it; it renews the leases when the move is done.
-                self._slot_refusals[q] = self._slot_refusals.get(q, 0) + 1
-                n = self._slot_refusals[q]
-                if worth_a_line(n):
-                    log.warning("queue %s: lease renewal refused (%d in a row): %s", q, n, res)
+                self.slots.refused(q, res)
                 continue
-            if self._slot_refusals.pop(q, 0):
-                log.info("queue %s: lease renewal recovered", q)
+            self.slots.ok(q)
             owned = set(res.owned)
             # Lost: known before and after the call, yet not owned. A job acked meanwhile has
             # left `known` by the time we look again.
@@ -194,15 +192,10 @@ class Heartbeat:
                 "heartbeat_ms": now_ms,
                 **self._info(),
             }
-            pipe = self.runner.client.pipeline(transaction=False)
-            pipe.zadd(k.nodes, {self.node: now_ms})
-            pipe.hset(k.node(self.node), mapping=info)
-            pipe.pexpire(k.node(self.node), self.lease_ms * 3)
-            # Killed nodes never deregister: drop registry entries as old as an expired node hash.
-            pipe.zremrangebyscore(k.nodes, "-inf", now_ms - self.lease_ms * 3)
-            pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
-            pipe.get(k.epoch)
-            *_, epoch = pipe.execute()
+            # Killed nodes never deregister: entries as old as an expired node hash are dropped.
+            epoch = reads.register_node(
+                self.runner.client, k, self.node, info, now_ms=now_ms, ttl_ms=self.lease_ms * 3
+            )
         except Exception as exc:
             log.debug("node registry update failed: %s", exc)
             return
@@ -253,12 +246,7 @@ class Heartbeat:
         """Remove this node from the registries on a clean exit."""
         k = self.app.keys
         try:
-            pipe = self.runner.client.pipeline(transaction=False)
-            pipe.zrem(k.nodes, self.node)
-            pipe.delete(k.node(self.node))
-            pipe.execute()
-            for q in self.queues:
-                self.runner.client.zrem(k.queue_nodes(q), self.node)
+            reads.deregister_node(self.runner.client, k, self.node, self.queues)
         except Exception as exc:
             log.debug("node deregistration failed: %s", exc)
 

@@ -1,4 +1,7 @@
-"""Fault injection for the reliability tests: named crash points in the worker.
+"""Test-only fault injection for the reliability tests: named crash points in the worker.
+
+Nothing here runs in production: with neither variable below set, :data:`ACTIVE` is False and
+the worker does not call into this module at all.
 
 ``JOBQ_CRASH_POINT`` is read once, when this module is imported. It holds comma-separated
 ``name:probability[:delay_s]`` entries, e.g. ``JOBQ_CRASH_POINT=before_ack:0.3``. Each time the
@@ -6,8 +9,8 @@ worker passes a point named there, the process exits at once with :data:`CRASH_E
 (``os._exit``: no cleanup, no release, no flushing, like a SIGKILL) with that probability. With a
 delay, the exit happens that many seconds later on a timer thread, so the worker and its tasks
 keep running meanwhile (``mid_execute:1:0.2`` = 0.2 s into the first job's execution).
-``JOBQ_CRASH_SEED`` makes the draws reproducible. Unset (production), every call is one dict
-lookup that finds nothing.
+``JOBQ_CRASH_SEED`` makes the draws reproducible. Unset (production), the worker skips every
+point on one module attribute (:data:`ACTIVE`).
 
 The points, in the order one job passes them:
 
@@ -108,6 +111,8 @@ HOLD_ENV = "JOBQ_HOLD_POINT"
 HOLD_POINTS = frozenset({"before_ack"})
 #: The configured hold point ("" = none: the worker does not call :func:`hold_point`).
 HOLD = os.environ.get(HOLD_ENV, "") if os.environ.get(HOLD_ENV, "") in HOLD_POINTS else ""
+#: Is any crash or hold point configured? The worker checks this before calling in.
+ACTIVE = bool(_points) or bool(HOLD)
 _held = threading.Event()
 
 

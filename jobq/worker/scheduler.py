@@ -13,10 +13,11 @@ import logging
 from dataclasses import dataclass, field
 
 from jobq.app import EnqueueRequest, JobQ
-from jobq.backoff import worth_a_line
 from jobq.cron import CronEntry
 from jobq.errors import RedisUnavailable
-from jobq.store import AsyncRunner, map_error
+from jobq.storage import reads
+from jobq.storage.calls import AsyncRunner, map_error
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -46,7 +47,7 @@ class Scheduler:
         self.queues = queues
         self.cron = cron
         #: Promotions refused in a row, per queue whose cluster slot is moving (for the log).
-        self._refused: dict[str, int] = {}
+        self.slots = SlotBackoff("promote", logger=log, recovered_level=logging.INFO)
         #: Cron queues this scheduler put in the queue registry.
         self._registered: set[str] = set()
 
@@ -62,11 +63,9 @@ class Scheduler:
                     if not exc.slot or len(self.queues) == 1:
                         raise
                     # Only this queue's cluster slot is moving: promote the others.
-                    n = self._refused[q] = self._refused.get(q, 0) + 1
-                    if worth_a_line(n):
-                        log.warning("queue %s: promote refused (%d in a row): %s", q, n, exc)
+                    self.slots.refused(q, exc)
                     break
-                self._refused.pop(q, None)
+                self.slots.ok(q)
                 report.promoted += res.promoted
                 report.now_ms = res.now_ms
                 if res.next_due_ms is not None and (
@@ -83,8 +82,7 @@ class Scheduler:
         return report
 
     async def _redis_now(self) -> int:
-        sec, usec = await self.runner.client.time()
-        return int(sec) * 1000 + int(usec) // 1000
+        return await reads.server_time_ms_async(self.runner.client)
 
     async def fire_cron(self, now_ms: int, report: ScheduleReport | None = None) -> ScheduleReport:
         """Enqueue every entry whose latest tick (<= now_ms) has not fired yet."""
@@ -110,7 +108,7 @@ class Scheduler:
                         # In the queue registry like any enqueue's queue, so a queue fed only by
                         # cron shows in `jobq stats` and `jobq jobs list`.
                         try:
-                            await self.runner.client.sadd(self.app.keys.queues, shard)
+                            await reads.register_queue_async(self.runner.client, self.app.keys, shard)
                         except Exception as exc:
                             raise map_error(exc, "register queue", shard) from None
                         self._registered.add(shard)

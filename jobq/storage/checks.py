@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.exceptions
 
-from jobq.connection import redact
+from jobq.storage.clients import redact
 from jobq.util import to_str
 
 log = logging.getLogger("jobq.redis")

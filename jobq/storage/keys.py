@@ -138,7 +138,7 @@ class Keys:
 
     def active_upgrade(self, q: str, node: str) -> str:
         """A ZSET built from an active LIST of a jobq from before the active ZSET, then renamed
-        over it (jobq.reaper.recover_inherited)."""
+        over it (jobq.worker.reaper.recover_inherited)."""
         return f"{self.prefix}:{{{q}}}:active-upgrade:{node}"
 
     def leases(self, q: str) -> str:

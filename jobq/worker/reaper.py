@@ -11,12 +11,13 @@ refusal, for the same reason: no node could renew its leases while the slot move
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
-from jobq.app import JobQ
 from jobq.errors import RedisUnavailable
-from jobq.store import MAX_REAP, AsyncRunner
+from jobq.storage import reads
+from jobq.storage.calls import MAX_REAP, AsyncRunner
+from jobq.worker.context import Context
+from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.reaper")
 
@@ -40,7 +41,7 @@ class Reaper:
 
     def __init__(
         self,
-        app: JobQ,
+        app: Context,
         runner: AsyncRunner,
         queues: list[str],
         *,
@@ -57,15 +58,15 @@ class Reaper:
         self.limit = limit
         #: Seconds a queue is not reaped after its cluster slot refused a reap (one lease).
         self.hold = hold
-        #: Queue -> monotonic time before which it is not reaped.
-        self._held: dict[str, float] = {}
+        #: Queues whose slot refused a reap, each left alone for ``hold`` seconds.
+        self.slots = SlotBackoff("reap", hold=hold, logger=log, recovered_level=logging.INFO)
 
     async def run_once(self, *, guard: bool = True) -> ReapReport:
         """Reap every queue until no expired lease is left (bounded batches)."""
         report = ReapReport()
         guard_ms = max(1, int(self.interval * 1000 * 0.9)) if guard else 0
         for q in self.queues:
-            if self._held and self._held.get(q, 0.0) > time.monotonic():
+            if self.slots and self.slots.waiting(q):
                 continue
             first = True
             while True:
@@ -82,9 +83,9 @@ class Reaper:
                 except RedisUnavailable as exc:
                     if not exc.slot or len(self.queues) == 1:
                         raise
-                    self._held[q] = time.monotonic() + self.hold
-                    log.warning("queue %s: reap refused, the others go on: %s", q, exc)
+                    self.slots.refused(q, exc, "; the others go on")
                     break
+                self.slots.ok(q)
                 first = False
                 if res.skipped:
                     break
@@ -117,7 +118,7 @@ class Reaper:
         return report
 
 
-async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: list[str]) -> int:
+async def recover_inherited(app: Context, runner: AsyncRunner, node: str, queues: list[str]) -> int:
     """At start-up: jobs already in this node's active sets were claimed by an earlier process
     with the same node id that died before finishing them (a crash, then a restart under a fixed
     ``--node-id``). Handle them as a reaped lease would: the attempt stays counted, the job is
@@ -127,17 +128,7 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
     Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
-        akey = app.keys.active(q, node)
-        if await runner.client.type(akey) in (b"list", "list"):
-            # Left by a jobq from before the active ZSET: converted (reap does the same), the
-            # ZSET built beside it (same hash tag) and renamed over it in one step.
-            ids = await runner.client.lrange(akey, 0, -1)
-            if ids:
-                tmp = app.keys.active_upgrade(q, node)
-                await runner.client.zadd(tmp, dict.fromkeys(ids, 0))
-                await runner.client.rename(tmp, akey)
-        for raw in await runner.client.zrange(akey, 0, 999):
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        for job_id in await reads.active_ids_async(runner.client, app.keys, q, node, 1000):
             res = await runner.run(
                 app.store.fail(
                     q,
@@ -151,7 +142,7 @@ async def recover_inherited(app: JobQ, runner: AsyncRunner, node: str, queues: l
             if res.outcome in ("retry", "dead"):
                 recovered += 1
                 if res.outcome == "retry":  # counted like a reap: every re-run is visible
-                    await runner.client.hincrby(app.keys.job(q, job_id), "reaped", 1)
+                    await reads.count_reaped_async(runner.client, app.keys, q, job_id)
                 log.warning(
                     "queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome
                 )

@@ -40,7 +40,7 @@ def lua_dir() -> Path:
     packaged = resources.files("jobq").joinpath("lua")
     if packaged.is_dir():
         return Path(str(packaged))
-    source = Path(__file__).resolve().parent.parent / "lua"
+    source = Path(__file__).resolve().parents[2] / "lua"
     if source.is_dir():
         return source
     raise FileNotFoundError("jobq's lua/ scripts are missing from this installation")

@@ -10,8 +10,8 @@ One process is one node. Inside it:
   pool, at most ``concurrency`` at once, each under its timeout;
 - the **acker** finishes completed jobs in batches: every job that completes while an ack is in
   flight rides the next call, so a busy node pays far less than one round trip per job;
-- the **heartbeat** (its own thread and connection, :mod:`jobq.heartbeat`) renews leases;
-- the **reaper** and **scheduler** loops (:mod:`jobq.reaper`, :mod:`jobq.scheduler`).
+- the **heartbeat** (its own thread and connection, :mod:`jobq.worker.heartbeat`) renews leases;
+- the **reaper** and **scheduler** loops (:mod:`jobq.worker.reaper`, :mod:`jobq.worker.scheduler`).
 
 Prefetch: a slot that frees up starts its next job from a small local buffer of claimed, not yet
 started jobs in the same loop turn, instead of waiting for a claim round trip; the fetcher refills
@@ -54,13 +54,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobq import codec, connection, faults, redis_checks
-from jobq import loop as jobq_loop
+from jobq import _fault_injection as faults
+from jobq import codec
 from jobq.app import JobQ
 from jobq.backoff import Backoff, worth_a_line
 from jobq.errors import (
     DecodeError,
     EncodeError,
+    ErrorCode,
     Fail,
     JobqError,
     JobTimeout,
@@ -68,11 +69,8 @@ from jobq.errors import (
     RedisUnavailable,
     Retry,
 )
-from jobq.heartbeat import BeatResult, Heartbeat
-from jobq.keys import validate_node, validate_queue
-from jobq.reaper import Reaper, recover_inherited
-from jobq.scheduler import Scheduler
-from jobq.store import (
+from jobq.storage import checks, clients
+from jobq.storage.calls import (
     MAX_BATCH,
     MAX_EXTEND,
     AsyncRunner,
@@ -81,6 +79,12 @@ from jobq.store import (
     SyncRunner,
     split_batches,
 )
+from jobq.storage.keys import validate_node, validate_queue
+from jobq.worker import loop as jobq_loop
+from jobq.worker.heartbeat import BeatResult, Heartbeat
+from jobq.worker.reaper import Reaper, recover_inherited
+from jobq.worker.scheduler import Scheduler
+from jobq.worker.slots import SlotBackoff
 
 if TYPE_CHECKING:
     from jobq.metrics import Metrics
@@ -286,9 +290,9 @@ class Worker:
         self._claim_below = 0
         self._acks: dict[str, list[tuple[_Running, bytes]]] = {}
         #: Acks of queues whose Redis Cluster slot is moving, waiting for their retry (so the
-        #: acks of the other queues are not held up behind them), with each queue's backoff.
+        #: acks of the other queues are not held up behind them); each queue's backoff below.
         self._acks_later: dict[str, list[tuple[_Running, bytes]]] = {}
-        self._ack_backoff: dict[str, Backoff] = {}
+        self._ack_slots = SlotBackoff("ack", logger=log)
         self._ack_event: asyncio.Event | None = None
         self._ack_lock = asyncio.Lock()
         self._next_due_ms: int | None = None
@@ -300,9 +304,9 @@ class Worker:
         self._hard_stop: asyncio.Event | None = None
         self._reap_not_before = 0.0
         self._promoted_at = 0.0
-        #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary):
-        #: queue -> (its backoff, monotonic time before which it is not claimed from again).
-        self._slot_down: dict[str, tuple[Backoff, float]] = {}
+        #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary),
+        #: each left alone for a backoff of its own.
+        self._claim_slots = SlotBackoff("claim", logger=log)
         self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
@@ -374,9 +378,9 @@ class Worker:
         self._ack_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
-        self.client = connection.async_client(self.url, retry_refused=False)
+        self.client = clients.async_client(self.url, retry_refused=False)
         self.runner = AsyncRunner(self.client)
-        sync_client = connection.sync_client(self.url)
+        sync_client = clients.sync_client(self.url)
         self.heartbeat = Heartbeat(
             self.app,
             SyncRunner(sync_client),
@@ -399,7 +403,7 @@ class Worker:
             ",".join(self.queues),
             self.config.concurrency,
             self.config.lease,
-            connection.redact_url(self.url),
+            clients.redact_url(self.url),
         )
         ready = False
         try:
@@ -412,7 +416,7 @@ class Worker:
                 self._pool.shutdown(wait=False)
         if not ready:
             return
-        self.eviction_policy_ok = await redis_checks.check_eviction_policy(self.client)
+        self.eviction_policy_ok = await checks.check_eviction_policy(self.client)
         if self.metrics is not None:
             self.metrics.set_eviction_policy_ok(self.eviction_policy_ok)
             self.metrics.pubsub_from(lambda: self.pubsub_connected)
@@ -646,8 +650,7 @@ class Worker:
             want = free - got
             if want <= 0:
                 break
-            down = self._slot_down.get(q)
-            if down is not None and time.monotonic() < down[1]:
+            if self._claim_slots and self._claim_slots.waiting(q):
                 continue
             visited += 1
             try:
@@ -659,15 +662,10 @@ class Worker:
                     raise  # Redis itself: every queue fails alike
                 # Only this queue's cluster slot (moving to another primary): serve the others,
                 # and try this one again after a backoff of its own.
-                backoff = down[0] if down is not None else Backoff(0.05, 2.0)
-                self._slot_down[q] = (backoff, time.monotonic() + backoff.next())
-                if worth_a_line(backoff.attempts):
-                    log.warning("queue %s: claim refused (%d in a row): %s", q, backoff.attempts, exc)
+                self._claim_slots.refused(q, exc)
                 slot_errors.append(exc)
                 continue
-            if down is not None:
-                del self._slot_down[q]
-                log.warning("queue %s: claims succeed again", q)
+            self._claim_slots.ok(q)
             self.last_ok = time.monotonic()
             self._last_now_ms = res.now_ms
             if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
@@ -678,7 +676,8 @@ class Worker:
                     self.metrics.job_failed(q, "", 0.0, "dead")
             self._dead_trimmed(q, res.dead_trimmed)
             if res.jobs:
-                faults.crash_point("after_claim")
+                if faults.ACTIVE:
+                    faults.crash_point("after_claim")
                 self._take(res.jobs, res.now_ms)
             got += len(res.jobs)
             if res.dead and len(res.jobs) + len(res.dead) >= want:
@@ -730,7 +729,8 @@ class Worker:
 
     async def _execute(self, run: _Running) -> None:
         job = run.job
-        faults.crash_point("mid_execute")
+        if faults.ACTIVE:
+            faults.crash_point("mid_execute")
         try:
             result = await self._invoke(run)
         except asyncio.CancelledError:
@@ -979,13 +979,15 @@ class Worker:
             now_ms=self.app.now_ms(),
         )
         backoff = Backoff(0.05, 2.0)
-        faults.crash_point("before_ack")
+        if faults.ACTIVE:
+            faults.crash_point("before_ack")
         if faults.HOLD:
             await faults.hold_point("before_ack")
         while True:
             try:
                 codes = await self.runner.run(call)
-                faults.crash_point("after_ack_sent")
+                if faults.ACTIVE:
+                    faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
                 if isinstance(exc, RedisUnavailable) and exc.slot and not self._stopping:
@@ -1004,8 +1006,7 @@ class Worker:
                     self._forget(run)
                 return
         self.last_ok = time.monotonic()
-        if self._ack_backoff and self._ack_backoff.pop(queue, None) is not None:
-            log.warning("queue %s: acks succeed again", queue)
+        self._ack_slots.ok(queue)
         m = self.metrics
         now = time.monotonic()
         for (run, _), code in zip(items, codes, strict=True):
@@ -1014,7 +1015,7 @@ class Worker:
                 self.stats["completed"] += 1
                 if m is not None:
                     m.job_completed(queue, run.job.task, now - run.started)
-            elif code == -2:
+            elif code == ErrorCode.LEASE_LOST:
                 self._stale(run)
             else:
                 log.warning("job %s vanished before its ack (deleted by an operator?)", run.job.id)
@@ -1022,10 +1023,7 @@ class Worker:
     def _defer_acks(self, queue: str, items: list[tuple[_Running, bytes]], exc: RedisUnavailable) -> None:
         """Only ``queue``'s cluster slot refused the ack (it is moving to another primary): try
         these again after a backoff of the queue's own, and let the other queues' acks go on."""
-        backoff = self._ack_backoff.setdefault(queue, Backoff(0.05, 2.0))
-        delay = backoff.next()
-        if worth_a_line(backoff.attempts):
-            log.warning("queue %s: ack refused (%d in a row): %s; retrying", queue, backoff.attempts, exc)
+        delay = self._ack_slots.refused(queue, exc, "; retrying")
         waiting = self._acks_later.setdefault(queue, [])
         if not waiting:
             asyncio.get_running_loop().call_later(delay, self._undefer_acks, queue)
@@ -1177,7 +1175,7 @@ class Worker:
                 import redis.backoff
 
                 once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
-                self._once_runner = AsyncRunner(connection.async_client(self.url, retry=once))
+                self._once_runner = AsyncRunner(clients.async_client(self.url, retry=once))
             runner = self._once_runner
         released = interrupted = trimmed = 0
         dead: list[tuple[str, str]] = []
@@ -1258,7 +1256,7 @@ class Worker:
     # -- pub/sub --------------------------------------------------------------------------------
     async def _listen(self) -> None:
         channels = [self.app.keys.wake(q) for q in self.queues]
-        make = getattr(connection, "async_pubsub_client", connection.async_client)
+        make = clients.async_pubsub_client
         backoff = Backoff(0.1, 5.0)
         while True:
             client = pubsub = None
@@ -1410,5 +1408,5 @@ def run_worker(
             on_start(worker)
         await worker.run()
 
-    jobq_loop.run(main())  # timers to the microsecond (jobq/loop.py)
+    jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
     return worker

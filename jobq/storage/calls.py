@@ -1,6 +1,6 @@
 """The only module that speaks to Redis through jobq's Lua scripts.
 
-:class:`Store` builds one typed :class:`Call` per script (keys from :mod:`jobq.keys`, ARGV in the
+:class:`Store` builds one typed :class:`Call` per script (keys from :mod:`jobq.storage.keys`, ARGV in the
 order of the script's header, a parser for its reply); it does no I/O. :class:`SyncRunner` and
 :class:`AsyncRunner` execute calls as a bare EVALSHA (on NOSCRIPT: SCRIPT LOAD and EVALSHA again,
 then EVAL of the same shipped text if a SCRIPT FLUSH came in between) and map every Redis error to
@@ -23,8 +23,9 @@ import redis.asyncio
 import redis.cluster
 
 from jobq import errors
-from jobq.keys import Keys
-from jobq.scripts import ScriptName, source
+from jobq.storage.keys import Keys
+from jobq.storage.scripts import ScriptName, source
+from jobq.util import to_str
 
 T = TypeVar("T")
 Arg = str | bytes | int | float
@@ -201,10 +202,6 @@ class Call(Generic[T]):
     wait: tuple[int, int] = field(default=(0, 0))
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _now(now_ms: int | None) -> Arg:
     return "" if now_ms is None else int(now_ms)
 
@@ -224,6 +221,12 @@ class Store:
         #: replicas, up to ``wait_timeout_ms``.
         self.wait_replicas = 0
         self.wait_timeout_ms = 1000
+
+    def with_keys(self, keys: Keys) -> Store:
+        """The same calls under other key names: the limits and the durable mode carry over."""
+        store = Store(keys, self.limits)
+        store.wait_replicas, store.wait_timeout_ms = self.wait_replicas, self.wait_timeout_ms
+        return store
 
     # -- producer -------------------------------------------------------------------------------
     def enqueue(
@@ -265,9 +268,9 @@ class Store:
             )
 
         def parse(raw: Any) -> list[str]:
-            if raw and isinstance(raw[0], int):
+            if raw and isinstance(raw[0], int) and raw[0] == errors.ErrorCode.QUEUE_FULL:
                 raise errors.QueueFull(queue, int(raw[1]), max_depth)
-            return [_s(x) for x in raw]
+            return [to_str(x) for x in raw]
 
         return Call(
             ScriptName.ENQUEUE,
@@ -324,7 +327,7 @@ class Store:
                         int(r[7]),
                     )
                 )
-            dead = [(_s(raw[pos + 2 * i]), _s(raw[pos + 2 * i + 1])) for i in range(n_dead)]
+            dead = [(to_str(raw[pos + 2 * i]), to_str(raw[pos + 2 * i + 1])) for i in range(n_dead)]
             pos += 2 * n_dead
             trimmed = int(raw[pos]) if len(raw) > pos else 0
             return ClaimResult(int(raw[0]), _due(raw[1]), jobs, dead, trimmed)
@@ -413,7 +416,12 @@ class Store:
             lim.dead_ttl_ms,
             "" if attempt is None else attempt,
         ]
-        outcomes = {1: "retry", 2: "dead", -2: "lease_lost", -1: "missing"}
+        outcomes = {
+            1: "retry",
+            2: "dead",
+            errors.ErrorCode.LEASE_LOST: "lease_lost",
+            errors.ErrorCode.JOB_NOT_FOUND: "missing",
+        }
         return Call(
             ScriptName.FAIL,
             keys,
@@ -438,7 +446,7 @@ class Store:
             ScriptName.EXTEND,
             keys,
             args,
-            lambda raw: ExtendResult(int(raw[0]), [_s(x) for x in raw[1:]]),
+            lambda raw: ExtendResult(int(raw[0]), [to_str(x) for x in raw[1:]]),
             queue,
         )
 
@@ -480,7 +488,7 @@ class Store:
 
         def parse(raw: Any) -> ReleaseResult:
             n_dead = int(raw[2])
-            dead = [(_s(raw[4 + 2 * i]), _s(raw[5 + 2 * i])) for i in range(n_dead)]
+            dead = [(to_str(raw[4 + 2 * i]), to_str(raw[5 + 2 * i])) for i in range(n_dead)]
             return ReleaseResult(int(raw[0]), int(raw[1]), dead, int(raw[3]))
 
         return Call(ScriptName.RELEASE, keys, args, parse, queue)
@@ -519,7 +527,7 @@ class Store:
             if int(raw[0]) < 0:
                 return ReapResult([], [], skipped=True)
             n_req, n_dead = int(raw[0]), int(raw[1])
-            ids = [_s(x) for x in raw[2 : 2 + n_req + n_dead]]
+            ids = [to_str(x) for x in raw[2 : 2 + n_req + n_dead]]
             end = 2 + n_req + n_dead
             trimmed = int(raw[end]) if len(raw) > end else 0
             return ReapResult(ids[:n_req], ids[n_req:], dead_trimmed=trimmed)
@@ -684,7 +692,7 @@ def _check_replicated(call: Call[Any], acked: Any) -> None:
     )
     if call.script is ScriptName.ENQUEUE:
         raise errors.NotReplicated(msg)
-    logging.getLogger("jobq.store").warning("%s", msg)
+    logging.getLogger("jobq.storage.calls").warning("%s", msg)
 
 
 SyncClient = Any  # redis.Redis | redis.cluster.RedisCluster

@@ -1,0 +1,243 @@
+"""Plain Redis commands outside the Lua scripts: inspection reads, the queue registry, the pause
+flag, a job's fields and the node registry.
+
+Every function takes the client (a synchronous one unless its name ends in ``_async``) and the
+:class:`~jobq.storage.keys.Keys` of the app, and returns plain Python values (``str`` for
+names). Reading functions send read commands only (ZCARD, ZRANGE, HMGET, ...), so they are safe
+on a production Redis at any time; the writing ones are named for what they write.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jobq.storage.calls import AsyncClient, SyncClient
+from jobq.storage.keys import Keys
+from jobq.util import to_str
+
+#: Priority bands of the ready ZSET: score = (100 - priority) * 2^44 + seq.
+PRIO_SPAN = 2**44
+
+
+# -- the clock and the queue registry ------------------------------------------------------------
+def server_time_ms(client: SyncClient) -> int:
+    """Now on the Redis clock (TIME)."""
+    reply = client.time()
+    if isinstance(reply, dict):  # a cluster client may answer per node
+        reply = next(iter(reply.values()))
+    secs, micros = reply
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+async def server_time_ms_async(client: AsyncClient) -> int:
+    """Now on the Redis clock (TIME), from the worker's event loop."""
+    sec, usec = await client.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def health(client: SyncClient, keys: Keys) -> int:
+    """A health probe: TIME and an EXISTS of the dataset epoch (a read of the keyspace). Returns
+    the Redis time in seconds; raises what the client raises."""
+    secs, _ = client.time()
+    client.exists(keys.epoch)
+    return int(secs)
+
+
+def queues(client: SyncClient, keys: Keys) -> list[str]:
+    """Every queue in the ``jobq:queues`` registry, sorted."""
+    return sorted(to_str(q, "replace") for q in client.smembers(keys.queues))
+
+
+def register_queue(client: SyncClient, keys: Keys, queue: str) -> None:
+    """Add ``queue`` to the registry (SADD)."""
+    client.sadd(keys.queues, queue)
+
+
+async def register_queue_async(client: AsyncClient, keys: Keys, queue: str) -> None:
+    """Add ``queue`` to the registry (SADD), from the worker's event loop."""
+    await client.sadd(keys.queues, queue)
+
+
+def known_queue(client: SyncClient, keys: Keys, queue: str) -> bool:
+    """Is ``queue`` in the registry, served by a node, or paused?"""
+    pipe = client.pipeline(transaction=False)
+    pipe.sismember(keys.queues, queue)
+    pipe.exists(keys.queue_nodes(queue), keys.paused(queue))
+    registered, present = pipe.execute()
+    return bool(registered) or bool(present)
+
+
+def pause(client: SyncClient, keys: Keys, queue: str, *, register: bool = False) -> bool:
+    """Set the pause flag of ``queue`` (SET NX); with ``register``, add it to the registry too.
+    False if it was already set."""
+    changed = bool(client.set(keys.paused(queue), "1", nx=True))
+    if register:
+        client.sadd(keys.queues, queue)
+    return changed
+
+
+def resume(client: SyncClient, keys: Keys, queue: str) -> bool:
+    """Clear the pause flag of ``queue`` (DEL). False if it was not set."""
+    return bool(client.delete(keys.paused(queue)))
+
+
+# -- queue depths ------------------------------------------------------------------------------------
+def queue_depths(
+    client: SyncClient, keys: Keys, queues: Sequence[str], *, live_since_ms: int
+) -> list[tuple[int, int, int, int, int, int, int]]:
+    """Per queue, in one pipeline: ready, scheduled, active, dead and finished counts, the pause
+    flag (0 or 1) and the number of nodes serving it with a heartbeat since ``live_since_ms``."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.zcard(keys.ready(q))
+        pipe.zcard(keys.scheduled(q))
+        pipe.zcard(keys.leases(q))
+        pipe.zcard(keys.dead(q))
+        pipe.zcard(keys.finished(q))
+        pipe.exists(keys.paused(q))
+        pipe.zcount(keys.queue_nodes(q), live_since_ms, "+inf")
+    raw = pipe.execute()
+    out = []
+    for i in range(len(queues)):
+        a, b, c, d, e, f, g = (int(x) for x in raw[i * 7 : i * 7 + 7])
+        out.append((a, b, c, d, e, f, g))
+    return out
+
+
+def oldest_ready_ms(client: SyncClient, keys: Keys, queue: str, sample: int) -> int | None:
+    """The smallest ``ready_ms`` among the first ``sample`` ids of each priority band of the ready
+    ZSET: one ZRANGE per band present (at most 201) and one HGET per sampled id, pipelined."""
+    key = keys.ready(queue)
+    heads: list[str] = []
+    start: str | float = "-inf"
+    for _ in range(202):
+        rows = client.zrangebyscore(key, start, "+inf", start=0, num=sample, withscores=True)
+        if not rows:
+            break
+        band = int(rows[0][1]) // PRIO_SPAN
+        heads.extend(to_str(m, "replace") for m, score in rows if int(score) // PRIO_SPAN == band)
+        start = (band + 1) * PRIO_SPAN
+    if not heads:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for job_id in heads:
+        pipe.hget(keys.job(queue, job_id), "ready_ms")
+    times = [int(v) for v in pipe.execute() if v is not None]
+    return min(times) if times else None
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+def job_ids(client: SyncClient, keys: Keys, queue: str, state: str, limit: int, *, scan: int) -> list[str]:
+    """Ids of ``queue``'s jobs in ``state``, at most ``limit``: ready in run order, scheduled by run
+    time, active by lease deadline, dead most recent first; done and cancelled (which share the
+    finished ZSET) most recent first among the newest ``scan`` finished jobs."""
+    if state == "ready":
+        raw = client.zrange(keys.ready(queue), 0, limit - 1)
+    elif state == "scheduled":
+        raw = client.zrange(keys.scheduled(queue), 0, limit - 1)
+    elif state == "active":
+        raw = client.zrange(keys.leases(queue), 0, limit - 1)
+    elif state == "dead":
+        raw = client.zrevrange(keys.dead(queue), 0, limit - 1)  # most recent first
+    else:
+        ids = [to_str(x, "replace") for x in client.zrevrange(keys.finished(queue), 0, scan - 1)]
+        pipe = client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(queue, job_id), "state")
+        states = pipe.execute() if ids else []
+        found = [
+            i for i, st in zip(ids, states, strict=True) if st is not None and to_str(st, "replace") == state
+        ]
+        return found[:limit]
+    return [to_str(x, "replace") for x in raw]
+
+
+def job_fields(client: SyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str]) -> list[Any]:
+    """HMGET of a job's hash: the raw values (``bytes`` or None) in the order of ``fields``."""
+    return list(client.hmget(keys.job(queue, job_id), list(fields)))
+
+
+def job_queue(client: SyncClient, keys: Keys, job_id: str, queues: Sequence[str]) -> str | None:
+    """The first of ``queues`` that holds a job ``job_id`` (EXISTS per queue, pipelined)."""
+    if not queues:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.exists(keys.job(q, job_id))
+    for q, hit in zip(queues, pipe.execute(), strict=True):
+        if hit:
+            return q
+    return None
+
+
+# -- the node registry -------------------------------------------------------------------------------
+def nodes(client: SyncClient, keys: Keys, limit: int) -> list[tuple[str, int, dict[str, str]]]:
+    """The registry's nodes, most recent heartbeat first: (node, heartbeat ms, its hash as text;
+    empty once the hash expired)."""
+    rows = client.zrevrange(keys.nodes, 0, limit - 1, withscores=True)
+    pipe = client.pipeline(transaction=False)
+    for node, _ in rows:
+        pipe.hgetall(keys.node(to_str(node, "replace")))
+    hashes = pipe.execute() if rows else []
+    return [
+        (
+            to_str(node, "replace"),
+            int(score),
+            {to_str(k, "replace"): to_str(v, "replace") for k, v in h.items()},
+        )
+        for (node, score), h in zip(rows, hashes, strict=True)
+    ]
+
+
+def live_node_count(client: SyncClient, keys: Keys, since_ms: int) -> int:
+    """Nodes with a heartbeat since ``since_ms`` (one ZCOUNT)."""
+    return int(client.zcount(keys.nodes, since_ms, "+inf"))
+
+
+def register_node(
+    client: SyncClient, keys: Keys, node: str, info: Mapping[str, Any], *, now_ms: int, ttl_ms: int
+) -> Any:
+    """One heartbeat of the node registry, in one pipeline: the node's score and hash (expiring
+    after ``ttl_ms``), entries older than ``ttl_ms`` dropped (killed nodes never deregister), the
+    dataset epoch set if missing. Returns the epoch."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(keys.nodes, {node: now_ms})
+    pipe.hset(keys.node(node), mapping=dict(info))
+    pipe.pexpire(keys.node(node), ttl_ms)
+    pipe.zremrangebyscore(keys.nodes, "-inf", now_ms - ttl_ms)
+    pipe.set(keys.epoch, os.urandom(8).hex(), nx=True)
+    pipe.get(keys.epoch)
+    *_, epoch = pipe.execute()
+    return epoch
+
+
+def deregister_node(client: SyncClient, keys: Keys, node: str, queues: Sequence[str]) -> None:
+    """Remove ``node`` from the registry and from each queue's node set (a clean exit)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(keys.nodes, node)
+    pipe.delete(keys.node(node))
+    pipe.execute()
+    for q in queues:
+        client.zrem(keys.queue_nodes(q), node)
+
+
+# -- a node's own active set ---------------------------------------------------------------------------
+async def active_ids_async(client: AsyncClient, keys: Keys, queue: str, node: str, limit: int) -> list[str]:
+    """The first ``limit`` ids of ``node``'s active set in ``queue``. An active set left as a LIST
+    by a jobq from before the active ZSET is converted first (the reap script does the same): the
+    ZSET is built beside it (same hash tag) and renamed over it in one step."""
+    akey = keys.active(queue, node)
+    if await client.type(akey) in (b"list", "list"):
+        ids = await client.lrange(akey, 0, -1)
+        if ids:
+            tmp = keys.active_upgrade(queue, node)
+            await client.zadd(tmp, dict.fromkeys(ids, 0))
+            await client.rename(tmp, akey)
+    return [to_str(raw) for raw in await client.zrange(akey, 0, limit - 1)]
+
+
+async def count_reaped_async(client: AsyncClient, keys: Keys, queue: str, job_id: str) -> None:
+    """Add one to a job's ``reaped`` counter (HINCRBY)."""
+    await client.hincrby(keys.job(queue, job_id), "reaped", 1)
