@@ -1,4 +1,4 @@
-"""``jobq serve``: run the HTTP API (:mod:`jobq.http`)."""
+"""``jobq serve``: run the HTTP API (:mod:`jobq.web`, the ``jobq[web]`` extra)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,13 @@ def serve(
 ) -> None:
     """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json)."""
     from jobq import logs
-    from jobq.http import ApiServer
+
+    try:
+        from jobq.web.server import ApiServer
+    except ImportError as exc:
+        raise click.ClickException(
+            f"jobq serve needs the web extra: pip install 'jobq[web]' ({exc})"
+        ) from None
 
     logs.configure(log_format, log_level)
     logs.add_secret(token)
@@ -94,10 +100,9 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever()
+        server.serve_forever()  # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises it
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
-        server.health_client.close()
+        server.close()
         app.close()
