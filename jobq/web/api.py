@@ -271,8 +271,8 @@ class ApiApp:
             reqs = [requests.request_from_json(item, index=i) for i, item in enumerate(body)]
             jobs = self.app.enqueue_many(reqs)
             return 201, {"jobs": [{"id": j.id, "queue": j.queue} for j in jobs]}
-        job = self.app.enqueue_request(requests.request_from_json(body))
-        return 201, {"id": job.id, "queue": job.queue, "status": job.status().value}
+        job, state = self.app.enqueue_request_state(requests.request_from_json(body))
+        return 201, {"id": job.id, "queue": job.queue, "status": state or job.status().value}
 
     def get_jobs(self, query: dict[str, str]) -> dict[str, Any]:
         limit_s = query.get("limit", "100")

@@ -224,3 +224,27 @@ def test_serve_metrics_export_only_producer_series(server: ApiServer) -> None:
         "jobq_job_duration_seconds",
     }
     assert names & worker_only == set()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task": "t"},
+        {"task": "t", "delay": 0},
+        {"task": "t", "delay": 60},
+        {"task": "t", "run_at": 1000},
+        {"task": "t", "run_at": 2**40},
+        {"task": "t", "unique_key": "u1", "delay": 60},
+        {"task": "t", "job_id": "given-1"},
+    ],
+)
+def test_post_answers_the_state_the_job_was_stored_in(server: ApiServer, body: dict[str, object]) -> None:
+    # The state comes from the request when the id is new (no second round trip): it must agree.
+    for _ in range(2):  # the second POST of a unique_key/job_id returns the existing job
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/jobs", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        got = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 201, got
+        assert got["status"] == server.app.job(got["id"], got["queue"]).status().value
