@@ -1,11 +1,12 @@
 """The web layer (the ``jobq[web]`` extra): the HTTP API as an ASGI application, served by
-uvicorn (``jobq serve``) or mounted in any ASGI app.
+uvicorn (``jobq serve``) or mounted in any ASGI app (Starlette, FastAPI, Django's ASGI).
 
     from jobq.web import asgi_app
     api = asgi_app(JobQ("redis://..."), token="...")   # an ASGI callable
 
-Nothing in :mod:`jobq`'s core imports this package: a worker or a producer needs neither
-Starlette nor uvicorn.
+The application is plain ASGI (no framework: six JSON routes, and every layer between the socket
+and the Redis call costs request rate); nothing in :mod:`jobq`'s core imports this package, so a
+worker or a producer needs no uvicorn.
 """
 
 from __future__ import annotations

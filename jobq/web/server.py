@@ -178,6 +178,7 @@ class ApiServer:
             http=_protocol(request_timeout),
             loop=_loop(),
             lifespan="off",
+            proxy_headers=False,  # the client address is the peer's; no X-Forwarded-* trust
             log_config=None,
             access_log=False,
             server_header=False,
