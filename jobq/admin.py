@@ -234,6 +234,34 @@ def list_jobs(
     return out
 
 
+#: States :func:`page_jobs` pages by index (the ZSETs; done and cancelled share one, filtered).
+PAGED_STATES = ("ready", "scheduled", "active", "dead")
+
+
+def page_jobs(
+    app: JobQ, queue: str, state: str, *, offset: int = 0, limit: int = 50, with_args: bool = False
+) -> tuple[list[JobInfo], int]:
+    """One page of ``queue``'s jobs in ``state`` (one of ``PAGED_STATES``), in the order of
+    :func:`list_jobs`, from ``offset``; and how many jobs the state holds. A ZRANGE by index
+    and a ZCARD (O(log N + page)), then one read per job: as fast at a million jobs as at ten."""
+    q = validate_queue(queue)
+    if state not in PAGED_STATES:
+        raise errors.InvalidInput(f"state: must be one of {', '.join(PAGED_STATES)}, got {state!r}", "state")
+    if not 1 <= limit <= MAX_LIST or offset < 0:
+        raise errors.InvalidInput(f"limit: must be 1..{MAX_LIST} with offset >= 0", "limit")
+    k, c = app.keys, app.client
+    key = {"ready": k.ready(q), "scheduled": k.scheduled(q), "active": k.leases(q), "dead": k.dead(q)}[state]
+    pipe = c.pipeline(transaction=False)
+    if state == "dead":  # most recent first
+        pipe.zrevrange(key, offset, offset + limit - 1)
+    else:
+        pipe.zrange(key, offset, offset + limit - 1)
+    pipe.zcard(key)
+    raw, total = pipe.execute()
+    infos = [app.job(util.to_str(x, "replace"), q).info(with_args=with_args) for x in raw]
+    return [i for i in infos if i.state.value != "unknown"], int(total)
+
+
 # -- nodes ------------------------------------------------------------------------------------------
 def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[NodeInfo]:
     """Nodes in the ``jobq:nodes`` registry, most recent heartbeat first. A node is ``live`` while

@@ -46,6 +46,8 @@ def _max_depth(values: tuple[str, ...]) -> int | dict[str, int]:
     help="Refuse enqueues (503) when a queue holds N waiting jobs (repeatable per queue).",
 )
 @click.option("--max-body", default=2 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+@click.option("--ui/--no-ui", default=True, show_default=True, help="Serve the dashboard at /ui.")
+@click.option("--read-only", is_flag=True, help="Dashboard without actions (every POST refused).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option(
     "--log-level",
@@ -60,10 +62,13 @@ def serve(
     token: str | None,
     max_depth: tuple[str, ...],
     max_body: int,
+    ui: bool,
+    read_only: bool,
     log_format: str,
     log_level: str,
 ) -> None:
-    """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json)."""
+    """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json) and
+    the dashboard at /ui."""
     from jobq import logs
 
     try:
@@ -79,7 +84,7 @@ def serve(
     app = JobQ(settings.redis_url, prefix=settings.prefix, max_depth=depth)
     builtin.register(app)
     try:
-        server = ApiServer(app, host, port, token=token, max_body=max_body)
+        server = ApiServer(app, host, port, token=token, max_body=max_body, ui=ui, read_only=read_only)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
     import logging

@@ -28,11 +28,11 @@ __all__ = [
 ]
 
 
-def asgi_app(app: JobQ, **options: Any) -> ApiApp:
-    """The HTTP API over ``app`` as an ASGI application (options as :class:`ApiApp`: ``token``,
-    ``max_body``, ``metrics``, ``request_timeout``), to serve with any ASGI server or mount under
-    a path in a Starlette/FastAPI app."""
-    return ApiApp(app, **options)
+def asgi_app(app: JobQ, *, ui: bool = True, **options: Any) -> ApiApp:
+    """The HTTP API over ``app`` as an ASGI application, with the dashboard at ``/ui`` (options as
+    :class:`ApiApp`: ``token``, ``read_only``, ``max_body``, ``metrics``, ``request_timeout``), to
+    serve with any ASGI server or mount under a path in a Starlette/FastAPI app."""
+    return ApiApp(app, ui=ui, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,15 +18,13 @@ read), 415 not ``application/json``, 503 queue full (with ``Retry-After``; nothi
 unavailable.
 
 The Redis work of a request (one or two round trips) runs on a bounded thread pool
-(``MAX_THREADS``), so a slow Redis holds at most that many threads (and Redis connections), never one per
-client connection.
+(``jobq.web.pool.MAX_THREADS``), so a slow Redis holds at most that many threads (and Redis
+connections), never one per client connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import hmac
 import json
 import logging
@@ -43,6 +41,7 @@ from redis.retry import Retry
 from jobq import admin, connection, errors, requests, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
+from jobq.web import pool
 
 log = logging.getLogger("jobq.http")
 
@@ -60,8 +59,6 @@ MAX_BULK = 10_000
 REQUEST_TIMEOUT = 30.0
 #: Seconds a client should wait before retrying after a 503.
 RETRY_AFTER = 5
-#: Threads (and so at most Redis connections) doing the requests' Redis work at once.
-MAX_THREADS = 32
 
 #: The methods each route answers (HEAD goes with GET).
 ROUTES_ALLOW = {
@@ -138,7 +135,8 @@ class ApiApp:
     /openapi.json (compared in constant time). ``max_body``: largest request body, refused with
     413 before it is read. ``request_timeout``: seconds a client has to send a request's body (the
     server adds the same deadline on the headers). ``metrics``: the registry /metrics exports
-    (default: enqueue counters and queue gauges, no worker series)."""
+    (default: enqueue counters and queue gauges, no worker series). ``ui``: serve the dashboard
+    (:mod:`jobq.web.ui`) at ``/ui``, with the same token (or basic auth) and ``read_only``."""
 
     def __init__(
         self,
@@ -148,6 +146,8 @@ class ApiApp:
         max_body: int = DEFAULT_MAX_BODY,
         metrics: Metrics | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
+        ui: bool = False,
+        read_only: bool = False,
     ) -> None:
         self.app = app
         self.token = token.encode() if token else None
@@ -159,16 +159,17 @@ class ApiApp:
             app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
         )
         self._openapi: bytes | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="jobq-http")
+        self.ui: Any = None
+        if ui:
+            from jobq.web.ui import UiApp
+
+            self.ui = UiApp(app, token=token, read_only=read_only, prefix="/ui")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
         self.health_client.close()
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """``fn(*args)`` on the bounded pool (a plain executor: anyio's per-call bookkeeping
-        cost a fifth of the request rate)."""
-        return asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        return pool.run_sync(fn, *args)
 
     # -- ASGI -----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,6 +181,10 @@ class ApiApp:
         started = time.monotonic()
         method: str = scope["method"]
         path: str = scope["path"].rstrip("/") or "/"
+        if self.ui is not None and (path == "/ui" or path.startswith("/ui/")):
+            await self.ui(scope, receive, send)
+            log.info("%s %s (%.1f ms)", method, path, (time.monotonic() - started) * 1000)
+            return
         headers = _headers(scope)
         req = _Request(self, scope, receive, headers)
         try:

@@ -154,10 +154,18 @@ class ApiServer:
         request_timeout: float = REQUEST_TIMEOUT,
         backlog: int = BACKLOG,
         max_connections: int = MAX_CONNECTIONS,
+        ui: bool = False,
+        read_only: bool = False,
     ) -> None:
         self.app = app
         self.api = ApiApp(
-            app, token=token, max_body=max_body, metrics=metrics, request_timeout=request_timeout
+            app,
+            token=token,
+            max_body=max_body,
+            metrics=metrics,
+            request_timeout=request_timeout,
+            ui=ui,
+            read_only=read_only,
         )
         self.metrics = self.api.metrics
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
