@@ -48,10 +48,15 @@ SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on form posts
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
-STATIC = {"ui.css": b"text/css; charset=utf-8", "ui.js": b"text/javascript; charset=utf-8"}
+STATIC = {
+    "ui.css": b"text/css; charset=utf-8",
+    "ui.js": b"text/javascript; charset=utf-8",
+    "icon.svg": b"image/svg+xml",
+}
 
 
 class _Answer(Exception):
@@ -215,7 +220,7 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
         (
             f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)} · jobq</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<link rel="icon" href="data:,"><link rel="stylesheet" href="{base}/static/ui.css"></head>'
+            f'<link rel="icon" href="{base}/static/icon.svg"><link rel="stylesheet" href="{base}/static/ui.css"></head>'
             f"<body{live_attr}><header><strong>jobq</strong>{nav}{ro}</header><main><h1>{_e(title)}</h1>"
         ).encode()
         + content
