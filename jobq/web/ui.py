@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
-from jobq import admin, errors
+from jobq import admin, errors, util
 from jobq.app import JobQ
 from jobq.web import pool
 
@@ -461,13 +461,26 @@ class _View:
             jobs, total = admin.page_jobs(self.app, s.queue, "scheduled", limit=20)
             link = f'<a href="{self.base}/queues/{quote(s.queue, safe="")}?state=scheduled">{_e(s.queue)}</a>'
             parts.append(f"<h2>{link} ({total})</h2>" + self._jobs_table(s.queue, jobs))
-        crons = getattr(self.app, "cron_entries", None) or getattr(self.app, "crons", None) or []
+        crons = list(getattr(self.app, "cron_entries", []))
         if crons:
-            rows = "".join(
-                f"<tr><td>{_e(getattr(c, 'name', c))}</td><td>{_e(getattr(c, 'schedule', ''))}</td></tr>"
-                for c in crons
+            now = admin.server_now_ms(self.app)
+            rows = []
+            for c in crons:
+                task = self.app.tasks.get(c.task)
+                queue = getattr(getattr(task, "defaults", None), "queue", None) or "default"
+                last = self.app.client.get(self.app.keys.queue_prefix(queue) + "cron:" + c.key_name)
+                try:
+                    last_ms = int(util.to_str(last)) if last is not None else None
+                except ValueError:
+                    last_ms = None
+                rows.append(
+                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
+                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td></tr>"
+                )
+            parts.append(
+                "<h2>Cron</h2><table><tr><th>entry</th><th>task</th><th>schedule</th><th>queue</th>"
+                f"<th>latest tick due</th><th>last tick enqueued</th></tr>{''.join(rows)}</table>"
             )
-            parts.append(f"<h2>Cron</h2><table><tr><th>entry</th><th>schedule</th></tr>{rows}</table>")
         return ("".join(parts) or "<p class=muted>Nothing scheduled.</p>").encode()
 
     def nodes_page(self) -> bytes:

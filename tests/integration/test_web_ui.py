@@ -242,3 +242,34 @@ def test_queue_pages_read_by_index(redis_url: str) -> None:
     finally:
         server.close()
         app.close()
+
+
+def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
+    """Mounted with asgi_app over the app that declares the cron entries (as a worker's app)."""
+    import asyncio
+
+    from jobq.web import asgi_app
+
+    app = JobQ(redis_url)
+
+    @app.periodic("*/5 * * * *", queue="reports")
+    def nightly_report() -> None:
+        pass
+
+    asgi = asgi_app(app)
+    sent: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {"type": "http", "method": "GET", "path": "/ui/scheduled", "headers": [], "query_string": b""}
+        await asgi(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent[0]["status"] == 200
+    body = sent[1]["body"].decode()
+    assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
