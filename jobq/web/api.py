@@ -180,7 +180,11 @@ class ApiApp:
             return
         started = time.monotonic()
         method: str = scope["method"]
-        path: str = scope["path"].rstrip("/") or "/"
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under root_path, handed the full path
+            path = path[len(root) :]
+        path = path.rstrip("/") or "/"
         if self.ui is not None and (path == "/ui" or path.startswith("/ui/")):
             await self.ui(scope, receive, send)
             log.info("%s %s (%.1f ms)", method, path, (time.monotonic() - started) * 1000)

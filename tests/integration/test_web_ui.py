@@ -273,3 +273,43 @@ def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
     assert sent[0]["status"] == 200
     body = sent[1]["body"].decode()
     assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
+
+
+@pytest.mark.parametrize("full_path", [True, False])
+def test_mounted_under_a_root_path(redis_url: str, full_path: bool) -> None:
+    """Mounted at /jobq: ASGI servers and frameworks hand the app either the full path with
+    root_path set (Starlette's Mount today) or the path below the mount; both route."""
+    import asyncio
+
+    from jobq.web import asgi_app
+
+    app = JobQ(redis_url)
+    asgi = asgi_app(app)
+
+    def get(path: str) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": ("/jobq" + path) if full_path else path,
+            "root_path": "/jobq",
+            "headers": [],
+            "query_string": b"",
+        }
+        asyncio.run(asgi(scope, receive, send))
+        return sent[0]["status"], sent[1]["body"]
+
+    try:
+        assert get("/stats")[0] == 200
+        status, body = get("/ui/")
+        assert status == 200 and b'href="/jobq/ui/static/ui.css"' in body
+    finally:
+        asgi.close()
+        app.close()
