@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from jobq import errors, requests, util
 from jobq.app import JobInfo, JobQ
 from jobq.keys import validate_queue
@@ -399,6 +401,46 @@ def retry_dead(app: JobQ, queue: str, job_ids: Sequence[str] | None = None) -> i
         total += n
         if n < 1000:
             return total
+
+
+def delete_dead(app: JobQ, queue: str, job_ids: Sequence[str]) -> int:
+    """Delete the given dead letters of ``queue`` (the job hash, its place in the dead-letter
+    list and its unique key when that still names it), as ``jobq dead purge`` does for all;
+    returns how many were deleted. Ids that are not dead letters (any more) are left alone.
+
+    Each job is one optimistic transaction (WATCH the dead list, the job and its unique key;
+    MULTI; retry on a concurrent change): a retry of the same job racing with the delete wins or
+    loses whole. Every key is in the queue's hash slot."""
+    q = validate_queue(queue)
+    k = app.keys
+    deleted = 0
+    for raw_id in job_ids:
+        job_id = requests.validate_job_id(raw_id)
+        jkey, dkey = k.job(q, job_id), k.dead(q)
+        for _ in range(10):
+            with app.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(dkey, jkey)
+                    if pipe.zscore(dkey, job_id) is None:
+                        break
+                    state, unique = pipe.hmget(jkey, "state", "unique")
+                    if state is not None and util.to_str(state, "replace") != "dead":
+                        break
+                    ukey = k.unique(q, util.to_str(unique, "replace")) if unique else None
+                    if ukey is not None:
+                        pipe.watch(ukey)
+                    owns_unique = ukey is not None and util.to_str(pipe.get(ukey) or b"", "replace") == job_id
+                    pipe.multi()
+                    pipe.zrem(dkey, job_id)
+                    pipe.delete(jkey)
+                    if owns_unique and ukey is not None:
+                        pipe.delete(ukey)
+                    pipe.execute()
+                    deleted += 1
+                    break
+                except WatchError:
+                    continue
+    return deleted
 
 
 def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:

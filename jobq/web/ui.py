@@ -392,9 +392,14 @@ class _View:
                 '<div class="actions">'
                 + f'<form id="sel" class="inline" method="post" action="{_e(self.base + qa + "/retry")}">'
                 f'<input type="hidden" name="csrf" value="{self.csrf}"><button>Retry selected</button></form>'
+                + f'<button form="sel" formaction="{_e(self.base + qa + "/delete")}" class="danger">Delete selected</button>'
                 + self._form(f"{qa}/retry", "Retry all", extra='<input type="hidden" name="all" value="1">')
                 + self._form(
-                    f"{qa}/delete", "Delete all", danger=True, confirm=f"Delete every dead letter of {queue}?"
+                    f"{qa}/delete",
+                    "Delete all",
+                    extra='<input type="hidden" name="all" value="1">',
+                    danger=True,
+                    confirm=f"Delete every dead letter of {queue}?",
                 )
                 + "</div>"
                 + table
@@ -410,6 +415,7 @@ class _View:
             actions += self._form(f"{jq}/cancel", "Cancel", danger=True, confirm="Cancel this job?")
         if info.state.value == "dead":
             actions += self._form(f"{jq}/retry", "Retry")
+            actions += self._form(f"{jq}/delete", "Delete", danger=True, confirm="Delete this dead letter?")
         fields = [
             ("queue", f'<a href="{self.base}/queues/{quote(info.queue, safe="")}">{_e(info.queue)}</a>'),
             ("task", _e(info.task)),
@@ -527,7 +533,11 @@ class _View:
                     admin.retry_dead(app, q)
                 return back
             if verb == "delete":
-                admin.purge(app, q, ("dead",))
+                ids = form.get("id") or []
+                if ids:
+                    admin.delete_dead(app, q, ids)
+                elif form.get("all"):
+                    admin.purge(app, q, ("dead",))
                 return back
         if len(parts) == 4 and parts[0] == "jobs":
             q, job_id, verb = parts[1], parts[2], parts[3]
@@ -538,4 +548,7 @@ class _View:
             if verb == "retry":
                 admin.retry_dead(app, q, [job_id])
                 return back
+            if verb == "delete":
+                admin.delete_dead(app, q, [job_id])
+                return f"{self.base}/queues/{quote(q, safe='')}?state=dead"
         raise _Answer(404, b"no such action", b"text/plain", [])

@@ -313,3 +313,42 @@ def test_mounted_under_a_root_path(redis_url: str, full_path: bool) -> None:
     finally:
         asgi.close()
         app.close()
+
+
+def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
+    app = JobQ(redis_url)
+
+    @app.task(name="always_fails", queue="work2", max_attempts=1)
+    def always_fails(n: int) -> None:
+        raise RuntimeError(f"no {n}")
+
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    worker = ThreadWorker(app, queues=[("work2", 1)], concurrency=2, lease=5).start()
+    try:
+        jobs = [
+            app.enqueue_request(
+                request_from_json(
+                    {"task": "always_fails", "args": [i], "queue": "work2", "unique_key": f"u{i}"}
+                )
+            )
+            for i in range(4)
+        ]
+        wait_for(lambda: all(j.status().value == "dead" for j in jobs), 20)
+        b = Browser(server.port)
+        # One from its page ...
+        status, headers, _ = b.post(f"/ui/jobs/work2/{jobs[0].id}", f"/ui/jobs/work2/{jobs[0].id}/delete")
+        assert status == 303 and headers["location"].endswith("?state=dead")
+        # ... two selected on the queue's dead tab (the "Delete selected" button's formaction).
+        page = b.get("/ui/queues/work2?state=dead")
+        assert "Delete selected" in page
+        extra = f"&id={jobs[1].id}&id={jobs[2].id}"
+        assert b.post("/ui/queues/work2?state=dead", "/ui/queues/work2/dead/delete", extra)[0] == 303
+        assert admin.queue_stats(app, ["work2"])[0].dead == 1
+        assert [j.status().value for j in jobs] == ["unknown", "unknown", "unknown", "dead"]
+        assert not r.exists(app.keys.job("work2", jobs[0].id))
+        # Their unique keys are free again; the remaining dead letter keeps its own.
+        assert not r.exists(app.keys.unique("work2", "u0")) and not r.exists(app.keys.unique("work2", "u1"))
+    finally:
+        worker.stop()
+        server.close()
+        app.close()
