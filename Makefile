@@ -5,7 +5,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 install:  ## install jobq with test and dev extras (editable)
-	$(PY) -m pip install -e ".[test,dev]"
+	$(PY) -m pip install -e ".[web,test,dev]"
 
 format:  ## format the code
 	$(PY) -m ruff check --fix jobq tests scripts

@@ -491,14 +491,32 @@ class JobQ:
         return self.enqueue_request(req)
 
     def enqueue_request(self, req: EnqueueRequest) -> Job:
+        return self.enqueue_request_state(req)[0]
+
+    def enqueue_request_state(self, req: EnqueueRequest) -> tuple[Job, str | None]:
+        """:meth:`enqueue_request`, and the state the job was stored in when the request alone
+        tells it (a new id: no ``unique_key``, no caller-given ``job_id``): ``"ready"`` or
+        ``"scheduled"``, without another round trip; ``None`` when an existing job's handle may
+        have been returned (ask ``job.status()``)."""
         q, spec = self.prepare(req)
-        ids = self.run(self.store.enqueue(q, [spec], now_ms=self.now_ms(), max_depth=self.depth_limit(q)))
+        now = self.now_ms()
+        ids = self.run(self.store.enqueue(q, [spec], now_ms=now, max_depth=self.depth_limit(q)))
         # Registered after the job is stored, so a refused enqueue writes nothing at all.
         if q not in self._known_queues:
             self._register_queue(q)
         if self.on_enqueued:
             self._notify_enqueued([(q, spec.task)])
-        return Job(self, ids[0], q)
+        state: str | None = None
+        if not spec.unique_key and req.job_id is None and ids[0] == spec.id:
+            # The script's rule (lua/enqueue.lua): an explicit run_at wins, a past one is now.
+            later: bool | None
+            if spec.run_at_ms is not None:
+                later = None if now is None else spec.run_at_ms > now
+            else:
+                later = spec.delay_ms is not None and spec.delay_ms > 0
+            if later is not None:
+                state = "scheduled" if later else "ready"
+        return Job(self, ids[0], q), state
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and

@@ -137,6 +137,8 @@ class Metrics:
     ``queues``: the queues the scrape-time collector reports (default: every registered queue);
     ``collect_queues=False`` leaves the collector out. Creating one subscribes it to the app's
     enqueue hook (``app.on_enqueued``) when the app has one, so enqueues from this process count.
+    ``worker=False`` (a producer such as ``jobq serve``) exports only the enqueue counters and the
+    queue gauges: the per-node series a worker sets stay off the registry.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class Metrics:
         collect_queues: bool = True,
         max_label_values: int = 200,
         node_ttl_s: float = 60.0,
+        worker: bool = True,
     ) -> None:
         self.app = app
         self.node = node
@@ -156,8 +159,10 @@ class Metrics:
         known = lambda name: name in getattr(app, "tasks", {})  # noqa: E731
         self._task = _Bounded(max_label_values, known)
         self._queue = _Bounded(max_label_values, lambda name: queues is not None and name in queues)
-        r, qt = self.registry, ["queue", "task"]
-        self.enqueued = Counter("jobq_jobs_enqueued", "Enqueue requests accepted", qt, registry=r)
+        qt = ["queue", "task"]
+        self.enqueued = Counter("jobq_jobs_enqueued", "Enqueue requests accepted", qt, registry=self.registry)
+        # A producer's registry leaves the worker's series out (they would read 0 and mislead).
+        r = self.registry if worker else CollectorRegistry(auto_describe=False)
         self.started = Counter("jobq_jobs_started", "Attempts started on this node", qt, registry=r)
         self.completed = Counter("jobq_jobs_completed", "Attempts that succeeded", qt, registry=r)
         self.failed = Counter("jobq_jobs_failed", "Attempts that failed", qt, registry=r)
@@ -213,7 +218,7 @@ class Metrics:
         self.collector: QueueCollector | None = None
         if collect_queues:
             self.collector = QueueCollector(app, queues, node_ttl_s=node_ttl_s)
-            r.register(self.collector)
+            self.registry.register(self.collector)
         hooks = getattr(app, "on_enqueued", None)
         if isinstance(hooks, list):
             hooks.append(self.job_enqueued)
@@ -302,14 +307,43 @@ class Metrics:
 Health = Callable[[], tuple[bool, str]]
 
 
+class _Httpd(ThreadingHTTPServer):
+    """The standard library's threaded server with a listen backlog for bursts of scrapes (its
+    default is 5) and a cap on the threads serving connections at once (more connects wait in
+    the backlog instead of each getting a thread)."""
+
+    request_queue_size = 128
+    daemon_threads = True
+    max_threads = 16
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
-    """A background ``ThreadingHTTPServer`` serving ``/metrics`` and ``/health``."""
+    """A background HTTP server serving ``/metrics`` and ``/health`` (the standard library's,
+    with ``TCP_NODELAY`` per connection, a larger backlog, a thread cap and an idle timeout)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int, health: Health) -> None:
         self.metrics = metrics
         self.health = health
         handler = type("Handler", (_MetricsHandler,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _Httpd((host, port), handler)
         self.httpd.daemon_threads = True
         self.host = host
         self.port = int(self.httpd.server_address[1])
@@ -344,6 +378,11 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     server_ref: MetricsServer
     protocol_version = "HTTP/1.1"
     server_version = "jobq-metrics"
+    # Headers and body go out as separate writes: with Nagle's algorithm on, the body of every
+    # keep-alive response after the first waited for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
+    # An idle or trickling connection is dropped after this many seconds (per read).
+    timeout = 30
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -370,6 +409,9 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     do_HEAD = do_GET
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version in the Server header
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)

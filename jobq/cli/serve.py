@@ -1,4 +1,4 @@
-"""``jobq serve``: run the HTTP API (:mod:`jobq.http`)."""
+"""``jobq serve``: run the HTTP API (:mod:`jobq.web`, the ``jobq[web]`` extra)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def _max_depth(values: tuple[str, ...]) -> int | dict[str, int]:
     help="Refuse enqueues (503) when a queue holds N waiting jobs (repeatable per queue).",
 )
 @click.option("--max-body", default=2 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+@click.option("--ui/--no-ui", default=True, show_default=True, help="Serve the dashboard at /ui.")
+@click.option("--read-only", is_flag=True, help="Dashboard without actions (every POST refused).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option(
     "--log-level",
@@ -61,12 +63,21 @@ def serve(
     token: str | None,
     max_depth: tuple[str, ...],
     max_body: int,
+    ui: bool,
+    read_only: bool,
     log_format: str,
     log_level: str,
 ) -> None:
-    """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json)."""
+    """Run the HTTP API (POST/GET/DELETE /jobs, /stats, /health, /metrics, /openapi.json) and
+    the dashboard at /ui."""
     from jobq import logs
-    from jobq.http import ApiServer
+
+    try:
+        from jobq.web.server import ApiServer
+    except ImportError as exc:
+        raise click.ClickException(
+            f"jobq serve needs the web extra: pip install 'jobq[web]' ({exc})"
+        ) from None
 
     logs.configure(log_format, log_level)
     logs.add_secret(token)
@@ -74,7 +85,7 @@ def serve(
     app = JobQ(settings.redis_url, prefix=settings.prefix, max_depth=depth)
     builtin.register(app)
     try:
-        server = ApiServer(app, host, port, token=token, max_body=max_body)
+        server = ApiServer(app, host, port, token=token, max_body=max_body, ui=ui, read_only=read_only)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
     import logging
@@ -95,10 +106,9 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever()
+        server.serve_forever()  # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises it
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
-        server.health_client.close()
+        server.close()
         app.close()

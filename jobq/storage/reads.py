@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from jobq.storage.calls import AsyncClient, SyncClient
 from jobq.storage.keys import Keys
 from jobq.util import to_str
@@ -241,3 +243,60 @@ async def active_ids_async(client: AsyncClient, keys: Keys, queue: str, node: st
 async def count_reaped_async(client: AsyncClient, keys: Keys, queue: str, job_id: str) -> None:
     """Add one to a job's ``reaped`` counter (HINCRBY)."""
     await client.hincrby(keys.job(queue, job_id), "reaped", 1)
+
+
+def delete_dead(client: SyncClient, keys: Keys, queue: str, job_ids: Sequence[str]) -> int:
+    """Delete the given dead letters of ``queue`` (the job hash, its dead-list entry and its unique
+    key when that still names it); ids that are not dead letters (any more) are left alone.
+    Returns how many were deleted. Each job is one optimistic transaction (WATCH the dead list,
+    the job and its unique key; MULTI; retried on a concurrent change), so a retry of the same job
+    racing with the delete wins or loses whole. Every key is in the queue's hash slot."""
+    deleted = 0
+    for job_id in job_ids:
+        jkey, dkey = keys.job(queue, job_id), keys.dead(queue)
+        for _ in range(10):
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(dkey, jkey)
+                    if pipe.zscore(dkey, job_id) is None:
+                        break
+                    state, unique = pipe.hmget(jkey, "state", "unique")
+                    if state is not None and to_str(state, "replace") != "dead":
+                        break
+                    ukey = keys.unique(queue, to_str(unique, "replace")) if unique else None
+                    if ukey is not None:
+                        pipe.watch(ukey)
+                    owns_unique = ukey is not None and to_str(pipe.get(ukey) or b"", "replace") == job_id
+                    pipe.multi()
+                    pipe.zrem(dkey, job_id)
+                    pipe.delete(jkey)
+                    if owns_unique and ukey is not None:
+                        pipe.delete(ukey)
+                    pipe.execute()
+                    deleted += 1
+                    break
+                except WatchError:
+                    continue
+    return deleted
+
+
+def page_ids(
+    client: SyncClient, keys: Keys, queue: str, state: str, offset: int, limit: int
+) -> tuple[list[str], int]:
+    """One page of the ids of ``queue``'s jobs in ``state`` (ready, scheduled, active or dead; dead
+    most recent first) from ``offset``, and how many the state holds: a ZRANGE by index and a
+    ZCARD, O(log N + page)."""
+    key = {
+        "ready": keys.ready(queue),
+        "scheduled": keys.scheduled(queue),
+        "active": keys.leases(queue),
+        "dead": keys.dead(queue),
+    }[state]
+    pipe = client.pipeline(transaction=False)
+    if state == "dead":
+        pipe.zrevrange(key, offset, offset + limit - 1)
+    else:
+        pipe.zrange(key, offset, offset + limit - 1)
+    pipe.zcard(key)
+    raw, total = pipe.execute()
+    return [to_str(x, "replace") for x in raw], int(total)

@@ -194,7 +194,7 @@ def test_b6_ndjson_one_bad_line_in_1000_all_or_nothing(redis_url: str, r: redis.
 
 # -- B1 over HTTP, B5: the HTTP API ------------------------------------------------------------------
 def _http_api(url: str) -> Iterator[tuple[JobQ, int]]:
-    from jobq.http import ApiServer
+    from jobq.web import ApiServer
 
     app = JobQ(url)
     server = ApiServer(app, port=0).start()

@@ -95,7 +95,7 @@ def test_http_checks_when_the_app_knows_the_task(redis_url: str, r: redis.Redis)
     import http.client
     import json
 
-    from jobq.http import ApiServer
+    from jobq.web import ApiServer
 
     app = JobQ(redis_url)
 
@@ -174,7 +174,7 @@ def test_builtin_arguments_are_refused_at_enqueue_over_http(redis_url: str, r: r
     import json
 
     from jobq import builtin
-    from jobq.http import ApiServer
+    from jobq.web import ApiServer
 
     app = JobQ(redis_url)
     builtin.register(app)

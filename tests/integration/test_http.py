@@ -14,7 +14,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobq import JobQ
-from jobq.http import ApiServer, openapi_document
+from jobq.web import ApiServer, openapi_document
 from tests.harness.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration]

@@ -15,7 +15,7 @@ import redis
 
 from jobq import EnqueueRequest, InvalidJobId, InvalidQueueName, JobQ
 from jobq.cli import main
-from jobq.http import ApiServer
+from jobq.web import ApiServer
 from tests.harness.cli import cli_runner
 
 pytestmark = [pytest.mark.integration]

@@ -141,7 +141,7 @@ def test_http_job_view_masks_credentials_inside_values(redis_url: str) -> None:
     import http.client
     import json
 
-    from jobq.http import ApiServer
+    from jobq.web import ApiServer
 
     app, job_id = _seed(redis_url)
     server = ApiServer(app, "127.0.0.1", 0).start()

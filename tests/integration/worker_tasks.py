@@ -66,3 +66,13 @@ def sleep_sync(key: int, seconds: float) -> int:
     time.sleep(seconds)
     _record("F", key)
     return key
+
+
+@app.task(queue="proc", max_attempts=1)
+def flaky(key: int) -> int:
+    """Fails while ``$JOBQ_TEST_RECORD_DIR/fail-<key>`` exists (a test removes it to let a retry
+    succeed)."""
+    if os.path.exists(os.path.join(os.environ["JOBQ_TEST_RECORD_DIR"], f"fail-{key}")):
+        raise RuntimeError(f"flaky {key}: failing on purpose")
+    _record("flaky", key)
+    return key

@@ -1,0 +1,424 @@
+"""The HTTP API as an ASGI application: submit, inspect and cancel jobs from any language.
+
+Routes (see ``jobq/openapi.json``, served at ``GET /openapi.json``)::
+
+    POST   /jobs            enqueue one job (a JSON object) or many (a JSON array) -> 201
+    GET    /jobs            ?queue=&status=&limit=  list jobs
+    GET    /jobs/{id}       ?queue=  one job's status
+    DELETE /jobs/{id}       ?queue=  cancel a job that has not started
+    GET    /stats           per-queue depths and totals
+    GET    /health          200 when Redis answers a read, else 503
+    GET    /metrics         Prometheus text format (enqueue counters, queue gauges)
+    GET    /openapi.json    the OpenAPI 3 document
+
+Errors are JSON ``{"error": message, "field": name}``: 400 bad input (naming the field), 401
+missing/wrong bearer token, 404, 405 (with ``Allow``), 408 body not sent within the request
+deadline, 409 not cancellable, 411 no Content-Length, 413 body over the limit (refused before it is
+read), 415 not ``application/json``, 503 queue full (with ``Retry-After``; nothing stored) or Redis
+unavailable.
+
+The Redis work of a request (one or two round trips) runs on a bounded thread pool
+(``jobq.web.pool.MAX_THREADS``), so a slow Redis holds at most that many threads (and Redis
+connections), never one per client connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from jobq import admin, errors, requests, strict_json
+from jobq.app import JobQ
+from jobq.metrics import Metrics
+from jobq.storage import clients as connection
+from jobq.web import pool
+
+log = logging.getLogger("jobq.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+T = TypeVar("T")
+
+#: Default largest request body, bytes (the encoded payload limit is 1 MiB; JSON is larger).
+DEFAULT_MAX_BODY = 2 * 1024 * 1024
+#: Most jobs one POST /jobs array may carry.
+MAX_BULK = 10_000
+#: Seconds a client may take to send a whole request (headers and body) before it is cut off.
+REQUEST_TIMEOUT = 30.0
+#: Seconds a client should wait before retrying after a 503.
+RETRY_AFTER = 5
+
+#: The methods each route answers (HEAD goes with GET).
+ROUTES_ALLOW = {
+    "/jobs": "GET, POST",
+    "/jobs/{id}": "GET, DELETE",
+    "/stats": "GET",
+    "/health": "GET",
+    "/metrics": "GET",
+    "/openapi.json": "GET",
+}
+#: Paths answered without the bearer token (probes and scrapers).
+PUBLIC = frozenset({"/health", "/metrics", "/openapi.json"})
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document describing this API."""
+    text = resources.files("jobq").joinpath("openapi.json").read_text("utf-8")
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+
+class _Reply:
+    """One response: status, body, content type and extra headers; ``close`` ends the connection."""
+
+    __slots__ = ("body", "close", "ctype", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        ctype: bytes = b"application/json",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.ctype = ctype
+        self.headers = headers or []
+        self.close = False
+
+
+def _json_reply(status: int, data: Any, headers: list[tuple[bytes, bytes]] | None = None) -> _Reply:
+    return _Reply(status, json.dumps(data, default=str).encode(), headers=headers)
+
+
+def _error_reply(exc: HttpError) -> _Reply:
+    out: dict[str, Any] = {"error": exc.message}
+    if exc.field is not None:
+        out["field"] = exc.field
+    allow = exc.extra.pop("allow", None)
+    out.update(exc.extra)
+    headers: list[tuple[bytes, bytes]] = []
+    if exc.status == 503:
+        headers.append((b"retry-after", str(RETRY_AFTER).encode()))
+    if allow is not None:
+        headers.append((b"allow", allow.encode()))
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="jobq"'))
+    return _json_reply(exc.status, out, headers)
+
+
+class ApiApp:
+    """The API as an ASGI callable over ``app`` (a :class:`~jobq.JobQ`).
+
+    ``token``: require ``Authorization: Bearer TOKEN`` on every route but /health, /metrics and
+    /openapi.json (compared in constant time). ``max_body``: largest request body, refused with
+    413 before it is read. ``request_timeout``: seconds a client has to send a request's body (the
+    server adds the same deadline on the headers). ``metrics``: the registry /metrics exports
+    (default: enqueue counters and queue gauges, no worker series). ``ui``: serve the dashboard
+    (:mod:`jobq.web.ui`) at ``/ui``, with the same token (or basic auth) and ``read_only``."""
+
+    def __init__(
+        self,
+        app: JobQ,
+        *,
+        token: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        metrics: Metrics | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
+        ui: bool = False,
+        read_only: bool = False,
+    ) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.metrics = metrics if metrics is not None else Metrics(app, node="http", worker=False)
+        # A separate client for /health: short timeouts and no retries, so a probe answers fast.
+        self.health_client = connection.sync_client(
+            app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
+        self._openapi: bytes | None = None
+        self.ui: Any = None
+        if ui:
+            from jobq.web.ui import UiApp
+
+            self.ui = UiApp(app, token=token, read_only=read_only, prefix="/ui")
+
+    def close(self) -> None:
+        self.health_client.close()
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return pool.run_sync(fn, *args)
+
+    # -- ASGI -----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets: not served
+            return
+        started = time.monotonic()
+        method: str = scope["method"]
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under root_path, handed the full path
+            path = path[len(root) :]
+        path = path.rstrip("/") or "/"
+        if self.ui is not None and (path == "/ui" or path.startswith("/ui/")):
+            await self.ui(scope, receive, send)
+            log.info("%s %s (%.1f ms)", method, path, (time.monotonic() - started) * 1000)
+            return
+        headers = _headers(scope)
+        req = _Request(self, scope, receive, headers)
+        try:
+            reply = await self._handle(req, method, path)
+        except Exception as exc:  # the mapping of errors to statuses
+            reply = self._reply_for(exc, method, path)
+        if req.body_pending():
+            # A request body we did not read would be parsed as the next request: close instead.
+            reply.close = True
+        await _send_reply(send, reply)
+        log.info("%s %s -> %d (%.1f ms)", method, path, reply.status, (time.monotonic() - started) * 1000)
+
+    def _reply_for(self, exc: Exception, method: str, path: str) -> _Reply:
+        if isinstance(exc, HttpError):
+            reply = _error_reply(exc)
+            reply.close = exc.status in (408, 411, 413, 415) or reply.close
+            return reply
+        if isinstance(exc, errors.QueueFull):
+            body = {"error": str(exc), "field": "queue", "queue": exc.queue, "limit": exc.limit}
+            return _json_reply(503, body, [(b"retry-after", str(RETRY_AFTER).encode())])
+        if isinstance(exc, errors.InvalidInput):
+            return _json_reply(400, {"error": str(exc), "field": exc.field})
+        if isinstance(exc, errors.JobNotFound):
+            return _json_reply(404, {"error": str(exc), "field": "id"})
+        if isinstance(exc, errors.JobNotCancellable):
+            return _json_reply(409, {"error": str(exc), "field": "id"})
+        if isinstance(
+            exc,
+            (
+                errors.RedisUnavailable,
+                errors.RedisBusy,
+                errors.RedisOutOfMemory,
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+            ),
+        ):
+            body = {"error": connection.redact(str(exc))}
+            return _json_reply(503, body, [(b"retry-after", str(RETRY_AFTER).encode())])
+        log.error("%s %s failed", method, path, exc_info=exc)
+        return _json_reply(500, {"error": f"internal error: {type(exc).__name__}"})
+
+    def _authorized(self, path: str, headers: dict[bytes, bytes]) -> bool:
+        token = self.token
+        if token is None or path in PUBLIC:
+            return True
+        scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
+
+    async def _handle(self, req: _Request, method: str, path: str) -> _Reply:
+        if not self._authorized(path, req.headers):
+            raise HttpError(401, "missing or wrong bearer token", "Authorization")
+        route = _route_of(path)
+        if route is None:
+            raise HttpError(404, f"no route {path}", "path")
+        allowed = ROUTES_ALLOW[route]
+        if method not in allowed.split(", ") and not (method == "HEAD" and "GET" in allowed):
+            raise HttpError(405, f"{method} not allowed here (allowed: {allowed})", "method", allow=allowed)
+        if route == "/jobs":
+            if method == "POST":
+                body = await req.json()
+                status, data = await self._run(self.post_jobs, body)
+                loc = [(b"location", f"/jobs/{data['id']}".encode())] if "id" in data else []
+                return _json_reply(status, data, loc)
+            return _json_reply(200, await self._run(self.get_jobs, req.query()))
+        if route == "/jobs/{id}":
+            job_id = unquote(path[len("/jobs/") :])
+            if method == "DELETE":
+                return _json_reply(200, await self._run(self.delete_job, job_id, req.query()))
+            return _json_reply(200, await self._run(self.get_job, job_id, req.query()))
+        if route == "/stats":
+            return _json_reply(200, await self._run(self.stats))
+        if route == "/health":
+            ok, detail = await self._run(self.health)
+            return _json_reply(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "detail": detail})
+        if route == "/metrics":
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+            body = await self._run(self.metrics.exposition)
+            return _Reply(200, body, CONTENT_TYPE_LATEST.encode())
+        return _Reply(200, self.openapi_bytes())
+
+    def openapi_bytes(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = json.dumps(openapi_document(), indent=2).encode()
+        return self._openapi
+
+    # -- routes (synchronous: they run on the thread pool) ----------------------------------------
+    def health(self) -> tuple[bool, str]:
+        try:
+            secs, _ = self.health_client.time()
+            self.health_client.exists(self.app.keys.epoch)
+        except Exception as exc:
+            return False, f"Redis unavailable: {connection.redact(str(exc))}"
+        return True, f"ok (Redis time {int(secs)})"
+
+    def post_jobs(self, body: Any) -> tuple[int, dict[str, Any]]:
+        if isinstance(body, list):
+            if not 1 <= len(body) <= MAX_BULK:
+                raise HttpError(400, f"body: an array must hold 1..{MAX_BULK} jobs", "body")
+            reqs = [requests.request_from_json(item, index=i) for i, item in enumerate(body)]
+            jobs = self.app.enqueue_many(reqs)
+            return 201, {"jobs": [{"id": j.id, "queue": j.queue} for j in jobs]}
+        job, state = self.app.enqueue_request_state(requests.request_from_json(body))
+        return 201, {"id": job.id, "queue": job.queue, "status": state or job.status().value}
+
+    def get_jobs(self, query: dict[str, str]) -> dict[str, Any]:
+        limit_s = query.get("limit", "100")
+        if not limit_s.isdigit():
+            raise HttpError(400, f"limit: must be an integer 1..{admin.MAX_LIST}", "limit")
+        state = query.get("status") or query.get("state") or None
+        if state is not None and state not in admin.LIST_STATES:
+            raise HttpError(400, f"status: must be one of {', '.join(admin.LIST_STATES)}", "status")
+        jobs = admin.list_jobs(self.app, query.get("queue") or None, state, limit=int(limit_s))
+        return {"jobs": [admin.redacted(j) for j in jobs]}
+
+    def get_job(self, job_id: str, query: dict[str, str]) -> dict[str, Any]:
+        info = admin.job_info(self.app, job_id, query.get("queue") or None)
+        return admin.redacted(info)
+
+    def delete_job(self, job_id: str, query: dict[str, str]) -> dict[str, Any]:
+        queue = admin.cancel(self.app, job_id, query.get("queue") or None)
+        return {"id": job_id, "queue": queue, "status": "cancelled"}
+
+    def stats(self) -> dict[str, Any]:
+        stats = admin.queue_stats(self.app)
+        return {
+            "queues": [s.to_dict() for s in stats],
+            "totals": admin.totals(stats),
+            "nodes": admin.live_node_count(self.app),
+        }
+
+
+def _route_of(path: str) -> str | None:
+    if path in ROUTES_ALLOW:
+        return path
+    if path.startswith("/jobs/") and path.count("/") == 2:
+        return "/jobs/{id}"
+    return None
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        out[name.lower()] = value
+    return out
+
+
+class _Request:
+    """The parts of a request the routes read: query, headers and a deadline-bound JSON body."""
+
+    def __init__(self, api: ApiApp, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> None:
+        self.api = api
+        self.scope = scope
+        self.receive = receive
+        self.headers = headers
+        self.body_read = False
+
+    def query(self) -> dict[str, str]:
+        qs = self.scope.get("query_string", b"").decode("latin-1")
+        return {k: v[-1] for k, v in parse_qs(qs).items()}
+
+    def body_pending(self) -> bool:
+        if self.body_read:
+            return False
+        length = self.headers.get(b"content-length", b"").strip()
+        return length not in (b"", b"0") or b"transfer-encoding" in self.headers
+
+    async def json(self) -> Any:
+        h = self.headers
+        ctype = h.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if ctype != b"application/json":
+            raise HttpError(415, "Content-Type must be application/json", "Content-Type")
+        if b"transfer-encoding" in h:
+            raise HttpError(411, "send a Content-Length (chunked bodies are not accepted)", "Content-Length")
+        length_s = h.get(b"content-length")
+        if length_s is None or not length_s.strip().isdigit():
+            raise HttpError(411, "Content-Length required", "Content-Length")
+        length = int(length_s)
+        if length > self.api.max_body:
+            # Refused without reading it: the connection is closed after the answer.
+            raise HttpError(413, f"body: {length} bytes is over the {self.api.max_body}-byte limit", "body")
+        try:
+            raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(
+                408, f"body: not received within {self.api.request_timeout:g} s", "body"
+            ) from None
+        if len(raw) < length:
+            raise HttpError(400, "body: shorter than its Content-Length", "body")
+        try:
+            return strict_json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HttpError(400, f"body: not valid JSON: {exc}", "body") from None
+
+    async def _read(self, length: int) -> bytes:
+        chunks: list[bytes] = []
+        got = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            got += len(chunk)
+            if got > length:  # more than announced: the parser would not allow it; be safe
+                raise HttpError(400, "body: longer than its Content-Length", "body")
+            if not message.get("more_body", False):
+                self.body_read = True
+                break
+        return b"".join(chunks)
+
+
+async def _send_reply(send: Send, reply: _Reply) -> None:
+    headers = [
+        (b"content-type", reply.ctype),
+        (b"content-length", str(len(reply.body)).encode()),
+        *reply.headers,
+    ]
+    if reply.close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

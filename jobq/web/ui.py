@@ -1,0 +1,554 @@
+"""The dashboard: server-rendered pages at ``/ui`` over the same operations as the CLI.
+
+Overview (queues with counts, nodes, Redis memory and version, live), a queue's jobs by state
+with paging by index (fast at a million jobs), a job (state, attempts, interruptions, times,
+node, last error, arguments masked as the CLI masks them), dead letters, scheduled jobs, nodes.
+Actions (pause, resume, purge, cancel, retry dead letters) are POST forms with a CSRF token and a
+same-origin check; ``read_only`` hides them and refuses every POST.
+
+Safety: the API's bearer token, or HTTP basic auth with that token as the password (what a
+browser can send); every response carries a strict Content-Security-Policy (scripts, styles and
+requests only from this origin, no inline script, no framing); the CSS and JS are files in the
+package, nothing is loaded from another host.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlencode
+
+from jobq import admin, errors, util
+from jobq.app import JobQ
+from jobq.web import pool
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Jobs per page of a queue's list.
+PAGE = 50
+#: Largest form body accepted, bytes (a few hundred selected ids).
+MAX_FORM = 64 * 1024
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on form posts
+    (b"referrer-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),
+]
+STATIC = {
+    "ui.css": b"text/css; charset=utf-8",
+    "ui.js": b"text/javascript; charset=utf-8",
+    "icon.svg": b"image/svg+xml",
+}
+
+
+class _Answer(Exception):
+    def __init__(self, status: int, body: bytes, ctype: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(status)
+        self.status, self.body, self.ctype, self.headers = status, body, ctype, headers
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+class UiApp:
+    """The dashboard as an ASGI callable. ``prefix``: the path it is served under when it gets
+    full paths (``jobq serve`` passes ``/ui``); under a mount that sets ``root_path``, leave it
+    empty. ``token``: bearer token or basic-auth password (None: open, for 127.0.0.1 use).
+    ``read_only``: no actions."""
+
+    def __init__(
+        self, app: JobQ, *, token: str | None = None, read_only: bool = False, prefix: str = ""
+    ) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.read_only = read_only
+        self.prefix = prefix.rstrip("/")
+        self._secret = os.urandom(32)
+        self._static = {
+            name: resources.files("jobq.web").joinpath(f"static/{name}").read_bytes() for name in STATIC
+        }
+
+    # -- ASGI -----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        base = scope.get("root_path", "") + self.prefix
+        path: str = scope["path"]
+        if scope.get("root_path") and path.startswith(scope["root_path"]):
+            path = path[len(scope["root_path"]) :]
+        if self.prefix and path.startswith(self.prefix):
+            path = path[len(self.prefix) :]
+        path = path or "/"
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        method = scope["method"]
+        try:
+            credential = self._authenticate(headers)
+            if method in ("GET", "HEAD"):
+                body = b""
+            elif method == "POST":
+                body = await _read_form(receive, headers)
+            else:
+                raise _Answer(405, b"method not allowed", b"text/plain", [(b"allow", b"GET, POST")])
+            query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+            view = _View(self, base, credential, query)
+            if method == "POST":
+                form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+                self._check_post(headers, form, credential)
+                location = await pool.run_sync(view.act, path, form)
+                raise _Answer(303, b"", b"text/plain", [(b"location", location.encode())])
+            if path.startswith("/static/"):
+                name = path[len("/static/") :]
+                if name not in STATIC:
+                    raise _Answer(404, b"not found", b"text/plain", [])
+                raise _Answer(200, self._static[name], STATIC[name], [(b"cache-control", b"max-age=300")])
+            status, out, ctype = await pool.run_sync(view.get, path)
+            raise _Answer(status, out, ctype, [])
+        except _Answer as a:
+            await _respond(send, a)
+        except errors.JobqError as exc:
+            msg = f"<p class=bad>{_e(exc)}</p>".encode()
+            await _respond(
+                send, _Answer(400, _page(base, "Error", msg, self.read_only), b"text/html; charset=utf-8", [])
+            )
+
+    # -- safety ---------------------------------------------------------------------------------
+    def _authenticate(self, headers: dict[bytes, bytes]) -> bytes:
+        """The credential the request carries (b"" when no token is configured); 401 if wrong."""
+        if self.token is None:
+            return b""
+        scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
+        given = b""
+        if scheme.lower() == b"bearer":
+            given = value.strip()
+        elif scheme.lower() == b"basic":
+            try:
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                given = b""
+        if given and hmac.compare_digest(given, self.token):
+            return given
+        raise _Answer(
+            401,
+            b"authentication required",
+            b"text/plain",
+            [(b"www-authenticate", b'Basic realm="jobq", charset="UTF-8"')],
+        )
+
+    def csrf(self, credential: bytes) -> str:
+        return hmac.new(self._secret, b"csrf:" + credential, hashlib.sha256).hexdigest()
+
+    def _check_post(self, headers: dict[bytes, bytes], form: dict[str, list[str]], credential: bytes) -> None:
+        if self.read_only:
+            raise _Answer(403, b"read-only dashboard", b"text/plain", [])
+        # Same origin only: browsers send Origin on POST and Sec-Fetch-Site where they know it.
+        host = headers.get(b"host", b"")
+        origin = headers.get(b"origin")
+        if origin is not None and origin.split(b"://", 1)[-1] != host:
+            raise _Answer(403, b"cross-origin request refused", b"text/plain", [])
+        if headers.get(b"sec-fetch-site", b"same-origin") not in (b"same-origin", b"none"):
+            raise _Answer(403, b"cross-site request refused", b"text/plain", [])
+        token = (form.get("csrf") or [""])[-1]
+        if not hmac.compare_digest(token.encode(), self.csrf(credential).encode()):
+            raise _Answer(403, b"missing or wrong CSRF token", b"text/plain", [])
+
+
+async def _read_form(receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+    ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    if ctype != b"application/x-www-form-urlencoded":
+        raise _Answer(415, b"form posts only", b"text/plain", [])
+    length = headers.get(b"content-length", b"")
+    if not length.isdigit() or int(length) > MAX_FORM:
+        raise _Answer(
+            413, b"form too large or without Content-Length", b"text/plain", [(b"connection", b"close")]
+        )
+    chunks: list[bytes] = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            break
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _respond(send: Send, a: _Answer) -> None:
+    headers = [(b"content-type", a.ctype), (b"content-length", str(len(a.body)).encode()), *SECURITY_HEADERS]
+    headers += a.headers
+    await send({"type": "http.response.start", "status": a.status, "headers": headers})
+    await send({"type": "http.response.body", "body": a.body})
+
+
+def _page(base: str, title: str, content: bytes, read_only: bool, live: str = "") -> bytes:
+    nav = "".join(
+        f'<a href="{base}{href}">{label}</a>'
+        for href, label in (
+            ("/", "Overview"),
+            ("/dead", "Dead letters"),
+            ("/scheduled", "Scheduled"),
+            ("/nodes", "Nodes"),
+        )
+    )
+    ro = '<span class="ro">read-only</span>' if read_only else ""
+    live_attr = f' data-live="{_e(live)}"' if live else ""
+    return (
+        (
+            f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)} · jobq</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<link rel="icon" href="{base}/static/icon.svg"><link rel="stylesheet" href="{base}/static/ui.css"></head>'
+            f"<body{live_attr}><header><strong>jobq</strong>{nav}{ro}</header><main><h1>{_e(title)}</h1>"
+        ).encode()
+        + content
+        + f'</main><script src="{base}/static/ui.js"></script></body></html>'.encode()
+    )
+
+
+class _View:
+    """One request's pages and actions (synchronous: runs on the bounded pool)."""
+
+    def __init__(self, ui: UiApp, base: str, credential: bytes, query: dict[str, str]) -> None:
+        self.ui, self.app, self.base, self.query = ui, ui.app, base, query
+        self.csrf = ui.csrf(credential)
+
+    # -- pages ----------------------------------------------------------------------------------
+    def get(self, path: str) -> tuple[int, bytes, bytes]:
+        parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
+        if parts == []:
+            return self._html("Overview", self.overview(), live=f"{self.base}/api/overview")
+        if parts == ["api", "overview"]:
+            return 200, json.dumps(self.overview_data()).encode(), b"application/json"
+        if len(parts) == 4 and parts[:2] == ["api", "job"]:
+            info = admin.job_info(self.app, parts[3], parts[2], with_args=False)
+            data = {"state": info.state.value, "attempts": info.attempts, "node": info.node}
+            return 200, json.dumps(data).encode(), b"application/json"
+        if len(parts) == 2 and parts[0] == "queues":
+            return self._html(
+                f"Queue {parts[1]}", self.queue_page(parts[1]), live=f"{self.base}/api/overview"
+            )
+        if len(parts) == 3 and parts[0] == "jobs":
+            q, job_id = parts[1], parts[2]
+            live = f"{self.base}/api/job/{quote(q, safe='')}/{quote(job_id, safe='')}"
+            return self._html(f"Job {job_id}", self.job_page(q, job_id), live=live)
+        if parts == ["search"]:
+            q, job_id = self.query.get("queue", ""), self.query.get("id", "").strip()
+            info = admin.job_info(self.app, job_id, q or None, with_args=False)
+            loc = f"{self.base}/jobs/{quote(info.queue, safe='')}/{quote(info.id, safe='')}"
+            raise _Answer(303, b"", b"text/plain", [(b"location", loc.encode())])
+        if parts == ["dead"]:
+            return self._html("Dead letters", self.dead_page())
+        if parts == ["scheduled"]:
+            return self._html("Scheduled", self.scheduled_page())
+        if parts == ["nodes"]:
+            return self._html("Nodes", self.nodes_page())
+        return self._html("Not found", b"<p>No such page.</p>", status=404)
+
+    def _html(
+        self, title: str, content: bytes, *, live: str = "", status: int = 200
+    ) -> tuple[int, bytes, bytes]:
+        return status, _page(self.base, title, content, self.ui.read_only, live), b"text/html; charset=utf-8"
+
+    def _form(
+        self, action: str, label: str, *, extra: str = "", danger: bool = False, confirm: str = ""
+    ) -> str:
+        if self.ui.read_only:
+            return ""
+        cls = ' class="danger"' if danger else ""
+        conf = f' data-confirm="{_e(confirm)}"' if confirm else ""
+        return (
+            f'<form class="inline" method="post" action="{_e(self.base + action)}"{conf}>'
+            f'<input type="hidden" name="csrf" value="{self.csrf}">{extra}'
+            f"<button{cls}>{_e(label)}</button></form>"
+        )
+
+    def overview_data(self) -> dict[str, Any]:
+        stats = admin.queue_stats(self.app)
+        data: dict[str, Any] = {"nodes": admin.live_node_count(self.app)}
+        for s in stats:
+            for f in ("ready", "scheduled", "active", "dead"):
+                data[f"{s.queue}.{f}"] = getattr(s, f)
+            data[f"{s.queue}.paused"] = "paused" if s.paused else ""
+        return data
+
+    def overview(self) -> bytes:
+        stats = admin.queue_stats(self.app)
+        info = self.app.client.info("memory")
+        server = self.app.client.info("server")
+        cards = (
+            f'<div class="cards"><div class="card">nodes alive<b data-k="nodes">{admin.live_node_count(self.app)}</b></div>'
+            f'<div class="card">queues<b>{len(stats)}</b></div>'
+            f'<div class="card">Redis memory<b>{_e(info.get("used_memory_human"))}</b></div>'
+            f'<div class="card">Redis version<b>{_e(server.get("redis_version"))}</b></div></div>'
+        )
+        rows = "".join(
+            f'<tr><td><a href="{self.base}/queues/{quote(s.queue, safe="")}">{_e(s.queue)}</a> '
+            f'<span class="paused" data-k="{_e(s.queue)}.paused">{"paused" if s.paused else ""}</span></td>'
+            + "".join(
+                f'<td class="num" data-k="{_e(s.queue)}.{f}">{getattr(s, f)}</td>'
+                for f in ("ready", "scheduled", "active", "dead")
+            )
+            + f'<td class="num">{s.oldest_ready_age_s:.1f} s</td></tr>'
+            for s in stats
+        )
+        table = (
+            "<table><tr><th>queue</th><th class=num>ready</th><th class=num>scheduled</th><th class=num>active</th>"
+            f"<th class=num>dead</th><th class=num>oldest ready</th></tr>{rows}</table>"
+        )
+        if not stats:
+            table = "<p class=muted>No queues yet.</p>"
+        return (cards + table).encode()
+
+    def queue_page(self, queue: str) -> bytes:
+        state = self.query.get("state", "ready")
+        page = int(self.query.get("page", "1")) if self.query.get("page", "1").isdigit() else 1
+        page = max(1, page)
+        (stats,) = admin.queue_stats(self.app, [queue])
+        tabs = "".join(
+            f'<a class="{"on" if st == state else ""}" href="{self.base}/queues/{quote(queue, safe="")}?state={st}">'
+            f'{st} (<span data-k="{_e(queue)}.{st}">{getattr(stats, st)}</span>)</a>'
+            for st in admin.PAGED_STATES
+        )
+        qa = f"/queues/{quote(queue, safe='')}"
+        actions = ""
+        if not self.ui.read_only:
+            actions = (
+                '<div class="actions">'
+                + (
+                    self._form(f"{qa}/resume", "Resume")
+                    if stats.paused
+                    else self._form(f"{qa}/pause", "Pause")
+                )
+                + self._form(
+                    f"{qa}/purge",
+                    "Purge ready and scheduled",
+                    extra='<input type="text" name="confirm" placeholder="type the queue name" required> ',
+                    danger=True,
+                    confirm=f"Delete every ready and scheduled job of {queue}?",
+                )
+                + "</div>"
+            )
+        paused = '<p class="paused">paused</p>' if stats.paused else ""
+        search = (
+            f'<form method="get" action="{self.base}/search"><input type="hidden" name="queue" value="{_e(queue)}">'
+            '<input type="text" name="id" placeholder="job id"> <button>Find</button></form>'
+        )
+        started = time.perf_counter()
+        jobs, total = admin.page_jobs(self.app, queue, state, offset=(page - 1) * PAGE, limit=PAGE)
+        took_ms = (time.perf_counter() - started) * 1000
+        body = self._jobs_table(queue, jobs, select=state == "dead" and not self.ui.read_only)
+        pages = max(1, -(-total // PAGE))
+        nav = []
+        if page > 1:
+            nav.append(f'<a href="?{urlencode({"state": state, "page": page - 1})}">previous</a>')
+        if page < pages:
+            nav.append(f'<a href="?{urlencode({"state": state, "page": page + 1})}">next</a>')
+        pager = f'<p class="muted">page {page} of {pages} ({total} jobs; read in {took_ms:.1f} ms) {" ".join(nav)}</p>'
+        return (paused + actions + search + f'<p class="tabs">{tabs}</p>' + body + pager).encode()
+
+    def _jobs_table(self, queue: str, jobs: list[Any], *, select: bool = False) -> str:
+        if not jobs:
+            return "<p class=muted>No jobs.</p>"
+        rows = "".join(
+            "<tr>"
+            + (f'<td><input type="checkbox" name="id" value="{_e(j.id)}" form="sel"></td>' if select else "")
+            + f'<td><a href="{self.base}/jobs/{quote(j.queue, safe="")}/{quote(j.id, safe="")}"><code>{_e(j.id)}</code></a></td>'
+            f"<td>{_e(j.task)}</td><td class=state-{_e(j.state.value)}>{_e(j.state.value)}</td>"
+            f"<td class=num>{j.attempts}</td><td>{_e(_when(j.run_at_ms or j.enqueued_ms))}</td>"
+            f'<td class="bad">{_e((j.error or "").splitlines()[-1:] and (j.error or "").splitlines()[-1][:120])}</td></tr>'
+            for j in jobs
+        )
+        head = "<th></th>" if select else ""
+        table = (
+            f"<table><tr>{head}<th>id</th><th>task</th><th>state</th><th class=num>attempts</th>"
+            f"<th>run at / enqueued</th><th>last error</th></tr>{rows}</table>"
+        )
+        if select:
+            qa = f"/queues/{quote(queue, safe='')}/dead"
+            table = (
+                '<div class="actions">'
+                + f'<form id="sel" class="inline" method="post" action="{_e(self.base + qa + "/retry")}">'
+                f'<input type="hidden" name="csrf" value="{self.csrf}"><button>Retry selected</button></form>'
+                + f'<button form="sel" formaction="{_e(self.base + qa + "/delete")}" class="danger">Delete selected</button>'
+                + self._form(f"{qa}/retry", "Retry all", extra='<input type="hidden" name="all" value="1">')
+                + self._form(
+                    f"{qa}/delete",
+                    "Delete all",
+                    extra='<input type="hidden" name="all" value="1">',
+                    danger=True,
+                    confirm=f"Delete every dead letter of {queue}?",
+                )
+                + "</div>"
+                + table
+            )
+        return table
+
+    def job_page(self, queue: str, job_id: str) -> bytes:
+        info = admin.job_info(self.app, job_id, queue)
+        shown = admin.redacted(info)
+        jq = f"/jobs/{quote(info.queue, safe='')}/{quote(info.id, safe='')}"
+        actions = ""
+        if info.state.value in ("ready", "scheduled"):
+            actions += self._form(f"{jq}/cancel", "Cancel", danger=True, confirm="Cancel this job?")
+        if info.state.value == "dead":
+            actions += self._form(f"{jq}/retry", "Retry")
+            actions += self._form(f"{jq}/delete", "Delete", danger=True, confirm="Delete this dead letter?")
+        fields = [
+            ("queue", f'<a href="{self.base}/queues/{quote(info.queue, safe="")}">{_e(info.queue)}</a>'),
+            ("task", _e(info.task)),
+            (
+                "state",
+                f'<span data-k="state" data-state class="state-{_e(info.state.value)}">{_e(info.state.value)}</span>',
+            ),
+            ("attempts", f'<span data-k="attempts">{info.attempts}</span> of {_e(info.max_attempts)}'),
+            ("interruptions", str(info.interrupted)),
+            ("reaped", str(info.reaped)),
+            ("priority", _e(info.priority)),
+            ("enqueued", _e(_when(info.enqueued_ms))),
+            ("run at", _e(_when(info.run_at_ms))),
+            ("started", _e(_when(info.started_ms))),
+            ("finished", _e(_when(info.finished_ms))),
+            ("deadline", _e(_when(info.deadline_ms))),
+            ("node", f'<span data-k="node">{_e(info.node)}</span>'),
+            ("unique key", _e(info.unique_key)),
+        ]
+        dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
+        args = json.dumps({"args": shown.get("args"), "kwargs": shown.get("kwargs")}, indent=2, default=str)
+        err = f"<h2>Last error</h2><pre>{_e(shown.get('error'))}</pre>" if info.error else ""
+        result = ""
+        if info.has_result and info.state.value == "done":
+            try:
+                value = self.app.job(info.id, info.queue).result(timeout=0)
+                result = f"<h2>Result</h2><pre>{_e(json.dumps(admin.redact_args(value), indent=2, default=str))}</pre>"
+            except Exception:
+                result = ""
+        acts = f'<div class="actions">{actions}</div>' if actions else ""
+        return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
+
+    def dead_page(self) -> bytes:
+        stats = [s for s in admin.queue_stats(self.app) if s.dead]
+        if not stats:
+            return b"<p class=muted>No dead letters.</p>"
+        parts = []
+        for s in stats:
+            jobs, total = admin.page_jobs(self.app, s.queue, "dead", limit=20)
+            link = f'<a href="{self.base}/queues/{quote(s.queue, safe="")}?state=dead">{_e(s.queue)}</a>'
+            parts.append(f"<h2>{link} ({total})</h2>" + self._jobs_table(s.queue, jobs, select=False))
+        return "".join(parts).encode()
+
+    def scheduled_page(self) -> bytes:
+        parts = []
+        for s in admin.queue_stats(self.app):
+            if not s.scheduled:
+                continue
+            jobs, total = admin.page_jobs(self.app, s.queue, "scheduled", limit=20)
+            link = f'<a href="{self.base}/queues/{quote(s.queue, safe="")}?state=scheduled">{_e(s.queue)}</a>'
+            parts.append(f"<h2>{link} ({total})</h2>" + self._jobs_table(s.queue, jobs))
+        crons = list(getattr(self.app, "cron_entries", []))
+        if crons:
+            now = admin.server_now_ms(self.app)
+            rows = []
+            for c in crons:
+                task = self.app.tasks.get(c.task)
+                queue = getattr(getattr(task, "defaults", None), "queue", None) or "default"
+                last = self.app.client.get(self.app.keys.queue_prefix(queue) + "cron:" + c.key_name)
+                try:
+                    last_ms = int(util.to_str(last)) if last is not None else None
+                except ValueError:
+                    last_ms = None
+                rows.append(
+                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
+                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td></tr>"
+                )
+            parts.append(
+                "<h2>Cron</h2><table><tr><th>entry</th><th>task</th><th>schedule</th><th>queue</th>"
+                f"<th>latest tick due</th><th>last tick enqueued</th></tr>{''.join(rows)}</table>"
+            )
+        return ("".join(parts) or "<p class=muted>Nothing scheduled.</p>").encode()
+
+    def nodes_page(self) -> bytes:
+        ns = admin.nodes(self.app)
+        if not ns:
+            return b"<p class=muted>No live nodes.</p>"
+        rows = "".join(
+            f"<tr><td><code>{_e(n.node)}</code></td><td>{_e(', '.join(n.queues))}</td><td class=num>{_e(n.concurrency)}</td>"
+            f"<td class=num>{_e(n.inflight)}</td><td class=num>{n.heartbeat_age_s:.1f} s</td><td>{_e(n.host)}</td>"
+            f"<td>{_e(getattr(n, 'version', ''))}</td></tr>"
+            for n in ns
+        )
+        return (
+            "<table><tr><th>node</th><th>queues</th><th class=num>concurrency</th><th class=num>in flight</th>"
+            f"<th class=num>heartbeat age</th><th>host</th><th>version</th></tr>{rows}</table>"
+        ).encode()
+
+    # -- actions --------------------------------------------------------------------------------
+    def act(self, path: str, form: dict[str, list[str]]) -> str:
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        app = self.app
+        if len(parts) == 3 and parts[0] == "queues":
+            q, verb = parts[1], parts[2]
+            back = f"{self.base}/queues/{quote(q, safe='')}"
+            if verb == "pause":
+                admin.pause(app, q)
+            elif verb == "resume":
+                admin.resume(app, q)
+            elif verb == "purge":
+                if (form.get("confirm") or [""])[-1] != q:
+                    raise _Answer(400, b"type the queue name to confirm the purge", b"text/plain", [])
+                admin.purge(app, q)
+            else:
+                raise _Answer(404, b"no such action", b"text/plain", [])
+            return back
+        if len(parts) == 4 and parts[0] == "queues" and parts[2] == "dead":
+            q, verb = parts[1], parts[3]
+            back = f"{self.base}/queues/{quote(q, safe='')}?state=dead"
+            if verb == "retry":
+                ids = form.get("id") or []
+                if ids:
+                    admin.retry_dead(app, q, ids)
+                elif form.get("all"):
+                    admin.retry_dead(app, q)
+                return back
+            if verb == "delete":
+                ids = form.get("id") or []
+                if ids:
+                    admin.delete_dead(app, q, ids)
+                elif form.get("all"):
+                    admin.purge(app, q, ("dead",))
+                return back
+        if len(parts) == 4 and parts[0] == "jobs":
+            q, job_id, verb = parts[1], parts[2], parts[3]
+            back = f"{self.base}/jobs/{quote(q, safe='')}/{quote(job_id, safe='')}"
+            if verb == "cancel":
+                admin.cancel(app, job_id, q)
+                return back
+            if verb == "retry":
+                admin.retry_dead(app, q, [job_id])
+                return back
+            if verb == "delete":
+                admin.delete_dead(app, q, [job_id])
+                return f"{self.base}/queues/{quote(q, safe='')}?state=dead"
+        raise _Answer(404, b"no such action", b"text/plain", [])

@@ -1,0 +1,354 @@
+"""The dashboard (/ui) against a real redis-server and a real worker: every page answers with
+a strict CSP and no third-party URL, auth (bearer or basic), read-only hides every action and
+refuses POSTs, actions need the CSRF token and the same origin, pause/purge/cancel/retry act as
+the CLI's, arguments are masked, and paging reads by index (timed)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobq import JobQ, admin
+from jobq.requests import request_from_json
+from jobq.web import ApiServer
+from tests.harness.proxy_fixtures import ThreadWorker, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "ui-t0ken"
+BASIC = "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()
+PAGES = [
+    "/ui/",
+    "/ui/queues/emails",
+    "/ui/queues/emails?state=dead",
+    "/ui/dead",
+    "/ui/scheduled",
+    "/ui/nodes",
+]
+
+
+class Browser:
+    """Just enough of a browser: basic auth, GET pages, POST forms with their CSRF field."""
+
+    def __init__(self, port: int, auth: str | None = BASIC) -> None:
+        self.port, self.auth = port, auth
+
+    def request(
+        self, method: str, path: str, body: str | None = None, **headers: str
+    ) -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        h = {k.replace("_", "-"): v for k, v in headers.items()}
+        if self.auth:
+            h.setdefault("Authorization", self.auth)
+        if body is not None:
+            h.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        data = resp.read().decode("utf-8", "replace")
+        conn.close()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+    def get(self, path: str) -> str:
+        status, _, body = self.request("GET", path)
+        assert status == 200, (path, status, body[:300])
+        return body
+
+    def post(
+        self, page: str, action: str, extra: str = "", **headers: str
+    ) -> tuple[int, dict[str, str], str]:
+        html = self.get(page)
+        m = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+        assert m, f"no form on {page}"
+        return self.request("POST", action, f"csrf={m.group(1)}{extra}", **headers)
+
+
+@pytest.fixture
+def ui(redis_url: str) -> Iterator[tuple[JobQ, Browser]]:
+    app = JobQ(redis_url)
+    for i in range(3):
+        kw = {"password": "hunter2", "to": f"u{i}@example.com"}
+        app.enqueue_request(request_from_json({"task": "send", "queue": "emails", "kwargs": kw}))
+    app.enqueue_request(request_from_json({"task": "send", "queue": "emails", "delay": 600}))
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    yield app, Browser(server.port)
+    server.close()
+    app.close()
+
+
+def test_every_page_has_a_strict_csp_and_no_third_party_url(ui: tuple[JobQ, Browser]) -> None:
+    _, b = ui
+    for page in PAGES:
+        status, headers, body = b.request("GET", page)
+        assert status == 200, (page, body[:300])
+        csp = headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert headers["x-frame-options"] == "DENY"
+        assert not re.search(r'(src|href|action)="(https?:)?//', body), page
+        assert "<script>" not in body  # no inline script: the CSP would block it
+    for asset in ("/ui/static/ui.css", "/ui/static/ui.js"):
+        status, _, body = b.request("GET", asset)
+        assert status == 200 and "http" not in body.replace("http-equiv", "")
+
+
+def test_auth_bearer_or_basic_else_401(ui: tuple[JobQ, Browser]) -> None:
+    _, b = ui
+    status, headers, _ = Browser(b.port, auth=None).request("GET", "/ui/")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    wrong = "Basic " + base64.b64encode(b"admin:nope").decode()
+    assert Browser(b.port, auth=wrong).request("GET", "/ui/")[0] == 401
+    assert Browser(b.port, auth=f"Bearer {TOKEN}").request("GET", "/ui/")[0] == 200
+
+
+def test_job_page_masks_secret_arguments(ui: tuple[JobQ, Browser]) -> None:
+    _, b = ui
+    page = b.get("/ui/queues/emails")
+    link = re.search(r'href="(/ui/jobs/emails/[^"]+)"', page)
+    assert link
+    job = b.get(link.group(1))
+    assert "hunter2" not in job and "***" in job
+    for field in ("attempts", "interruptions", "enqueued", "node"):
+        assert f"<dt>{field}</dt>" in job
+
+
+def test_pause_from_the_page_and_jobq_stats_agrees(ui: tuple[JobQ, Browser], redis_url: str) -> None:
+    app, b = ui
+    status, headers, _ = b.post("/ui/queues/emails", "/ui/queues/emails/pause")
+    assert status == 303 and headers["location"] == "/ui/queues/emails"
+    out = subprocess.run(
+        [sys.executable, "-m", "jobq", "stats", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"JOBQ_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert re.search(r'"queue": "emails"[^}]*"paused": true', out.stdout.replace("\n", " ")), out.stdout
+    assert "Resume" in b.get("/ui/queues/emails")
+    assert b.post("/ui/queues/emails", "/ui/queues/emails/resume")[0] == 303
+    assert not admin.queue_stats(app, ["emails"])[0].paused
+
+
+def test_purge_needs_the_typed_confirmation(ui: tuple[JobQ, Browser]) -> None:
+    app, b = ui
+    assert b.post("/ui/queues/emails", "/ui/queues/emails/purge", "&confirm=wrong")[0] == 400
+    assert admin.queue_stats(app, ["emails"])[0].ready == 3
+    assert b.post("/ui/queues/emails", "/ui/queues/emails/purge", "&confirm=emails")[0] == 303
+    stats = admin.queue_stats(app, ["emails"])[0]
+    assert (stats.ready, stats.scheduled) == (0, 0)
+
+
+def test_actions_need_csrf_and_the_same_origin(ui: tuple[JobQ, Browser]) -> None:
+    app, b = ui
+    assert b.request("POST", "/ui/queues/emails/pause", "")[0] == 403
+    assert b.request("POST", "/ui/queues/emails/pause", "csrf=00")[0] == 403
+    status, _, body = b.post("/ui/queues/emails", "/ui/queues/emails/pause", Origin="http://evil.example")
+    assert status == 403 and "origin" in body
+    status, _, _ = b.post("/ui/queues/emails", "/ui/queues/emails/pause", Sec_Fetch_Site="cross-site")
+    assert status == 403
+    assert b.request("GET", "/ui/queues/emails/pause")[0] in (404, 200)
+    assert not admin.queue_stats(app, ["emails"])[0].paused
+    # A GET never acts.
+    b.request("GET", "/ui/queues/emails/pause")
+    assert not admin.queue_stats(app, ["emails"])[0].paused
+
+
+def test_read_only_shows_no_action_and_refuses_posts(redis_url: str) -> None:
+    app = JobQ(redis_url)
+    app.enqueue_request(request_from_json({"task": "send", "queue": "emails"}))
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True, read_only=True).start()
+    try:
+        b = Browser(server.port)
+        for page in PAGES:
+            body = b.get(page)
+            assert "<form" not in body.replace('<form method="get"', "") and "<button" not in body.replace(
+                "<button>Find</button>", ""
+            ), page
+            assert "read-only" in body
+        assert b.request("POST", "/ui/queues/emails/pause", "csrf=x")[0] == 403
+        assert not admin.queue_stats(app, ["emails"])[0].paused
+    finally:
+        server.close()
+        app.close()
+
+
+FAIL = {"on": True}
+
+
+def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> None:
+    app = JobQ(redis_url)
+
+    @app.task(name="flaky", queue="work", max_attempts=1)
+    def flaky() -> str:
+        if FAIL["on"]:
+            raise RuntimeError("boom")
+        return "ok"
+
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    worker = ThreadWorker(app, queues=[("work", 1)], concurrency=2, lease=5).start()
+    try:
+        b = Browser(server.port)
+        job = flaky.enqueue()
+        wait_for(lambda: job.status().value == "dead", 20)
+        dead = b.get("/ui/queues/work?state=dead")
+        assert job.id in dead and "boom" in dead
+        page = b.get(f"/ui/jobs/work/{job.id}")
+        assert "Retry" in page and "boom" in page
+        FAIL["on"] = False
+        status, _, _ = b.post(f"/ui/jobs/work/{job.id}", f"/ui/jobs/work/{job.id}/retry")
+        assert status == 303
+        wait_for(lambda: job.status().value == "done", 20)
+        assert "state-done" in b.get(f"/ui/jobs/work/{job.id}")
+        # The live endpoint the page polls says the same.
+        assert '"state": "done"' in b.get(f"/ui/api/job/work/{job.id}")
+        assert worker.node in b.get("/ui/nodes")
+    finally:
+        FAIL["on"] = True
+        worker.stop()
+        server.close()
+        app.close()
+
+
+def test_queue_pages_read_by_index(redis_url: str) -> None:
+    """Paging: the last page of a large queue costs what the first does (ZRANGE by index)."""
+    app = JobQ(redis_url)
+    n = 20_000
+    reqs: list[Any] = [{"task": "t", "queue": "big"} for _ in range(n)]
+    for i in range(0, n, 5_000):
+        app.enqueue_many(reqs[i : i + 5_000])
+    times = {}
+    for offset in (0, n // 2, n - 50):
+        t0 = time.perf_counter()
+        jobs, total = admin.page_jobs(app, "big", "ready", offset=offset, limit=50)
+        times[offset] = time.perf_counter() - t0
+        assert total == n and len(jobs) == 50
+    print("page_jobs ms:", {k: round(v * 1000, 1) for k, v in times.items()})
+    assert max(times.values()) < 0.2
+    server = ApiServer(app, "127.0.0.1", 0, ui=True).start()
+    try:
+        body = Browser(server.port, auth=None).get(f"/ui/queues/big?state=ready&page={n // 50}")
+        assert f"page {n // 50} of {n // 50}" in body
+    finally:
+        server.close()
+        app.close()
+
+
+def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
+    """Mounted with asgi_app over the app that declares the cron entries (as a worker's app)."""
+    import asyncio
+
+    from jobq.web import asgi_app
+
+    app = JobQ(redis_url)
+
+    @app.periodic("*/5 * * * *", queue="reports")
+    def nightly_report() -> None:
+        pass
+
+    asgi = asgi_app(app)
+    sent: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {"type": "http", "method": "GET", "path": "/ui/scheduled", "headers": [], "query_string": b""}
+        await asgi(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent[0]["status"] == 200
+    body = sent[1]["body"].decode()
+    assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
+
+
+@pytest.mark.parametrize("full_path", [True, False])
+def test_mounted_under_a_root_path(redis_url: str, full_path: bool) -> None:
+    """Mounted at /jobq: ASGI servers and frameworks hand the app either the full path with
+    root_path set (Starlette's Mount today) or the path below the mount; both route."""
+    import asyncio
+
+    from jobq.web import asgi_app
+
+    app = JobQ(redis_url)
+    asgi = asgi_app(app)
+
+    def get(path: str) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": ("/jobq" + path) if full_path else path,
+            "root_path": "/jobq",
+            "headers": [],
+            "query_string": b"",
+        }
+        asyncio.run(asgi(scope, receive, send))
+        return sent[0]["status"], sent[1]["body"]
+
+    try:
+        assert get("/stats")[0] == 200
+        status, body = get("/ui/")
+        assert status == 200 and b'href="/jobq/ui/static/ui.css"' in body
+    finally:
+        asgi.close()
+        app.close()
+
+
+def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
+    app = JobQ(redis_url)
+
+    @app.task(name="always_fails", queue="work2", max_attempts=1)
+    def always_fails(n: int) -> None:
+        raise RuntimeError(f"no {n}")
+
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    worker = ThreadWorker(app, queues=[("work2", 1)], concurrency=2, lease=5).start()
+    try:
+        jobs = [
+            app.enqueue_request(
+                request_from_json(
+                    {"task": "always_fails", "args": [i], "queue": "work2", "unique_key": f"u{i}"}
+                )
+            )
+            for i in range(4)
+        ]
+        wait_for(lambda: all(j.status().value == "dead" for j in jobs), 20)
+        b = Browser(server.port)
+        # One from its page ...
+        status, headers, _ = b.post(f"/ui/jobs/work2/{jobs[0].id}", f"/ui/jobs/work2/{jobs[0].id}/delete")
+        assert status == 303 and headers["location"].endswith("?state=dead")
+        # ... two selected on the queue's dead tab (the "Delete selected" button's formaction).
+        page = b.get("/ui/queues/work2?state=dead")
+        assert "Delete selected" in page
+        extra = f"&id={jobs[1].id}&id={jobs[2].id}"
+        assert b.post("/ui/queues/work2?state=dead", "/ui/queues/work2/dead/delete", extra)[0] == 303
+        assert admin.queue_stats(app, ["work2"])[0].dead == 1
+        assert [j.status().value for j in jobs] == ["unknown", "unknown", "unknown", "dead"]
+        assert not r.exists(app.keys.job("work2", jobs[0].id))
+        # Their unique keys are free again; the remaining dead letter keeps its own.
+        assert not r.exists(app.keys.unique("work2", "u0")) and not r.exists(app.keys.unique("work2", "u1"))
+    finally:
+        worker.stop()
+        server.close()
+        app.close()
