@@ -25,7 +25,7 @@ import redis.cluster
 from jobq import errors
 from jobq.storage.keys import Keys
 from jobq.storage.scripts import ScriptName, source
-from jobq.util import to_str
+from jobq.util import refused, to_str
 
 T = TypeVar("T")
 Arg = str | bytes | int | float
@@ -631,7 +631,7 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
     if isinstance(exc, redis.exceptions.BusyLoadingError) or msg.startswith("BUSY"):
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
-        return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}", refused=_refused(exc))
+        return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}", refused=refused(exc))
     if isinstance(exc, redis.exceptions.ResponseError) and "BADARG" in msg:
         detail = msg[msg.index("BADARG") + 7 :]
         fld = detail.split(" ", 1)[0]
@@ -664,18 +664,6 @@ def _slot_unavailable(exc: BaseException, msg: str) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and (
         msg.startswith(_CLUSTER_REPLIES) or "Script attempted to access a non local key" in msg
     )
-
-
-def _refused(exc: BaseException) -> bool:
-    """Was the connection refused (nothing listening), anywhere in the exception's chain?"""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 # -- execution -----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from redis.retry import Retry
 from redis.utils import check_protocol_version
 
 from jobq import errors
-from jobq.util import to_str
+from jobq.util import refused, to_str
 
 # redis-py's Sentinel classes were untyped before redis-py 8.2 and are typed since: through Any,
 # the calls type-check the same against either.
@@ -606,14 +606,7 @@ def sync_client(
 
 def _not_refused(exc: Exception) -> bool:
     """False for a connection refused (nothing listens on the port), anywhere in the chain."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return True
-        if isinstance(seen, ConnectionRefusedError):
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return True
+    return not refused(exc)
 
 
 #: redis-py >= 8.2 lets a Retry refine which errors it retries.
