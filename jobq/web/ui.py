@@ -496,7 +496,7 @@ class _View:
         rows = "".join(
             f"<tr><td><code>{_e(n.node)}</code></td><td>{_e(', '.join(n.queues))}</td><td class=num>{_e(n.concurrency)}</td>"
             f"<td class=num>{_e(n.inflight)}</td><td class=num>{n.heartbeat_age_s:.1f} s</td><td>{_e(n.host)}</td>"
-            f"<td>{_e(getattr(n, 'version', ''))}</td></tr>"
+            f"<td>{_e(n.version or '')}</td></tr>"
             for n in ns
         )
         return (

@@ -212,7 +212,13 @@ def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> Non
         assert "state-done" in b.get(f"/ui/jobs/work/{job.id}")
         # The live endpoint the page polls says the same.
         assert '"state": "done"' in b.get(f"/ui/api/job/work/{job.id}")
-        assert worker.node in b.get("/ui/nodes")
+        # Each node records the jobq version it runs; the nodes page shows it.
+        import jobq
+
+        (node,) = [n for n in admin.nodes(app) if n.node == worker.node]
+        assert node.version == jobq.__version__
+        row = next(r for r in b.get("/ui/nodes").split("<tr>") if worker.node in r)
+        assert f"<td>{jobq.__version__}</td>" in row
     finally:
         FAIL["on"] = True
         worker.stop()
