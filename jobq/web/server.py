@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import uvicorn
@@ -55,6 +55,36 @@ def _timeout_reply() -> bytes:
     return _raw_reply("408 Request Timeout", err)
 
 
+class _CoalescingTransport:
+    """A transport whose writes in one turn of the event loop leave in one ``send``: uvicorn
+    writes a response's head and body separately, and with ``TCP_NODELAY`` each write was a
+    packet of its own (and a system call, and a wake-up of the client)."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._buf:
+            self._loop.call_soon(self.flush)
+        self._buf.append(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _DeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline from a request's first byte (or the
     connection's opening) to the end of its headers."""
@@ -64,6 +94,7 @@ class _DeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, _CoalescingTransport(transport, self.loop))
         with contextlib.suppress(OSError, AttributeError):
             sock = transport.get_extra_info("socket")
             if sock is not None:

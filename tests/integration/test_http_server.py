@@ -248,3 +248,67 @@ def test_post_answers_the_state_the_job_was_stored_in(server: ApiServer, body: d
         conn.close()
         assert resp.status == 201, got
         assert got["status"] == server.app.job(got["id"], got["queue"]).status().value
+
+
+def test_enqueue_each_gives_every_request_its_own_outcome(redis_url: str, r: redis.Redis) -> None:
+    """What the HTTP API sends for single-job POSTs that arrive together: one round trip, and a
+    call Redis refuses whole (max_depth) is sent again job by job, so each request is refused or
+    stored for its own reason, as it would be alone."""
+    from jobq import errors
+    from jobq.requests import request_from_json
+
+    app = JobQ(redis_url, max_depth={"full": 3})
+    try:
+        reqs = [request_from_json({"task": "t", "queue": "full", "args": [i]}) for i in range(6)]
+        reqs.insert(2, request_from_json({"task": "t", "queue": "other", "delay": 60}))
+        reqs.insert(4, request_from_json({"task": "t", "queue": "other", "args": ["x" * 2_000_000]}))
+        out = app.enqueue_each(reqs)
+        stored = [o for o in out if not isinstance(o, Exception)]
+        refused = [o for o in out if isinstance(o, Exception)]
+        assert [type(e) for e in refused].count(errors.QueueFull) == 3
+        assert isinstance(out[4], errors.InvalidInput)  # its own error: the payload is too large
+        assert len(stored) == 4
+        assert r.zcard(app.keys.ready("full")) == 3 and r.zcard(app.keys.scheduled("other")) == 1
+        for job, state in stored:
+            assert state == job.status().value
+        assert out[2][1] == "scheduled"  # type: ignore[index]
+    finally:
+        app.close()
+
+
+def test_concurrent_posts_each_get_their_answer(redis_url: str, r: redis.Redis) -> None:
+    """Eight keep-alive clients at once (their POSTs share round trips): every job is stored
+    once, each client gets its own job's id, and a queue at its max_depth refuses the excess."""
+    app = JobQ(redis_url, max_depth={"full": 10})
+    srv = ApiServer(app, "127.0.0.1", 0).start()
+    results: list[tuple[int, dict[str, object], int]] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        for i in range(25):
+            queue = "full" if i % 5 == 0 else "open"
+            body = json.dumps({"task": "t", "queue": queue, "args": [n, i]})
+            conn.request("POST", "/jobs", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            with lock:
+                results.append((resp.status, data, n * 100 + i))
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 200
+        ok = [(d, tag) for status, d, tag in results if status == 201]
+        assert sorted(s for s, _, _ in results if s != 201) == [503] * 30  # 40 to "full", 10 fit
+        assert len({d["id"] for d, _ in ok}) == 170
+        for d, tag in ok:  # each answer names the job that request stored
+            assert app.job(str(d["id"]), str(d["queue"])).info().args == [tag // 100, tag % 100]
+        assert r.zcard(app.keys.ready("open")) == 160 and r.zcard(app.keys.ready("full")) == 10
+    finally:
+        srv.close()
+        app.close()
