@@ -300,3 +300,58 @@ def page_ids(
     pipe.zcard(key)
     raw, total = pipe.execute()
     return [to_str(x, "replace") for x in raw], int(total)
+
+
+def activity(
+    client: SyncClient, keys: Keys, queues: Sequence[str], since: Mapping[str, float], sample: int
+) -> list[tuple[int, float | None, int, list[tuple[int | None, int | None]]]]:
+    """What each queue did since a watermark, for the dashboard's charts. Per queue: the FIFO
+    sequence counter (every job made ready takes one number: enqueued, or due after a delay or
+    a retry backoff); the newest score of the finished index (its new watermark, None when it
+    is empty); how many finished entries score above ``since[queue]`` up to that one (none on
+    a queue without a watermark yet); and, for up to ``sample`` of the newest of them, the job's
+    ``(ready_ms, started_ms)``. The finished index is scored by expiry (finish time plus the
+    retention), so with one retention its order is the order of finishing."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.get(keys.seq(q))
+        lo = since.get(q)
+        if lo is None:
+            pipe.zrevrange(keys.finished(q), 0, 0, withscores=True)
+        else:
+            pipe.zrevrangebyscore(keys.finished(q), "+inf", f"({lo!r}", start=0, num=sample, withscores=True)
+    raw = pipe.execute()
+    heads: list[tuple[int, float | None, list[str]]] = []
+    for i, q in enumerate(queues):
+        seq, newest = raw[2 * i], raw[2 * i + 1]
+        top = float(newest[0][1]) if newest else since.get(q)
+        ids = [to_str(m, "replace") for m, _ in newest] if q in since else []
+        heads.append((int(seq or 0), top, ids))
+    pipe = client.pipeline(transaction=False)
+    counted: list[bool] = []
+    for q, (_, top, ids) in zip(queues, heads, strict=True):
+        lo = since.get(q)
+        counted.append(lo is not None and top is not None and top > lo)
+        if counted[-1]:
+            pipe.zcount(keys.finished(q), f"({lo!r}", repr(top))
+        for job_id in ids:
+            pipe.hmget(keys.job(q, job_id), "ready_ms", "started_ms")
+    raw = pipe.execute()
+    out = []
+    pos = 0
+    for (seq, top, ids), has_count in zip(heads, counted, strict=True):
+        count = 0
+        if has_count:
+            count = int(raw[pos])
+            pos += 1
+        times = [(_int_or_none(a), _int_or_none(b)) for a, b in raw[pos : pos + len(ids)]]
+        pos += len(ids)
+        out.append((seq, top, count, times))
+    return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -169,6 +169,8 @@ class ApiApp:
 
     def close(self) -> None:
         self.health_client.close()
+        if self.ui is not None:
+            self.ui.close()
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return pool.run_sync(fn, *args)

@@ -358,3 +358,53 @@ def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
         worker.stop()
         server.close()
         app.close()
+
+
+def test_history_samples_rates_and_waits(redis_url: str) -> None:
+    """The overview's charts read what Redis saw between two samples: jobs made ready, jobs
+    finished, and the ready-to-started wait of the finished ones (checked against their hashes)."""
+    from jobq.web.history import History
+
+    app = JobQ(redis_url)
+
+    @app.task(name="quick", queue="charts")
+    def quick(i: int) -> int:
+        return i
+
+    history = History(app, interval=3600)  # sampled by hand below
+    worker = None
+    try:
+        quick.enqueue(-1)  # the queue exists; the first sample sets the watermarks
+        history.sample()
+        assert history.to_json()["queues"] == {}  # no interval yet
+        admin.pause(app, "charts")
+        jobs = [quick.enqueue(i) for i in range(20)]
+        worker = ThreadWorker(app, queues=[("charts", 1)], concurrency=4, lease=5).start()
+        time.sleep(0.05)  # the jobs wait a little in ready: their waits are > 0
+        admin.resume(app, "charts")
+        wait_for(lambda: all(j.status().value == "done" for j in jobs), 20)
+        history.sample()
+        data = history.to_json()
+        cols = data["queues"]["charts"]
+        assert len(cols["t_ms"]) == 1
+        point = {name: values[0] for name, values in cols.items()}
+        # Both per second of the same interval: 20 made ready in it, 21 finished (with job -1).
+        assert point["ready_per_s"] > 0
+        assert abs(point["finished_per_s"] / point["ready_per_s"] - 21 / 20) < 0.02, point
+        waits = sorted(
+            int(s) - int(r)
+            for r, s in (
+                app.client.hmget(app.keys.job("charts", j.id), "ready_ms", "started_ms") for j in jobs
+            )
+        )
+        assert point["wait_p50_ms"] in waits and point["wait_p95_ms"] in waits
+        assert point["wait_p95_ms"] >= point["wait_p50_ms"] >= 40
+        # A third sample with nothing new: zero rates, no waits.
+        history.sample()
+        last = {k: v[-1] for k, v in history.to_json()["queues"]["charts"].items()}
+        assert (last["ready_per_s"], last["finished_per_s"], last["wait_p50_ms"]) == (0, 0, None)
+    finally:
+        if worker is not None:
+            worker.stop()
+        history.close()
+        app.close()
