@@ -85,6 +85,44 @@ def test_worker_metrics_port_keep_alive_scrape_does_not_stall(redis_url: str) ->
         app.close()
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "POST", "BREW"])
+def test_worker_metrics_port_answers_json_405_and_cuts_slow_clients(redis_url: str, method: str) -> None:
+    app = JobQ(redis_url)
+    ms = serve_metrics(Metrics(app, node="n1"), "127.0.0.1", 0)
+    try:
+        data = _raw(ms.port, f"{method} /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405"), head
+        assert b"\r\nAllow: GET, HEAD" in head and b"Content-Type: application/json" in head
+        assert json.loads(body)["field"] == "method"
+        if method != "OPTIONS":
+            return
+        # A client trickling its request is cut off at the request deadline, not per read.
+        handler = ms.httpd.RequestHandlerClass
+        handler.request_deadline = 1.0  # type: ignore[attr-defined]
+        with socket.create_connection(("127.0.0.1", ms.port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            got = b"x"
+            while time.monotonic() - t0 < 8:
+                time.sleep(0.3)
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                    s.settimeout(0.01)
+                    got = s.recv(100)
+                    if not got:
+                        break
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except OSError:
+                    got = b""
+                    break
+            assert got == b"" and time.monotonic() - t0 < 4, "the trickling request was not cut off"
+    finally:
+        ms.close()
+        app.close()
+
+
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "PROPFIND", "BREW"])
 def test_unrouted_methods_are_json_405_with_allow(server: ApiServer, method: str) -> None:
     data = _raw(server.port, f"{method} /jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
