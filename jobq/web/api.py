@@ -262,7 +262,8 @@ class ApiApp:
                     status, data = await self._run(self.post_jobs, body)
                 else:
                     status, data = await self.post_one(body)
-                loc = [(b"location", f"/jobs/{data['id']}".encode())] if "id" in data else []
+                root = req.scope.get("root_path", "")  # mounted: the path the client sees
+                loc = [(b"location", f"{root}/jobs/{data['id']}".encode())] if "id" in data else []
                 return _json_reply(status, data, loc)
             return _json_reply(200, await self._run(self.get_jobs, req.query()))
         if route == "/jobs/{id}":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import re
 import subprocess
 import sys
@@ -407,4 +408,62 @@ def test_history_samples_rates_and_waits(redis_url: str) -> None:
         if worker is not None:
             worker.stop()
         history.close()
+        app.close()
+
+
+def test_mounted_in_a_starlette_app(redis_url: str) -> None:
+    """``asgi_app`` mounted under /jobq in a Starlette application served by uvicorn: the API
+    (bearer token, Location under the mount), the dashboard (basic auth, links, a CSRF-checked
+    action) and the host application's own route all answer on one port."""
+    starlette = pytest.importorskip("starlette")
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from jobq.web import asgi_app
+    from tests.harness.redis_server import free_port
+
+    assert starlette.__version__
+    app = JobQ(redis_url)
+    api = asgi_app(app, token=TOKEN)
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the host application")
+
+    host = Starlette(routes=[Route("/", home), Mount("/jobq", app=api)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(host, "127.0.0.1", port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 20)
+        b = Browser(port)
+        assert b.get("/") == "the host application"
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        status, _, body = b.request("GET", "/jobq/stats", **bearer)
+        assert status == 200 and "totals" in body
+        status, headers, body = b.request(
+            "POST",
+            "/jobq/jobs",
+            '{"task": "t", "queue": "mounted"}',
+            Content_Type="application/json",
+            **bearer,
+        )
+        assert status == 201, body
+        assert headers["location"].startswith("/jobq/jobs/")
+        status, _, body = b.request("GET", headers["location"] + "?queue=mounted", **bearer)
+        assert status == 200 and json.loads(body)["queue"] == "mounted", body
+        assert Browser(port, auth=None).request("GET", "/jobq/stats")[0] == 401
+        page = b.get("/jobq/ui/queues/mounted")
+        assert 'href="/jobq/ui/static/ui.css"' in page
+        status, headers, _ = b.post("/jobq/ui/queues/mounted", "/jobq/ui/queues/mounted/pause")
+        assert status == 303 and headers["location"] == "/jobq/ui/queues/mounted"
+        assert admin.queue_stats(app, ["mounted"])[0].paused
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        api.close()
         app.close()
