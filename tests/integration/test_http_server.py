@@ -350,3 +350,43 @@ def test_concurrent_posts_each_get_their_answer(redis_url: str, r: redis.Redis) 
     finally:
         srv.close()
         app.close()
+
+
+def test_connections_over_the_cap_get_a_json_503_and_no_thread(redis_url: str) -> None:
+    """Idle connections cost no thread (one event loop serves them all), and past the cap a
+    request is answered 503 in JSON with Retry-After; once connections close, requests pass."""
+    app = JobQ(redis_url)
+    srv = ApiServer(app, "127.0.0.1", 0, max_connections=50).start()
+    idle: list[socket.socket] = []
+    try:
+        assert _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+        threads = threading.active_count()
+        for _ in range(60):
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        state = srv.server.server_state
+        deadline = time.monotonic() + 10
+        while len(state.connections) < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(state.connections) >= 60
+        assert threading.active_count() <= threads + 1  # no thread per connection
+        data = _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"\r\nretry-after: " in head.lower() and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["field"] == "connection"
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while len(state.connections) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+    finally:
+        for s in idle:
+            s.close()
+        srv.close()
+        app.close()
