@@ -52,6 +52,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
 
+_timeout: Any = getattr(asyncio, "timeout", None)
+
 #: Default largest request body, bytes (the encoded payload limit is 1 MiB; JSON is larger).
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
 #: Most jobs one POST /jobs array may carry.
@@ -443,7 +445,11 @@ class _Request:
             # Refused without reading it: the connection is closed after the answer.
             raise HttpError(413, f"body: {length} bytes is over the {self.api.max_body}-byte limit", "body")
         try:
-            raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
+            if _timeout is not None:  # Python 3.11+: a timer on this task, not a task of its own
+                async with _timeout(self.api.request_timeout):
+                    raw = await self._read(length)
+            else:  # pragma: no cover - Python 3.10
+                raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
         except asyncio.TimeoutError:
             raise HttpError(
                 408, f"body: not received within {self.api.request_timeout:g} s", "body"
