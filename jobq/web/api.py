@@ -56,6 +56,9 @@ _timeout: Any = getattr(asyncio, "timeout", None)
 
 #: Default largest request body, bytes (the encoded payload limit is 1 MiB; JSON is larger).
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
+#: Round trips of single-job POST /jobs batches out at once (the next batch gathers meanwhile):
+#: with two, one batch's thread hop and reply overlap the other's time at Redis.
+BATCHES_IN_FLIGHT = 2
 #: Most jobs one POST /jobs array may carry.
 MAX_BULK = 10_000
 #: Seconds a client may take to send a whole request (headers and body) before it is cut off.
@@ -346,24 +349,27 @@ class ApiApp:
 
 
 class _EnqueueBatcher:
-    """Single-job enqueues share round trips. The first request goes to Redis at once (on the
-    pool); the ones that arrive while it is out wait, and go together in the next round trip
-    (:meth:`JobQ.enqueue_each`: one script call per queue, each request its own outcome). One
-    client alone pays one round trip, as before; eight at once pay about two between them, not
-    eight (each a thread hop, a Redis call and a GIL hand-over)."""
+    """Single-job enqueues share round trips. A request goes to Redis at once (on the pool) while
+    fewer than ``BATCHES_IN_FLIGHT`` round trips are out; the ones that arrive meanwhile wait, and
+    go together in the next round trip (:meth:`JobQ.enqueue_each`: one script call per queue,
+    each request its own outcome). One client alone pays one round trip, as before; eight at
+    once share a few between them, not eight (each a thread hop, a Redis call and a GIL
+    hand-over)."""
 
     def __init__(self, app: JobQ) -> None:
         self.app = app
         self.pending: list[tuple[requests.EnqueueRequest, asyncio.Future[tuple[Any, str | None]]]] = []
-        self.busy = False
-        self._task: asyncio.Future[None] | None = None
+        self.running = 0
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def submit(self, req: requests.EnqueueRequest) -> tuple[Any, str | None]:
         fut: asyncio.Future[tuple[Any, str | None]] = asyncio.get_running_loop().create_future()
         self.pending.append((req, fut))
-        if not self.busy:
-            self.busy = True
-            self._task = asyncio.ensure_future(self._drain())
+        if self.running < BATCHES_IN_FLIGHT:
+            self.running += 1
+            task = asyncio.ensure_future(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await fut
 
     async def _drain(self) -> None:
@@ -386,7 +392,7 @@ class _EnqueueBatcher:
                     else:
                         fut.set_result(res)
         finally:
-            self.busy = False
+            self.running -= 1
 
     def _one(self, req: requests.EnqueueRequest) -> tuple[Any, str | None] | Exception:
         try:
