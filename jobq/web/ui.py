@@ -514,11 +514,12 @@ class _View:
                     last_ms = None
                 rows.append(
                     f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
-                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td></tr>"
+                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td>"
+                    f"<td>{_e(_when(c.schedule.next_tick(now)))}</td></tr>"
                 )
             parts.append(
                 "<h2>Cron</h2><table><tr><th>entry</th><th>task</th><th>schedule</th><th>queue</th>"
-                f"<th>latest tick due</th><th>last tick enqueued</th></tr>{''.join(rows)}</table>"
+                f"<th>latest tick due</th><th>last tick enqueued</th><th>next tick</th></tr>{''.join(rows)}</table>"
             )
         return ("".join(parts) or "<p class=muted>Nothing scheduled.</p>").encode()
 

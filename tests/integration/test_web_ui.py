@@ -280,6 +280,9 @@ def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
     assert sent[0]["status"] == 200
     body = sent[1]["body"].decode()
     assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
+    assert "<th>next tick</th>" in body
+    nxt = re.findall(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.000 UTC</td></tr>", body)
+    assert nxt and nxt[-1][-5:-3] in {f"{m:02d}" for m in range(0, 60, 5)}  # a */5 minute
 
 
 @pytest.mark.parametrize("full_path", [True, False])
