@@ -74,6 +74,30 @@ local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
 
+-- The payload goes into the hash in parts of at most PAYLOAD_PART bytes when it is longer (up
+-- to PAYLOAD_PARTS_MAX parts): a hash whose every value is at most 64 bytes keeps Redis's compact
+-- listpack encoding (hash-max-listpack-value, default 64), where one longer value makes the whole
+-- hash a hashtable at about 2.5 times the memory. "payload" holds the first part, "payload.2" ..
+-- "payload.<k>" the others, and "parts" = k (absent for a payload stored whole). A longer
+-- payload is stored whole: its own bytes outweigh the hash's encoding.
+local function put_payload(fields, p)
+  local len = #p
+  local nf = #fields
+  if len <= PAYLOAD_PART or len > PAYLOAD_PART * PAYLOAD_PARTS_MAX then
+    fields[nf + 1] = 'payload'; fields[nf + 2] = p
+    return
+  end
+  local k = math.ceil(len / PAYLOAD_PART)
+  fields[nf + 1] = 'parts'; fields[nf + 2] = k
+  fields[nf + 3] = 'payload'; fields[nf + 4] = string.sub(p, 1, PAYLOAD_PART)
+  nf = nf + 4
+  for part = 2, k do
+    fields[nf + 1] = 'payload.' .. part
+    fields[nf + 2] = string.sub(p, (part - 1) * PAYLOAD_PART + 1, part * PAYLOAD_PART)
+    nf = nf + 2
+  end
+end
+
 -- Validate every job before the first write: Redis never rolls a script back.
 local jobs = {}
 local b_of = {} -- each job's ARGV offset
@@ -209,9 +233,10 @@ for i = 1, n do
     ids[i] = j.id
     written[j.id] = true
     local fields = {
-      'task', j.task, 'payload', j.payload, 'priority', j.prio_s, 'attempts', '0',
+      'task', j.task, 'priority', j.prio_s, 'attempts', '0',
       'max_attempts', ARGV[b_of[i] + 7], 'timeout_ms', ARGV[b_of[i] + 8], 'enqueued_ms', now_s,
     }
+    put_payload(fields, j.payload)
     -- fail.lua's default base is 1000 ms; any other value (0 = retry at once) is kept.
     if j.backoff ~= 1000 then fields[#fields + 1] = 'backoff_ms'; fields[#fields + 1] = ARGV[b_of[i] + 9] end
     if j.deadline > 0 then
