@@ -8,8 +8,9 @@ Helpers every script needs (argument checks, the clock, ready scores, dead-lette
 parts of the prelude it uses inserted right after its first line (the ``#!lua`` shebang, which
 Redis requires to come first): Redis runs a script's whole text on every call, and each helper
 defined costs a closure, so an operation carries only the helpers it names (directly or through
-another helper it carries), in the prelude's order. Both parts are static files shipped in the package: no script text is ever built from
-data, and ``loadstring`` is never used (RELIABILITY SEC6).
+another helper it carries), in the prelude's order. Both parts are static files shipped in the
+package (the cut is made at the prelude's blank lines): no script text is ever built from data,
+and ``loadstring`` is never used (RELIABILITY SEC6).
 """
 
 from __future__ import annotations
