@@ -209,12 +209,12 @@ local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
 end
 
 -- A job's payload from its "payload" field and, when the hash has "parts" = k > 1, the fields
--- "payload.2" .. "payload.<k>" (enqueue.lua). A job stored before parts existed has no "parts".
+-- "p2" .. "p<k>" (enqueue.lua). A job stored before parts existed has no "parts".
 local function read_payload(jkey, first, parts)
   local k = tonumber(parts or '')
   if first == nil or first == false or k == nil or k < 2 then return first or '' end
   local names = {}
-  for part = 2, k do names[part - 1] = 'payload.' .. part end
+  for part = 2, k do names[part - 1] = 'p' .. part end
   local rest = rcall('HMGET', jkey, unpack(names))
   for i = 1, #rest do rest[i] = rest[i] or '' end
   return first .. table.concat(rest)

@@ -6,6 +6,7 @@ the parts read back whole through claim and Job.info, and a job stored whole by 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import redis
@@ -19,8 +20,10 @@ from tests.harness.redis_server import RedisServer
 pytestmark = pytest.mark.integration
 
 Q = "mem"
-#: Bytes per queued job with a 100-byte payload: 566 measured on Redis 7.0 (1,182 before parts).
-QUEUED_100_BOUND = 600
+#: Bytes per queued job with a 100-byte payload: 502 measured on Redis 7.0 (1,182 before the
+#: payload parts and the derived fields left out). The issue's target is 400, which this layout
+#: cannot reach (docs/performance.md); this bound keeps what was won.
+QUEUED_100_BOUND = 530
 
 
 def test_a_queued_job_with_a_100_byte_payload_stays_compact_on_a_default_redis() -> None:
@@ -73,7 +76,7 @@ def test_a_job_stored_whole_by_an_earlier_version_still_reads_and_runs(
     payload = codec.encode_payload((arg,), {}, 1 << 20)
     # What the previous layout stored: one "payload" field, no parts.
     fields = {k.decode(): v for k, v in r.hgetall(job.key).items()}
-    for k in [k for k in fields if k == "parts" or k.startswith("payload.")]:
+    for k in [k for k in fields if k == "parts" or re.fullmatch(r"p\d+", k)]:
         r.hdel(job.key, k)
     r.hset(job.key, "payload", payload)
     assert job.info().args == [arg]
