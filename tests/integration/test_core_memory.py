@@ -16,6 +16,7 @@ from jobq import codec
 from jobq.storage.calls import JobSpec, Store, SyncRunner
 from jobq.storage.keys import Keys
 from tests.harness.redis_server import RedisServer
+from tests.integration.conftest import T0
 
 pytestmark = pytest.mark.integration
 
@@ -68,17 +69,34 @@ def test_a_payload_reads_back_whole_through_claim_and_info(
     assert claimed.payload == payload
 
 
-def test_a_job_stored_whole_by_an_earlier_version_still_reads_and_runs(
-    fapp: jobq.JobQ, r: redis.Redis
+def test_a_job_stored_by_an_earlier_version_still_reads_and_runs(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
 ) -> None:
     arg = "z" * 300
     job = fapp.enqueue("t", [arg], queue=Q)
     payload = codec.encode_payload((arg,), {}, 1 << 20)
-    # What the previous layout stored: one "payload" field, no parts.
+    # What the previous layout stored: the payload whole in one field, no parts, and every field
+    # written (attempts 0, run_at_ms and ready_ms), here with times unlike enqueued_ms.
     fields = {k.decode(): v for k, v in r.hgetall(job.key).items()}
     for k in [k for k in fields if k == "parts" or re.fullmatch(r"p\d+", k)]:
         r.hdel(job.key, k)
-    r.hset(job.key, "payload", payload)
-    assert job.info().args == [arg]
+    r.hset(job.key, mapping={"payload": payload, "attempts": 0, "run_at_ms": T0 - 5, "ready_ms": T0 - 7})
+    info = job.info()
+    assert (info.args, info.attempts, info.run_at_ms, info.enqueued_ms) == ([arg], 0, T0 - 5, T0)
+    clock.advance(1)
     (claimed,) = fapp.run(fapp.store.claim(Q, "n1", 5, 30_000, now_ms=fapp.now_ms())).jobs
-    assert claimed.payload == payload
+    assert (claimed.payload, claimed.attempts, claimed.ready_ms) == (payload, 1, T0 - 7)
+    codes = fapp.run(fapp.store.ack(Q, "n1", [(job.id, b"")], attempts=[1], now_ms=fapp.now_ms()))
+    assert codes == [1]
+    assert job.info().state == jobq.JobState.DONE
+
+
+def test_a_job_never_claimed_is_refused_by_ack_and_fail_as_before(fapp: jobq.JobQ) -> None:
+    """No attempts field until the first claim: ack and fail still refuse a job this node does not
+    hold (-2), not "no such job"."""
+    job = fapp.enqueue("t", queue=Q)
+    assert fapp.run(fapp.store.ack(Q, "n1", [(job.id, b"")], now_ms=fapp.now_ms())) == [-2]
+    assert fapp.run(fapp.store.ack(Q, "n1", [(job.id, b"")], attempts=[1], now_ms=fapp.now_ms())) == [-2]
+    res = fapp.run(fapp.store.fail(Q, "n1", job.id, "boom", now_ms=fapp.now_ms()))
+    assert res.outcome == "lease_lost"
+    assert job.info().state == jobq.JobState.READY
