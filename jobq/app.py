@@ -912,7 +912,8 @@ class Job:
             max_attempts=_int_or_none(v["max_attempts"]),
             timeout_ms=_int_or_none(v["timeout_ms"]),
             enqueued_ms=_int_or_none(v["enqueued_ms"]),
-            run_at_ms=_int_or_none(v["run_at_ms"]),
+            # A job ready at once stores no run_at_ms: it was due at its enqueue.
+            run_at_ms=_int_or_none(v["run_at_ms"] or v["enqueued_ms"]),
             started_ms=_int_or_none(v["started_ms"]),
             finished_ms=_int_or_none(v["finished_ms"]),
             deadline_ms=_int_or_none(v["deadline_ms"]),

@@ -73,14 +73,14 @@ end
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority',
   'finished_by', 'state', 'run_at_ms')
-if not ok or not f[1] then
+if not ok or not f[6] then
   -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
   if rcall('ZREM', active_key, id) == 0 then return {-2, 0, 0, 0} end
   rcall('ZREM', leases_key, id)
   to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
   return {-1, 0, 0, dead_trimmed}
 end
-if attempt == '' then attempt = f[1] end
+if attempt == '' then attempt = f[1] or '0' end -- never claimed: no attempts field
 local mine = node .. ':' .. attempt
 if f[5] == mine and f[6] ~= 'done' then
   -- This attempt's failure is recorded already: a repeated call changes nothing.

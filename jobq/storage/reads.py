@@ -125,8 +125,9 @@ def oldest_ready_ms(client: SyncClient, keys: Keys, queue: str, sample: int) -> 
         return None
     pipe = client.pipeline(transaction=False)
     for job_id in heads:
-        pipe.hget(keys.job(queue, job_id), "ready_ms")
-    times = [int(v) for v in pipe.execute() if v is not None]
+        # A job ready since its enqueue stores no ready_ms: it is its enqueued_ms.
+        pipe.hmget(keys.job(queue, job_id), ["ready_ms", "enqueued_ms"])
+    times = [int(a if a is not None else b) for a, b in pipe.execute() if a is not None or b is not None]
     return min(times) if times else None
 
 
@@ -157,8 +158,30 @@ def job_ids(client: SyncClient, keys: Keys, queue: str, state: str, limit: int, 
 
 
 def job_fields(client: SyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str]) -> list[Any]:
-    """HMGET of a job's hash: the raw values (``bytes`` or None) in the order of ``fields``."""
-    return list(client.hmget(keys.job(queue, job_id), list(fields)))
+    """HMGET of a job's hash: the raw values (``bytes`` or None) in the order of ``fields``.
+
+    ``"payload"`` is the whole payload: enqueue stores one longer than 64 bytes in parts
+    (``"payload"``, ``"p2"`` .. ``"p<k>"``, ``"parts"`` = k, so the hash keeps Redis's
+    compact encoding); a job stored whole (short, or from before parts existed) has no ``"parts"``."""
+    key = keys.job(queue, job_id)
+    names = list(fields)
+    if "payload" not in names:
+        return list(client.hmget(key, names))
+    raw = list(client.hmget(key, [*names, "parts"]))
+    parts = _int(raw.pop())
+    at = names.index("payload")
+    if parts is not None and parts > 1 and raw[at] is not None:
+        rest = client.hmget(key, [f"p{i}" for i in range(2, parts + 1)])
+        # A part gone between the two reads: the job was deleted meanwhile.
+        raw[at] = None if None in rest else b"".join([raw[at], *rest])
+    return raw
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def job_queue(client: SyncClient, keys: Keys, job_id: str, queues: Sequence[str]) -> str | None:
