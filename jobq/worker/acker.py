@@ -23,11 +23,11 @@ from jobq.storage import clients
 from jobq.storage.calls import MAX_BATCH, AsyncRunner, ReleaseResult, split_batches
 from jobq.worker.context import Context, NodeState
 from jobq.worker.held import Held, HeldJobs
+from jobq.worker.outcomes import Outcomes
 from jobq.worker.slots import SlotBackoff
 
 if TYPE_CHECKING:
     from jobq.app import Task
-    from jobq.metrics import Metrics
 
 log = logging.getLogger("jobq.worker")
 
@@ -47,8 +47,7 @@ class Acker:
         tasks: Mapping[str, Task[Any, Any]],
         max_interruptions: int,
         hard_stopped: Callable[[], bool],
-        metrics: Metrics | None,
-        stats: dict[str, int],
+        outcomes: Outcomes,
     ) -> None:
         self.ctx = ctx
         self.state = state
@@ -58,8 +57,7 @@ class Acker:
         self.tasks = tasks
         self.max_interruptions = max_interruptions
         self.hard_stopped = hard_stopped
-        self.metrics = metrics
-        self.stats = stats
+        self.outcomes = outcomes
         self._acks: dict[str, list[tuple[Held, bytes]]] = {}
         #: Acks of queues whose Redis Cluster slot is moving, waiting for their retry (so the
         #: acks of the other queues are not held up behind them); each queue's backoff below.
@@ -150,14 +148,11 @@ class Acker:
                 return
         self.state.last_ok = time.monotonic()
         self._ack_slots.ok(queue)
-        m = self.metrics
         now = time.monotonic()
         for (run, _), code in zip(items, codes, strict=True):
             self.held.forget(run)
             if code >= 0:
-                self.stats["completed"] += 1
-                if m is not None:
-                    m.job_completed(queue, run.job.task, now - run.started)
+                self.outcomes.completed(queue, run.job.task, now - run.started)
             elif code == ErrorCode.LEASE_LOST:
                 self.stale(run)
             else:
@@ -238,41 +233,16 @@ class Acker:
                 job.id,
                 job.attempts,
             )
-        self.dead_trimmed(job.queue, res.dead_trimmed)
+        self.outcomes.dead_trimmed(job.queue, res.dead_trimmed)
         if res.outcome == "lease_lost":
             self.stale(run)
             return
-        self.stats["failed"] += 1
-        if self.metrics is not None:
-            self.metrics.job_failed(job.queue, job.task, run_s, res.outcome)
-
-    def dead_trimmed(self, queue: str, n: int) -> None:
-        """A script deleted ``n`` dead letters of ``queue`` because the dead-letter list was over
-        its count bound: say so (one line per trim) and count them."""
-        if n <= 0:
-            return
-        log.warning(
-            "queue %s: %d dead letter(s) deleted, oldest first: the dead-letter list was over dead_max (%d)",
-            queue,
-            n,
-            self.ctx.store.limits.dead_max,
-        )
-        if self.metrics is not None:
-            self.metrics.dead_trimmed_by_count(queue, n)
+        self.outcomes.failed(job.queue, job.task, run_s, res.outcome)
 
     def stale(self, run: Held) -> None:
         """Redis refused the ack or fail: another node holds the job now (stale completion)."""
-        self.stats["stale"] += 1
         self.held.forget(run)
-        log.warning(
-            "job %s (%s, queue %s) finished after this node lost its lease: result discarded "
-            "(stale completion)",
-            run.job.id,
-            run.job.task,
-            run.job.queue,
-        )
-        if self.metrics is not None:
-            self.metrics.job_stale(run.job.queue, run.job.task)
+        self.outcomes.stale(run.job.queue, run.job.id, run.job.task)
 
     def discard(self, run: Held) -> None:
         """A job known lost (and counted) finished here: drop its outcome, tell nobody."""
@@ -382,15 +352,10 @@ class Acker:
 
     def _count_release(self, queue: str, res: ReleaseResult) -> None:
         """Count and log what one release call did besides giving jobs back."""
-        if res.interrupted:
-            self.stats["interrupted"] += res.interrupted
-            if self.metrics is not None:
-                self.metrics.jobs_interrupted(queue, res.interrupted)
+        self.outcomes.interrupted(queue, res.interrupted)
         for job_id, reason in res.dead:
-            log.error("queue %s: job %s dead-lettered at release: %s", queue, job_id, reason)
-            if self.metrics is not None:
-                self.metrics.job_failed(queue, "", 0.0, "dead")
-        self.dead_trimmed(queue, res.dead_trimmed)
+            self.outcomes.dead_lettered(queue, job_id, reason, "release")
+        self.outcomes.dead_trimmed(queue, res.dead_trimmed)
 
     async def close(self) -> None:
         if self.once_runner is not None:

@@ -21,10 +21,10 @@ from jobq.errors import DecodeError, EncodeError, Fail, JobTimeout, Retry
 from jobq.storage.calls import ClaimedJob
 from jobq.worker.context import NodeState
 from jobq.worker.held import Held, HeldJobs
+from jobq.worker.outcomes import Outcomes
 
 if TYPE_CHECKING:
     from jobq.app import Task
-    from jobq.metrics import Metrics
 
 log = logging.getLogger("jobq.worker")
 
@@ -122,8 +122,7 @@ class Executor:
         concurrency: int,
         max_zombies: int,
         request_stop: Callable[[], None],
-        metrics: Metrics | None,
-        stats: dict[str, int],
+        outcomes: Outcomes,
     ) -> None:
         self.state = state
         self.held = held
@@ -134,8 +133,7 @@ class Executor:
         self.concurrency = concurrency
         self.max_zombies = max_zombies
         self.request_stop = request_stop
-        self.metrics = metrics
-        self.stats = stats
+        self.outcomes = outcomes
         #: Each job runs in a fresh copy of this context (the node sets it when it starts).
         self.job_context = contextvars.Context()
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="jobq-task")
@@ -157,16 +155,14 @@ class Executor:
                 self._start(run, now)
             else:
                 held.push_buffered(run)
-        self.stats["claimed"] += len(jobs)
+        self.outcomes.claimed(len(jobs))
         if self.state.stopping and held.buffer:
             self.finisher.release_buffered()  # claimed while the stop came: hand back what cannot start
 
     def _start(self, run: Held, now: float) -> None:
         job = run.job
-        if self.metrics is not None:
-            # Ready -> started on the Redis clock: at the claim, plus the time in the buffer.
-            wait = (run.now_ms - job.ready_ms) / 1000 + (now - run.started)
-            self.metrics.job_started(job.queue, job.task, wait)
+        # Ready -> started on the Redis clock: at the claim, plus the time in the buffer.
+        self.outcomes.started(job.queue, job.task, (run.now_ms - job.ready_ms) / 1000 + (now - run.started))
         self.held.take_slot(run, now)
         # Each job runs in a fresh copy of the node's context (the task copies it), never in a
         # copy of the job's whose end started it: a ContextVar set by one job must not leak.
@@ -298,7 +294,7 @@ class Executor:
         if run.lost:
             return
         run.lost = True
-        self.stats["lost"] += 1
+        self.outcomes.lost(run.job.queue, run.job.task, started=run.task is not None)
         if run.task is None:  # claimed ahead, never started: nothing ran, nothing to discard
             self.held.unbuffer(run)
             self.held.forget(run)
@@ -317,8 +313,6 @@ class Executor:
             run.job.queue,
             why,
         )
-        if self.metrics is not None:
-            self.metrics.job_stale(run.job.queue, run.job.task)
         task = self.tasks.get(run.job.task)
         if run.task is not None and task is not None and task.is_async:
             run.task.cancel()  # a sync one runs on in its thread; its outcome is discarded

@@ -20,7 +20,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from jobq import _fault_injection as faults
 from jobq.backoff import Backoff, worth_a_line
@@ -28,11 +27,9 @@ from jobq.errors import JobqError, RedisBusy, RedisUnavailable
 from jobq.storage.calls import MAX_BATCH, AsyncRunner, ClaimedJob
 from jobq.worker.context import Context, NodeState
 from jobq.worker.held import HeldJobs
+from jobq.worker.outcomes import Outcomes
 from jobq.worker.slots import SlotBackoff
 from jobq.worker.wakeups import Wakeups
-
-if TYPE_CHECKING:
-    from jobq.metrics import Metrics
 
 log = logging.getLogger("jobq.worker")
 
@@ -75,14 +72,13 @@ class Fetcher:
         rotate: Callable[[list[str]], list[str]],
         take: Callable[[list[ClaimedJob], int], None],
         release_buffered: Callable[[], None],
-        dead_trimmed: Callable[[str, int], None],
         concurrency: int,
         prefetch: int | None,
         lease_ms: int,
         lease: float,
         poll_interval: float,
         burst: bool,
-        metrics: Metrics | None,
+        outcomes: Outcomes,
     ) -> None:
         self.ctx = ctx
         self.state = state
@@ -95,13 +91,12 @@ class Fetcher:
         self.rotate = rotate
         self.take = take
         self.release_buffered = release_buffered
-        self.dead_trimmed = dead_trimmed
         self.concurrency = concurrency
         self.lease_ms = lease_ms
         self.lease = lease
         self.poll_interval = poll_interval
         self.burst = burst
-        self.metrics = metrics
+        self.outcomes = outcomes
         #: Most jobs the buffer may hold (WorkerConfig.prefetch, at most concurrency and 1,000).
         self.prefetch_max = min(concurrency, 1000, concurrency if prefetch is None else max(0, prefetch))
         self._next_due_ms: int | None = None
@@ -264,10 +259,8 @@ class Fetcher:
             if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
                 next_due = res.next_due_ms
             for job_id, reason in res.dead:
-                log.error("queue %s: job %s dead-lettered at claim: %s", q, job_id, reason)
-                if self.metrics is not None:
-                    self.metrics.job_failed(q, "", 0.0, "dead")
-            self.dead_trimmed(q, res.dead_trimmed)
+                self.outcomes.dead_lettered(q, job_id, reason, "claim")
+            self.outcomes.dead_trimmed(q, res.dead_trimmed)
             if res.jobs:
                 if faults.ACTIVE:
                     faults.crash_point("after_claim")

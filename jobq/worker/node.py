@@ -55,6 +55,7 @@ from jobq.worker.executor import Executor
 from jobq.worker.fetcher import Fetcher
 from jobq.worker.heartbeat import BeatResult, Heartbeat
 from jobq.worker.held import HeldJobs
+from jobq.worker.outcomes import Outcomes
 from jobq.worker.reaper import Reaper, recover_inherited
 from jobq.worker.scheduler import Scheduler
 from jobq.worker.wakeups import Wakeups
@@ -128,7 +129,8 @@ class Worker:
             raise ValueError("lease and poll interval must be > 0, grace >= 0")
         self.node = validate_node(cfg.node_id or default_node_id())
         self.url = url or app.url
-        self._metrics = metrics
+        #: Every outcome is recorded here: counters, metrics, the lines that go with them.
+        self.outcomes = Outcomes(metrics, dead_max=app.store.limits.dead_max)
         self.lease_ms = max(1, round(cfg.lease * 1000))
         self.reap_interval = cfg.reap_interval or min(5.0, cfg.lease / 6)
         self.node_ttl_ms = round((cfg.node_ttl or 2 * cfg.lease) * 1000)
@@ -141,7 +143,6 @@ class Worker:
                     self.weights[q] = max(1, weight)
         if not self.queues:
             raise ValueError("no queues to serve")
-        self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0, "interrupted": 0}
         # The components, wired here and nowhere else.
         self.state = NodeState()
         self.wakeups = Wakeups(self.url, [app.keys.wake(q) for q in self.queues], cfg.poll_interval)
@@ -155,8 +156,7 @@ class Worker:
             tasks=app.tasks,
             max_interruptions=cfg.max_interruptions,
             hard_stopped=lambda: self._hard_stop is not None and self._hard_stop.is_set(),
-            metrics=metrics,
-            stats=self.stats,
+            outcomes=self.outcomes,
         )
         self.executor = Executor(
             self.state,
@@ -168,8 +168,7 @@ class Worker:
             concurrency=cfg.concurrency,
             max_zombies=cfg.max_zombies,
             request_stop=lambda: self._request_stop(True),
-            metrics=metrics,
-            stats=self.stats,
+            outcomes=self.outcomes,
         )
         self.fetcher = Fetcher(
             app,
@@ -183,14 +182,13 @@ class Worker:
             rotate=app.rotate_shards,
             take=self.executor.take,
             release_buffered=self.acker.release_buffered,
-            dead_trimmed=self.acker.dead_trimmed,
             concurrency=cfg.concurrency,
             prefetch=cfg.prefetch,
             lease_ms=self.lease_ms,
             lease=cfg.lease,
             poll_interval=cfg.poll_interval,
             burst=cfg.burst,
-            metrics=metrics,
+            outcomes=self.outcomes,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -202,12 +200,17 @@ class Worker:
     # -- what others read -----------------------------------------------------------------------
     @property
     def metrics(self) -> Metrics | None:
-        return self._metrics
+        return self.outcomes.metrics
 
     @metrics.setter
     def metrics(self, metrics: Metrics | None) -> None:
         """Set before :meth:`run` (the command line attaches its metrics to a built node)."""
-        self._metrics = self.acker.metrics = self.executor.metrics = self.fetcher.metrics = metrics
+        self.outcomes.metrics = metrics
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The node's counters: claimed, completed, failed, stale, lost, interrupted."""
+        return self.outcomes.stats
 
     @property
     def running(self) -> dict[str, Held]:
@@ -423,13 +426,12 @@ class Worker:
                         report = await reaper.run_once()
                         if report.requeued:
                             self.wakeups.poke()  # the reap announces too; don't wait for pub/sub
-                        if self.metrics is not None:
-                            for q, ids in report.requeued.items():
-                                self.metrics.jobs_reaped(q, len(ids))
-                            for q, ids in report.dead.items():
-                                self.metrics.jobs_reaped(q, len(ids))
-                            for q, n in report.trimmed.items():
-                                self.metrics.dead_trimmed_by_count(q, n)
+                        for q, ids in report.requeued.items():
+                            self.outcomes.reaped(q, len(ids))
+                        for q, ids in report.dead.items():
+                            self.outcomes.reaped(q, len(ids))
+                        for q, n in report.trimmed.items():
+                            self.outcomes.trimmed_by_reaper(q, n)
             except (RedisUnavailable, RedisBusy) as exc:
                 log.warning("maintenance pass failed: %s", exc)
                 # After a reconnect, let live nodes renew before reaping anything.
