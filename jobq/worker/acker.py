@@ -20,6 +20,7 @@ from jobq import _fault_injection as faults
 from jobq.backoff import Backoff
 from jobq.errors import ErrorCode, JobqError, RedisBusy, RedisUnavailable
 from jobq.storage import clients
+from jobq.storage import errors as storage_errors
 from jobq.storage.calls import MAX_BATCH, AsyncRunner, ReleaseResult, split_batches
 from jobq.worker.context import Context, NodeState
 from jobq.worker.held import Held, HeldJobs
@@ -324,10 +325,7 @@ class Acker:
             # hand that new claim back while it runs (F8: jobs ran twice, no reap). What is left
             # unreleased, the heartbeat finds again, or the reaper takes back.
             if self.once_runner is None:
-                import redis.asyncio.retry
-                import redis.backoff
-
-                once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
+                once = storage_errors.no_retry_async()
                 self.once_runner = AsyncRunner(clients.async_client(self.url, retry=once))
             runner = self.once_runner
         released = interrupted = trimmed = 0

@@ -5,12 +5,11 @@ timeout is the fallback that needs no subscription."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from jobq.backoff import Backoff
-from jobq.storage import clients
+from jobq.storage.pubsub import Subscriber
 
 log = logging.getLogger("jobq.worker")
 
@@ -61,21 +60,18 @@ class Wakeups:
     async def listen(self) -> None:
         """Subscribe to the wake-up channels and poke on each message, until cancelled; a lost
         or silent subscription is retried with backoff (the fetcher polls meanwhile)."""
-        make = clients.async_pubsub_client
         backoff = Backoff(0.1, 5.0)
         while True:
-            client = pubsub = None
+            sub = Subscriber(self.url, self.channels)
             try:
-                client = make(self.url, socket_timeout=None, retry_refused=False)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(*self.channels)
+                await sub.open()
                 self.connected = True
                 backoff.reset()
                 self.poke()  # anything announced while we were away: look now
                 heard = time.monotonic()
                 ping_sent: float | None = None
                 while True:
-                    msg = await pubsub.get_message(timeout=self.poll_interval)
+                    msg = await sub.get_message(self.poll_interval)
                     now = time.monotonic()
                     if msg is not None:
                         heard, ping_sent = now, None
@@ -86,7 +82,7 @@ class Wakeups:
                     if ping_sent is not None and now - ping_sent > PUBSUB_PING_INTERVAL:
                         raise ConnectionError("pub/sub connection silent: ping unanswered")
                     if ping_sent is None and now - heard > PUBSUB_PING_INTERVAL:
-                        await pubsub.ping()
+                        await sub.ping()
                         ping_sent = now
             except asyncio.CancelledError:
                 raise
@@ -97,9 +93,4 @@ class Wakeups:
                 await asyncio.sleep(backoff.next())
             finally:
                 self.connected = False
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
+                await sub.close()
