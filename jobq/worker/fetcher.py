@@ -20,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from jobq import _fault_injection as faults
 from jobq.backoff import Backoff, worth_a_line
@@ -29,7 +30,6 @@ from jobq.worker.context import Context, NodeState
 from jobq.worker.held import HeldJobs
 from jobq.worker.outcomes import Outcomes
 from jobq.worker.slots import SlotBackoff
-from jobq.worker.wakeups import Wakeups
 
 log = logging.getLogger("jobq.worker")
 
@@ -39,6 +39,15 @@ PREFETCH_HORIZON = 0.02
 #: Seconds a claimed job may wait in the prefetch buffer before it goes back to ready (release:
 #: attempt not counted, old place in the ready order).
 PREFETCH_MAX_WAIT = 0.5
+
+
+class Waiter(Protocol):
+    """What the fetcher waits on (:class:`jobq.worker.wakeups.Wakeups`): ``woken`` says a poke
+    came since the last wait; clearing it makes the next wait a real one."""
+
+    woken: bool
+
+    async def wait(self, timeout: float) -> None: ...
 
 
 def queue_order(queues: list[str], weights: dict[str, int], weighted: bool) -> list[str]:
@@ -63,7 +72,7 @@ class Fetcher:
         ctx: Context,
         state: NodeState,
         held: HeldJobs,
-        wake: Wakeups,
+        wake: Waiter,
         *,
         node: str,
         queues: list[str],
