@@ -263,11 +263,6 @@ async def active_ids_async(client: AsyncClient, keys: Keys, queue: str, node: st
     return [to_str(raw) for raw in await client.zrange(akey, 0, limit - 1)]
 
 
-async def count_reaped_async(client: AsyncClient, keys: Keys, queue: str, job_id: str) -> None:
-    """Add one to a job's ``reaped`` counter (HINCRBY)."""
-    await client.hincrby(keys.job(queue, job_id), "reaped", 1)
-
-
 def delete_dead(client: SyncClient, keys: Keys, queue: str, job_ids: Sequence[str]) -> int:
     """Delete the given dead letters of ``queue`` (the job hash, its dead-list entry and its unique
     key when that still names it); ids that are not dead letters (any more) are left alone.

@@ -34,14 +34,11 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from jobq import admin, errors, requests, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
 from jobq.storage import clients as connection
+from jobq.storage import errors as storage_errors
 from jobq.web import pool
 
 log = logging.getLogger("jobq.http")
@@ -162,7 +159,7 @@ class ApiApp:
         self.metrics = metrics if metrics is not None else Metrics(app, node="http", worker=False)
         # A separate client for /health: short timeouts and no retries, so a probe answers fast.
         self.health_client = connection.sync_client(
-            app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+            app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=storage_errors.no_retry()
         )
         self._openapi: bytes | None = None
         self._batcher = _EnqueueBatcher(app)
@@ -235,8 +232,7 @@ class ApiApp:
                 errors.RedisUnavailable,
                 errors.RedisBusy,
                 errors.RedisOutOfMemory,
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
+                *storage_errors.CONNECTION_ERRORS,
             ),
         ):
             body = {"error": connection.redact(str(exc))}
