@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 
 from jobq.app import EnqueueRequest, Job, JobInfo, JobQ, JobState, Task
 from jobq.clock import FakeClock, SystemClock
+from jobq.current import CurrentJob, current_job
 from jobq.errors import (
     DecodeError,
     EncodeError,
@@ -58,6 +59,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a tre
     __version__ = "0+unknown"
 
 __all__ = [
+    "CurrentJob",
     "DecodeError",
     "EncodeError",
     "EnqueueRequest",
@@ -101,4 +103,5 @@ __all__ = [
     "Task",
     "UnknownQueue",
     "__version__",
+    "current_job",
 ]

@@ -346,7 +346,7 @@ def delete_dead(app: JobQ, queue: str, job_ids: Sequence[str]) -> int:
 
 
 def cancel(app: JobQ, job_id: str, queue: str | None = None) -> str:
-    """Cancel a job that has not started; returns its queue. Raises
+    """Cancel a job (a running one too: see :meth:`jobq.Job.cancel`); returns its queue. Raises
     :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable`."""
     requests.validate_job_id(job_id)
     job = app.job(job_id, queue)

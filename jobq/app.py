@@ -61,7 +61,7 @@ class JobState(str, Enum):
     DONE = "done"
     #: In the dead-letter list: attempts exhausted, jobq.Fail, expired deadline, or bad data.
     DEAD = "dead"
-    #: Cancelled before it ran; kept for the retention time.
+    #: Cancelled (before it ran, or while it ran); kept for the retention time.
     CANCELLED = "cancelled"
     #: No such job: never enqueued, or gone after its retention time.
     UNKNOWN = "unknown"
@@ -958,12 +958,14 @@ class Job:
             wait *= 2
 
     def cancel(self) -> None:
-        """Cancel the job if it has not started. Raises :class:`jobq.errors.JobNotFound` or
-        :class:`jobq.errors.JobNotCancellable` (running or finished)."""
+        """Cancel the job: it ends ``cancelled`` at once (not retried, no result stored). A job
+        that has not started never runs; a running one is taken from its node, which is told at
+        once (pub/sub; its next lease renewal if it misses that): an ``async def`` task is
+        cancelled at its next ``await``, a plain ``def`` task sees ``jobq.current_job().cancelled``
+        and its cancellation callbacks, and whatever it returns or raises is discarded. Raises
+        :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable` (finished)."""
         code = self.app.run(self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms()))
         if code == errors.ErrorCode.JOB_NOT_FOUND:
             raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
-        if code == errors.ErrorCode.JOB_ACTIVE:
-            raise errors.JobNotCancellable(f"job {self.id} is running and cannot be cancelled")
         if code == errors.ErrorCode.JOB_FINISHED:
             raise errors.JobNotCancellable(f"job {self.id} has already finished")

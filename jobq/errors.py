@@ -18,7 +18,7 @@ class ErrorCode(IntEnum):
     #: The job is not in the calling node's active list: its lease was reaped or it was never
     #: claimed by this node.
     LEASE_LOST = -2
-    #: The job is running (cancel refused).
+    #: The job is running (no script returns it since a running job can be cancelled).
     JOB_ACTIVE = -3
     #: The job already finished (cancel refused).
     JOB_FINISHED = -4
@@ -176,7 +176,7 @@ class JobNotFound(JobqError, LookupError):
 
 
 class JobNotCancellable(JobqError):
-    """The job is running or already finished, so it cannot be cancelled."""
+    """The job already finished, so it cannot be cancelled."""
 
 
 class JobFailed(JobqError):

@@ -1,29 +1,39 @@
 #!lua flags=allow-oom
 --[[
-  cancel: remove a job that has not started (ready or scheduled) or that is dead-lettered, and
-  keep it as "cancelled" for the retention time. A running job cannot be cancelled (its node
-  holds it); a finished one has nothing left to cancel. Releases the job's unique key.
+  cancel: end a job that has not finished as "cancelled", kept for the retention time. A job not
+  started (ready or scheduled) or dead-lettered leaves its list. A running job (active) leaves
+  its node's active set and the leases at once, so that node's later ack, fail or release of
+  the attempt is refused (the per-attempt fence: the job is no longer in its active set), no
+  reaper retries it, and its result is never stored; the node is told on the queue's cancel
+  channel (PUBLISH <node> <id>) and, as the fallback that cannot be missed, by its next lease
+  renewal (the id is added to jobq:{q}:cancels:<node>, which extend reads and empties). A
+  finished one has nothing left to cancel. Releases the job's unique key.
 
   KEYS[1]  ready      ZSET  jobq:{q}:ready
   KEYS[2]  scheduled  ZSET  jobq:{q}:scheduled
   KEYS[3]  dead       ZSET  jobq:{q}:dead
   KEYS[4]  finished   ZSET  jobq:{q}:finished
-  KEYS[5]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  KEYS[5]  leases     ZSET  jobq:{q}:leases
+  KEYS[6]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:active:<node>, jobq:{q}:cancels:<node> (SET of ids, expires after a day).
+  Channel: jobq:{q}:cancel.
 
   ARGV[1]  qprefix       "jobq:{q}:"
   ARGV[2]  id            the job id
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
 
-  Returns: 1 cancelled, -1 no such job, -3 running, -4 already finished.
+  Returns: 1 cancelled before it ran, 2 cancelled while running (its node is told),
+           -1 no such job, -4 already finished.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(log N).
 ]]
 local ready_key, sched_key, dead_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leases_key = KEYS[5]
 local qprefix, id = ARGV[1], ARGV[2]
 
-local e = bad_counts(5, 4) or bad_qprefix(qprefix) or bad_id(id)
+local e = bad_counts(6, 4) or bad_qprefix(qprefix) or bad_id(id)
 if e then return e end
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
@@ -31,14 +41,28 @@ local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 
 local jkey = qprefix .. 'job:' .. id
-local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique')
+local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique', 'node')
 if not ok or not f[1] then return -1 end
 local state = f[1]
-if state == 'active' then return -3 end
 if state == 'done' or state == 'cancelled' then return -4 end
-rcall('ZREM', ready_key, id)
-rcall('ZREM', sched_key, id)
-rcall('ZREM', dead_key, id)
+local code = 1
+if state == 'active' then
+  -- Running (or claimed ahead) on f[3]: take it from that node now; the node stops the task.
+  code = 2
+  rcall('ZREM', leases_key, id)
+  local node = f[3]
+  if node and node ~= '' then
+    rcall('ZREM', qprefix .. 'active:' .. node, id)
+    local marks = qprefix .. 'cancels:' .. node
+    rcall('SADD', marks, id)
+    rcall('PEXPIRE', marks, 86400000)
+    rcall('PUBLISH', qprefix .. 'cancel', node .. ' ' .. id)
+  end
+else
+  rcall('ZREM', ready_key, id)
+  rcall('ZREM', sched_key, id)
+  rcall('ZREM', dead_key, id)
+end
 release_unique(qprefix, id, f[2])
 if retention > 0 then
   rcall('HSET', jkey, 'state', 'cancelled', 'finished_ms', now)
@@ -48,4 +72,4 @@ if retention > 0 then
 else
   rcall('DEL', jkey)
 end
-return 1
+return code

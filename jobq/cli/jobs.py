@@ -84,7 +84,7 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
 @click.option("--queue", "-q", help="The job's queue (default: search every queue).")
 @click.option("--yes", is_flag=True, help="Confirm.")
 def cancel(settings: Settings, job_id: str, queue: str | None, yes: bool) -> None:
-    """Cancel a job that has not started (ready or scheduled)."""
+    """Cancel a job: not started yet, or running (its node is told to stop it)."""
     need_yes(yes, f"cancel {job_id}")
     with cli_errors():
         app = admin_app(settings)

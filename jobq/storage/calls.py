@@ -178,6 +178,8 @@ class ReleaseResult:
 class ExtendResult:
     now_ms: int
     owned: list[str]
+    #: This node's jobs cancelled while they ran, since its last renewal (cancel.lua).
+    cancelled: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,15 +443,18 @@ class Store:
         *,
         limit: int = MAX_EXTEND,
         now_ms: int | None = None,
+        seen_cancels: Sequence[str] = (),
     ) -> Call[ExtendResult]:
+        """Renew the node's leases; ``seen_cancels``: the cancelled ids an earlier reply carried
+        (their marks are removed, so a lost reply loses none)."""
         k = self.keys
-        keys = [k.active(queue, node), k.leases(queue), k.queue_nodes(queue)]
-        args: list[Arg] = [node, _now(now_ms), lease_ms, limit]
+        keys = [k.active(queue, node), k.leases(queue), k.queue_nodes(queue), k.cancels(queue, node)]
+        args: list[Arg] = [node, _now(now_ms), lease_ms, limit, " ".join(seen_cancels)]
         return Call(
             ScriptName.EXTEND,
             keys,
             args,
-            lambda raw: ExtendResult(int(raw[0]), [to_str(x) for x in raw[1:]]),
+            lambda raw: ExtendResult(int(raw[0]), [to_str(x) for x in raw[1]], [to_str(x) for x in raw[2]]),
             queue,
         )
 
@@ -552,7 +557,14 @@ class Store:
     # -- admin ----------------------------------------------------------------------------------
     def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
         k = self.keys
-        keys = [k.ready(queue), k.scheduled(queue), k.dead(queue), k.finished(queue), k.slot_guard(queue)]
+        keys = [
+            k.ready(queue),
+            k.scheduled(queue),
+            k.dead(queue),
+            k.finished(queue),
+            k.leases(queue),
+            k.slot_guard(queue),
+        ]
         args: list[Arg] = [k.queue_prefix(queue), job_id, _now(now_ms), self.limits.retention_ms]
         return Call(ScriptName.CANCEL, keys, args, int, queue)
 

@@ -19,6 +19,8 @@ key                                type    holds                                
 ``jobq:{q}:active:<node>``         ZSET    the job ids node ``<node>`` has claimed ->       while the
                                            claim time, ms (a ZSET: removing one id is       node lives
                                            O(log n), where a LIST's LREM was O(n))
+``jobq:{q}:cancels:<node>``        SET     ids of the node's jobs cancelled while they      until the
+                                           ran; emptied by its next lease renewal           renewal, 1 d
 ``jobq:{q}:leases``                ZSET    job id -> lease deadline, ms of the Redis        permanent
                                            clock; the reaper's index
 ``jobq:{q}:finished``              ZSET    finished (done or cancelled) job ids ->          PEXPIRE
@@ -43,6 +45,7 @@ key                                type    holds                                
 ``jobq:epoch``                     STRING  random value set once; a change means the        permanent
                                            dataset was wiped
 channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
+channel ``jobq:{q}:cancel``        pubsub  "<node> <id>": a running job of q was cancelled
 =================================  ======  ===============================================  =========
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
@@ -185,6 +188,14 @@ class Keys:
     def wake(self, q: str) -> str:
         """Pub/sub channel announcing new work in ``q``."""
         return f"{self.prefix}:{{{q}}}:wake"
+
+    def cancels(self, q: str, node: str) -> str:
+        """SET of the ids of ``node``'s jobs cancelled while they ran, until its next renewal."""
+        return f"{self.prefix}:{{{q}}}:cancels:{node}"
+
+    def cancel_channel(self, q: str) -> str:
+        """Pub/sub channel telling nodes a running job of ``q`` was cancelled ("<node> <id>")."""
+        return f"{self.prefix}:{{{q}}}:cancel"
 
     # -- global keys (never touched by a queue script) ------------------------------------------
     @property

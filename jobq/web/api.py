@@ -5,7 +5,7 @@ Routes (see ``jobq/openapi.json``, served at ``GET /openapi.json``)::
     POST   /jobs            enqueue one job (a JSON object) or many (a JSON array) -> 201
     GET    /jobs            ?queue=&status=&limit=  list jobs
     GET    /jobs/{id}       ?queue=  one job's status
-    DELETE /jobs/{id}       ?queue=  cancel a job that has not started
+    DELETE /jobs/{id}       ?queue=  cancel a job (a running one too: its node stops it)
     GET    /stats           per-queue depths and totals
     GET    /health          200 when Redis answers a read, else 503
     GET    /metrics         Prometheus text format (enqueue counters, queue gauges)
@@ -13,7 +13,7 @@ Routes (see ``jobq/openapi.json``, served at ``GET /openapi.json``)::
 
 Errors are JSON ``{"error": message, "field": name}``: 400 bad input (naming the field), 401
 missing/wrong bearer token, 404, 405 (with ``Allow``), 408 body not sent within the request
-deadline, 409 not cancellable, 411 no Content-Length, 413 body over the limit (refused before it is
+deadline, 409 finished (not cancellable), 411 no Content-Length, 413 body over the limit (refused before it is
 read), 415 not ``application/json``, 503 queue full (with ``Retry-After``; nothing stored) or Redis
 unavailable.
 

@@ -241,16 +241,19 @@ class Acker:
         self.outcomes.failed(job.queue, job.task, run_s, res.outcome)
 
     def stale(self, run: Held) -> None:
-        """Redis refused the ack or fail: another node holds the job now (stale completion)."""
+        """Redis refused the ack or fail: another node holds the job now (stale completion), or
+        it was cancelled while its ack or fail was on its way."""
         self.held.forget(run)
+        if run.cancelled:
+            self.outcomes.cancelled(run.job.queue, run.job.task)
+            return
         self.outcomes.stale(run.job.queue, run.job.id, run.job.task)
 
     def discard(self, run: Held) -> None:
-        """A job known lost (and counted) finished here: drop its outcome, tell nobody."""
+        """A job known lost or cancelled (and counted) finished here: drop its outcome."""
         self.held.forget(run)
-        log.info(
-            "job %s (%s): finished after its lease was lost; outcome discarded", run.job.id, run.job.task
-        )
+        why = "it was cancelled" if run.cancelled else "its lease was lost"
+        log.info("job %s (%s): finished after %s; outcome discarded", run.job.id, run.job.task, why)
 
     # -- releases -------------------------------------------------------------------------------
     def release_buffered(self) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jobq import _fault_injection as faults
 from jobq import codec
+from jobq.current import CurrentJob, reset_current, set_current
 from jobq.errors import DecodeError, EncodeError, Fail, JobTimeout, Retry
 from jobq.storage.calls import ClaimedJob
 from jobq.worker.context import NodeState
@@ -58,10 +59,17 @@ class SyncCall:
     under a lock the thread takes to mark the task done, and one that arrives as the task returns
     is absorbed here."""
 
-    __slots__ = ("abandoned", "args", "done", "fn", "kwargs", "lock", "thread_id")
+    __slots__ = ("abandoned", "args", "current", "done", "fn", "kwargs", "lock", "thread_id")
 
-    def __init__(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        current: CurrentJob | None = None,
+    ) -> None:
         self.fn = fn
+        self.current = current
         self.args = args
         self.kwargs = kwargs
         self.thread_id: int | None = None
@@ -78,6 +86,8 @@ class SyncCall:
             self.thread_id = threading.get_ident()
         finished = False
         result: Any = None
+        # The pool thread does not run in the job's context: jobq.current_job() is set here.
+        token = None if self.current is None else set_current(self.current)
         try:
             try:
                 result = self.fn(*self.args, **self.kwargs)
@@ -85,6 +95,8 @@ class SyncCall:
             finally:
                 with self.lock:
                     self.done = True
+                if token is not None:
+                    reset_current(token)
         except JobTimeout:
             self.done = True  # it may have landed while the thread was marking itself done
             if not finished:
@@ -200,6 +212,8 @@ class Executor:
         job = run.job
         if faults.ACTIVE:
             faults.crash_point("mid_execute")
+        run.current = CurrentJob(job.id, job.queue, job.task, job.attempts)
+        set_current(run.current)  # this task runs in its own context copy: nothing to reset
         try:
             result = await self._invoke(run)
         except asyncio.CancelledError:
@@ -243,7 +257,7 @@ class Executor:
             if timeout is None:
                 return await coro
             return await asyncio.wait_for(coro, timeout)
-        call = SyncCall(task.fn, args, kwargs)
+        call = SyncCall(task.fn, args, kwargs, run.current)
         if len(self._sync_calls) >= self.concurrency:
             # Drop given-up calls whose threads have returned since (a new set, not a change in
             # place: a metrics scrape may be reading the old one on its own thread).
@@ -316,6 +330,33 @@ class Executor:
         task = self.tasks.get(run.job.task)
         if run.task is not None and task is not None and task.is_async:
             run.task.cancel()  # a sync one runs on in its thread; its outcome is discarded
+            self.held.forget(run)
+
+    def cancel(self, run: Held) -> None:
+        """The job was cancelled while this node held it (cancel.lua has already ended it as
+        ``cancelled`` and taken it from this node): never ack it; stop an async task at its next
+        await; tell a sync task through ``jobq.current_job()`` (its thread runs on and keeps its
+        slot until it returns; what it returns is discarded)."""
+        if run.cancelled:
+            return
+        run.cancelled = True
+        job = run.job
+        if run.finishing:  # its ack or fail is on its way: Redis refuses it (the acker counts)
+            return
+        if not run.lost:
+            run.lost = True  # the acker discards its outcome; the heartbeat no longer counts it
+            self.outcomes.cancelled(job.queue, job.task)
+        if run.task is None:  # claimed ahead, never started
+            self.held.unbuffer(run)
+            self.held.forget(run)
+            log.info("job %s (%s, queue %s): cancelled before it started here", job.id, job.task, job.queue)
+            return
+        log.info("job %s (%s, queue %s): cancelled while it runs; stopping it", job.id, job.task, job.queue)
+        if run.current is not None:
+            run.current.cancel()
+        task = self.tasks.get(job.task)
+        if task is not None and task.is_async:
+            run.task.cancel()
             self.held.forget(run)
 
     def fence(self, redis_down: bool) -> None:

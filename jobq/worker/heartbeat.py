@@ -8,6 +8,8 @@ registry, and checks the dataset epoch. It reports back to the worker:
   is lost to this node and will never be acked here);
 - jobs in the active list the worker does not know (a claim whose reply was lost), which are
   released after two beats;
+- jobs cancelled while they ran here (``extend`` returns the ids ``cancel`` marked for this node:
+  the fallback of the cancel channel, which a node cut off from Redis misses);
 - self-fencing: when no renewal succeeded for ``lease - margin`` (partition), the node must stop
   claiming and treat its running jobs as lost before other nodes may take them. The fence says
   whether Redis itself is down (the last renewal was refused, or Redis answered LOADING/BUSY):
@@ -23,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from jobq.backoff import worth_a_line
@@ -55,6 +57,8 @@ class BeatResult:
     now_ms: int
     lost: dict[str, set[str]]
     unknown: dict[str, set[str]]
+    #: Jobs of this node cancelled while they ran (not counted as lost).
+    cancelled: dict[str, set[str]] = field(default_factory=dict)
 
 
 class Heartbeat:
@@ -100,6 +104,9 @@ class Heartbeat:
         self._fence_lock = threading.Lock()
         self.failures = 0
         self._unknown_prev: dict[str, set[str]] = {}
+        #: queue -> the cancelled ids the last reply carried: named in the next renewal, which
+        #: removes their marks (a reply lost on the way removes none).
+        self._seen: dict[str, list[str]] = {}
         self.epoch: bytes | None = None
         #: Redis time of the first beat (node clocks are never read for shared time).
         self.started_ms: int | None = None
@@ -138,7 +145,10 @@ class Heartbeat:
         """Renew every lease this node holds; return what was lost and what is unknown."""
         known_before = self._known()
         calls = [
-            self.app.store.extend(q, self.node, self.lease_ms, now_ms=self.app.now_ms()) for q in self.queues
+            self.app.store.extend(
+                q, self.node, self.lease_ms, now_ms=self.app.now_ms(), seen_cancels=self._seen.get(q, ())
+            )
+            for q in self.queues
         ]
         # Redis ran the renewal at some time after this: measuring silence from here is safe.
         sent = time.monotonic()
@@ -166,6 +176,7 @@ class Heartbeat:
         known_after = self._known()
         lost: dict[str, set[str]] = {}
         unknown: dict[str, set[str]] = {}
+        cancelled: dict[str, set[str]] = {}
         for q, res in zip(self.queues, results, strict=True):
             if isinstance(res, BaseException):
                 # Only this queue's slot refused (moving to another primary). Nothing can take
@@ -175,9 +186,13 @@ class Heartbeat:
                 continue
             self.slots.ok(q)
             owned = set(res.owned)
-            # Lost: known before and after the call, yet not owned. A job acked meanwhile has
-            # left `known` by the time we look again.
-            gone = (known_before.get(q, set()) & known_after.get(q, set())) - owned
+            marked = set(res.cancelled)
+            self._seen[q] = sorted(marked)
+            if marked:
+                cancelled[q] = marked
+            # Lost: known before and after the call, yet not owned (nor cancelled). A job acked
+            # meanwhile has left `known` by the time we look again.
+            gone = (known_before.get(q, set()) & known_after.get(q, set())) - owned - marked
             if gone:
                 lost[q] = gone
             strange = owned - known_before.get(q, set()) - known_after.get(q, set())
@@ -187,7 +202,7 @@ class Heartbeat:
                 unknown[q] = confirmed
             self._unknown_prev[q] = strange - confirmed
         self._register(now_ms)
-        result = BeatResult(now_ms, lost, unknown)
+        result = BeatResult(now_ms, lost, unknown, cancelled)
         self._on_beat(result)
         return result
 

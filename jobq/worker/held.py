@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobq.current import CurrentJob
 from jobq.storage.calls import ClaimedJob
 
 #: Weight of the newest run time in the table's moving mean.
@@ -44,6 +45,10 @@ class Held:
     #: A sync job given up (timeout) whose thread still runs: it keeps its slot until it returns,
     #: so the node never runs more threads than its concurrency nor claims work it cannot start.
     zombie: bool = False
+    #: Cancelled while held (cancel.lua took it from this node): never ack it.
+    cancelled: bool = False
+    #: What the task sees as ``jobq.current_job()`` (set when it starts).
+    current: CurrentJob | None = None
 
 
 def _nothing() -> None:

@@ -145,7 +145,13 @@ class Worker:
             raise ValueError("no queues to serve")
         # The components, wired here and nowhere else.
         self.state = NodeState()
-        self.wakeups = Wakeups(self.url, [app.keys.wake(q) for q in self.queues], cfg.poll_interval)
+        self.wakeups = Wakeups(
+            self.url,
+            [app.keys.wake(q) for q in self.queues],
+            cfg.poll_interval,
+            cancel_channels=[app.keys.cancel_channel(q) for q in self.queues],
+            on_cancel=self._cancel,
+        )
         self.held = HeldJobs(on_room=self.wakeups.poke)
         self.acker = Acker(
             app,
@@ -374,10 +380,18 @@ class Worker:
 
     # -- heartbeat callbacks (called on the heartbeat thread) ------------------------------------
     def _beat_from_thread(self, beat: BeatResult) -> None:
-        if self._loop is not None and (beat.lost or beat.unknown):
+        if self._loop is not None and (beat.lost or beat.unknown or beat.cancelled):
             self._loop.call_soon_threadsafe(self._on_beat, beat)
 
+    def _cancel(self, node: str, job_id: str) -> None:
+        """A job of ``node`` was cancelled while it ran (the cancel channel or a renewal said)."""
+        if node == self.node and (run := self.held.get(job_id)) is not None:
+            self.executor.cancel(run)
+
     def _on_beat(self, beat: BeatResult) -> None:
+        for ids in beat.cancelled.values():  # the cancel channel's fallback
+            for job_id in ids:
+                self._cancel(self.node, job_id)
         for ids in beat.lost.values():
             for job_id in ids:
                 run = self.held.get(job_id)

@@ -21,7 +21,15 @@ class Outcomes:
     def __init__(self, metrics: Metrics | None = None, *, dead_max: int = 0) -> None:
         self.metrics = metrics
         self.dead_max = dead_max
-        self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0, "interrupted": 0}
+        self.stats = {
+            "claimed": 0,
+            "completed": 0,
+            "failed": 0,
+            "stale": 0,
+            "lost": 0,
+            "interrupted": 0,
+            "cancelled": 0,
+        }
 
     def claimed(self, n: int) -> None:
         self.stats["claimed"] += n
@@ -66,6 +74,10 @@ class Outcomes:
         self.stats["lost"] += 1
         if started and self.metrics is not None:
             self.metrics.job_stale(queue, task)
+
+    def cancelled(self, queue: str, task: str) -> None:
+        """A held job was cancelled (it ended ``cancelled`` in Redis): its outcome is dropped."""
+        self.stats["cancelled"] += 1
 
     def interrupted(self, queue: str, n: int) -> None:
         """``n`` started jobs released before they finished (shutdown)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from jobq.backoff import Backoff
 from jobq.storage.pubsub import Subscriber
@@ -23,13 +24,28 @@ def _wake_up(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _text(v: object) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
 class Wakeups:
     """The fetcher waits here (:meth:`wait`); anyone pokes (:meth:`poke`); :meth:`listen` pokes
-    on every announcement on ``channels``."""
+    on every announcement on ``channels``, and hands each message on ``cancel_channels`` (a
+    running job was cancelled: "<node> <id>") to ``on_cancel(node, id)``, on the same subscription."""
 
-    def __init__(self, url: str, channels: list[str], poll_interval: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        channels: list[str],
+        poll_interval: float,
+        *,
+        cancel_channels: list[str] | None = None,
+        on_cancel: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.url = url
         self.channels = channels
+        self.cancel_channels = set(cancel_channels or [])
+        self.on_cancel = on_cancel
         self.poll_interval = poll_interval
         #: Poked since the fetcher last looked.
         self.woken = False
@@ -62,7 +78,7 @@ class Wakeups:
         or silent subscription is retried with backoff (the fetcher polls meanwhile)."""
         backoff = Backoff(0.1, 5.0)
         while True:
-            sub = Subscriber(self.url, self.channels)
+            sub = Subscriber(self.url, [*self.channels, *sorted(self.cancel_channels)])
             try:
                 await sub.open()
                 self.connected = True
@@ -75,7 +91,12 @@ class Wakeups:
                     now = time.monotonic()
                     if msg is not None:
                         heard, ping_sent = now, None
-                        if msg.get("type") != "pong":
+                        if msg.get("type") == "pong":
+                            continue
+                        if self.on_cancel is not None and _text(msg.get("channel")) in self.cancel_channels:
+                            node, _, job_id = _text(msg.get("data")).partition(" ")
+                            self.on_cancel(node, job_id)
+                        else:
                             self.poke()
                         continue
                     # A silently dead connection (a partition) raises nothing: probe it.

@@ -159,8 +159,11 @@ def test_cancel(redis_url: str, app: JobQ, seeded: dict[str, Any]) -> None:
     code, out, _ = run(redis_url, "cancel", target, "--yes")
     assert code == 0 and "cancelled" in out
     assert app.job(target, "alpha").status().value == "cancelled"
+    code, out, _ = run(redis_url, "cancel", seeded["active"], "--yes")  # running: taken from its node
+    assert code == 0 and "cancelled" in out
+    assert app.job(seeded["active"], "beta").status().value == "cancelled"
     code, _, err = run(redis_url, "cancel", seeded["active"], "--yes")
-    assert code == 1 and "running" in err
+    assert code == 1 and "finished" in err
     code, _, err = run(redis_url, "cancel", "nope", "--yes")
     assert code == 1
 

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.strict_json",
             "jobq.backoff",
             "jobq._fault_injection",
+            "jobq.current",
         ),
     ),
     # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks,
