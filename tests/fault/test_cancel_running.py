@@ -169,3 +169,20 @@ def test_cancel_while_the_node_is_cut_off_still_ends_cancelled_once(
     log = a.log_text()
     assert log.count(f"job {sjob.id} (cancel.sslow, queue {Q}): cancelled while it runs") == 1
     app.close()
+
+
+def test_without_pubsub_the_next_lease_renewal_delivers_the_cancel(
+    redis_server: RedisServer, r: redis.Redis, worker_fleet: Any
+) -> None:
+    """A burst node does not subscribe: the cancel reaches it in its next renewal's reply."""
+    fleet = worker_fleet(redis_server.url, app=APP, lease=1.5, poll_interval=0.2)
+    app = JobQ(redis_server.url)
+    job = app.enqueue("cancel.aslow", ["burst", 60], queue=Q)
+    node = fleet.spawn(extra=["--burst"])
+    _running(r, "burst")
+    job.cancel()
+    wait_for(lambda: _get(r, "burst", "end") == "cancelled", 3 * 1.5)
+    assert node.wait(20) == 0  # nothing left: the burst node exits
+    assert "cancelled while it runs" in node.log_text()
+    _assert_cancelled_once(r, app, job.id, "burst")
+    app.close()

@@ -318,3 +318,61 @@ def test_enqueue_announces_new_work_on_the_queue_channel(fapp: jobq.JobQ, r: red
         assert got == [b"r", b"s"]  # runnable now; a new scheduled time
     finally:
         ps.close()
+
+
+# -- cancelling a running job -------------------------------------------------------------------
+def test_cancel_running_job_ends_it_and_fences_out_its_attempt(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
+) -> None:
+    job = fapp.enqueue("t", queue=Q, unique_key="only-one")
+    other = fapp.enqueue("t", queue=Q)
+    assert claim(fapp, "n1", 2) == [job.id, other.id]
+    p = r.pubsub(ignore_subscribe_messages=True)
+    p.subscribe(fapp.keys.cancel_channel(Q))
+    job.cancel()
+    msg = None
+    for _ in range(50):
+        msg = msg or p.get_message(timeout=0.1)
+    p.close()
+    assert msg is not None and msg["data"] == f"n1 {job.id}".encode()  # the node is told at once
+    assert job.status() is jobq.JobState.CANCELLED
+    h = r.hgetall(fapp.keys.job(Q, job.id))
+    assert b"result" not in h and h[b"attempts"] == b"1"
+    assert r.zscore(fapp.keys.leases(Q), job.id) is None
+    assert [m.decode() for m in r.zrange(fapp.keys.active(Q, "n1"), 0, -1)] == [other.id]
+    # Its unique key is free; a second cancel finds it finished.
+    assert fapp.enqueue("t", queue=Q, unique_key="only-one").id != job.id
+    with pytest.raises(jobq.JobNotCancellable, match="finished"):
+        job.cancel()
+    # The attempt's ack, fail and release are refused and change nothing (the per-attempt fence).
+    before, size = snapshot(r), r.dbsize()
+    assert fapp.run(fapp.store.ack(Q, "n1", [(job.id, b"\x01")], now_ms=fapp.now_ms()))[0] == -2
+    assert fapp.run(fapp.store.fail(Q, "n1", job.id, "boom", attempt=1, now_ms=fapp.now_ms())).outcome == (
+        "lease_lost"
+    )
+    assert fapp.run(fapp.store.release(Q, "n1", [job.id], attempts=[1], now_ms=fapp.now_ms())).released == 0
+    assert_unchanged(r, before, size)
+    # No reaper takes it back, however late.
+    clock.advance(3600)
+    res = fapp.run(fapp.store.reap(Q, node_ttl_ms=1, now_ms=fapp.now_ms()))
+    assert job.id not in res.requeued + res.dead
+    assert job.status() is jobq.JobState.CANCELLED
+
+
+def test_lease_renewal_reports_cancelled_jobs_until_the_node_has_heard(fapp: jobq.JobQ) -> None:
+    """The fallback of the cancel channel: each renewal's reply names the node's cancelled jobs
+    until a later renewal says it heard of them (a lost reply loses none)."""
+    a, b = fapp.enqueue("t", queue=Q), fapp.enqueue("t", queue=Q)
+    assert claim(fapp, "n1", 2) == [a.id, b.id]
+    assert claim(fapp, "n2") == []
+    a.cancel()
+
+    def extend(node: str, seen: list[str] | None = None) -> tuple[list[str], list[str]]:
+        res = fapp.run(fapp.store.extend(Q, node, 10_000, now_ms=fapp.now_ms(), seen_cancels=seen or []))
+        return res.owned, res.cancelled
+
+    assert extend("n1") == ([b.id], [a.id])
+    assert extend("n1") == ([b.id], [a.id])  # the first reply may have been lost
+    assert extend("n2") == ([], [])  # another node's marks are not its own
+    assert extend("n1", [a.id]) == ([b.id], [])
+    assert extend("n1") == ([b.id], [])
