@@ -117,6 +117,18 @@ def test_post_get_list_delete(api: tuple[JobQ, Client], r: redis.Redis) -> None:
     assert status == 404
 
 
+def test_delete_cancels_a_running_job(api: tuple[JobQ, Client], r: redis.Redis) -> None:
+    app, c = api
+    job = app.enqueue("t", queue="emails")
+    assert [j.id for j in app.run(app.store.claim("emails", "n1", 1, 30_000)).jobs] == [job.id]
+    status, _, body = c.request("DELETE", f"/jobs/{job.id}")
+    assert status == 200 and body["status"] == "cancelled"
+    assert job.status().value == "cancelled"
+    assert r.zcard(app.keys.active("emails", "n1")) == 0  # taken from its node at once
+    status, _, body = c.request("DELETE", f"/jobs/{job.id}")
+    assert status == 409
+
+
 def test_bulk_post_is_all_or_nothing(api: tuple[JobQ, Client], r: redis.Redis) -> None:
     _app, c = api
     status, _, body = c.request("POST", "/jobs", [{"task": "t", "args": [i]} for i in range(3)])
