@@ -406,10 +406,11 @@ def redact_args(value: Any) -> Any:
 
 def redacted(info: JobInfo) -> dict[str, Any]:
     """``info.to_dict()`` as shown to people and HTTP clients: arguments through
-    :func:`redact_args`, the last error through :func:`redact_text`."""
+    :func:`redact_args`, the last error and the progress message through :func:`redact_text`."""
     d = info.to_dict()
     d["args"] = redact_args(d["args"])
     d["kwargs"] = redact_args(d["kwargs"])
-    if isinstance(d.get("error"), str):
-        d["error"] = redact_text(d["error"])
+    for key in ("error", "progress_message"):
+        if isinstance(d.get(key), str):
+            d[key] = redact_text(d[key])
     return d

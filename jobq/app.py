@@ -815,6 +815,9 @@ _INFO_FIELDS = (
     "unique",
     "reaped",
     "interrupted",
+    "progress",
+    "progress_msg",
+    "progress_ms",
 )
 
 
@@ -844,6 +847,10 @@ class JobInfo:
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
     has_result: bool = False
+    #: How far the task said it got (``jobq.current_job().progress``): 0..1, a message, when.
+    progress: float | None = None
+    progress_message: str | None = None
+    progress_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -925,6 +932,9 @@ class Job:
             args=args,
             kwargs=kwargs,
             has_result=v["result"] is not None,
+            progress=None if v["progress"] is None else float(v["progress"]),
+            progress_message=s(v["progress_msg"]),
+            progress_ms=_int_or_none(v["progress_ms"]),
         )
 
     def result(self, timeout: float | None = None, *, poll_interval: float = 0.2) -> Any:

@@ -1,5 +1,6 @@
 """The running job, as a task sees it: :func:`current_job` returns its :class:`CurrentJob` (id,
-attempt, queue, task; whether it was cancelled, and callbacks for when it is).
+attempt, queue, task; :meth:`~CurrentJob.progress` to record how far it got; whether it was
+cancelled, and callbacks for when it is).
 
 The worker sets it for every job it runs: an ``async def`` task reads it on the event loop, a plain
 ``def`` task in its pool thread. Outside a running job :func:`current_job` raises ``RuntimeError``.
@@ -12,22 +13,54 @@ returns early. Either way the job ends ``cancelled``: what the task returns is n
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+from jobq.errors import InvalidInput
 
 log = logging.getLogger("jobq.worker")
 
 _CURRENT: contextvars.ContextVar[CurrentJob] = contextvars.ContextVar("jobq_current_job")
 
+#: Longest a plain ``def`` task waits in :meth:`CurrentJob.progress` for the write (seconds).
+PROGRESS_WAIT = 10.0
+#: Most bytes of a progress message (UTF-8).
+MAX_PROGRESS_MESSAGE = 1024
+
+#: Writes one progress record; the worker supplies it (never raises: a failed write is logged).
+ProgressWriter = Callable[[float, "str | None"], Awaitable[None]]
+
 
 class CurrentJob:
     """The job a task runs for. Read-only but for the cancellation the node delivers."""
 
-    __slots__ = ("_callbacks", "_cancelled", "_lock", "attempt", "id", "queue", "task")
+    __slots__ = (
+        "_callbacks",
+        "_cancelled",
+        "_lock",
+        "_loop",
+        "_pending",
+        "_writer",
+        "attempt",
+        "id",
+        "queue",
+        "task",
+    )
 
-    def __init__(self, id: str, queue: str, task: str, attempt: int) -> None:
+    def __init__(
+        self,
+        id: str,
+        queue: str,
+        task: str,
+        attempt: int,
+        *,
+        writer: ProgressWriter | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         #: The job's id.
         self.id = id
         #: The queue it was claimed from (a shard's name on a sharded queue).
@@ -39,6 +72,10 @@ class CurrentJob:
         self._cancelled = threading.Event()
         self._callbacks: list[Callable[[], object]] = []
         self._lock = threading.Lock()
+        self._writer = writer
+        #: The node's event loop, where the writes run.
+        self._loop = loop
+        self._pending: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"CurrentJob(id={self.id!r}, queue={self.queue!r}, task={self.task!r}, attempt={self.attempt})"
@@ -63,6 +100,39 @@ class CurrentJob:
                 return
         _call(callback, self.id)
 
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Record how far the job has got: ``fraction`` 0..1 and an optional ``message`` (at most
+        1024 bytes), stored on the job (``job.info()``, ``jobq status``, ``GET /jobs/{id}``).
+
+        In a plain ``def`` task it returns once the value is stored (or after 10 s); in an
+        ``async def`` task it never blocks the loop: the write is sent in the background (``await
+        job.aprogress(...)`` to wait for it). A job no longer this attempt's (cancelled, lost)
+        keeps what it had; a failed write is logged, never raised."""
+        fraction = _check(fraction, message)
+        loop = self._loop
+        if self._writer is None or loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            fut = asyncio.ensure_future(self._writer(fraction, message))
+            self._pending.add(fut)
+            fut.add_done_callback(self._pending.discard)
+            return
+        done = asyncio.run_coroutine_threadsafe(_await(self._writer(fraction, message)), loop)
+        try:
+            done.result(PROGRESS_WAIT)
+        except Exception as exc:  # a timeout, a stopping loop: progress never fails the task
+            log.debug("job %s: progress not recorded: %r", self.id, exc)
+
+    async def aprogress(self, fraction: float, message: str | None = None) -> None:
+        """:meth:`progress` for ``async def`` tasks, returning once the value is stored."""
+        fraction = _check(fraction, message)
+        if self._writer is not None:
+            await self._writer(fraction, message)
+
     def cancel(self) -> None:
         """Mark the job cancelled and run the callbacks (the worker calls this; once)."""
         with self._lock:
@@ -72,6 +142,28 @@ class CurrentJob:
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
             _call(cb, self.id)
+
+
+async def _await(aw: Awaitable[None]) -> None:
+    await aw
+
+
+def _check(fraction: float, message: str | None) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise InvalidInput(f"fraction: must be a number 0..1, got {fraction!r}", "fraction")
+    value = float(fraction)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"fraction: must be a number 0..1, got {fraction!r}", "fraction")
+    if message is not None:
+        if not isinstance(message, str):
+            raise InvalidInput(f"message: must be a string or None, got {type(message).__name__}", "message")
+        try:
+            size = len(message.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidInput("message: not valid UTF-8 text (a lone surrogate)", "message") from None
+        if size > MAX_PROGRESS_MESSAGE:
+            raise InvalidInput(f"message: at most {MAX_PROGRESS_MESSAGE} bytes, got {size}", "message")
+    return value
 
 
 def _call(callback: Callable[[], object], job_id: str) -> None:

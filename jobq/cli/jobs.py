@@ -53,7 +53,7 @@ def jobs_list(settings: Settings, queue: str | None, state: str | None, limit: i
 @click.option("--args", "show_args", is_flag=True, help="Show the arguments (secret-looking keys masked).")
 @json_option
 def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, as_json: bool) -> None:
-    """Show one job: state, attempts, times, node, last error."""
+    """Show one job: state, attempts, times, node, last error, progress."""
     with cli_errors():
         app = admin_app(settings)
         try:
@@ -67,7 +67,7 @@ def status(settings: Settings, job_id: str, queue: str | None, show_args: bool, 
     if as_json:
         echo_json(d)
         return
-    for key in ("enqueued_ms", "run_at_ms", "started_ms", "finished_ms", "deadline_ms"):
+    for key in ("enqueued_ms", "run_at_ms", "started_ms", "finished_ms", "deadline_ms", "progress_ms"):
         if d.get(key) is not None:
             d[key] = f"{d[key]} ({utc(d[key])} UTC)"
     width = max(len(k) for k in d)

@@ -554,6 +554,31 @@ class Store:
             queue,
         )
 
+    def progress(
+        self,
+        queue: str,
+        node: str,
+        job_id: str,
+        attempt: int,
+        fraction: float,
+        message: str | None = None,
+        *,
+        now_ms: int | None = None,
+    ) -> Call[int]:
+        """Record a running job's progress (1), unless the attempt is no longer this node's (-2)."""
+        k = self.keys
+        keys = [k.active(queue, node), k.slot_guard(queue)]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            node,
+            _now(now_ms),
+            job_id,
+            attempt,
+            repr(float(fraction)),
+            message or "",
+        ]
+        return Call(ScriptName.PROGRESS, keys, args, int, queue)
+
     # -- admin ----------------------------------------------------------------------------------
     def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
         k = self.keys

@@ -240,6 +240,19 @@ class Acker:
             return
         self.outcomes.failed(job.queue, job.task, run_s, res.outcome)
 
+    async def progress(self, run: Held, fraction: float, message: str | None) -> None:
+        """Store a running job's progress (jobq.current_job().progress); never raises."""
+        if run.lost or run.finishing:
+            return
+        job = run.job
+        call = self.ctx.store.progress(
+            job.queue, self.node, job.id, job.attempts, fraction, message, now_ms=self.ctx.now_ms()
+        )
+        try:
+            await self.runner.run(call)
+        except JobqError as exc:
+            log.warning("job %s: progress not recorded: %s", job.id, exc)
+
     def stale(self, run: Held) -> None:
         """Redis refused the ack or fail: another node holds the job now (stale completion), or
         it was cancelled while its ack or fail was on its way."""

@@ -46,6 +46,8 @@ class Finisher(Protocol):
 
     def release_buffered(self) -> None: ...
 
+    async def progress(self, run: Held, fraction: float, message: str | None) -> None: ...
+
 
 class UnknownTask(Exception):
     pass
@@ -212,7 +214,14 @@ class Executor:
         job = run.job
         if faults.ACTIVE:
             faults.crash_point("mid_execute")
-        run.current = CurrentJob(job.id, job.queue, job.task, job.attempts)
+        run.current = CurrentJob(
+            job.id,
+            job.queue,
+            job.task,
+            job.attempts,
+            writer=lambda f, m: self.finisher.progress(run, f, m),
+            loop=asyncio.get_running_loop(),
+        )
         set_current(run.current)  # this task runs in its own context copy: nothing to reset
         try:
             result = await self._invoke(run)

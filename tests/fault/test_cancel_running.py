@@ -186,3 +186,33 @@ def test_without_pubsub_the_next_lease_renewal_delivers_the_cancel(
     assert "cancelled while it runs" in node.log_text()
     _assert_cancelled_once(r, app, job.id, "burst")
     app.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_progress_is_stored_and_shown(
+    redis_server: RedisServer, r: redis.Redis, worker_fleet: Any, kind: str
+) -> None:
+    fleet = worker_fleet(redis_server.url, app=APP, lease=30.0, poll_interval=0.2)
+    fleet.start(1)
+    app = JobQ(redis_server.url)
+    key = f"progress-{kind}"
+    job = app.enqueue("cancel.sreport" if kind == "sync" else "cancel.areport", [key], queue=Q)
+    wait_for(lambda: _get(r, key, "reported") == "1", 20.0)
+    want = (0.5, "half way") if kind == "sync" else (0.75, "three quarters")
+    info = job.info()
+    assert (info.progress, info.progress_message) == want and info.progress_ms is not None
+    env = {**os.environ, "JOBQ_REDIS_URL": redis_server.url}
+    out = subprocess.run(
+        [sys.executable, "-m", "jobq", "status", job.id, "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    shown = json.loads(out.stdout)
+    assert (shown["progress"], shown["progress_message"]) == want, out.stderr
+    job.cancel()  # ends it; the progress stays as it was
+    assert (job.info().progress, job.info().progress_message) == want
+    fleet.shutdown()
+    app.close()

@@ -69,3 +69,21 @@ def stubborn(key: str, seconds: float) -> str:
     time.sleep(seconds)
     _signal.set(f"cx:{key}:end", "finished")
     return "not-stored"
+
+
+@app.task(name="cancel.sreport", queue="fault")
+def sreport(key: str) -> None:
+    """Reports progress (stored when the call returns), then waits to be cancelled."""
+    cur = _started(key)
+    cur.progress(0.5, "half way")
+    _signal.set(f"cx:{key}:reported", "1")
+    cur.wait_cancelled(60)
+
+
+@app.task(name="cancel.areport", queue="fault")
+async def areport(key: str) -> None:
+    cur = _started(key)
+    cur.progress(0.1)  # in the background: never blocks the loop
+    await cur.aprogress(0.75, "three quarters")
+    _signal.set(f"cx:{key}:reported", "1")
+    await asyncio.sleep(60)

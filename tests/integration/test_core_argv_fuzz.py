@@ -136,6 +136,15 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         5: ID_BAD,
     },
     ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, MAX_SCAN)},
+    ScriptName.PROGRESS: {
+        1: QPREFIX_BAD,
+        2: NODE_BAD,
+        3: NOW_BAD,
+        4: ID_BAD,
+        5: ATTEMPT_BAD,
+        6: ["", "abc", "-0.1", "1.5", "nan", "inf"],
+        7: ["x" * 1025],
+    },
 }
 
 
@@ -158,6 +167,8 @@ def seeded(redis_url: str) -> Iterator[tuple[jobq.JobQ, dict[ScriptName, Call[An
             Q, [app.prepare(jobq.EnqueueRequest("t", queue=Q, job_id="new"))[1]], now_ms=T0
         ),
         ScriptName.CLAIM: s.claim(Q, "n1", 5, 30_000, now_ms=LATER),
+        # Before the ack: r0 is still running on n1.
+        ScriptName.PROGRESS: s.progress(Q, "n1", "r0", 1, 0.25, "a quarter", now_ms=T0),
         ScriptName.ACK: s.ack(Q, "n1", [("r0", b"\x01")], now_ms=T0),
         ScriptName.FAIL: s.fail(Q, "n1", "r1", "err", jitter=0.5, now_ms=T0),
         ScriptName.EXTEND: s.extend(Q, "n1", 30_000, now_ms=T0),

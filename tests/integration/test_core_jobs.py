@@ -376,3 +376,31 @@ def test_lease_renewal_reports_cancelled_jobs_until_the_node_has_heard(fapp: job
     assert extend("n2") == ([], [])  # another node's marks are not its own
     assert extend("n1", [a.id]) == ([b.id], [])
     assert extend("n1") == ([b.id], [])
+
+
+def test_progress_is_fenced_by_the_attempt_and_shown_by_info(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
+) -> None:
+    job = fapp.enqueue("t", queue=Q)
+    assert claim(fapp, "n1") == [job.id]
+
+    def progress(node: str, attempt: int, fraction: float, message: str | None = None) -> int:
+        return fapp.run(
+            fapp.store.progress(Q, node, job.id, attempt, fraction, message, now_ms=fapp.now_ms())
+        )
+
+    assert job.info().progress is None
+    assert progress("n1", 1, 0.3, "reading") == 1
+    info = job.info()
+    assert (info.progress, info.progress_message, info.progress_ms) == (0.3, "reading", fapp.now_ms())
+    assert progress("n1", 1, 0.6) == 1  # no message: the old one goes
+    assert (job.info().progress, job.info().progress_message) == (0.6, None)
+    # Another node, another attempt: refused, nothing written.
+    before, size = snapshot(r), r.dbsize()
+    assert progress("n2", 1, 0.9) == -2
+    assert progress("n1", 2, 0.9) == -2
+    assert_unchanged(r, before, size)
+    # Finished (here: cancelled while it ran): the last progress stays, later ones are refused.
+    job.cancel()
+    assert progress("n1", 1, 1.0) == -2
+    assert job.info().progress == 0.6

@@ -129,6 +129,17 @@ def test_delete_cancels_a_running_job(api: tuple[JobQ, Client], r: redis.Redis) 
     assert status == 409
 
 
+def test_get_shows_progress_with_secrets_masked(api: tuple[JobQ, Client]) -> None:
+    app, c = api
+    job = app.enqueue("t", queue="emails")
+    app.run(app.store.claim("emails", "n1", 1, 30_000))
+    msg = "fetching https://user:hunter2@example.com/data"
+    assert app.run(app.store.progress("emails", "n1", job.id, 1, 0.4, msg)) == 1
+    status, _, body = c.request("GET", f"/jobs/{job.id}")
+    assert status == 200 and body["progress"] == 0.4 and isinstance(body["progress_ms"], int)
+    assert "hunter2" not in body["progress_message"] and "example.com" in body["progress_message"]
+
+
 def test_bulk_post_is_all_or_nothing(api: tuple[JobQ, Client], r: redis.Redis) -> None:
     _app, c = api
     status, _, body = c.request("POST", "/jobs", [{"task": "t", "args": [i]} for i in range(3)])
