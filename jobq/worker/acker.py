@@ -71,6 +71,10 @@ class Acker:
         #: Releases running on their own (buffered jobs handed back, unknown claims).
         self.side_tasks: set[asyncio.Future[Any]] = set()
 
+    def bind(self) -> None:
+        """A fresh wake-up event for the event loop the node runs on (called at its start)."""
+        self._ack_event = asyncio.Event()
+
     @property
     def runner(self) -> AsyncRunner:
         assert self.state.runner is not None

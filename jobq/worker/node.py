@@ -288,6 +288,7 @@ class Worker:
         """Run until stopped; then shut down cleanly (see the module docstring)."""
         self._loop = asyncio.get_running_loop()
         self.executor.job_context = contextvars.copy_context()
+        self.acker.bind()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self.client = clients.async_client(self.url, retry_refused=False)
