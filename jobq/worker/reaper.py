@@ -81,7 +81,7 @@ class Reaper:
                         )
                     )
                 except RedisUnavailable as exc:
-                    if not exc.slot or len(self.queues) == 1:
+                    if not exc.shard or len(self.queues) == 1:
                         raise
                     self.slots.refused(q, exc, "; the others go on")
                     break
