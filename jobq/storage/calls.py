@@ -763,6 +763,11 @@ class SyncRunner:
         self.client.script_load(self._scripts[name].script)
 
     def _reload_and_run(self, call: Call[Any]) -> Any:
+        if self._cluster:
+            # SCRIPT LOAD on a cluster goes to every primary, and fails while one is down: EVAL
+            # goes to the queue's own primary only (and caches the script there, like a load).
+            script = self._scripts[call.script]
+            return self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
         self._load(call.script)
         try:
             return self.client.execute_command(
@@ -1006,6 +1011,9 @@ class AsyncRunner:
 
     async def _reload_and_run(self, call: Call[Any]) -> Any:
         script = self._scripts[call.script]
+        if self._cluster:
+            # See SyncRunner._reload_and_run: SCRIPT LOAD would go to every primary.
+            return await self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
         await self.client.script_load(script.script)
         try:
             return await self.client.execute_command(

@@ -453,6 +453,26 @@ class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
         await super().on_connect(connection)
         await _async_check(connection)
 
+    async def _refresh_topology(self, *args: Any, **kw: Any) -> None:
+        """redis-py reads the command table from the first primary of the slot map, and a
+        first initialization fails while that one is down, though the others answer (a killed
+        primary of a cluster without failover, ``cluster-require-full-coverage no``): read it
+        from the first primary that answers, which also becomes the node of keyless commands."""
+        try:
+            await super()._refresh_topology(*args, **kw)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            parser = self.commands_parser
+            if parser.commands:
+                raise
+            for node in self.nodes_manager.get_nodes_by_server_type("primary"):
+                try:
+                    await parser.initialize(node)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    continue
+                self.nodes_manager.default_node = node
+                return
+            raise
+
     async def initialize(self, *args: Any, **kw: Any) -> AsyncRedisCluster:
         try:
             await super().initialize(*args, **kw)

@@ -658,10 +658,10 @@ class Worker:
                     self.app.store.claim(q, self.node, want, self.lease_ms, now_ms=self.app.now_ms())
                 )
             except RedisUnavailable as exc:
-                if not exc.slot:
+                if not exc.shard:
                     raise  # Redis itself: every queue fails alike
-                # Only this queue's cluster slot (moving to another primary): serve the others,
-                # and try this one again after a backoff of its own.
+                # Only this queue's cluster shard (its slot moving, its primary down): serve the
+                # others, and try this one again after a backoff of its own.
                 self._claim_slots.refused(q, exc)
                 slot_errors.append(exc)
                 continue
@@ -990,7 +990,7 @@ class Worker:
                     faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
-                if isinstance(exc, RedisUnavailable) and exc.slot and not self._stopping:
+                if isinstance(exc, RedisUnavailable) and exc.shard and not self._stopping:
                     self._defer_acks(queue, items, exc)
                     return
                 # Retrying is safe: a repeated ack of an attempt that finished returns 0.
