@@ -448,7 +448,7 @@ def test_f19a_failover_seed_is_the_victim(
                 f"{ctx}: the victim's queue resumed {resumed_s:.2f} s after the promotion"
             )
             figures(
-                "F19a",
+                "F19-a",
                 trial=trial,
                 resumed_s=round(resumed_s, 2),
                 promoted_s=round(t_promoted - t_kill, 2),
@@ -507,7 +507,7 @@ def test_f19b_shard_down_others_keep_their_pace(
                 time.sleep(0.5)
             missing = set(acked) - history.completed()
             figures(
-                "F19b",
+                "F19-b",
                 trial=trial,
                 before_per_s=round(before, 1),
                 outage_per_s=[round(w, 1) for w in windows],
@@ -589,7 +589,7 @@ def test_f19c_global_keys_primary_dies(
             dup = {j: len(runs[j]) for j in want if len(runs.get(j, [])) > 1}
             assert dup == {}, dup
             assert fleet.crashes() == [] and all(n.alive() for n in nodes)
-            figures("F19c", trial=trial, stats_unreachable=down, fresh_jobs=len(fresh_ids), seed=seed)
+            figures("F19-c", trial=trial, stats_unreachable=down, fresh_jobs=len(fresh_ids), seed=seed)
         finally:
             fleet.kill_all()
             app.close()
