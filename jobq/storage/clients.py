@@ -741,6 +741,14 @@ def async_client(
     opts = _client_opts(t, common, kw)
     if t.kind == "cluster":
         retry = _cluster_opts(opts)
+        if not retry_refused:
+            # redis-py's cluster client retries a failed command itself, sleeping the backoff
+            # between attempts, whatever the error (it does not ask ``is_retryable``): 0.3-0.6 s
+            # per call to a primary that is down, which would hold up a worker's claims of every
+            # other queue. Not retried here: the worker backs off per shard (claims, acks,
+            # renewals), and the slot-map refresh the error asked for is run by the next command
+            # of any queue, so a failed-over queue is routed to its new primary at its next try.
+            retry = redis.asyncio.retry.Retry(backoff, 0)
         return AsyncRedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts],
             retry=retry,

@@ -306,7 +306,9 @@ class Worker:
         self._promoted_at = 0.0
         #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary),
         #: each left alone for a backoff of its own.
-        self._claim_slots = SlotBackoff("claim", logger=log)
+        # Cap 1 s: a queue whose primary failed over is tried again within 1 s of the promotion
+        # (RELIABILITY F19: resumed <= 2 s after it).
+        self._claim_slots = SlotBackoff("claim", cap=1.0, logger=log)
         self._claim_more = False
         self.last_ok = time.monotonic()
         self.pubsub_connected = False
@@ -446,8 +448,7 @@ class Worker:
         warned = False
         while not self._stop_event.is_set():
             try:
-                q = self.queues[0]
-                await self.runner.run(self.app.store.promote(q, limit=1, now_ms=self.app.now_ms()))
+                await self._probe_once()
                 self.last_ok = time.monotonic()
                 if warned:
                     log.warning("Redis answers now")
@@ -459,6 +460,22 @@ class Worker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), backoff.next())
         return False
+
+    async def _probe_once(self) -> None:
+        """One script call, on the first queue that answers: on a Redis Cluster with a primary
+        down, the queues of the other primaries are served (RELIABILITY F19)."""
+        assert self.runner is not None
+        first: RedisUnavailable | None = None
+        for q in self.queues:
+            try:
+                await self.runner.run(self.app.store.promote(q, limit=1, now_ms=self.app.now_ms()))
+                return
+            except RedisUnavailable as exc:
+                if not exc.shard:
+                    raise
+                first = first or exc
+        assert first is not None
+        raise first
 
     # -- fetcher --------------------------------------------------------------------------------
     def _poke(self) -> None:
