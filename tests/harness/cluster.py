@@ -94,7 +94,31 @@ class RedisClusterHarness:
             timeout=60,
         )
         self.wait_ok()
+        if self.replicas:
+            self.wait_replicas_synced()
         return self
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every replica has its link to its primary up and its first sync done (a
+        replica that never synced refuses to fail over: its data is too old)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            synced = 0
+            for n in self.nodes:
+                c = n.admin_client()
+                try:
+                    info = c.info("replication")
+                    if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                        synced += 1
+                except redis.exceptions.RedisError:
+                    pass
+                finally:
+                    c.close()
+            if synced == self.primaries * self.replicas:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{synced} of {self.primaries * self.replicas} replicas synced")
+            time.sleep(0.05)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every node reports ``cluster_state:ok`` and knows every node."""
