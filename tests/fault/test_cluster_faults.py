@@ -1,4 +1,5 @@
-"""F18 (RELIABILITY.md 2.3): a queue's hash slot moves to another primary of a Redis Cluster.
+"""F18 (RELIABILITY.md 2.3): a queue's hash slot moves to another primary of a Redis Cluster;
+F19: a primary of the cluster is killed (the F19 section below).
 
 The slot is moved the way ``redis-cli --cluster reshard`` moves it: ``CLUSTER SETSLOT ...
 IMPORTING`` on the target, ``MIGRATING`` on the source, ``MIGRATE`` of its keys a few at a time,
@@ -529,6 +530,27 @@ def test_f19b_shard_down_others_keep_their_pace(
         cluster.cleanup()
 
 
+def _http_stats(url: str) -> tuple[int, Any]:
+    """GET /stats of a ``jobq serve`` API server on ``url``: (status, body)."""
+    import http.client
+    import json
+
+    from jobq.web import ApiServer
+
+    app = jobq.JobQ(url)
+    server = ApiServer(app, "127.0.0.1", 0).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/stats")
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, json.loads(body)
+    finally:
+        server.close()
+        app.close()
+
+
 @pytest.mark.parametrize("trial", range(tier(1, 20)))
 def test_f19c_global_keys_primary_dies(
     trial: int, worker_fleet: Callable[..., Any], history: History, seed: int, figures: Any
@@ -566,8 +588,10 @@ def test_f19c_global_keys_primary_dies(
                 # A worker started now, for healthy queues only, claims.
                 late = worker_fleet(cluster.url, concurrency=5, lease=5.0, queues=",".join(fresh))
                 late.spawn("late", wait=False)
-                # `jobq stats` answers, naming the shard it cannot reach.
+                # `jobq stats` and GET /stats answer, naming the shard they cannot reach.
                 res = cli_runner().invoke(cli_main, ["--redis-url", cluster.url, "stats", "--json"])
+                table = cli_runner().invoke(cli_main, ["--redis-url", cluster.url, "stats"])
+                http_stats = _http_stats(cluster.url)
                 time.sleep(3.0)
             assert res.exit_code == 0, res.output
             import json
@@ -576,6 +600,10 @@ def test_f19c_global_keys_primary_dies(
             down = [d["shard"] for d in report["unreachable"]]
             assert f"127.0.0.1:{victim.port}" in down, report["unreachable"]
             assert {q["queue"] for q in report["queues"]} >= set(others)
+            assert table.exit_code == 0 and f"UNREACHABLE shard 127.0.0.1:{victim.port}" in table.stdout
+            assert http_stats[0] == 200, http_stats
+            assert f"127.0.0.1:{victim.port}" in [d["shard"] for d in http_stats[1]["unreachable"]]
+            assert {q["queue"] for q in http_stats[1]["queues"]} >= set(others)
             other_enqueues = [e for e in history.enqueues() if _queue_of(e.job_id) in others and e.t > t_kill]
             assert other_enqueues and all(e.status == ENQUEUE_OK for e in other_enqueues), [
                 e for e in other_enqueues if e.status != ENQUEUE_OK
