@@ -479,16 +479,21 @@ def test_f19b_shard_down_others_keep_their_pace(
         victim = cluster.primary_for("jobq:{f19b}:ready")
         vq, others = _spread(cluster, victim, "b")
         replica = cluster.replica_of(victim)
-        qs = [vq, *others]
+        # The victim's queue last in the workers' (strict) order: before the kill the other
+        # queues take the slots they can, so the kill frees none for them and their pace after
+        # it is compared with a pace they already had (victim first, they would only gain).
+        qs = [*others, vq]
         app = jobq.JobQ(cluster.url)
-        # Jobs of 50 ms: the pace is set by the slots (3 nodes x 10), not by this machine's CPU.
-        _backlog(app, history, qs, 1500, sleep=0.05)
+        # Jobs of 200 ms: the pace (about 150 a second) is set by the slots (3 nodes x 10), not
+        # by this shared machine's CPU; enough of them that no queue runs dry before the end.
+        _backlog(app, history, others, 1000, sleep=0.2)
+        _backlog(app, history, [vq], 300, sleep=0.2)
         fleet = worker_fleet(
             cluster.url, concurrency=10, lease=5.0, reap_interval=0.5, poll_interval=0.2, queues=",".join(qs)
         )
         nodes = fleet.start(3)
         try:
-            with _Feed(app, history, others, every=0.05, sleep=0.05):
+            with _Feed(app, history, others, every=0.05, sleep=0.2):
                 time.sleep(4.0)
                 t_kill = time.time()
                 cluster.kill(replica)
