@@ -693,6 +693,12 @@ def _is_cluster(client: Any) -> bool:
     return is_cluster_client(client)
 
 
+def map_client_error(client: Any, exc: BaseException, script: str, queue: str) -> BaseException:
+    """:func:`map_error` of an error raised by ``client`` for ``queue``: on a Redis Cluster
+    client a connection error is the queue's shard's alone (``RedisUnavailable.shard``)."""
+    return _shard_error(_is_cluster(client), exc, script, queue)
+
+
 def _shard_error(cluster: bool, exc: BaseException, script: str, queue: str) -> BaseException:
     """:func:`map_error`; on a Redis Cluster client, a connection error is the error of the one
     primary the call went to (``RedisUnavailable(shard=True)``): other queues may be served."""

@@ -590,8 +590,9 @@ def test_f19c_global_keys_primary_dies(
                         history.log_enqueue(jid, ENQUEUE_OK)
                         fresh_ids.append(jid)
                 fresh_app.close()
-                # A worker started now, for healthy queues only, claims.
-                late = worker_fleet(cluster.url, concurrency=5, lease=5.0, queues=",".join(fresh))
+                # A worker started now claims from its healthy queues, though the first queue
+                # it serves lives on the dead primary.
+                late = worker_fleet(cluster.url, concurrency=5, lease=5.0, queues=",".join([vq, *fresh]))
                 late.spawn("late", wait=False)
                 # `jobq stats` and GET /stats answer, naming the shard they cannot reach.
                 res = cli_runner().invoke(cli_main, ["--redis-url", cluster.url, "stats", "--json"])
