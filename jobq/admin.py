@@ -230,50 +230,16 @@ def _short(exc: BaseException) -> str:
 
 
 def _shard_name(app: JobQ, key: str) -> str:
-    """``host:port`` of the primary serving ``key``'s slot, as the client routes it now."""
-    from redis.crc import key_slot
-
-    slot = key_slot(key.encode())
-    try:
-        node = app.client.jobq_connect().nodes_manager.get_node_from_slot(slot)
-        return f"{node.host}:{node.port}"
-    except Exception:
-        return f"slot {slot}"
+    return reads.shard_of(app.client, key)
 
 
 def _cluster_now_ms(app: JobQ) -> int:
-    """Redis time from the first primary that answers."""
     fake = app.now_ms()
-    if fake is not None:
-        return fake
-    client = app.client.jobq_connect()
-    last: Exception | None = None
-    for node in client.get_primaries():
-        try:
-            secs, micros = node.redis_connection.time()
-            return int(secs) * 1000 + int(micros) // 1000
-        except Exception as exc:
-            last = exc
-    raise errors.RedisUnavailable(f"stats: no Redis Cluster primary answers: {last}", refused=True)
+    return fake if fake is not None else reads.cluster_time_ms(app.client)
 
 
 def _scan_queues(app: JobQ) -> list[str]:
-    """The queues of the primaries that answer, found by their FIFO counters (``SCAN MATCH
-    jobq:{*}:seq``, a permanent key of every queue enqueued to), when the queue registry is
-    unreachable. At most MAX_QUEUES; a primary that does not answer is skipped."""
-    found: set[str] = set()
-    prefix = f"{app.keys.prefix}:{{"
-    for node in app.client.jobq_connect().get_primaries():
-        try:
-            for raw in node.redis_connection.scan_iter(match=f"{app.keys.prefix}:{{*}}:seq", count=1000):
-                key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if key.startswith(prefix) and key.endswith("}:seq"):
-                    found.add(key[len(prefix) : -len("}:seq")])
-                if len(found) >= MAX_QUEUES:
-                    break
-        except Exception:
-            continue
-    return sorted(found)
+    return reads.scan_queues(app.client, app.keys, MAX_QUEUES)
 
 
 def totals(stats: Sequence[QueueStats]) -> dict[str, int]:

@@ -337,3 +337,50 @@ def page_ids(
     pipe.zcard(key)
     raw, total = pipe.execute()
     return [to_str(x, "replace") for x in raw], int(total)
+
+
+# -- a Redis Cluster with a primary down (jobq stats; RELIABILITY F19) -----------------------------------
+def shard_of(client: SyncClient, key: str) -> str:
+    """``host:port`` of the primary serving ``key``'s slot, as the cluster client routes it now
+    (``slot N`` when it cannot tell)."""
+    from redis.crc import key_slot
+
+    slot = key_slot(key.encode())
+    try:
+        node = client.jobq_connect().nodes_manager.get_node_from_slot(slot)
+        return f"{node.host}:{node.port}"
+    except Exception:
+        return f"slot {slot}"
+
+
+def cluster_time_ms(client: SyncClient) -> int:
+    """Now on the Redis clock, from the first primary of the cluster that answers."""
+    from jobq.errors import RedisUnavailable
+
+    last: Exception | None = None
+    for node in client.jobq_connect().get_primaries():
+        try:
+            secs, micros = node.redis_connection.time()
+            return int(secs) * 1000 + int(micros) // 1000
+        except Exception as exc:
+            last = exc
+    raise RedisUnavailable(f"no Redis Cluster primary answers: {last}", refused=True)
+
+
+def scan_queues(client: SyncClient, keys: Keys, limit: int) -> list[str]:
+    """The queues of the cluster's primaries that answer, found by their FIFO counters (``SCAN
+    MATCH jobq:{*}:seq``: a permanent key of every queue enqueued to), for when the queue
+    registry is unreachable. At most ``limit``; a primary that does not answer is skipped."""
+    found: set[str] = set()
+    head = f"{keys.prefix}:{{"
+    for node in client.jobq_connect().get_primaries():
+        try:
+            for raw in node.redis_connection.scan_iter(match=f"{keys.prefix}:{{*}}:seq", count=1000):
+                key = to_str(raw, "replace")
+                if key.startswith(head) and key.endswith("}:seq"):
+                    found.add(key[len(head) : -len("}:seq")])
+                if len(found) >= limit:
+                    return sorted(found)
+        except Exception:
+            continue
+    return sorted(found)
