@@ -85,7 +85,7 @@ def test_a_queue_fenced_alone_stops_its_own_claims_and_jobs_only(
 
     _fence(b, "a", False, False)
     wait_for(lambda: "a-quick" in finished, what="the unfenced queue's job")
-    assert jb.status() is JobState.DONE
+    wait_for(lambda: jb.status() is JobState.DONE, what="the other queue's job to be acked")
     release.set()
     wait_for(lambda: "b-held" in finished, what="the other queue's held job to end")
     b.stop()
