@@ -136,7 +136,7 @@ class Acker:
                     faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
-                if isinstance(exc, RedisUnavailable) and exc.slot and not self.state.stopping:
+                if isinstance(exc, RedisUnavailable) and exc.shard and not self.state.stopping:
                     self._defer_acks(queue, items, exc)
                     return
                 # Retrying is safe: a repeated ack of an attempt that finished returns 0.
