@@ -390,7 +390,8 @@ def activity(
         if counted[-1]:
             pipe.zcount(keys.finished(q), f"({lo!r}", repr(top))
         for job_id in ids:
-            pipe.hmget(keys.job(q, job_id), "ready_ms", "started_ms")
+            # A job ready since its enqueue stores no ready_ms: it is its enqueued_ms.
+            pipe.hmget(keys.job(q, job_id), "ready_ms", "enqueued_ms", "started_ms")
     raw = pipe.execute()
     out = []
     pos = 0
@@ -399,7 +400,7 @@ def activity(
         if has_count:
             count = int(raw[pos])
             pos += 1
-        times = [(_int_or_none(a), _int_or_none(b)) for a, b in raw[pos : pos + len(ids)]]
+        times = [(_int_or_none(r or e), _int_or_none(b)) for r, e, b in raw[pos : pos + len(ids)]]
         pos += len(ids)
         out.append((seq, top, count, times))
     return out
