@@ -134,6 +134,116 @@ def queue_stats(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ShardDown:
+    """A Redis Cluster shard ``jobq stats`` could not read: the node serving the slot(s), the
+    queues (or ``jobq:queues`` / ``jobq:nodes`` registries) it holds, and the error."""
+
+    shard: str
+    queues: list[str]
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StatsReport:
+    """What ``jobq stats`` and ``GET /stats`` show: the queues that answered, the live node
+    count (None when its registry could not be read), and the shards that did not answer."""
+
+    queues: list[QueueStats]
+    nodes: int | None
+    unreachable: list[ShardDown] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queues": [s.to_dict() for s in self.queues],
+            "totals": totals(self.queues),
+            "nodes": self.nodes,
+            "unreachable": [u.to_dict() for u in self.unreachable],
+        }
+
+
+def stats_report(app: JobQ, names: Iterable[str] | None = None, *, node_ttl_s: float = 60.0) -> StatsReport:
+    """:func:`queue_stats` and :func:`live_node_count` that do not fail for one shard: on a Redis
+    Cluster with a primary down (and its slots not yet taken over), every queue and registry
+    of the other primaries is read and the missing ones are named in ``unreachable``. Without a
+    cluster, or with every primary down, it raises as :func:`queue_stats` does."""
+    from jobq.storage.clients import is_cluster_client
+
+    if not is_cluster_client(app.client):
+        return StatsReport(
+            queue_stats(app, names, node_ttl_s=node_ttl_s), live_node_count(app, node_ttl_s=node_ttl_s)
+        )
+    down: dict[str, ShardDown] = {}
+
+    def miss(key: str, what: str, exc: BaseException) -> None:
+        shard = _shard_name(app, key)
+        d = down.setdefault(shard, ShardDown(shard, [], _short(exc)))
+        d.queues.append(what)
+
+    now = _cluster_now_ms(app)
+    if names is not None:
+        qs = [validate_queue(q) for q in names]
+    else:
+        try:
+            qs = queues(app)
+        except Exception as exc:
+            if not isinstance(_mapped(exc, ""), errors.RedisUnavailable):
+                raise
+            miss(app.keys.queues, app.keys.queues, exc)
+            qs = _scan_queues(app)
+    out = []
+    for q in qs[:MAX_QUEUES]:
+        try:
+            [(ready, sched, active, dead, finished, paused, n_nodes)] = reads.queue_depths(
+                app.client, app.keys, [q], live_since_ms=now - int(node_ttl_s * 1000)
+            )
+            oldest = _oldest_ready_ms(app, q) if ready else None
+        except Exception as exc:
+            if not isinstance(_mapped(exc, q), errors.RedisUnavailable):
+                raise
+            miss(app.keys.ready(q), q, exc)
+            continue
+        age = 0.0 if oldest is None else max(0, now - oldest) / 1000
+        out.append(QueueStats(q, ready, sched, active, dead, finished, bool(paused), n_nodes, age))
+    live: int | None
+    try:
+        live = reads.live_node_count(app.client, app.keys, now - int(node_ttl_s * 1000))
+    except Exception as exc:
+        if not isinstance(_mapped(exc, ""), errors.RedisUnavailable):
+            raise
+        miss(app.keys.nodes, app.keys.nodes, exc)
+        live = None
+    return StatsReport(out, live, sorted(down.values(), key=lambda d: d.shard))
+
+
+def _mapped(exc: BaseException, queue: str) -> BaseException:
+    from jobq.storage.calls import map_error
+
+    return map_error(exc, "stats", queue)
+
+
+def _short(exc: BaseException) -> str:
+    from jobq.storage.clients import redact
+
+    return redact(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _shard_name(app: JobQ, key: str) -> str:
+    return reads.shard_of(app.client, key)
+
+
+def _cluster_now_ms(app: JobQ) -> int:
+    fake = app.now_ms()
+    return fake if fake is not None else reads.cluster_time_ms(app.client)
+
+
+def _scan_queues(app: JobQ) -> list[str]:
+    return reads.scan_queues(app.client, app.keys, MAX_QUEUES)
+
+
 def totals(stats: Sequence[QueueStats]) -> dict[str, int]:
     keys = ("ready", "scheduled", "active", "dead", "finished")
     return {name: sum(getattr(s, name) for s in stats) for name in keys}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,8 @@ from jobq.storage.calls import (
 )
 from jobq.storage.clients import default_url, sync_client
 from jobq.storage.keys import Keys, validate_queue, validate_task_name
+
+log = logging.getLogger("jobq")
 
 if TYPE_CHECKING:
     from jobq.cron import CronEntry
@@ -158,6 +161,8 @@ class JobQ:
         self._client = client
         self._runner: SyncRunner | None = None
         self._known_queues: set[str] = set()
+        #: Queues whose registration failed -> monotonic time before which it is not retried.
+        self._register_retry_at: dict[str, float] = {}
         #: Per task name (validated): its defaults, converted once (see :meth:`prepare`).
         self._task_bases: dict[str, TaskBase] = {}
         self.shards: dict[str, int] = {}
@@ -434,14 +439,35 @@ class JobQ:
         return queue, spec
 
     def _register_queue(self, queue: str) -> None:
-        if queue not in self._known_queues:
-            try:
-                reads.register_queue(self.client, self.keys, queue)
-            except Exception as exc:
-                from jobq.storage.calls import map_error
+        """Add ``queue`` to the ``jobq:queues`` registry, best effort. It runs after the job is
+        stored, so it never raises: on a Redis Cluster the registry lives in one slot, maybe on
+        a primary that is down while the queue's own is up, and a stored job must not look
+        refused (a caller retrying without a job id would enqueue it twice). A failed
+        registration is tried again at the next enqueue to the queue (at most every 5 s), and
+        every worker serving the queue registers it at each heartbeat."""
+        if queue in self._known_queues:
+            return
+        now = time.monotonic()
+        if self._register_retry_at.get(queue, 0.0) > now:
+            return
+        try:
+            reads.register_queue(self.client, self.keys, queue)
+        except Exception as exc:
+            from jobq.storage.calls import map_error
 
-                raise map_error(exc, "register queue", queue) from None
-            self._known_queues.add(queue)
+            if len(self._register_retry_at) >= 4096:
+                self._register_retry_at.clear()
+            self._register_retry_at[queue] = now + 5.0
+            log.warning(
+                "queue %s: its job is stored, but the queue registry (%s) was not updated: %s; "
+                "tried again later",
+                queue,
+                self.keys.queues,
+                map_error(exc, "register queue", queue),
+            )
+            return
+        self._register_retry_at.pop(queue, None)
+        self._known_queues.add(queue)
 
     def enqueue(
         self,

@@ -127,12 +127,19 @@ class RedisUnavailable(StoreError, ConnectionError):
     which may be this client's network alone.
 
     ``slot`` is true when the failure is the queue's Redis Cluster slot's alone (moving to another
-    primary, or without one): queues in other slots may still be served."""
+    primary, or without one): queues in other slots may still be served.
 
-    def __init__(self, message: str, *, refused: bool = False, slot: bool = False) -> None:
+    ``shard`` is true when the call went to one primary of a Redis Cluster (the one serving the
+    queue's slot) and failed there: queues on other primaries may still be served. Every
+    ``slot`` error is a ``shard`` error too."""
+
+    def __init__(
+        self, message: str, *, refused: bool = False, slot: bool = False, shard: bool = False
+    ) -> None:
         super().__init__(message)
         self.refused = refused
         self.slot = slot
+        self.shard = shard or slot
 
 
 class RedisOutOfMemory(StoreError):

@@ -15,8 +15,8 @@ from jobq.cli.common import Settings, admin_app, cli_errors, connection_options,
 from jobq.cli.output import age, table
 
 
-def _stats_table(stats: Sequence[admin.QueueStats], live_nodes: int) -> str:
-    rows = [
+def _stats_table(stats: Sequence[admin.QueueStats], live_nodes: int | None) -> str:
+    rows: list[tuple[object, ...]] = [
         (
             s.queue,
             s.ready,
@@ -30,7 +30,8 @@ def _stats_table(stats: Sequence[admin.QueueStats], live_nodes: int) -> str:
         for s in stats
     ]
     t = admin.totals(stats)
-    rows.append(("TOTAL", t["ready"], t["scheduled"], t["active"], t["dead"], "", live_nodes, ""))
+    nodes = "?" if live_nodes is None else live_nodes
+    rows.append(("TOTAL", t["ready"], t["scheduled"], t["active"], t["dead"], "", nodes, ""))
     headers = ("QUEUE", "READY", "SCHEDULED", "ACTIVE", "DEAD", "PAUSED", "NODES", "OLDEST READY")
     return table(headers, rows)
 
@@ -56,20 +57,17 @@ def stats(
             while True:
                 if n == 0:
                     warn_unknown(app, queues)
-                st = admin.queue_stats(app, list(queues) or None)
-                live = admin.live_node_count(app)
+                report = admin.stats_report(app, list(queues) or None)
                 if as_json:
-                    click.echo(
-                        json.dumps(
-                            {"queues": [s.to_dict() for s in st], "totals": admin.totals(st), "nodes": live}
-                        )
-                    )
+                    click.echo(json.dumps(report.to_dict()))
                 else:
                     if watch and sys.stdout.isatty():
                         click.clear()
                     if watch:
                         click.echo(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
-                    click.echo(_stats_table(st, live))
+                    click.echo(_stats_table(report.queues, report.nodes))
+                    for d in report.unreachable:
+                        click.echo(f"UNREACHABLE shard {d.shard}: {', '.join(d.queues)} ({d.error})")
                 n += 1
                 if not watch or (iterations and n >= iterations):
                     return

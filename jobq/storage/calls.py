@@ -672,6 +672,10 @@ def map_error(exc: BaseException, script: str = "", queue: str = "") -> BaseExce
         return errors.RedisBusy(f"{where}: Redis is busy: {msg}")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
         return errors.RedisUnavailable(f"{where}: Redis unavailable: {msg}", refused=refused(exc))
+    if isinstance(exc, redis.exceptions.RedisClusterException) and "cannot be connected" in msg:
+        # No seed node (nor any node learnt from them) answers: as a standalone server that is
+        # down, the caller retries until the cluster answers.
+        return errors.RedisUnavailable(f"{where}: Redis Cluster unreachable: {msg}", refused=refused(exc))
     if isinstance(exc, redis.exceptions.ResponseError) and "BADARG" in msg:
         detail = msg[msg.index("BADARG") + 7 :]
         fld = detail.split(" ", 1)[0]
@@ -723,6 +727,27 @@ def _check_replicated(call: Call[Any], acked: Any) -> None:
     logging.getLogger("jobq.storage.calls").warning("%s", msg)
 
 
+def _is_cluster(client: Any) -> bool:
+    from jobq.storage.clients import is_cluster_client
+
+    return is_cluster_client(client)
+
+
+def map_client_error(client: Any, exc: BaseException, script: str, queue: str) -> BaseException:
+    """:func:`map_error` of an error raised by ``client`` for ``queue``: on a Redis Cluster
+    client a connection error is the queue's shard's alone (``RedisUnavailable.shard``)."""
+    return _shard_error(_is_cluster(client), exc, script, queue)
+
+
+def _shard_error(cluster: bool, exc: BaseException, script: str, queue: str) -> BaseException:
+    """:func:`map_error`; on a Redis Cluster client, a connection error is the error of the one
+    primary the call went to (``RedisUnavailable(shard=True)``): other queues may be served."""
+    mapped = map_error(exc, script, queue)
+    if cluster and isinstance(mapped, errors.RedisUnavailable) and queue:
+        mapped.shard = True
+    return mapped
+
+
 SyncClient = Any  # redis.Redis | redis.cluster.RedisCluster
 AsyncClient = Any  # redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
@@ -737,6 +762,7 @@ class SyncRunner:
 
     def __init__(self, client: SyncClient) -> None:
         self.client = client
+        self._cluster = _is_cluster(client)
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
         self._shas: dict[ScriptName, str] = {n: str(s.sha) for n, s in self._scripts.items()}
         #: A standalone (or Sentinel) client on a connection pool: calls go straight to a pooled
@@ -745,6 +771,9 @@ class SyncRunner:
         #: Connections this runner took from the pool and keeps between calls (see :meth:`_conn`).
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()
+
+    def _map(self, exc: BaseException, script: str = "", queue: str = "") -> BaseException:
+        return _shard_error(self._cluster, exc, script, queue)
 
     def sha(self, name: ScriptName) -> str:
         """The EVALSHA digest this runner sends for ``name``."""
@@ -759,9 +788,9 @@ class SyncRunner:
                 if isinstance(raw, redis.exceptions.NoScriptError):
                     raw = self._reload_and_run(call)  # did not run: loaded, then run once
             except Exception as exc:
-                raise map_error(exc, call.script.value, call.queue) from None
+                raise self._map(exc, call.script.value, call.queue) from None
             if isinstance(raw, Exception):
-                raise map_error(raw, call.script.value, call.queue) from None
+                raise self._map(raw, call.script.value, call.queue) from None
             return call.parse(raw)
         try:
             raw = self.client.execute_command(
@@ -771,15 +800,20 @@ class SyncRunner:
             try:
                 raw = self._reload_and_run(call)
             except Exception as exc:
-                raise map_error(exc, call.script.value, call.queue) from None
+                raise self._map(exc, call.script.value, call.queue) from None
         except Exception as exc:
-            raise map_error(exc, call.script.value, call.queue) from None
+            raise self._map(exc, call.script.value, call.queue) from None
         return call.parse(raw)
 
     def _load(self, name: ScriptName) -> None:
         self.client.script_load(self._scripts[name].script)
 
     def _reload_and_run(self, call: Call[Any]) -> Any:
+        if self._cluster:
+            # SCRIPT LOAD on a cluster goes to every primary, and fails while one is down: EVAL
+            # goes to the queue's own primary only (and caches the script there, like a load).
+            script = self._scripts[call.script]
+            return self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
         self._load(call.script)
         try:
             return self.client.execute_command(
@@ -809,9 +843,9 @@ class SyncRunner:
                 pipe.execute_command("WAIT", *call.wait)
                 raw, acked = pipe.execute(raise_on_error=False)
         except Exception as exc:
-            raise map_error(exc, call.script.value, call.queue) from None
+            raise self._map(exc, call.script.value, call.queue) from None
         if isinstance(raw, Exception):
-            raise map_error(raw, call.script.value, call.queue)
+            raise self._map(raw, call.script.value, call.queue)
         out = call.parse(raw)
         _check_replicated(call, acked)
         return out
@@ -834,7 +868,13 @@ class SyncRunner:
                 pipe.execute_command("EVALSHA", self._scripts[c.script].sha, len(c.keys), *c.keys, *c.args)
             raws = pipe.execute(raise_on_error=False)
         except Exception as exc:
-            raise map_error(exc, calls[0].script.value, calls[0].queue) from None
+            first = self._map(exc, calls[0].script.value, calls[0].queue)
+            if not (self._cluster and return_exceptions and isinstance(first, errors.RedisUnavailable)):
+                raise first from None
+            # One primary of the cluster failed the whole pipeline: each call on its own, so the
+            # queues of the other primaries get their results (re-sending is safe: enqueue is
+            # idempotent by job id, ack and fail are fenced by ownership).
+            return [self._run_caught(c) for c in calls]
         out = []
         for c, raw in zip(calls, raws, strict=True):
             if isinstance(raw, redis.exceptions.NoScriptError):
@@ -843,7 +883,7 @@ class SyncRunner:
                 except Exception as exc:
                     raw = exc
             if isinstance(raw, Exception):
-                mapped = map_error(raw, c.script.value, c.queue)
+                mapped = self._map(raw, c.script.value, c.queue)
                 if not return_exceptions:
                     raise mapped
                 out.append(mapped)
@@ -855,6 +895,12 @@ class SyncRunner:
                     raise
                 out.append(exc)
         return out
+
+    def _run_caught(self, call: Call[Any]) -> Any:
+        try:
+            return self.run(call)
+        except errors.JobqError as exc:
+            return exc
 
     def run_batch(self, calls: Iterable[Call[Any]]) -> list[Any]:
         """Run calls in one pipelined round trip, written to the connection in one send and
@@ -875,7 +921,7 @@ class SyncRunner:
         try:
             raws, acked = self._send_all(calls)
         except Exception as exc:
-            raise map_error(exc, calls[0].script.value, calls[0].queue) from None
+            raise self._map(exc, calls[0].script.value, calls[0].queue) from None
         out: list[Any] = []
         for c, raw in zip(calls, raws, strict=True):
             if isinstance(raw, redis.exceptions.NoScriptError):
@@ -884,7 +930,7 @@ class SyncRunner:
                 except Exception as exc:
                     raw = exc
             if isinstance(raw, Exception):
-                out.append(map_error(raw, c.script.value, c.queue))
+                out.append(self._map(raw, c.script.value, c.queue))
                 continue
             try:
                 out.append(c.parse(raw))
@@ -983,8 +1029,12 @@ class AsyncRunner:
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
+        self._cluster = _is_cluster(client)
         self._scripts = {n: client.register_script(source(n)) for n in ScriptName}
         self._shas: dict[ScriptName, str] = {n: str(s.sha) for n, s in self._scripts.items()}
+
+    def _map(self, exc: BaseException, script: str = "", queue: str = "") -> BaseException:
+        return _shard_error(self._cluster, exc, script, queue)
 
     def sha(self, name: ScriptName) -> str:
         return self._shas[name]
@@ -1000,13 +1050,16 @@ class AsyncRunner:
             try:
                 raw = await self._reload_and_run(call)
             except Exception as exc:
-                raise map_error(exc, call.script.value, call.queue) from None
+                raise self._map(exc, call.script.value, call.queue) from None
         except Exception as exc:
-            raise map_error(exc, call.script.value, call.queue) from None
+            raise self._map(exc, call.script.value, call.queue) from None
         return call.parse(raw)
 
     async def _reload_and_run(self, call: Call[Any]) -> Any:
         script = self._scripts[call.script]
+        if self._cluster:
+            # See SyncRunner._reload_and_run: SCRIPT LOAD would go to every primary.
+            return await self.client.eval(script.script, len(call.keys), *call.keys, *call.args)
         await self.client.script_load(script.script)
         try:
             return await self.client.execute_command(
@@ -1033,9 +1086,9 @@ class AsyncRunner:
                 pipe.execute_command("WAIT", *call.wait)
                 raw, acked = await pipe.execute(raise_on_error=False)
         except Exception as exc:
-            raise map_error(exc, call.script.value, call.queue) from None
+            raise self._map(exc, call.script.value, call.queue) from None
         if isinstance(raw, Exception):
-            raise map_error(raw, call.script.value, call.queue)
+            raise self._map(raw, call.script.value, call.queue)
         out = call.parse(raw)
         _check_replicated(call, acked)
         return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
@@ -452,11 +453,36 @@ class AsyncRedisCluster(redis.asyncio.cluster.RedisCluster):
         await super().on_connect(connection)
         await _async_check(connection)
 
+    async def _refresh_topology(self, *args: Any, **kw: Any) -> None:
+        """redis-py reads the command table from the first primary of the slot map, and a
+        first initialization fails while that one is down, though the others answer (a killed
+        primary of a cluster without failover, ``cluster-require-full-coverage no``): read it
+        from the first primary that answers, which also becomes the node of keyless commands."""
+        try:
+            await super()._refresh_topology(*args, **kw)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            parser = self.commands_parser
+            if parser.commands:
+                raise
+            for node in self.nodes_manager.get_nodes_by_server_type("primary"):
+                try:
+                    await parser.initialize(node)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    continue
+                self.nodes_manager.default_node = node
+                return
+            raise
+
     async def initialize(self, *args: Any, **kw: Any) -> AsyncRedisCluster:
         try:
             await super().initialize(*args, **kw)
         except redis.exceptions.RedisClusterException as exc:
-            raise _cluster_version_error(exc) from None
+            err = _cluster_version_error(exc)
+            if err is exc and "cannot be connected" in str(exc):
+                # No node answers (the asyncio client connects at its first command): retried
+                # by the caller like a standalone server that is down.
+                raise errors.RedisUnavailable(f"redis cluster: {exc}", refused=refused(exc)) from None
+            raise err from None
         return self
 
 
@@ -566,26 +592,103 @@ def _cluster_opts(opts: dict[str, Any]) -> Any:
     return opts.pop("retry")
 
 
+#: redis-py >= 8.2 rate-limits the slot-map refreshes a connection error asks for (default: one a
+#: second). jobq asks for one every 0.2 s at most: after a failover the queues of the promoted
+#: replica are routed to it within a fraction of a second (RELIABILITY F19: resumed <= 2 s).
+_REFRESH_KW = (
+    {"topology_refresh_min_interval": 0.2}
+    if "topology_refresh_min_interval" in inspect.signature(redis.cluster.RedisCluster.__init__).parameters
+    else {}
+)
+_AREFRESH_KW = (
+    {"topology_refresh_min_interval": 0.2}
+    if "topology_refresh_min_interval"
+    in inspect.signature(redis.asyncio.cluster.RedisCluster.__init__).parameters
+    else {}
+)
+
+
+class LazyRedisCluster:
+    """A synchronous cluster client that connects at first use, not when it is built.
+
+    redis-py's ``RedisCluster`` reads the slot map from the seed nodes in its constructor and
+    raises when none answers. Built lazily, a producer, the CLI or a worker whose seeds are all
+    down gets :class:`jobq.errors.RedisUnavailable` from its first call instead (refused when the
+    seeds refuse connections), and retries it as it would a standalone server that is down; the
+    next call tries to build the client again. Every attribute is the real client's."""
+
+    def __init__(
+        self, url: str, hosts: tuple[tuple[str, int], ...], retry: Any, opts: dict[str, Any]
+    ) -> None:
+        self._jobq_url = url
+        self._jobq_hosts = hosts
+        self._jobq_retry = retry
+        self._jobq_opts = opts
+        self._jobq_client: RedisCluster | None = None
+        self._jobq_lock = threading.Lock()
+
+    def jobq_connect(self) -> RedisCluster:
+        """The real client, built now if it is not yet (raises ``RedisUnavailable``)."""
+        client = self._jobq_client
+        if client is not None:
+            return client
+        with self._jobq_lock:
+            if self._jobq_client is None:
+                try:
+                    self._jobq_client = RedisCluster(
+                        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in self._jobq_hosts],  # type: ignore[no-untyped-call]
+                        retry=self._jobq_retry,
+                        **self._jobq_opts,
+                    )
+                except redis.exceptions.RedisClusterException as exc:
+                    err = _cluster_version_error(exc)
+                    if err is exc:
+                        raise errors.RedisUnavailable(
+                            f"redis cluster {redact_url(self._jobq_url)}: {exc}", refused=refused(exc)
+                        ) from None
+                    raise err from None
+            return self._jobq_client
+
+    def register_script(self, script: str) -> Any:
+        """A ``Script`` bound to this client (no round trip: only its digest is computed)."""
+        from redis.commands.core import Script
+
+        return Script(self, script)  # type: ignore[arg-type]
+
+    def get_encoder(self) -> Any:
+        o = self._jobq_opts
+        from redis._parsers.encoders import Encoder
+
+        return Encoder(o.get("encoding", "utf-8"), o.get("encoding_errors", "strict"), False)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        if self._jobq_client is not None:
+            self._jobq_client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_jobq"):
+            raise AttributeError(name)
+        return getattr(self.jobq_connect(), name)
+
+
+def is_cluster_client(client: Any) -> bool:
+    """Is ``client`` a Redis Cluster client of jobq's (sync, lazy or asyncio)?"""
+    return isinstance(
+        client, (LazyRedisCluster, redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+    )
+
+
 def sync_client(
     url: str, *, socket_timeout: float | None = 10.0, health_check_interval: int = 0, **kw: Any
 ) -> Any:
-    """A synchronous client for ``url``: a ``redis.Redis``, or a ``redis.cluster.RedisCluster``
-    for ``redis+cluster://`` URLs (both speak the same commands and scripts)."""
+    """A synchronous client for ``url``: a ``redis.Redis``, or for ``redis+cluster://`` URLs a
+    :class:`LazyRedisCluster` (a ``redis.cluster.RedisCluster`` built at first use); both speak
+    the same commands and scripts."""
     t = parse_url(url)
     opts = _client_opts(t, _common(socket_timeout, health_check_interval), kw)
     if t.kind == "cluster":
         retry = _cluster_opts(opts)
-        try:
-            return RedisCluster(
-                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in t.hosts],  # type: ignore[no-untyped-call]
-                retry=retry,
-                **opts,
-            )
-        except redis.exceptions.RedisClusterException as exc:
-            err = _cluster_version_error(exc)
-            if err is exc:
-                raise errors.RedisUnavailable(f"redis cluster {redact_url(url)}: {exc}") from None
-            raise err from None
+        return LazyRedisCluster(url, t.hosts, retry, {**_REFRESH_KW, **opts})
     if t.kind == "sentinel":
         sentinel = _SyncSentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))
         scls = SentinelSSLConnection if t.tls else SentinelConnection
@@ -638,10 +741,18 @@ def async_client(
     opts = _client_opts(t, common, kw)
     if t.kind == "cluster":
         retry = _cluster_opts(opts)
+        if not retry_refused:
+            # redis-py's cluster client retries a failed command itself, sleeping the backoff
+            # between attempts, whatever the error (it does not ask ``is_retryable``): 0.3-0.6 s
+            # per call to a primary that is down, which would hold up a worker's claims of every
+            # other queue. Not retried here: the worker backs off per shard (claims, acks,
+            # renewals), and the slot-map refresh the error asked for is run by the next command
+            # of any queue, so a failed-over queue is routed to its new primary at its next try.
+            retry = redis.asyncio.retry.Retry(backoff, 0)
         return AsyncRedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in t.hosts],
             retry=retry,
-            **opts,
+            **{**_AREFRESH_KW, **opts},
         )
     if t.kind == "sentinel":
         sentinel = _AsyncSentinel(list(t.hosts), sentinel_kwargs=_sentinel_kwargs(t))

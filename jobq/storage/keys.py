@@ -33,17 +33,21 @@ key                                type    holds                                
                                                                                             job ends
 ``jobq:{q}:paused``                STRING  present while the queue is paused                by admin
 ``jobq:{q}:cron:<name>``           STRING  the last cron tick fired for entry <name>, ms    permanent
+``jobq:{q}:epoch``                 STRING  random value set once by the workers serving q;  permanent
+                                           a change means q's shard lost its data (the
+                                           dataset epoch, checked per queue, so per shard)
 ``jobq:{q}:reap-lock``             STRING  once-per-interval guard for the reaper (load     PX
                                            saving only; reap is safe without it)
 ``jobq:{q}:slot-guard``            none    never created: the last declared key of every    never
                                            queue script that builds keys itself, so Redis   exists
                                            Cluster refuses those scripts (TRYAGAIN) while
                                            the queue's slot is half moved
-``jobq:queues``                    SET     every queue ever enqueued to (inspection)        permanent
+``jobq:queues``                    SET     every queue ever enqueued to (inspection; best   permanent
+                                           effort: written after the job is stored, repaired
+                                           by the heartbeats of the queue's workers)
 ``jobq:nodes``                     ZSET    every live node -> last heartbeat ms             permanent
 ``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
-``jobq:epoch``                     STRING  random value set once; a change means the        permanent
-                                           dataset was wiped
+``jobq:epoch``                     STRING  no longer written (the epoch is per queue now)   permanent
 channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
 channel ``jobq:{q}:cancel``        pubsub  "<node> <id>": a running job of q was cancelled
 =================================  ======  ===============================================  =========
@@ -175,6 +179,10 @@ class Keys:
     def cron(self, q: str, name: str) -> str:
         """STRING: the last tick (ms) fired for cron entry ``name`` into ``q``."""
         return f"{self.prefix}:{{{q}}}:cron:{name}"
+
+    def queue_epoch(self, q: str) -> str:
+        """STRING set once per queue; a change means the queue's shard lost its data."""
+        return f"{self.prefix}:{{{q}}}:epoch"
 
     def reap_lock(self, q: str) -> str:
         """STRING once-per-interval reaper guard (saves load; not needed for correctness)."""

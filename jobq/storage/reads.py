@@ -222,20 +222,57 @@ def live_node_count(client: SyncClient, keys: Keys, since_ms: int) -> int:
 
 
 def register_node(
-    client: SyncClient, keys: Keys, node: str, info: Mapping[str, Any], *, now_ms: int, ttl_ms: int
-) -> Any:
+    client: SyncClient,
+    keys: Keys,
+    node: str,
+    info: Mapping[str, Any],
+    *,
+    now_ms: int,
+    ttl_ms: int,
+    queues: Sequence[str] = (),
+) -> None:
     """One heartbeat of the node registry, in one pipeline: the node's score and hash (expiring
-    after ``ttl_ms``), entries older than ``ttl_ms`` dropped (killed nodes never deregister), the
-    dataset epoch set if missing. Returns the epoch."""
+    after ``ttl_ms``), entries older than ``ttl_ms`` dropped (killed nodes never deregister), and
+    the node's ``queues`` added to the queue registry (which repairs a registration an enqueue
+    could not make). Best effort for the caller: on a Redis Cluster these global keys live in
+    one slot, and nothing on the claim path waits for them."""
     pipe = client.pipeline(transaction=False)
     pipe.zadd(keys.nodes, {node: now_ms})
     pipe.hset(keys.node(node), mapping=dict(info))
     pipe.pexpire(keys.node(node), ttl_ms)
     pipe.zremrangebyscore(keys.nodes, "-inf", now_ms - ttl_ms)
-    pipe.set(keys.epoch, os.urandom(8).hex(), nx=True)
-    pipe.get(keys.epoch)
-    *_, epoch = pipe.execute()
-    return epoch
+    if queues:
+        pipe.sadd(keys.queues, *queues)
+    pipe.execute()
+
+
+def queue_epochs(client: SyncClient, keys: Keys, queues: Sequence[str]) -> dict[str, bytes | Exception]:
+    """The dataset epoch of each queue's shard: ``SET jobq:{q}:epoch <random> NX GET``, the old
+    value, or the one just set when there was none (a new queue, or the shard lost its data).
+    One pipeline; on a Redis Cluster where it fails (a primary is down), one command per queue,
+    so each queue gets its own answer or its own error."""
+    fresh = {q: os.urandom(8).hex().encode() for q in queues}
+
+    def one(q: str) -> bytes | Exception:
+        try:
+            old = client.set(keys.queue_epoch(q), fresh[q], nx=True, get=True)
+        except Exception as exc:
+            return exc
+        return fresh[q] if old is None else bytes(old)
+
+    if len(queues) > 1:
+        pipe = client.pipeline(transaction=False)
+        for q in queues:
+            pipe.set(keys.queue_epoch(q), fresh[q], nx=True, get=True)
+        try:
+            raw = pipe.execute(raise_on_error=False)
+        except Exception:
+            return {q: one(q) for q in queues}
+        out: dict[str, bytes | Exception] = {}
+        for q, old in zip(queues, raw, strict=True):
+            out[q] = old if isinstance(old, Exception) else fresh[q] if old is None else bytes(old)
+        return out
+    return {q: one(q) for q in queues}
 
 
 def deregister_node(client: SyncClient, keys: Keys, node: str, queues: Sequence[str]) -> None:
@@ -353,7 +390,8 @@ def activity(
         if counted[-1]:
             pipe.zcount(keys.finished(q), f"({lo!r}", repr(top))
         for job_id in ids:
-            pipe.hmget(keys.job(q, job_id), "ready_ms", "started_ms")
+            # A job ready since its enqueue stores no ready_ms: it is its enqueued_ms.
+            pipe.hmget(keys.job(q, job_id), "ready_ms", "enqueued_ms", "started_ms")
     raw = pipe.execute()
     out = []
     pos = 0
@@ -362,7 +400,7 @@ def activity(
         if has_count:
             count = int(raw[pos])
             pos += 1
-        times = [(_int_or_none(a), _int_or_none(b)) for a, b in raw[pos : pos + len(ids)]]
+        times = [(_int_or_none(r or e), _int_or_none(b)) for r, e, b in raw[pos : pos + len(ids)]]
         pos += len(ids)
         out.append((seq, top, count, times))
     return out
@@ -373,3 +411,50 @@ def _int_or_none(value: Any) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+# -- a Redis Cluster with a primary down (jobq stats; RELIABILITY F19) -----------------------------------
+def shard_of(client: SyncClient, key: str) -> str:
+    """``host:port`` of the primary serving ``key``'s slot, as the cluster client routes it now
+    (``slot N`` when it cannot tell)."""
+    from redis.crc import key_slot
+
+    slot = key_slot(key.encode())
+    try:
+        node = client.jobq_connect().nodes_manager.get_node_from_slot(slot)
+        return f"{node.host}:{node.port}"
+    except Exception:
+        return f"slot {slot}"
+
+
+def cluster_time_ms(client: SyncClient) -> int:
+    """Now on the Redis clock, from the first primary of the cluster that answers."""
+    from jobq.errors import RedisUnavailable
+
+    last: Exception | None = None
+    for node in client.jobq_connect().get_primaries():
+        try:
+            secs, micros = node.redis_connection.time()
+            return int(secs) * 1000 + int(micros) // 1000
+        except Exception as exc:
+            last = exc
+    raise RedisUnavailable(f"no Redis Cluster primary answers: {last}", refused=True)
+
+
+def scan_queues(client: SyncClient, keys: Keys, limit: int) -> list[str]:
+    """The queues of the cluster's primaries that answer, found by their FIFO counters (``SCAN
+    MATCH jobq:{*}:seq``: a permanent key of every queue enqueued to), for when the queue
+    registry is unreachable. At most ``limit``; a primary that does not answer is skipped."""
+    found: set[str] = set()
+    head = f"{keys.prefix}:{{"
+    for node in client.jobq_connect().get_primaries():
+        try:
+            for raw in node.redis_connection.scan_iter(match=f"{keys.prefix}:{{*}}:seq", count=1000):
+                key = to_str(raw, "replace")
+                if key.startswith(head) and key.endswith("}:seq"):
+                    found.add(key[len(head) : -len("}:seq")])
+                if len(found) >= limit:
+                    return sorted(found)
+        except Exception:
+            continue
+    return sorted(found)

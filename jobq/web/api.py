@@ -336,12 +336,9 @@ class ApiApp:
         return {"id": job_id, "queue": queue, "status": "cancelled"}
 
     def stats(self) -> dict[str, Any]:
-        stats = admin.queue_stats(self.app)
-        return {
-            "queues": [s.to_dict() for s in stats],
-            "totals": admin.totals(stats),
-            "nodes": admin.live_node_count(self.app),
-        }
+        # On a Redis Cluster with a primary down, the queues of the others, and the shards that
+        # did not answer (``unreachable``), instead of a 503.
+        return admin.stats_report(self.app).to_dict()
 
 
 class _EnqueueBatcher:

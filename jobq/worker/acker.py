@@ -71,6 +71,10 @@ class Acker:
         #: Releases running on their own (buffered jobs handed back, unknown claims).
         self.side_tasks: set[asyncio.Future[Any]] = set()
 
+    def bind(self) -> None:
+        """A fresh wake-up event for the event loop the node runs on (called at its start)."""
+        self._ack_event = asyncio.Event()
+
     @property
     def runner(self) -> AsyncRunner:
         assert self.state.runner is not None
@@ -132,7 +136,7 @@ class Acker:
                     faults.crash_point("after_ack_sent")
                 break
             except (RedisUnavailable, RedisBusy) as exc:
-                if isinstance(exc, RedisUnavailable) and exc.slot and not self.state.stopping:
+                if isinstance(exc, RedisUnavailable) and exc.shard and not self.state.stopping:
                     self._defer_acks(queue, items, exc)
                     return
                 # Retrying is safe: a repeated ack of an attempt that finished returns 0.

@@ -35,6 +35,9 @@ class NodeState:
     stopping: bool = False
     #: Lease renewals are failing: no claims, no new starts (jobq.worker.heartbeat).
     fenced: bool = False
+    #: Queues fenced alone: their Redis Cluster shard fails its renewals while the others renew
+    #: (no claims from them; jobq.worker.heartbeat).
+    fenced_queues: set[str] = field(default_factory=set)
     #: monotonic time of the last successful round trip through a script (health).
     last_ok: float = field(default_factory=time.monotonic)
     #: No reaper pass before this monotonic time (after an outage, live nodes renew first).

@@ -368,10 +368,22 @@ class Executor:
             run.task.cancel()
             self.held.forget(run)
 
-    def fence(self, redis_down: bool) -> None:
-        """The node fenced itself (lease renewals failing): take back what must not go on."""
+    def fence_queue(self, queue: str, fenced: bool, redis_down: bool) -> None:
+        """Only ``queue`` is fenced (its Redis Cluster shard fails its renewals while the other
+        queues renew), or unfenced: no claims from it meanwhile, and its held jobs are handled
+        as a node-wide fence handles all of them."""
+        if fenced:
+            self.state.fenced_queues.add(queue)
+            self.fence(redis_down, queue)
+        else:
+            self.state.fenced_queues.discard(queue)
+
+    def fence(self, redis_down: bool, queue: str | None = None) -> None:
+        """The node fenced itself (lease renewals failing), or only ``queue``: take back what
+        must not go on."""
         for run in list(self.held.buffer):  # never start a job whose lease may run out
-            self.lose(run, "fenced: lease renewals failing")
+            if queue is None or run.job.queue == queue:
+                self.lose(run, "fenced: lease renewals failing")
         # Others may take our jobs once the leases run out: stop side effects now, unless Redis
         # itself is down (refused, loading): nobody can take them then, and the reaper grace
         # after the outage lets this node renew first. A job that goes on (a sync job always: a
@@ -379,7 +391,7 @@ class Executor:
         # the job is ours (ack and fail check ownership), so an outage of Redis costs no re-run,
         # and a partition's winner is never overwritten.
         for run in self.held.values():
-            if run.finishing or run.lost:
+            if run.finishing or run.lost or (queue is not None and run.job.queue != queue):
                 continue
             task = self.tasks.get(run.job.task)
             if task is not None and task.is_async and not redis_down:

@@ -112,7 +112,9 @@ class Fetcher:
         self._last_now_ms: int | None = None
         #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary),
         #: each left alone for a backoff of its own.
-        self._claim_slots = SlotBackoff("claim", logger=log)
+        # Cap 1 s: a queue whose primary failed over is tried again within 1 s of the promotion
+        # (RELIABILITY F19: resumed <= 2 s after it).
+        self._claim_slots = SlotBackoff("claim", cap=1.0, logger=log)
         self._claim_more = False
 
     @property
@@ -249,16 +251,18 @@ class Fetcher:
                 break
             if self._claim_slots and self._claim_slots.waiting(q):
                 continue
+            if q in self.state.fenced_queues:
+                continue  # its shard's renewals fail (jobq.worker.heartbeat): no claims from it
             visited += 1
             try:
                 res = await self.runner.run(
                     self.ctx.store.claim(q, self.node, want, self.lease_ms, now_ms=self.ctx.now_ms())
                 )
             except RedisUnavailable as exc:
-                if not exc.slot:
+                if not exc.shard:
                     raise  # Redis itself: every queue fails alike
-                # Only this queue's cluster slot (moving to another primary): serve the others,
-                # and try this one again after a backoff of its own.
+                # Only this queue's cluster shard (its slot moving, its primary down): serve the
+                # others, and try this one again after a backoff of its own.
                 self._claim_slots.refused(q, exc)
                 slot_errors.append(exc)
                 continue

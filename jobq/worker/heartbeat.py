@@ -77,6 +77,7 @@ class Heartbeat:
         on_fence: Callable[[bool, bool], None],
         info: Callable[[], dict[str, str | int]],
         on_epoch_change: Callable[[], None] | None = None,
+        on_queue_fence: Callable[[str, bool, bool], None] | None = None,
     ) -> None:
         self.app = app
         self.runner = runner
@@ -89,6 +90,7 @@ class Heartbeat:
         self._on_fence = on_fence
         self._info = info
         self._on_epoch_change = on_epoch_change
+        self._on_queue_fence = on_queue_fence
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: monotonic time of the last beat where every queue renewed.
@@ -107,7 +109,15 @@ class Heartbeat:
         #: queue -> the cancelled ids the last reply carried: named in the next renewal, which
         #: removes their marks (a reply lost on the way removes none).
         self._seen: dict[str, list[str]] = {}
-        self.epoch: bytes | None = None
+        #: Per queue: the dataset epoch of its shard, as first seen (see _check_epochs).
+        self.epochs: dict[str, bytes] = {}
+        #: Per queue: monotonic time of its last renewal that succeeded, and, while its shard
+        #: fails, whether the last failure was a refusal (down for every client alike).
+        self.queue_last_ok: dict[str, float] = dict.fromkeys(queues, self.last_ok)
+        self.queue_refused: dict[str, bool] = {}
+        #: Queues fenced on their own (their shard failed while the others renewed) -> whether
+        #: their shard refused (then running jobs go on, as when all of Redis is down).
+        self.queue_fenced: dict[str, bool] = {}
         #: Redis time of the first beat (node clocks are never read for shared time).
         self.started_ms: int | None = None
 
@@ -157,8 +167,8 @@ class Heartbeat:
             # Cluster one queue's slot can be moving while the others answer.
             results = self.runner.run_many(calls, return_exceptions=len(calls) > 1)
             errs = [r for r in results if isinstance(r, BaseException)]
-            if errs and (len(errs) == len(results) or not all(_slot_only(e) for e in errs)):
-                raise next((e for e in errs if not _slot_only(e)), errs[0])
+            if errs and (len(errs) == len(results) or not all(_shard_only(e) for e in errs)):
+                raise next((e for e in errs if not _shard_only(e)), errs[0])
         except JobqError as exc:
             self.failures += 1
             self.redis_down = isinstance(exc, RedisBusy) or (
@@ -179,12 +189,17 @@ class Heartbeat:
         cancelled: dict[str, set[str]] = {}
         for q, res in zip(self.queues, results, strict=True):
             if isinstance(res, BaseException):
-                # Only this queue's slot refused (moving to another primary). Nothing can take
-                # its jobs meanwhile: its reaper and claims are refused alike (the slot guard).
-                # So the node is not fenced for it; it renews the leases when the move is done.
+                # Only this queue's shard failed: its slot is moving (nothing can take its jobs
+                # meanwhile: its reaper and claims are refused alike, the slot guard), or the
+                # primary serving it is down or out of reach. The other queues go on; this one
+                # is fenced on its own once its renewals stay silent too long (_check_fence).
                 self.slots.refused(q, res)
+                if not (isinstance(res, RedisUnavailable) and res.slot):
+                    self.queue_refused[q] = isinstance(res, RedisUnavailable) and res.refused
                 continue
             self.slots.ok(q)
+            self.queue_last_ok[q] = sent
+            self.queue_refused.pop(q, None)
             owned = set(res.owned)
             marked = set(res.cancelled)
             self._seen[q] = sorted(marked)
@@ -202,12 +217,17 @@ class Heartbeat:
                 unknown[q] = confirmed
             self._unknown_prev[q] = strange - confirmed
         self._register(now_ms)
+        self._check_epochs(
+            [q for q, r in zip(self.queues, results, strict=True) if not isinstance(r, BaseException)]
+        )
         result = BeatResult(now_ms, lost, unknown, cancelled)
         self._on_beat(result)
         return result
 
     def _register(self, now_ms: int) -> None:
-        """The node registry for operators (jobq nodes) and the epoch check."""
+        """The node registry for operators (jobq nodes), and this node's queues in the queue
+        registry. Best effort: on a Redis Cluster these keys live in one slot, whose primary may
+        be down while this node's queues are served."""
         k = self.app.keys
         if self.started_ms is None:
             self.started_ms = now_ms
@@ -222,17 +242,41 @@ class Heartbeat:
                 **self._info(),
             }
             # Killed nodes never deregister: entries as old as an expired node hash are dropped.
-            epoch = reads.register_node(
-                self.runner.client, k, self.node, info, now_ms=now_ms, ttl_ms=self.lease_ms * 3
+            reads.register_node(
+                self.runner.client,
+                k,
+                self.node,
+                info,
+                now_ms=now_ms,
+                ttl_ms=self.lease_ms * 3,
+                queues=self.queues,
             )
         except Exception as exc:
             log.debug("node registry update failed: %s", exc)
+
+    def _check_epochs(self, queues: list[str]) -> None:
+        """The dataset epoch, per queue (so per Redis Cluster shard): a queue whose epoch changed
+        lives on a Redis that lost its data. One CRITICAL line per beat that finds any."""
+        if not queues:
             return
-        if self.epoch is None:
-            self.epoch = epoch
-        elif epoch != self.epoch:
-            self.epoch = epoch
-            log.critical("Redis dataset lost (epoch changed): jobs stored before it are gone")
+        try:
+            found = reads.queue_epochs(self.runner.client, self.app.keys, queues)
+        except Exception as exc:
+            log.debug("epoch check failed: %s", exc)
+            return
+        changed = []
+        for q, epoch in found.items():
+            if isinstance(epoch, Exception):
+                continue
+            before = self.epochs.get(q)
+            self.epochs[q] = epoch
+            if before is not None and before != epoch:
+                changed.append(q)
+        if changed:
+            log.critical(
+                "Redis dataset lost (epoch changed) for queue(s) %s: jobs stored before it are gone",
+                ",".join(changed),
+            )
             if self._on_epoch_change is not None:
                 self._on_epoch_change()
 
@@ -241,10 +285,12 @@ class Heartbeat:
             self._check_fence_locked()
 
     def _check_fence_locked(self) -> None:
-        silent = time.monotonic() - self.last_ok
+        now = time.monotonic()
+        silent = now - self.last_ok
         # Fence before the lease can run out: others may take the jobs once it has.
         margin = min(self.interval, self.lease_ms / 1000 / 6)
         should_fence = silent > self.lease_ms / 1000 - margin
+        self._check_queue_fences(now, self.lease_ms / 1000 - margin)
         if should_fence and self.fenced and self.fenced_redis_down and not self.redis_down:
             # Redis was down, and now the failures are this node's own (a timeout, a reset):
             # harden the fence, as others may reach Redis and take the jobs.
@@ -271,6 +317,40 @@ class Heartbeat:
                 log.warning("lease renewals succeed again: unfencing")
             self._on_fence(should_fence, self.fenced_redis_down)
 
+    def _check_queue_fences(self, now: float, limit: float) -> None:
+        """Per queue, on a Redis Cluster: a queue whose shard failed its renewals for ``limit``
+        seconds while the other queues renewed is fenced alone (its claims stop, its running jobs
+        are treated as lost, or go on when its shard refuses connections: nobody can take them
+        then). A shard whose slot is only moving never fences (see beat)."""
+        for q in self.queues:
+            refused = self.queue_refused.get(q)
+            fence = refused is not None and now - self.queue_last_ok.get(q, now) > limit
+            was = self.queue_fenced.get(q)
+            if fence and (was is None or (was and not refused)):
+                self.queue_fenced[q] = bool(refused)
+                if refused:
+                    log.error(
+                        "queue %s: no lease renewal for %.1f s, its Redis shard refuses connections: "
+                        "fencing the queue (no claims from it; its running jobs go on, their outcome "
+                        "kept only if Redis still says they are this node's); the other queues go on",
+                        q,
+                        now - self.queue_last_ok.get(q, now),
+                    )
+                else:
+                    log.error(
+                        "queue %s: no lease renewal for %.1f s: fencing the queue (no claims from it; "
+                        "its running jobs are treated as lost); the other queues go on",
+                        q,
+                        now - self.queue_last_ok.get(q, now),
+                    )
+                if self._on_queue_fence is not None:
+                    self._on_queue_fence(q, True, bool(refused))
+            elif not fence and was is not None:
+                del self.queue_fenced[q]
+                log.warning("queue %s: lease renewals succeed again: unfencing the queue", q)
+                if self._on_queue_fence is not None:
+                    self._on_queue_fence(q, False, False)
+
     def deregister(self) -> None:
         """Remove this node from the registries on a clean exit."""
         k = self.app.keys
@@ -280,6 +360,7 @@ class Heartbeat:
             log.debug("node deregistration failed: %s", exc)
 
 
-def _slot_only(exc: BaseException) -> bool:
-    """An error of one queue's Redis Cluster slot alone (moving, or without a primary)."""
-    return isinstance(exc, RedisUnavailable) and exc.slot
+def _shard_only(exc: BaseException) -> bool:
+    """An error of one queue's Redis Cluster shard alone (its slot moving or without a primary,
+    or the primary serving it down or out of reach)."""
+    return isinstance(exc, RedisUnavailable) and exc.shard

@@ -294,6 +294,7 @@ class Worker:
         """Run until stopped; then shut down cleanly (see the module docstring)."""
         self._loop = asyncio.get_running_loop()
         self.executor.job_context = contextvars.copy_context()
+        self.acker.bind()
         self._stop_event = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self.client = clients.async_client(self.url, retry_refused=False)
@@ -308,6 +309,7 @@ class Worker:
             known=self.held.known,
             on_beat=self._beat_from_thread,
             on_fence=self._fence_from_thread,
+            on_queue_fence=lambda *a: self._call_soon(self.executor.fence_queue, *a),
             on_epoch_change=None if self.metrics is None else self.metrics.redis_epoch_changed,
             info=lambda: {
                 "concurrency": self.config.concurrency,
@@ -364,8 +366,7 @@ class Worker:
         warned = False
         while not self._stop_event.is_set():
             try:
-                q = self.queues[0]
-                await self.state.runner.run(self.app.store.promote(q, limit=1, now_ms=self.app.now_ms()))
+                await probe_any_queue(self.state.runner, self.app, self.queues)
                 self.state.last_ok = time.monotonic()
                 if warned:
                     log.warning("Redis answers now")
@@ -400,6 +401,10 @@ class Worker:
         for q, ids in beat.unknown.items():
             log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
             self.acker.release_unknown_soon(q, sorted(ids))
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _fence_from_thread(self, fenced: bool, redis_down: bool) -> None:
         if self._loop is not None:
@@ -527,6 +532,22 @@ class Worker:
             self.stats["failed"],
             self.stats["stale"],
         )
+
+
+async def probe_any_queue(runner: AsyncRunner, app: JobQ, queues: list[str]) -> None:
+    """One script call, on the first of ``queues`` that answers: on a Redis Cluster with a
+    primary down, the queues of the other primaries are served (RELIABILITY F19)."""
+    first: RedisUnavailable | None = None
+    for q in queues:
+        try:
+            await runner.run(app.store.promote(q, limit=1, now_ms=app.now_ms()))
+            return
+        except RedisUnavailable as exc:
+            if not exc.shard:
+                raise
+            first = first or exc
+    assert first is not None
+    raise first
 
 
 def run_worker(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from jobq.errors import RedisUnavailable
 from jobq.storage import reads
-from jobq.storage.calls import MAX_REAP, AsyncRunner
+from jobq.storage.calls import MAX_REAP, AsyncRunner, map_client_error
 from jobq.worker.context import Context
 from jobq.worker.slots import SlotBackoff
 
@@ -81,7 +81,7 @@ class Reaper:
                         )
                     )
                 except RedisUnavailable as exc:
-                    if not exc.slot or len(self.queues) == 1:
+                    if not exc.shard or len(self.queues) == 1:
                         raise
                     self.slots.refused(q, exc, "; the others go on")
                     break
@@ -128,21 +128,34 @@ async def recover_inherited(app: Context, runner: AsyncRunner, node: str, queues
     Returns the number of jobs recovered."""
     recovered = 0
     for q in queues:
-        for job_id in await reads.active_ids_async(runner.client, app.keys, q, node, 1000):
-            res = await runner.run(
-                app.store.fail(
-                    q,
-                    node,
-                    job_id,
-                    "lease_expired: its node restarted before the attempt finished",
-                    delay_ms=0,
-                    count_reap=True,  # a retry counts like a reap: every re-run is visible
-                    now_ms=app.now_ms(),
-                )
+        try:
+            recovered += await _recover_queue(app, runner, node, q)
+        except Exception as exc:
+            err = map_client_error(runner.client, exc, "recover", q)
+            if not (isinstance(err, RedisUnavailable) and err.shard and len(queues) > 1):
+                raise err from None
+            # Only this queue's Redis Cluster shard is down: the other queues are recovered and
+            # served; what this node left in this one is handed back by the heartbeat (jobs in
+            # its active set it does not know) once the shard answers.
+            log.warning("queue %s: cannot recover jobs left by an earlier run of this node now: %s", q, err)
+    return recovered
+
+
+async def _recover_queue(app: Context, runner: AsyncRunner, node: str, q: str) -> int:
+    recovered = 0
+    for job_id in await reads.active_ids_async(runner.client, app.keys, q, node, 1000):
+        res = await runner.run(
+            app.store.fail(
+                q,
+                node,
+                job_id,
+                "lease_expired: its node restarted before the attempt finished",
+                delay_ms=0,
+                count_reap=True,  # a retry counts like a reap: every re-run is visible
+                now_ms=app.now_ms(),
             )
-            if res.outcome in ("retry", "dead"):
-                recovered += 1
-                log.warning(
-                    "queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome
-                )
+        )
+        if res.outcome in ("retry", "dead"):
+            recovered += 1
+            log.warning("queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome)
     return recovered

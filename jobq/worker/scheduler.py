@@ -60,9 +60,10 @@ class Scheduler:
                         self.app.store.promote(q, limit=PROMOTE_BATCH, now_ms=self.app.now_ms())
                     )
                 except RedisUnavailable as exc:
-                    if not exc.slot or len(self.queues) == 1:
+                    if not exc.shard or len(self.queues) == 1:
                         raise
-                    # Only this queue's cluster slot is moving: promote the others.
+                    # Only this queue's cluster shard failed (its slot moving, its primary down):
+                    # promote the others.
                     self.slots.refused(q, exc)
                     break
                 self.slots.ok(q)
@@ -107,11 +108,17 @@ class Scheduler:
                     if shard not in self._registered:
                         # In the queue registry like any enqueue's queue, so a queue fed only by
                         # cron shows in `jobq stats` and `jobq jobs list`.
+                        # Best effort: the tick is stored (a Redis Cluster keeps the registry
+                        # in another slot); tried again at the next tick otherwise.
                         try:
                             await reads.register_queue_async(self.runner.client, self.app.keys, shard)
+                            self._registered.add(shard)
                         except Exception as exc:
-                            raise map_error(exc, "register queue", shard) from None
-                        self._registered.add(shard)
+                            log.warning(
+                                "queue %s: the queue registry was not updated: %s",
+                                shard,
+                                map_error(exc, "register queue", shard),
+                            )
                     report.fired.append((entry.key_name, tick, ids[0]))
                     log.info("cron %s: enqueued tick %d as job %s", entry.key_name, tick, ids[0])
         return report

@@ -1,4 +1,5 @@
-"""F18 (RELIABILITY.md 2.3): a queue's hash slot moves to another primary of a Redis Cluster.
+"""F18 (RELIABILITY.md 2.3): a queue's hash slot moves to another primary of a Redis Cluster;
+F19: a primary of the cluster is killed (the F19 section below).
 
 The slot is moved the way ``redis-cli --cluster reshard`` moves it: ``CLUSTER SETSLOT ...
 IMPORTING`` on the target, ``MIGRATING`` on the source, ``MIGRATE`` of its keys a few at a time,
@@ -298,3 +299,333 @@ def test_f18_queue_slot_migrates_under_load(
         fleet.kill_all()
         app.close()
         admin.close()
+
+
+# -- F19: a primary of the cluster is killed ---------------------------------------------------------
+#
+# RELIABILITY F19: 3 primaries + 3 replicas on loopback (cluster-node-timeout 2000), workers and
+# producers on 4 queues spread over the primaries, ``kill -9`` of one primary. Job ids are
+# ``<queue>-<n>``, so the history tells each job's queue.
+#
+# - ``test_f19a_failover_seed_is_the_victim``: the workers' and the producer's only seed is the
+#   victim. Criteria: no worker exits (one started after the kill, seeded on the victim alone,
+#   keeps retrying instead of exiting); 0 acknowledged enqueues lost, except ones acknowledged in
+#   the last second before the kill (asynchronous replication), which are counted; no unexplained
+#   duplicate (the checker's rules); the victim's queue runs jobs again <= 2 s after the
+#   replica's promotion.
+# - ``test_f19b_shard_down_others_keep_their_pace``: no failover (cluster-require-full-coverage
+#   no, the victim's replica killed too). Criteria: the other queues start jobs, in every 2 s
+#   window of the outage, at >= 90 % of their undisturbed rate; every job of theirs acknowledged
+#   to the producer runs; no node is fenced as a whole, none exits.
+# - ``test_f19c_global_keys_primary_dies``: the victim holds ``jobq:queues`` (no failover, as in
+#   b). Criteria: enqueues to the other queues, first ones to new queues included, neither fail
+#   after storing nor duplicate; ``jobq stats`` answers and names the unreachable shard; a worker
+#   started after the kill claims from its healthy queue.
+
+
+def _queue_of(job_id: str) -> str:
+    return job_id.rsplit("-", 1)[0]
+
+
+def _spread(cluster: RedisClusterHarness, victim: RedisServer, stem: str) -> tuple[str, list[str]]:
+    """A queue served by ``victim`` and three served by the other primaries (4 queues over the
+    3 primaries, as the issue's setup)."""
+    admin = cluster.admin_client()
+    by: dict[int, list[str]] = {}
+    try:
+        for i in range(5000):
+            q = f"{stem}{i}"
+            port = admin.nodes_manager.get_node_from_slot(key_slot(f"jobq:{{{q}}}:ready".encode())).port
+            by.setdefault(port, []).append(q)
+            if (
+                len(by.get(victim.port, [])) >= 1
+                and sum(len(v) >= 2 for p, v in by.items() if p != victim.port) >= 2
+            ):
+                break
+    finally:
+        admin.close()
+    others = [q for p, qs in sorted(by.items()) if p != victim.port for q in qs[:2]][:3]
+    return by[victim.port][0], others
+
+
+class _Feed:
+    """Producers of ``<queue>-<n>`` jobs, one per queue every ``every`` seconds, in a thread."""
+
+    def __init__(self, app: jobq.JobQ, history: History, queues: list[str], every: float = 0.01, **kw: Any):
+        self.prods = [Producer(app, history, queue=q) for q in queues]
+        self.every, self.kw = every, kw
+        self.stop = threading.Event()
+        self.n = 0
+        self.thread = threading.Thread(target=self._run, name="f19-producer", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.n += 1
+            for p in self.prods:
+                p.enqueue(f"{p.queue}-{self.n}", **self.kw)
+            time.sleep(self.every)
+
+    def __enter__(self) -> _Feed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def _backlog(app: jobq.JobQ, history: History, queues: list[str], n: int, **kw: Any) -> None:
+    for q in queues:
+        reqs = [
+            {
+                "task": RECORD_TASK,
+                "args": [f"{q}-b{i}", i],
+                "kwargs": {"queue": q, **kw},
+                "job_id": f"{q}-b{i}",
+                "queue": q,
+            }
+            for i in range(n)
+        ]
+        for start in range(0, n, 1000):
+            app.enqueue_many(reqs[start : start + 1000])
+            history.log_enqueues([r["job_id"] for r in reqs[start : start + 1000]], ENQUEUE_OK)
+
+
+@pytest.mark.parametrize("trial", range(tier(1, 20)))
+def test_f19a_failover_seed_is_the_victim(
+    trial: int, worker_fleet: Callable[..., Any], history: History, seed: int, figures: Any
+) -> None:
+    cluster = RedisClusterHarness(primaries=3, replicas=1).start()
+    try:
+        victim = cluster.primary_for("jobq:{f19a}:ready")
+        vq, others = _spread(cluster, victim, "a")
+        replica = cluster.replica_of(victim)
+        url = cluster.seed_url(victim)
+        qs = [vq, *others]
+        fleet = worker_fleet(
+            url, concurrency=10, lease=5.0, reap_interval=0.5, poll_interval=0.2, queues=",".join(qs)
+        )
+        nodes = fleet.start(3)
+        app = jobq.JobQ(url)
+        try:
+            with _Feed(app, history, qs):
+                time.sleep(2.0)  # under load before the kill
+                t_kill = time.time()
+                cluster.kill(victim)
+                t_mono = cluster.wait_promoted(replica, timeout=30)
+                t_promoted = time.time() - (time.monotonic() - t_mono)
+                # A worker started now whose only seed is dead retries: it does not exit.
+                late = fleet.spawn("late", wait=False)
+                deadline = time.monotonic() + 15
+                first_after: float | None = None
+                while first_after is None and time.monotonic() < deadline:
+                    starts = [
+                        a.t_start
+                        for a in history.attempts()
+                        if a.t_start > t_promoted and _queue_of(a.job_id) == vq
+                    ]
+                    first_after = min(starts) if starts else None
+                    time.sleep(0.1)
+                time.sleep(1.0)
+            assert first_after is not None, "the victim's queue ran no job after the promotion"
+            resumed_s = first_after - t_promoted
+            admin = cluster.admin_client()
+            try:
+                wait_drained(admin, qs, 60)
+                rep = check(history, Snapshot.take(admin))
+            finally:
+                admin.close()
+            # Asynchronous replication may lose writes acknowledged just before the kill: counted.
+            acked = {e.job_id: e.t for e in history.enqueues() if e.status == ENQUEUE_OK}
+            replication = [j for j in rep.lost if acked.get(j, 0.0) >= t_kill - 1.0]
+            unexplained = [j for j in rep.lost if j not in replication]
+            ctx = f"seed={seed} history={history.dir}"
+            assert unexplained == [], f"{ctx} lost: {unexplained[:5]}"
+            assert rep.unexplained_duplicates == {} and rep.overwritten == [], f"{ctx} {rep.summary()}"
+            assert fleet.crashes() == [], fleet.crashes()[:3]
+            assert all(n.alive() and n.restarts == 0 for n in nodes)
+            assert late.alive(), late.log_text()[-2000:]
+            assert resumed_s <= 2.0, (
+                f"{ctx}: the victim's queue resumed {resumed_s:.2f} s after the promotion"
+            )
+            figures(
+                "F19-a",
+                trial=trial,
+                resumed_s=round(resumed_s, 2),
+                promoted_s=round(t_promoted - t_kill, 2),
+                lost_to_replication=len(replication),
+                duplicates=len(rep.duplicates),
+                reaped_jobs=rep.reaped_jobs,
+                refused_enqueues=sum(1 for e in history.enqueues() if e.status != ENQUEUE_OK),
+                seed=seed,
+            )
+        finally:
+            fleet.kill_all()
+            app.close()
+    finally:
+        cluster.cleanup()
+
+
+def _rate(starts: list[float], t0: float, t1: float) -> float:
+    return sum(1 for t in starts if t0 <= t < t1) / (t1 - t0)
+
+
+@pytest.mark.parametrize("trial", range(tier(1, 20)))
+def test_f19b_shard_down_others_keep_their_pace(
+    trial: int, worker_fleet: Callable[..., Any], history: History, seed: int, figures: Any
+) -> None:
+    cluster = RedisClusterHarness(primaries=3, replicas=1, full_coverage=False).start()
+    try:
+        victim = cluster.primary_for("jobq:{f19b}:ready")
+        vq, others = _spread(cluster, victim, "b")
+        replica = cluster.replica_of(victim)
+        # The victim's queue last in the workers' (strict) order: before the kill the other
+        # queues take the slots they can, so the kill frees none for them and their pace after
+        # it is compared with a pace they already had (victim first, they would only gain).
+        qs = [*others, vq]
+        app = jobq.JobQ(cluster.url)
+        # Jobs of 200 ms: the pace (about 150 a second) is set by the slots (3 nodes x 10), not
+        # by this shared machine's CPU; enough of them that no queue runs dry before the end.
+        _backlog(app, history, others, 1000, sleep=0.2)
+        _backlog(app, history, [vq], 300, sleep=0.2)
+        fleet = worker_fleet(
+            cluster.url, concurrency=10, lease=5.0, reap_interval=0.5, poll_interval=0.2, queues=",".join(qs)
+        )
+        nodes = fleet.start(3)
+        try:
+            with _Feed(app, history, others, every=0.05, sleep=0.2):
+                time.sleep(4.0)
+                t_kill = time.time()
+                cluster.kill(replica)
+                cluster.kill(victim)
+                time.sleep(8.0)  # the outage: longer than a lease, so any fence would show
+                t_end = time.time()
+            starts = [a.t_start for a in history.attempts() if _queue_of(a.job_id) in others]
+            before = _rate(starts, t_kill - 3.0, t_kill)
+            windows = [_rate(starts, t, t + 2.0) for t in (t_kill, t_kill + 2, t_kill + 4, t_kill + 6)]
+            acked = [
+                e.job_id
+                for e in history.enqueues()
+                if e.status == ENQUEUE_OK and _queue_of(e.job_id) in others
+            ]
+            deadline = time.monotonic() + 90
+            while not set(acked) <= history.completed() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            missing = set(acked) - history.completed()
+            figures(
+                "F19-b",
+                trial=trial,
+                before_per_s=round(before, 1),
+                outage_per_s=[round(w, 1) for w in windows],
+                missing=len(missing),
+                queue_fences=len(fleet.grep("fencing the queue")),
+                seed=seed,
+            )
+            assert missing == set(), (
+                f"seed={seed}: {len(missing)} acknowledged job(s) of live queues never ran"
+            )
+            assert all(w >= 0.9 * before for w in windows), (before, windows)
+            assert fleet.grep("fencing this node") == []
+            assert fleet.crashes() == [] and all(n.alive() and n.restarts == 0 for n in nodes)
+            assert t_end > t_kill
+        finally:
+            fleet.kill_all()
+            app.close()
+    finally:
+        cluster.cleanup()
+
+
+def _http_stats(url: str) -> tuple[int, Any]:
+    """GET /stats of a ``jobq serve`` API server on ``url``: (status, body)."""
+    import http.client
+    import json
+
+    from jobq.web import ApiServer
+
+    app = jobq.JobQ(url)
+    server = ApiServer(app, "127.0.0.1", 0).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/stats")
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, json.loads(body)
+    finally:
+        server.close()
+        app.close()
+
+
+@pytest.mark.parametrize("trial", range(tier(1, 20)))
+def test_f19c_global_keys_primary_dies(
+    trial: int, worker_fleet: Callable[..., Any], history: History, seed: int, figures: Any
+) -> None:
+    from jobq.cli import main as cli_main
+    from tests.harness.cli import cli_runner
+
+    cluster = RedisClusterHarness(primaries=3, replicas=1, full_coverage=False).start()
+    try:
+        victim = cluster.primary_for("jobq:queues")
+        vq, others = _spread(cluster, victim, "c")
+        qs = [vq, *others]
+        app = jobq.JobQ(cluster.url)
+        fleet = worker_fleet(
+            cluster.url, concurrency=10, lease=5.0, reap_interval=0.5, poll_interval=0.2, queues=",".join(qs)
+        )
+        nodes = fleet.start(2)
+        try:
+            with _Feed(app, history, qs):
+                time.sleep(1.5)
+                cluster.kill(cluster.replica_of(victim))
+                cluster.kill(victim)
+                t_kill = time.time()
+                # A new producer's first enqueues to queues never seen: stored, and never raised.
+                fresh_app = jobq.JobQ(cluster.url)
+                fresh = [q for q in _spread(cluster, victim, "cnew")[1]]
+                fresh_ids = []
+                for q in fresh:
+                    for i in range(20):
+                        jid = f"{q}-{i}"
+                        fresh_app.enqueue(RECORD_TASK, [jid, i], {"queue": q}, job_id=jid, queue=q)
+                        history.log_enqueue(jid, ENQUEUE_OK)
+                        fresh_ids.append(jid)
+                fresh_app.close()
+                # A worker started now claims from its healthy queues, though the first queue
+                # it serves lives on the dead primary.
+                late = worker_fleet(cluster.url, concurrency=5, lease=5.0, queues=",".join([vq, *fresh]))
+                late.spawn("late", wait=False)
+                # `jobq stats` and GET /stats answer, naming the shard they cannot reach.
+                res = cli_runner().invoke(cli_main, ["--redis-url", cluster.url, "stats", "--json"])
+                table = cli_runner().invoke(cli_main, ["--redis-url", cluster.url, "stats"])
+                http_stats = _http_stats(cluster.url)
+                time.sleep(3.0)
+            assert res.exit_code == 0, res.output
+            import json
+
+            report = json.loads(res.stdout)
+            down = [d["shard"] for d in report["unreachable"]]
+            assert f"127.0.0.1:{victim.port}" in down, report["unreachable"]
+            assert {q["queue"] for q in report["queues"]} >= set(others)
+            assert table.exit_code == 0 and f"UNREACHABLE shard 127.0.0.1:{victim.port}" in table.stdout
+            assert http_stats[0] == 200, http_stats
+            assert f"127.0.0.1:{victim.port}" in [d["shard"] for d in http_stats[1]["unreachable"]]
+            assert {q["queue"] for q in http_stats[1]["queues"]} >= set(others)
+            other_enqueues = [e for e in history.enqueues() if _queue_of(e.job_id) in others and e.t > t_kill]
+            assert other_enqueues and all(e.status == ENQUEUE_OK for e in other_enqueues), [
+                e for e in other_enqueues if e.status != ENQUEUE_OK
+            ][:3]
+            deadline = time.monotonic() + 60
+            want = set(fresh_ids) | {e.job_id for e in other_enqueues}
+            while not want <= history.completed() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert want <= history.completed(), len(want - history.completed())
+            runs = history.by_job()
+            dup = {j: len(runs[j]) for j in want if len(runs.get(j, [])) > 1}
+            assert dup == {}, dup
+            assert fleet.crashes() == [] and all(n.alive() for n in nodes)
+            figures("F19-c", trial=trial, stats_unreachable=down, fresh_jobs=len(fresh_ids), seed=seed)
+        finally:
+            fleet.kill_all()
+            app.close()
+    finally:
+        cluster.cleanup()

@@ -286,7 +286,7 @@ def wait_drained(
 
 
 # -- the invariant scan I1-I6 -------------------------------------------------------------------
-_PERMANENT_SUFFIXES = ("ready", "scheduled", "leases", "dead", "nodes", "seq", "paused")
+_PERMANENT_SUFFIXES = ("ready", "scheduled", "leases", "dead", "nodes", "seq", "paused", "epoch")
 
 
 @dataclass

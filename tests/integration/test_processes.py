@@ -157,7 +157,7 @@ def test_four_processes_run_20000_jobs_exactly_once(fleet: Fleet, qapp: JobQ, r:
     assert set(leftover) <= {
         qapp.keys.finished(Q),
         qapp.keys.queues,
-        qapp.keys.epoch,
+        qapp.keys.queue_epoch(Q),
         qapp.keys.seq(Q),
         qapp.keys.reap_lock(Q),
     }, leftover

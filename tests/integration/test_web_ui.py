@@ -396,9 +396,10 @@ def test_history_samples_rates_and_waits(redis_url: str) -> None:
         assert point["ready_per_s"] > 0
         assert abs(point["finished_per_s"] / point["ready_per_s"] - 21 / 20) < 0.02, point
         waits = sorted(
-            int(s) - int(r)
-            for r, s in (
-                app.client.hmget(app.keys.job("charts", j.id), "ready_ms", "started_ms") for j in jobs
+            int(s) - int(r or e)  # no ready_ms: ready since the enqueue
+            for r, e, s in (
+                app.client.hmget(app.keys.job("charts", j.id), "ready_ms", "enqueued_ms", "started_ms")
+                for j in jobs
             )
         )
         assert point["wait_p50_ms"] in waits and point["wait_p95_ms"] in waits

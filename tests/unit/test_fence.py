@@ -203,3 +203,74 @@ def test_a_short_silence_does_not_fence(fence: Any) -> None:
     assert hb.beat() is None
     hb._check_fence()  # the last success was just now
     assert calls == [] and not hb.fenced
+
+
+# -- per shard (RELIABILITY F19): one queue's primary of a Redis Cluster down or cut off ---------------
+def _shard_down(refused_: bool) -> RedisUnavailable:
+    """What a cluster client's call to the one dead (or unreachable) primary raises."""
+    why = "Connection refused." if refused_ else "Timeout reading from socket"
+    return RedisUnavailable(f"extend on queue 'down': Redis unavailable: {why}", refused=refused_, shard=True)
+
+
+def _shard_fence(
+    queue_calls: list[tuple[str, bool, bool]], node_calls: list[tuple[bool, bool]]
+) -> tuple[Heartbeat, StubRunner]:
+    runner = StubRunner()
+    hb = Heartbeat(
+        JobQ(client=fakeredis.FakeRedis()),
+        runner,  # type: ignore[arg-type]
+        "n1",
+        ["down", "other"],
+        LEASE_MS,
+        known=dict,
+        on_beat=lambda _: None,
+        on_fence=lambda fenced, down: node_calls.append((fenced, down)),
+        info=dict,
+        on_queue_fence=lambda q, fenced, down: queue_calls.append((q, fenced, down)),
+    )
+    return hb, runner
+
+
+@pytest.mark.parametrize("refused_", [True, False], ids=["refused", "timeout"])
+def test_a_dead_shard_fences_its_queue_alone(refused_: bool) -> None:
+    """The other queue renews: the node is not fenced; the dead shard's queue is, once its own
+    renewals have been silent for a lease, with ``redis_down`` when the primary refuses (nobody
+    can take its jobs then) and without on a timeout (others might). It unfences on success."""
+    queue_calls: list[tuple[str, bool, bool]] = []
+    node_calls: list[tuple[bool, bool]] = []
+    hb, runner = _shard_fence(queue_calls, node_calls)
+    runner.queue_errors["down"] = _shard_down(refused_)
+    assert hb.beat() is not None  # the other queue renewed
+    hb._check_fence()
+    assert queue_calls == []  # not silent long enough yet
+    hb.queue_last_ok["down"] = time.monotonic() - LEASE_MS / 1000
+    hb._check_fence()
+    assert queue_calls == [("down", True, refused_)]
+    assert node_calls == [] and not hb.fenced
+    runner.queue_errors.clear()
+    assert hb.beat() is not None
+    hb._check_fence()
+    assert queue_calls[-1] == ("down", False, False) and hb.queue_fenced == {}
+
+
+def test_a_refused_shard_fence_hardens_when_its_failures_turn_to_timeouts() -> None:
+    queue_calls: list[tuple[str, bool, bool]] = []
+    hb, runner = _shard_fence(queue_calls, [])
+    runner.queue_errors["down"] = _shard_down(True)
+    hb.beat()
+    hb.queue_last_ok["down"] = time.monotonic() - LEASE_MS / 1000
+    hb._check_fence()
+    runner.queue_errors["down"] = _shard_down(False)
+    hb.beat()
+    hb._check_fence()
+    assert queue_calls == [("down", True, True), ("down", True, False)]
+
+
+def test_every_shard_down_fences_the_node_as_before() -> None:
+    node_calls: list[tuple[bool, bool]] = []
+    hb, runner = _shard_fence([], node_calls)
+    runner.queue_errors["down"] = runner.queue_errors["other"] = _shard_down(True)
+    assert hb.beat() is None
+    hb.last_ok = time.monotonic() - LEASE_MS / 1000
+    hb._check_fence()
+    assert node_calls == [(True, True)] and hb.fenced
