@@ -341,6 +341,12 @@ class Executor:
             run.task.cancel()  # a sync one runs on in its thread; its outcome is discarded
             self.held.forget(run)
 
+    def cancel_id(self, job_id: str) -> None:
+        """This node's job ``job_id`` was cancelled while it ran (the cancel channel or a lease
+        renewal said so): :meth:`cancel` it if it is still held here."""
+        if (run := self.held.get(job_id)) is not None:
+            self.cancel(run)
+
     def cancel(self, run: Held) -> None:
         """The job was cancelled while this node held it (cancel.lua has already ended it as
         ``cancelled`` and taken it from this node): never ack it; stop an async task at its next

@@ -150,7 +150,7 @@ class Worker:
             [app.keys.wake(q) for q in self.queues],
             cfg.poll_interval,
             cancel_channels=[app.keys.cancel_channel(q) for q in self.queues],
-            on_cancel=self._cancel,
+            on_cancel=lambda node, job_id: self.executor.cancel_id(job_id) if node == self.node else None,
         )
         self.held = HeldJobs(on_room=self.wakeups.poke)
         self.acker = Acker(
@@ -384,15 +384,10 @@ class Worker:
         if self._loop is not None and (beat.lost or beat.unknown or beat.cancelled):
             self._loop.call_soon_threadsafe(self._on_beat, beat)
 
-    def _cancel(self, node: str, job_id: str) -> None:
-        """A job of ``node`` was cancelled while it ran (the cancel channel or a renewal said)."""
-        if node == self.node and (run := self.held.get(job_id)) is not None:
-            self.executor.cancel(run)
-
     def _on_beat(self, beat: BeatResult) -> None:
         for ids in beat.cancelled.values():  # the cancel channel's fallback
             for job_id in ids:
-                self._cancel(self.node, job_id)
+                self.executor.cancel_id(job_id)
         for ids in beat.lost.values():
             for job_id in ids:
                 run = self.held.get(job_id)
