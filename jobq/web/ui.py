@@ -444,7 +444,7 @@ class _View:
         shown = admin.redacted(info)
         jq = f"/jobs/{quote(info.queue, safe='')}/{quote(info.id, safe='')}"
         actions = ""
-        if info.state.value in ("ready", "scheduled"):
+        if info.state.value in ("ready", "scheduled", "active"):  # a running one: its node stops it
             actions += self._form(f"{jq}/cancel", "Cancel", danger=True, confirm="Cancel this job?")
         if info.state.value == "dead":
             actions += self._form(f"{jq}/retry", "Retry")
