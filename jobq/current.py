@@ -44,7 +44,10 @@ class CurrentJob:
         "_lock",
         "_loop",
         "_pending",
+        "_seq",
+        "_write_lock",
         "_writer",
+        "_written",
         "attempt",
         "id",
         "queue",
@@ -76,6 +79,11 @@ class CurrentJob:
         #: The node's event loop, where the writes run.
         self._loop = loop
         self._pending: set[asyncio.Future[None]] = set()
+        #: Progress calls numbered as they are made; the newest written wins (a background write
+        #: that comes late never overwrites a later call's value).
+        self._seq = 0
+        self._written = 0
+        self._write_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"CurrentJob(id={self.id!r}, queue={self.queue!r}, task={self.task!r}, attempt={self.attempt})"
@@ -116,12 +124,13 @@ class CurrentJob:
             here = asyncio.get_running_loop()
         except RuntimeError:
             here = None
+        seq = self._next()
         if here is loop:
-            fut = asyncio.ensure_future(self._writer(fraction, message))
+            fut = asyncio.ensure_future(self._write(seq, fraction, message))
             self._pending.add(fut)
             fut.add_done_callback(self._pending.discard)
             return
-        done = asyncio.run_coroutine_threadsafe(_await(self._writer(fraction, message)), loop)
+        done = asyncio.run_coroutine_threadsafe(self._write(seq, fraction, message), loop)
         try:
             done.result(PROGRESS_WAIT)
         except Exception as exc:  # a timeout, a stopping loop: progress never fails the task
@@ -131,6 +140,22 @@ class CurrentJob:
         """:meth:`progress` for ``async def`` tasks, returning once the value is stored."""
         fraction = _check(fraction, message)
         if self._writer is not None:
+            await self._write(self._next(), fraction, message)
+
+    def _next(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    async def _write(self, seq: int, fraction: float, message: str | None) -> None:
+        """One write at a time, on the node's loop; skipped if a later call was written."""
+        assert self._writer is not None
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        async with self._write_lock:
+            if seq < self._written:
+                return
+            self._written = seq
             await self._writer(fraction, message)
 
     def cancel(self) -> None:
@@ -142,10 +167,6 @@ class CurrentJob:
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
             _call(cb, self.id)
-
-
-async def _await(aw: Awaitable[None]) -> None:
-    await aw
 
 
 def _check(fraction: float, message: str | None) -> float:

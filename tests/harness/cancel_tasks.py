@@ -20,12 +20,12 @@ import json
 import os
 import time
 
-import redis
-
 import jobq
+from jobq.storage.clients import sync_client
 
 app = jobq.JobQ(os.environ.get("JOBQ_REDIS_URL"))
-_signal = redis.Redis.from_url(
+# Standalone or cluster URLs alike.
+_signal = sync_client(
     os.environ.get("JOBQ_CANCEL_SIGNAL_URL") or os.environ.get("JOBQ_REDIS_URL") or "redis://127.0.0.1:6379/0"
 )
 
