@@ -105,6 +105,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: NOW_BAD,
         3: int_bad(1, None),
         4: int_bad(1, MAX_EXTEND),
+        5: ["{x}", "a {b}", "x" * 129, "ok\x00"],
     },
     ScriptName.RELEASE: {
         1: QPREFIX_BAD,
