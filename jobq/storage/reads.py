@@ -161,6 +161,26 @@ def job_fields(client: SyncClient, keys: Keys, queue: str, job_id: str, fields: 
     return list(client.hmget(keys.job(queue, job_id), list(fields)))
 
 
+async def job_fields_async(
+    client: AsyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str]
+) -> list[Any]:
+    """:func:`job_fields` from an event loop."""
+    return list(await client.hmget(keys.job(queue, job_id), list(fields)))
+
+
+async def wait_mark_and_fields_async(
+    client: AsyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str], ttl_ms: int
+) -> list[Any]:
+    """Mark the job as waited for (its :meth:`~jobq.storage.keys.Keys.waiter` key, expiring
+    after ``ttl_ms``: ack and fail then publish its id on the queue's ``done`` channel), then
+    HMGET its fields; one pipelined round trip (both keys share the queue's hash tag)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.waiter(queue, job_id), b"1", px=ttl_ms)
+        pipe.hmget(keys.job(queue, job_id), list(fields))
+        _, values = await pipe.execute()
+    return list(values)
+
+
 def job_queue(client: SyncClient, keys: Keys, job_id: str, queues: Sequence[str]) -> str | None:
     """The first of ``queues`` that holds a job ``job_id`` (EXISTS per queue, pipelined)."""
     if not queues:
