@@ -440,11 +440,8 @@ class _View:
         err = f"<h2>Last error</h2><pre>{_e(shown.get('error'))}</pre>" if info.error else ""
         result = ""
         if info.has_result and info.state.value == "done":
-            try:
-                value = self.app.job(info.id, info.queue).result(timeout=0)
-                result = f"<h2>Result</h2><pre>{_e(json.dumps(admin.redact_args(value), indent=2, default=str))}</pre>"
-            except Exception:
-                result = ""
+            value = json.dumps(shown.get("result"), indent=2, default=str)
+            result = f"<h2>Result</h2><pre>{_e(value)}</pre>"
         acts = f'<div class="actions">{actions}</div>' if actions else ""
         return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
 
