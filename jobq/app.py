@@ -46,7 +46,7 @@ from jobq.storage.calls import (
 )
 from jobq.storage.clients import async_client, default_url, sync_client
 from jobq.storage.keys import Keys, validate_queue, validate_task_name
-from jobq.storage.notify import CompletionListener
+from jobq.storage.notify import CompletionListener, Watch
 
 if TYPE_CHECKING:
     from jobq.cron import CronEntry
@@ -1175,13 +1175,13 @@ class Job(Generic[R_co]):
             if timeout is not None and timeout <= 0:
                 raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
         ttl_ms = max(WAIT_MARK_MS, int(poll_interval * 4000))
-        ev: asyncio.Event | None = None
+        w: Watch | None = None
         try:
             while True:
-                if ev is None:
+                if w is None:
                     # Subscribed (confirmed) before the mark and the read below: a finish after
                     # the read is announced to this connection.
-                    ev = await st.listener.watch(channel, self.id)
+                    w = await st.listener.watch(channel, self.id)
                 try:
                     async with st.slots:
                         raw = await reads.wait_mark_and_fields_async(
@@ -1200,18 +1200,23 @@ class Job(Generic[R_co]):
                     if left <= 0:
                         raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
                     pause = min(pause, left)
-                if ev is None:
+                if w is None:
                     await asyncio.sleep(pause)
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ev.wait(), pause)
-                if ev.is_set():
-                    # Announced, or the listener's connection failed (then watch again).
-                    st.listener.unwatch(channel, self.id, ev)
-                    ev = None
+                    await asyncio.wait_for(w.event.wait(), pause)
+                if w.event.is_set():
+                    notice = w.notice
+                    st.listener.unwatch(channel, self.id, w)
+                    w = None
+                    if notice is not None and notice[:1] == b"d":
+                        # Done, its small result inline: in hand without another read.
+                        return None if len(notice) == 1 else codec.decode(notice[1:])
+                    # Announced without the result (read it), or the listener's connection
+                    # failed (watch again).
         finally:
-            if ev is not None:
-                st.listener.unwatch(channel, self.id, ev)
+            if w is not None:
+                st.listener.unwatch(channel, self.id, w)
 
     def cancel(self) -> None:
         """Cancel the job if it has not started. Raises :class:`jobq.errors.JobNotFound` or

@@ -31,6 +31,18 @@ SUBSCRIBE_TIMEOUT = 2.0
 RETRY_AFTER = 1.0
 
 
+class Watch:
+    """One caller's wait for one job: ``event`` is set when the job is announced (``notice``
+    then holds what followed its id in the message: ``b"d"`` + the encoded result of a done job
+    whose result is small, else ``b""``), or when the connection is lost (``notice`` None)."""
+
+    __slots__ = ("event", "notice")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.notice: bytes | None = None
+
+
 class CompletionListener:
     """Completion notices for one event loop (see the module docstring)."""
 
@@ -42,7 +54,7 @@ class CompletionListener:
         self._lock = asyncio.Lock()
         self._subscribed: set[str] = set()
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._waiters: dict[tuple[str, str], set[Watch]] = {}
         self._retry_at = 0.0
         self._closed = False
 
@@ -54,11 +66,12 @@ class CompletionListener:
         """Jobs being waited for (for tests and metrics)."""
         return len(self._waiters)
 
-    async def watch(self, channel: str, job_id: str) -> asyncio.Event | None:
-        """An event set when ``job_id`` is announced on ``channel``, or when the connection is
-        lost (the caller then reads the job and watches again). Returns once the subscription
-        is confirmed; None when there is no working subscription (the caller polls)."""
-        ev = asyncio.Event()
+    async def watch(self, channel: str, job_id: str) -> Watch | None:
+        """A :class:`Watch` whose event is set when ``job_id`` is announced on ``channel``, or
+        when the connection is lost (the caller then reads the job and watches again). Returns
+        once the subscription is confirmed; None when there is no working subscription (the
+        caller polls)."""
+        ev = Watch()
         key = (channel, job_id)
         self._waiters.setdefault(key, set()).add(ev)
         try:
@@ -71,7 +84,7 @@ class CompletionListener:
             return None
         return ev
 
-    def unwatch(self, channel: str, job_id: str, ev: asyncio.Event) -> None:
+    def unwatch(self, channel: str, job_id: str, ev: Watch) -> None:
         key = (channel, job_id)
         evs = self._waiters.get(key)
         if evs is not None:
@@ -129,8 +142,13 @@ class CompletionListener:
                 kind = msg.get("type")
                 channel = to_str(msg.get("channel") or b"", "replace")
                 if kind == "message":
-                    for ev in self._waiters.get((channel, to_str(msg.get("data") or b"", "replace")), ()):
-                        ev.set()
+                    data = msg.get("data") or b""
+                    if isinstance(data, str):
+                        data = data.encode()
+                    job_id, _, notice = data.partition(b" ")
+                    for w in self._waiters.get((channel, to_str(job_id, "replace")), ()):
+                        w.notice = notice
+                        w.event.set()
                 elif kind == "subscribe":
                     self._subscribed.add(channel)
                     fut = self._pending.pop(channel, None)
@@ -155,7 +173,7 @@ class CompletionListener:
         self._pending.clear()
         for evs in self._waiters.values():
             for ev in evs:
-                ev.set()
+                ev.event.set()
         self._waiters.clear()
         pubsub, client = self._pubsub, self._client
         self._pubsub = self._client = None
@@ -174,7 +192,7 @@ class CompletionListener:
                 await reader
         for evs in self._waiters.values():
             for ev in evs:
-                ev.set()
+                ev.event.set()
         self._waiters.clear()
         self._subscribed.clear()
         pubsub, client = self._pubsub, self._client

@@ -5,7 +5,8 @@
 - ``aadd(a, b)``: the same as an ``async def``;
 - ``secret()``: returns a mapping with a secret-looking key (``token``) and a plain one;
 - ``fail()``: raises :class:`jobq.Fail` (dead-lettered at once);
-- ``nap(seconds)``: sleeps, then returns ``seconds``.
+- ``nap(seconds)``: sleeps, then returns ``seconds``;
+- ``big(n)``: returns a string of ``n`` characters.
 """
 
 from __future__ import annotations
@@ -44,3 +45,8 @@ def fail() -> None:
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@app.task(name="rt.big")
+def big(n: int) -> str:
+    return "x" * n

@@ -167,7 +167,12 @@ def test_the_result_wakes_on_the_notice_not_the_poll(papp: JobQ, r: redis.Redis,
         waited = rt.add.enqueue(1, 1)
         assert waited.result(timeout=20) == 2
         msg = listener.get_message(timeout=5)
-        assert msg is not None and msg["data"] == waited.id.encode()
+        # A small result travels inline ("<id> d<msgpack>"); a large one is read from the job.
+        assert msg is not None and msg["data"] == waited.id.encode() + b" d\x02"
+        big = rt.big.enqueue(5000)
+        assert big.result(timeout=20, poll_interval=30) == "x" * 5000
+        msg = listener.get_message(timeout=5)
+        assert msg is not None and msg["data"] == big.id.encode()
     finally:
         listener.close()
 
