@@ -1146,15 +1146,22 @@ class Job(Generic[R_co]):
         :meth:`aresult`: this call blocks its thread.
         """
         _check_wait_args(timeout, poll_interval)
+        app = self.app
+        bridge = app._bridge
+        if bridge is not None and timeout != 0 and bridge.usable():
+            st = app._loops.get(bridge.loop)
+            if st is not None and st.listener.subscribed(app.keys.done(self.queue)):
+                # Already listening to this queue: the wait's own read answers a finished job.
+                return cast(R_co, bridge.call(self._await(timeout, poll_interval, known_pending=True)))
         started = time.monotonic()
-        raw = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, _RESULT_FIELDS)
+        raw = reads.job_fields(app.client, app.keys, self.queue, self.id, _RESULT_FIELDS)
         out = _outcome(self, raw)
         if not isinstance(out, _Pending):
             return cast(R_co, out)
         if timeout is not None and timeout <= 0:
             raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return cast(R_co, self.app._sync_bridge().call(self._await(left, poll_interval, known_pending=True)))
+        return cast(R_co, app._sync_bridge().call(self._await(left, poll_interval, known_pending=True)))
 
     async def aresult(self, timeout: float | None = None, *, poll_interval: float = 0.5) -> R_co:
         """:meth:`result` from an event loop: ``value = await job.aresult(timeout=10)``."""

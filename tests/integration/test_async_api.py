@@ -17,6 +17,7 @@ import jobq
 from jobq import JobQ, JobState, errors
 from tests.harness import result_tasks as rt
 from tests.harness.proxy_fixtures import chaos_proxy as chaos_proxy
+from tests.harness.proxy_fixtures import thread_workers as thread_workers
 from tests.harness.worker_process import worker_process
 
 pytestmark = pytest.mark.integration
@@ -287,3 +288,70 @@ def test_waiting_for_1000_results_does_not_open_1000_connections(
     peak = asyncio.run(main())
     # The bounded pool plus one subscriber, whatever the number of waiters.
     assert peak - before <= jobq.app.ASYNC_MAX_CONCURRENT + 2, (before, peak)
+
+
+def test_the_fastapi_example_of_the_docs(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, thread_workers: list[Any]
+) -> None:
+    """docs/examples/fastapi_app.py, its lifespan and handlers driven by plain asyncio (FastAPI
+    is not a dependency: a stand-in ``fastapi`` module only records the routes)."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    from tests.harness.proxy_fixtures import ThreadWorker
+
+    class FastAPI:
+        def __init__(self, lifespan: Any) -> None:
+            self.lifespan = lifespan
+            self.routes: dict[tuple[str, str], Any] = {}
+
+        def _route(self, method: str, path: str) -> Any:
+            def register(fn: Any) -> Any:
+                self.routes[(method, path)] = fn
+                return fn
+
+            return register
+
+        def post(self, path: str) -> Any:
+            return self._route("POST", path)
+
+        def get(self, path: str) -> Any:
+            return self._route("GET", path)
+
+    class HTTPException(Exception):
+        def __init__(self, status_code: int, detail: str) -> None:
+            self.status_code = status_code
+
+    stub = types.ModuleType("fastapi")
+    stub.FastAPI = FastAPI  # type: ignore[attr-defined]
+    stub.HTTPException = HTTPException  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastapi", stub)
+    monkeypatch.setenv("JOBQ_REDIS_URL", redis_url)
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "fastapi_app.py"
+    spec = importlib.util.spec_from_file_location("fastapi_app", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    thread_workers.append(ThreadWorker(example.jobs, queues=[("emails", 1)]).start())
+    routes = example.api.routes
+
+    async def main() -> None:
+        async with example.lifespan(example.api):
+            queued = await routes[("POST", "/signup")]("a@example.com")
+            waited = await routes[("POST", "/signup/wait")]("b@example.com")
+            assert waited["result"] == "welcome sent to b@example.com"
+            await example.jobs.job(queued["job"], "emails").aresult(timeout=20)
+            status = await routes[("GET", "/signup/{job_id}")](queued["job"])
+            assert status == {
+                "job": queued["job"],
+                "state": "done",
+                "result": "welcome sent to a@example.com",
+            }
+            with pytest.raises(HTTPException):
+                await routes[("GET", "/signup/{job_id}")]("no-such-job")
+        assert len(example.jobs._loops) == 0  # the lifespan closed this loop's connections
+
+    asyncio.run(main())
+    example.jobs.close()
