@@ -47,6 +47,7 @@ from jobq.storage.calls import (
 from jobq.storage.clients import async_client, default_url, sync_client
 from jobq.storage.keys import Keys, validate_queue, validate_task_name
 from jobq.storage.notify import CompletionListener, Watch
+from jobq.storage.notify import retry_after as notify_retry_after
 
 if TYPE_CHECKING:
     from jobq.cron import CronEntry
@@ -1208,7 +1209,8 @@ class Job(Generic[R_co]):
                         raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
                     pause = min(pause, left)
                 if w is None:
-                    await asyncio.sleep(pause)
+                    # No notice connection: poll, and try for one again soon.
+                    await asyncio.sleep(min(pause, notify_retry_after()))
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(w.event.wait(), pause)

@@ -31,6 +31,11 @@ SUBSCRIBE_TIMEOUT = 2.0
 RETRY_AFTER = 1.0
 
 
+def retry_after() -> float:
+    """Seconds a caller without a notice connection polls before it asks for one again."""
+    return RETRY_AFTER
+
+
 class Watch:
     """One caller's wait for one job: ``event`` is set when the job is announced (``notice``
     then holds what followed its id in the message: ``b"d"`` + the encoded result of a done job
@@ -150,6 +155,14 @@ class CompletionListener:
                         w.notice = notice
                         w.event.set()
                 elif kind == "subscribe":
+                    if channel in self._subscribed:
+                        # Subscribed again: redis-py reconnected and resubscribed on its own, and
+                        # notices sent in between are lost. Every waiter on it reads its job again.
+                        for (ch, _), ws in self._waiters.items():
+                            if ch == channel:
+                                for w in ws:
+                                    w.notice = None
+                                    w.event.set()
                     self._subscribed.add(channel)
                     fut = self._pending.pop(channel, None)
                     if fut is not None and not fut.done():

@@ -355,3 +355,44 @@ def test_the_fastapi_example_of_the_docs(
 
     asyncio.run(main())
     example.jobs.close()
+
+
+def test_a_lost_notice_connection_is_made_again(
+    papp: JobQ, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's connection killed by the server while callers wait (fallback poll at 30 s):
+    once subscribed again, every waiter reads its job again (a finish whose notice fell in the
+    gap is found so), and the next finishes still wake them."""
+    from jobq.storage import reads
+
+    reads_done: list[str] = []
+    real = reads.wait_mark_and_fields_async
+
+    async def counting(client: Any, keys: Any, queue: str, job_id: str, *args: Any) -> list[Any]:
+        reads_done.append(job_id)
+        return await real(client, keys, queue, job_id, *args)
+
+    monkeypatch.setattr(reads, "wait_mark_and_fields_async", counting)
+
+    async def main() -> None:
+        first = await rt.add.aenqueue(1, 1)
+        second = await rt.add.aenqueue(2, 2)
+        waits = [asyncio.ensure_future(j.aresult(timeout=25, poll_interval=30)) for j in (first, second)]
+        listener = papp._aio().listener
+        while listener.waiting < 2:
+            await asyncio.sleep(0.01)
+        before = len(reads_done)
+        assert await papp.aclient.client_kill_filter(_type="pubsub") == 1
+        deadline = time.monotonic() + 10
+        while len(reads_done) < before + 2:  # both read their job again, without any finish
+            assert time.monotonic() < deadline, reads_done
+            await asyncio.sleep(0.01)
+        assert sorted(reads_done[before:]) == sorted([first.id, second.id])
+        assert listener.subscribed(papp.keys.done("default"))
+        with worker_process(redis_url):
+            t0 = time.monotonic()
+            assert await asyncio.gather(*waits) == [2, 4]
+            assert time.monotonic() - t0 < 20  # woken by notices, not the 30 s poll
+        await papp.aclose()
+
+    asyncio.run(main())
