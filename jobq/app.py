@@ -464,13 +464,16 @@ class JobQ:
         queue: str | None = None,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
+        tz: str | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a task and run it on a cron schedule (``"*/5 * * * *"``, UTC), enqueued
-        exactly once per tick across all worker nodes."""
+        """Register a task and run it on a cron schedule (``"*/5 * * * *"``), enqueued exactly
+        once per tick across all worker nodes. The fields are read in UTC, or with ``tz`` in
+        that IANA time zone (``tz="Europe/Berlin"``), daylight-saving changes handled as cron
+        does (see :mod:`jobq.cron`)."""
         from jobq.cron import CronEntry, CronSchedule
 
-        sched = CronSchedule.parse(schedule)
+        sched = CronSchedule.parse(schedule, tz=tz)
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             check = _ArgCheck.of(f) if task_options.get("check_args", True) else None

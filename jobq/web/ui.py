@@ -477,7 +477,7 @@ class _View:
                 except ValueError:
                     last_ms = None
                 rows.append(
-                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
+                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.label)}</code></td>"
                     f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td></tr>"
                 )
             parts.append(
