@@ -9,7 +9,6 @@ import inspect
 import os
 import threading
 import time
-import weakref
 import zlib
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -199,9 +198,7 @@ class JobQ:
         #: Called as ``hook(queue, task, n)`` after jobs were accepted (metrics subscribe here).
         self.on_enqueued: list[Callable[[str, str, int], None]] = []
         #: The async API's client, runner and completion listener, one per event loop.
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         #: The event loop thread that the sync ``job.result()`` waits on (started on first use).
         self._bridge: _Bridge | None = None
         self._bridge_lock = threading.Lock()
@@ -249,7 +246,7 @@ class JobQ:
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
             bridge.close(self)
-        self._loops = weakref.WeakKeyDictionary()
+        self._loops = {}
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -268,6 +265,10 @@ class JobQ:
         loop = asyncio.get_running_loop()
         st = self._loops.get(loop)
         if st is None:
+            # Loops closed without ``aclose()`` (each ``asyncio.run`` is a new loop): drop their
+            # state, whose connections died with them.
+            for old in [lp for lp in list(self._loops) if lp.is_closed()]:
+                self._loops.pop(old, None)
             client = async_client(self.url)
             st = _LoopState(
                 client,
