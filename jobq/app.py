@@ -281,7 +281,8 @@ class JobQ:
 
     @property
     def aclient(self) -> AsyncClient:
-        """The asyncio redis-py client of the running event loop (one pool per loop)."""
+        """The asyncio redis-py client of the running event loop (one pool per loop), made from
+        the app's ``url`` (a ``client=`` given to :class:`JobQ` serves the sync calls only)."""
         return self._aio().client
 
     async def arun(self, call: Call[T]) -> T:
