@@ -590,7 +590,71 @@ class JobQ:
             self._register_queue(q)
         if self.on_enqueued:
             self._notify_enqueued([(q, spec.task)])
-        return Job(self, ids[0], q), _stored_state(req, spec, now, ids[0])
+        return Job(self, ids[0], q), _stored_state(req, spec, ids[0], now)
+
+    def enqueue_each(
+        self, requests: Sequence[EnqueueRequest]
+    ) -> list[tuple[Job[Any], str | None] | Exception]:
+        """Enqueue independent requests in one round trip, each with its own outcome: for each
+        request, what :meth:`enqueue_request_state` would return, or the exception it would raise.
+        (The HTTP API sends the single-job POSTs that arrive while a round trip is out this way.)
+
+        Each queue's jobs go in one script call (pipelined with the other queues' calls). A
+        call is all-or-nothing: when Redis refuses it (``max_depth``, a deadline already past),
+        nothing of it was stored, and its jobs are sent again one per call, so a request is
+        refused only for its own reason. An error that leaves the outcome unknown (Redis
+        unavailable) is every one of that call's requests' error, as it would be alone."""
+        out: list[tuple[Job[Any], str | None] | Exception | None] = [None] * len(requests)
+        by_queue: dict[str, list[tuple[int, JobSpec]]] = {}
+        for i, req in enumerate(requests):
+            try:
+                q, spec = self.prepare(req)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            by_queue.setdefault(q, []).append((i, spec))
+        now = self.now_ms()
+        calls: list[Call[list[str]]] = []
+        slots: list[list[tuple[int, JobSpec]]] = []
+        for q, items in by_queue.items():
+            for chunk in split_batches(items, lambda it: len(it[1].payload)):
+                calls.append(
+                    self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
+                )
+                slots.append(chunk)
+        results: list[Any]
+        try:
+            results = self.runner.run_batch(calls) if calls else []
+        except Exception as exc:
+            results = [exc] * len(calls)
+        stored: list[tuple[str, str]] = []
+        for call, chunk, res in zip(calls, slots, results, strict=True):
+            q = call.queue
+            if isinstance(res, (errors.InvalidInput, errors.QueueFull)) and len(chunk) > 1:
+                # Refused whole, nothing stored: each job on its own call for its own answer.
+                singles = [
+                    self.store.enqueue(q, [s], now_ms=now, max_depth=self.depth_limit(q)) for _, s in chunk
+                ]
+                try:
+                    again: list[Any] = self.runner.run_batch(singles)
+                except Exception as exc:
+                    again = [exc] * len(singles)
+                pairs = [([item], r) for item, r in zip(chunk, again, strict=True)]
+            else:
+                pairs = [(chunk, res)]
+            for items, r in pairs:
+                if isinstance(r, Exception):
+                    for i, _ in items:
+                        out[i] = r
+                    continue
+                if q not in self._known_queues:
+                    self._register_queue(q)
+                for (i, spec), job_id in zip(items, r, strict=True):
+                    out[i] = (Job(self, job_id, q), _stored_state(requests[i], spec, job_id, now))
+                    stored.append((q, spec.task))
+        if self.on_enqueued and stored:
+            self._notify_enqueued(stored)
+        return [o if o is not None else errors.JobqError("not enqueued") for o in out]
 
     async def aenqueue(
         self,
@@ -642,7 +706,7 @@ class JobQ:
             await self._aregister_queue(q)
         if self.on_enqueued:
             self._notify_enqueued([(q, spec.task)])
-        return Job(self, ids[0], q), _stored_state(req, spec, now, ids[0])
+        return Job(self, ids[0], q), _stored_state(req, spec, ids[0], now)
 
     async def _aregister_queue(self, queue: str) -> None:
         st = self._aio()
@@ -750,6 +814,22 @@ class JobQ:
 
     def find_job_queue(self, job_id: str) -> str | None:
         return reads.job_queue(self.client, self.keys, job_id, reads.queues(self.client, self.keys))
+
+
+def _stored_state(req: EnqueueRequest, spec: JobSpec, stored_id: str, now: int | None) -> str | None:
+    """The state a job was stored in when the request alone tells it (a new id: no
+    ``unique_key``, no caller-given ``job_id``), else None."""
+    if spec.unique_key or req.job_id is not None or stored_id != spec.id:
+        return None
+    # The script's rule (lua/enqueue.lua): an explicit run_at wins, a past one is now.
+    later: bool | None
+    if spec.run_at_ms is not None:
+        later = None if now is None else spec.run_at_ms > now
+    else:
+        later = spec.delay_ms is not None and spec.delay_ms > 0
+    if later is None:
+        return None
+    return "scheduled" if later else "ready"
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -1047,7 +1127,8 @@ def _info_from(job_id: str, queue: str, raw: Sequence[Any], with_args: bool) -> 
         max_attempts=_int_or_none(v["max_attempts"]),
         timeout_ms=_int_or_none(v["timeout_ms"]),
         enqueued_ms=_int_or_none(v["enqueued_ms"]),
-        run_at_ms=_int_or_none(v["run_at_ms"]),
+        # A job ready at once stores no run_at_ms: it was due at its enqueue.
+        run_at_ms=_int_or_none(v["run_at_ms"] or v["enqueued_ms"]),
         started_ms=_int_or_none(v["started_ms"]),
         finished_ms=_int_or_none(v["finished_ms"]),
         deadline_ms=_int_or_none(v["deadline_ms"]),
@@ -1267,23 +1348,6 @@ def _check_wait_args(timeout: object, poll_interval: object) -> None:
 
 
 # -- plumbing -----------------------------------------------------------------------------------
-def _stored_state(req: EnqueueRequest, spec: JobSpec, now: int | None, stored_id: str) -> str | None:
-    """The state a new job was stored in when the request alone tells it (a new id: no
-    ``unique_key``, no caller-given ``job_id``): ``"ready"`` or ``"scheduled"``; None when an
-    existing job's handle may have been returned."""
-    if spec.unique_key or req.job_id is not None or stored_id != spec.id:
-        return None
-    # The script's rule (lua/enqueue.lua): an explicit run_at wins, a past one is now.
-    later: bool | None
-    if spec.run_at_ms is not None:
-        later = None if now is None else spec.run_at_ms > now
-    else:
-        later = spec.delay_ms is not None and spec.delay_ms > 0
-    if later is None:
-        return None
-    return "scheduled" if later else "ready"
-
-
 @dataclass(frozen=True, slots=True)
 class _ManyPlan:
     """Validated requests of one ``enqueue_many``, grouped into script calls."""

@@ -205,6 +205,28 @@ class CronSchedule:
             day -= timedelta(days=1)
         return None
 
+    def next_tick(self, now_ms: int) -> int | None:
+        """The earliest tick > ``now_ms`` (ms since the epoch), within the next 5 years."""
+        if self.every_ms:
+            return now_ms - now_ms % self.every_ms + self.every_ms
+        if self.tz is not None:
+            return self._next_tick_zoned(now_ms, _zone(self.tz))
+        return self._next_tick_utc(now_ms)
+
+    def _next_tick_utc(self, now_ms: int) -> int | None:
+        start = datetime.fromtimestamp((now_ms // 60_000 + 1) * 60, tz=timezone.utc)
+        day = start.replace(hour=0, minute=0)
+        for _ in range(5 * 366 + 1):
+            if self._day_matches(day):
+                first_hour = start.hour if day.date() == start.date() else 0
+                for h in sorted(h for h in self.hours if h >= first_hour):
+                    first_min = start.minute if (day.date() == start.date() and h == start.hour) else 0
+                    mins = [m for m in self.minutes if m >= first_min]
+                    if mins:
+                        return int(day.replace(hour=h, minute=min(mins)).timestamp()) * 1000
+            day += timedelta(days=1)
+        return None
+
     # -- named time zones ------------------------------------------------------------------------
     def _prev_tick_zoned(self, now_ms: int, zone: zoneinfo.ZoneInfo) -> int | None:
         now_s = now_ms // 60_000 * 60
@@ -230,6 +252,43 @@ class CronSchedule:
                     # Offsets and gaps move a wall time by < 4 h: earlier walls cannot beat it.
                     floor = datetime.fromtimestamp(best, tz=zone).replace(tzinfo=None) - timedelta(hours=4)
         return None if best is None else best * 1000
+
+    def _next_tick_zoned(self, now_ms: int, zone: zoneinfo.ZoneInfo) -> int | None:
+        now_s = now_ms // 1000
+        off = _offset_s(zone, now_s)
+        if _offset_s(zone, now_s - 4 * 3600) == off == _offset_s(zone, now_s + 26 * 3600):
+            t = self._next_tick_utc(now_ms + off * 1000)
+            if t is not None and t - off * 1000 <= (now_s + 26 * 3600) * 1000:
+                return t - off * 1000
+        now_wall = datetime.fromtimestamp(now_s, tz=zone).replace(tzinfo=None)
+        best: int | None = None
+        ceiling: datetime | None = None
+        for wall in self._walls_up(now_wall - timedelta(hours=4)):
+            if ceiling is not None and wall > ceiling:
+                break
+            for inst in _instants(zone, wall, wildcard=self.hour_star):
+                if inst * 1000 > now_ms and (best is None or inst < best):
+                    best = inst
+                    ceiling = datetime.fromtimestamp(best, tz=zone).replace(tzinfo=None) + timedelta(hours=4)
+        return None if best is None else best * 1000
+
+    def _walls_up(self, start: datetime) -> Iterator[datetime]:
+        """Local wall times matching the fields, at or after ``start``, earliest first (5 years)."""
+        start = start.replace(second=0, microsecond=0)
+        day = start.replace(hour=0, minute=0)
+        hours = sorted(self.hours)
+        minutes = sorted(self.minutes)
+        for _ in range(5 * 366 + 1):
+            if self._day_matches(day):
+                same = day.date() == start.date()
+                for h in hours:
+                    if same and h < start.hour:
+                        continue
+                    for m in minutes:
+                        if same and h == start.hour and m < start.minute:
+                            continue
+                        yield day.replace(hour=h, minute=m)
+            day += timedelta(days=1)
 
     def _walls_down(self, start: datetime) -> Iterator[datetime]:
         """Local wall times matching the fields, at or before ``start``, latest first (5 years)."""

@@ -151,3 +151,16 @@ def test_every_takes_no_zone_and_periodic_passes_it_on() -> None:
     with pytest.raises(InvalidInput):
         app.periodic("0 9 * * *", tz="Nowhere/Land")
     assert len(app.cron_entries) == 1
+
+
+@pytest.mark.parametrize("schedule", ["30 2 * * *", "30 * * * *", "*/20 2 * * *", "0 9 * * mon-fri"])
+def test_next_tick_is_the_tick_the_scheduler_fires_next(schedule: str) -> None:
+    """Every 7 minutes around both changes, the dashboard's next tick is the first tick a
+    passing scheduler fires after that moment."""
+    s = CronSchedule.parse(schedule, tz="Europe/Berlin")
+    for start, end in (("2027-03-27 20:00", "2027-03-29 12:00"), ("2027-10-30 20:00", "2027-11-01 12:00")):
+        seen = [utc(x) for x in fired(schedule, "Europe/Berlin", start, end)]
+        for m in range(0, 10 * 60, 7):
+            t = utc(start) + m * 60_000 + 13_000
+            want = next(x for x in seen if x > t)
+            assert s.next_tick(t) == want, (schedule, iso(t))
