@@ -125,6 +125,19 @@ def test_a_failed_job_wakes_its_waiter_with_job_failed(papp: JobQ, worker: None)
         rt.fail.enqueue().result(timeout=20)
 
 
+def test_ainfo_reads_what_info_reads_a_long_payload_too(papp: JobQ) -> None:
+    job = rt.nap.options(delay=600).enqueue(0.25)
+    big = papp.enqueue("rt.add", ["x" * 500, "y" * 300], check_args=True)
+
+    async def main() -> None:
+        for j in (job, big):
+            assert await j.ainfo() == j.info()
+        assert (await big.ainfo()).args == ["x" * 500, "y" * 300]
+        await papp.aclose()
+
+    asyncio.run(main())
+
+
 def test_one_pool_per_event_loop(papp: JobQ) -> None:
     seen: list[Any] = []
 
