@@ -515,11 +515,12 @@ def redact_args(value: Any) -> Any:
 
 
 def redacted(info: JobInfo) -> dict[str, Any]:
-    """``info.to_dict()`` as shown to people and HTTP clients: arguments through
+    """``info.to_dict()`` as shown to people and HTTP clients: arguments and the result through
     :func:`redact_args`, the last error through :func:`redact_text`."""
     d = info.to_dict()
     d["args"] = redact_args(d["args"])
     d["kwargs"] = redact_args(d["kwargs"])
+    d["result"] = redact_args(d["result"])
     if isinstance(d.get("error"), str):
         d["error"] = redact_text(d["error"])
     return d

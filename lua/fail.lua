@@ -15,7 +15,9 @@
   KEYS[5]  ready      ZSET    jobq:{q}:ready
   KEYS[6]  seq        STRING  jobq:{q}:seq
   KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:wait:<id> (STRING, read only: set by a caller waiting for the result). A dead-lettered
+  job whose wait key exists has its id published on the channel jobq:{q}:done.
 
   ARGV[1]  qprefix         "jobq:{q}:"
   ARGV[2]  node            the failing node's id; KEYS[1] must be its active set
@@ -103,6 +105,8 @@ if mode == 'dead' or attempts >= max_attempts then
   -- Attempts exhausted (or no retry wanted): dead-letter with the last error.
   rcall('HSET', jkey, 'finished_by', mine)
   to_dead(qprefix, dead_key, id, err, now, dead_max, dead_ttl)
+  -- Completion notice, only for a job a caller waits on (jobq.Job.result marks it).
+  if rcall('EXISTS', qprefix .. 'wait:' .. id) == 1 then rcall('PUBLISH', qprefix .. 'done', id) end
   return {2, 0, 0, dead_trimmed}
 end
 

@@ -1055,3 +1055,38 @@ class AsyncRunner:
         out = call.parse(raw)
         _check_replicated(call, acked)
         return out
+
+    async def run_batch(self, calls: Iterable[Call[Any]]) -> list[Any]:
+        """:meth:`SyncRunner.run_batch` from an event loop: the calls pipelined in one round
+        trip (on a cluster, one per node), each result the parsed reply or the call's (mapped)
+        exception, in order; durable mode adds one ``WAIT`` after the last call."""
+        calls = list(calls)
+        wait = max((c.wait for c in calls), default=(0, 0))
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for c in calls:
+                    pipe.execute_command("EVALSHA", self._shas[c.script], len(c.keys), *c.keys, *c.args)
+                if wait[0] > 0:
+                    pipe.execute_command("WAIT", *wait)
+                raws = list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:
+            raise map_error(exc, calls[0].script.value, calls[0].queue) from None
+        acked = raws.pop() if wait[0] > 0 else None
+        out: list[Any] = []
+        for c, raw in zip(calls, raws, strict=True):
+            if isinstance(raw, redis.exceptions.NoScriptError):
+                try:
+                    raw = await self._call(c)  # did not run: loaded, then run once
+                except Exception as exc:
+                    raw = exc
+            if isinstance(raw, Exception):
+                out.append(map_error(raw, c.script.value, c.queue))
+                continue
+            try:
+                out.append(c.parse(raw))
+            except errors.JobqError as exc:  # a reply that means an error (QueueFull)
+                out.append(exc)
+        if wait[0] > 0:
+            waited = next(c for c in calls if c.wait[0] > 0)
+            _check_replicated(waited, acked)
+        return out

@@ -194,6 +194,16 @@ class Keys:
         """Pub/sub channel announcing new work in ``q``."""
         return f"{self.prefix}:{{{q}}}:wake"
 
+    def done(self, q: str) -> str:
+        """Pub/sub channel on which ack and fail announce the id of a finished job someone
+        waits for (one whose :meth:`waiter` key exists)."""
+        return f"{self.prefix}:{{{q}}}:done"
+
+    def waiter(self, q: str, job_id: str) -> str:
+        """STRING with a TTL: a caller waits for this job's result (``job.result()``), so its
+        completion is announced on :meth:`done`. Never set for jobs nobody waits for."""
+        return f"{self.prefix}:{{{q}}}:wait:{job_id}"
+
     # -- global keys (never touched by a queue script) ------------------------------------------
     @property
     def queues(self) -> str:
