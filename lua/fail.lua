@@ -15,7 +15,8 @@
   KEYS[5]  ready      ZSET    jobq:{q}:ready
   KEYS[6]  seq        STRING  jobq:{q}:seq
   KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:idle; idle nodes are woken on jobq:{q}:wake:<node> (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix         "jobq:{q}:"
   ARGV[2]  node            the failing node's id; KEYS[1] must be its active set
@@ -115,12 +116,12 @@ if delay == 0 then
   rcall('HSET', jkey, 'state', 'ready', 'error', err, 'ready_ms', now, 'score', score, 'finished_by', mine)
   rcall('HDEL', jkey, 'node')
   rcall('ZADD', ready_key, score, id)
-  rcall('PUBLISH', qprefix .. 'wake', 'r')
+  wake_idle(qprefix, 1, 'r')
   return {1, now, 0, 0}
 end
 local run_at = fmt_int(now + delay)
 rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'finished_by', mine)
 rcall('HDEL', jkey, 'node')
 rcall('ZADD', sched_key, run_at, id)
-rcall('PUBLISH', qprefix .. 'wake', 's')
+wake_idle(qprefix, 1, 's')
 return {1, now + delay, 0, 0}

@@ -42,7 +42,10 @@ key                                type    holds                                
 ``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
 ``jobq:epoch``                     STRING  random value set once; a change means the        permanent
                                            dataset was wiped
-channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
+``jobq:{q}:idle``                  ZSET    idle nodes' wake-up tokens: node id -> when it   popped by
+                                           armed, ms (lua/idle.lua, lib wake_idle)          a wake-up
+shard channel                      pubsub  "new work" for one node of queue q (SPUBLISH,    n/a
+``jobq:{q}:wake:<node>``                   stays on the queue's shard in a cluster)
 =================================  ======  ===============================================  =========
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
@@ -182,9 +185,14 @@ class Keys:
         keys: Redis Cluster refuses such a script (TRYAGAIN) while ``q``'s slot is half moved."""
         return f"{self.prefix}:{{{q}}}:slot-guard"
 
-    def wake(self, q: str) -> str:
-        """Pub/sub channel announcing new work in ``q``."""
-        return f"{self.prefix}:{{{q}}}:wake"
+    def idle(self, q: str) -> str:
+        """ZSET of the wake-up tokens of ``q``'s idle nodes: node id -> when it armed, ms."""
+        return f"{self.prefix}:{{{q}}}:idle"
+
+    def wake(self, q: str, node: str) -> str:
+        """Shard pub/sub channel (SSUBSCRIBE/SPUBLISH) telling ``node`` of new work in ``q``;
+        inside ``q``'s hash tag, so in a cluster it lives on the shard that owns the queue."""
+        return f"{self.prefix}:{{{q}}}:wake:{node}"
 
     # -- global keys (never touched by a queue script) ------------------------------------------
     @property
@@ -217,4 +225,5 @@ class Keys:
             self.queue_nodes(q),
             self.seq(q),
             self.paused(q),
+            self.idle(q),
         ]

@@ -80,6 +80,7 @@ from jobq.storage.calls import (
     split_batches,
 )
 from jobq.storage.keys import validate_node, validate_queue
+from jobq.storage.wakeups import WakeSubscriber
 from jobq.worker import loop as jobq_loop
 from jobq.worker.heartbeat import BeatResult, Heartbeat
 from jobq.worker.reaper import Reaper, recover_inherited
@@ -97,7 +98,6 @@ MAX_CONCURRENCY = MAX_EXTEND // 2
 
 #: Seconds of pub/sub silence before the subscription is probed with a PING (and given up on when
 #: the PONG does not come within as long again).
-PUBSUB_PING_INTERVAL = 5.0
 #: Seconds of work a node claims ahead of its free slots: the prefetch buffer holds at most the
 #: jobs it expects to start within this time (concurrency x horizon / mean run time).
 PREFETCH_HORIZON = 0.02
@@ -309,7 +309,10 @@ class Worker:
         self._claim_slots = SlotBackoff("claim", logger=log)
         self._claim_more = False
         self.last_ok = time.monotonic()
-        self.pubsub_connected = False
+        #: The node's wake-up subscriptions (not in burst mode), and the queues whose wake-up
+        #: token is armed (jobq.storage.wakeups): one new job there wakes this node.
+        self._wakes: WakeSubscriber | None = None
+        self._armed: set[str] = set()
         self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0, "interrupted": 0}
         self.heartbeat: Heartbeat | None = None
         self.client: Any = None
@@ -335,6 +338,7 @@ class Worker:
         self._stop_event.set()
         self._stopping = True
         self._drop_buffer()  # others may run the buffered jobs while this node drains
+        self._stop_wakes()
         self._poke()
 
     def install_signal_handlers(self) -> None:
@@ -354,6 +358,11 @@ class Worker:
                 self._busy,
             )
         self._request_stop(True)
+
+    @property
+    def pubsub_connected(self) -> bool:
+        """Every queue's wake-up channel is subscribed."""
+        return self._wakes is not None and self._wakes.all_live
 
     @property
     def busy(self) -> int:
@@ -428,7 +437,10 @@ class Worker:
         self.heartbeat.start()
         self._bg = [asyncio.create_task(self._acker(), name="jobq-acker")]
         if not self.config.burst:
-            self._bg.append(asyncio.create_task(self._listen(), name="jobq-pubsub"))
+            self._wakes = WakeSubscriber(
+                self.url, self.app.keys, self.node, self.queues, on_wake=self._on_wake, on_live=self._on_live
+            )
+            self._bg.append(asyncio.create_task(self._wakes.run(), name="jobq-pubsub"))
         if self.config.maintenance:
             self._bg.append(asyncio.create_task(self._maintain(), name="jobq-maintenance"))
         try:
@@ -501,6 +513,7 @@ class Worker:
         backoff = Backoff(0.05, 2.0)
         errors = 0
         cfg = self.config
+        rearmed = False
         while not self._stopping:
             if self._fenced:
                 self._woken = False
@@ -548,6 +561,11 @@ class Worker:
             # its job straight back to ready), and nothing is due.
             if cfg.burst and self._busy == 0 and not self.running and self._nothing_due():
                 return
+            if got:
+                rearmed = False
+            if not rearmed and await self._arm():
+                rearmed = True  # work came in before the token was armed: claim it (once)
+                continue
             await self._wait(self._buffer_timeout(self._idle_timeout()))
             self._expire_buffer()
 
@@ -1253,51 +1271,69 @@ class Worker:
                 log.exception("maintenance pass failed")
             await asyncio.sleep(max(0.01, min(next_reap, next_schedule) - time.monotonic()))
 
-    # -- pub/sub --------------------------------------------------------------------------------
-    async def _listen(self) -> None:
-        channels = [self.app.keys.wake(q) for q in self.queues]
-        make = clients.async_pubsub_client
-        backoff = Backoff(0.1, 5.0)
-        while True:
-            client = pubsub = None
+    # -- wake-ups -------------------------------------------------------------------------------
+    async def _arm(self) -> bool:
+        """After a short claim: arm the wake-up token of each subscribed queue not armed yet
+        (lua/idle.lua). True = work arrived in one of them meanwhile: claim again."""
+        wakes = self._wakes
+        if wakes is None or self._stopping or self._fenced or self.runner is None:
+            return False
+        for q in self.queues:
+            if q in self._armed or not wakes.live(q):
+                continue
             try:
-                client = make(self.url, socket_timeout=None, retry_refused=False)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(*channels)
-                self.pubsub_connected = True
-                backoff.reset()
-                self._poke()  # anything announced while we were away: look now
-                heard = time.monotonic()
-                ping_sent: float | None = None
-                while True:
-                    msg = await pubsub.get_message(timeout=self.config.poll_interval)
-                    now = time.monotonic()
-                    if msg is not None:
-                        heard, ping_sent = now, None
-                        if msg.get("type") != "pong":
-                            self._poke()
-                        continue
-                    # A silently dead connection (a partition) raises nothing: probe it.
-                    if ping_sent is not None and now - ping_sent > PUBSUB_PING_INTERVAL:
-                        raise ConnectionError("pub/sub connection silent: ping unanswered")
-                    if ping_sent is None and now - heard > PUBSUB_PING_INTERVAL:
-                        await pubsub.ping()
-                        ping_sent = now
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.pubsub_connected:
-                    log.warning("pub/sub connection lost (%s); polling until it is back", exc)
-                self.pubsub_connected = False
-                await asyncio.sleep(backoff.next())
-            finally:
-                self.pubsub_connected = False
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
+                res = await self.runner.run(
+                    self.app.store.idle(q, self.node, "arm", now_ms=self.app.now_ms())
+                )
+            except JobqError:
+                return False  # the idle poll looks again
+            if res == 1:
+                return True
+            self._armed.add(q)
+        return False
+
+    def _on_wake(self, queue: str) -> None:
+        """This node's token of ``queue`` was popped for new work: claim, or hand the wake-up on
+        to the next idle node when no slot is free."""
+        self._armed.discard(queue)
+        if self._stopping or self._fenced or self._claim_size()[0] <= 0:
+            self._side_task(self._pass(queue))
+        else:
+            self._poke()
+
+    def _on_live(self, queue: str, live: bool) -> None:
+        # Whatever was published while the channel was down reached nobody: look, and re-arm.
+        self._armed.discard(queue)
+        if live:
+            self._poke()
+
+    async def _pass(self, queue: str) -> None:
+        assert self.runner is not None
+        try:
+            await self.runner.run(self.app.store.idle(queue, self.node, "pass", now_ms=self.app.now_ms()))
+        except JobqError as exc:
+            log.warning("queue %s: could not hand a wake-up on (%s)", queue, exc)
+
+    def _stop_wakes(self) -> None:
+        """A stopping node hears no more wake-ups (publishers skip its tokens) and drops its
+        tokens, so new jobs wake the nodes that stay."""
+        for t in self._bg:
+            if t.get_name() == "jobq-pubsub":
+                t.cancel()
+        armed, self._armed = self._armed, set()
+        if self.runner is not None:
+            for q in armed:
+                self._side_task(self._leave(q))
+
+    async def _leave(self, queue: str) -> None:
+        assert self.runner is not None
+        with contextlib.suppress(JobqError):
+            await self.runner.run(self.app.store.idle(queue, self.node, "leave", now_ms=self.app.now_ms()))
+
+    def _side_task(self, coro: Any) -> None:
+        t = asyncio.ensure_future(coro)
+        self._side_tasks.add(t)
+        t.add_done_callback(self._side_tasks.discard)
 
     # -- shutdown -------------------------------------------------------------------------------
     async def _drain(self) -> None:

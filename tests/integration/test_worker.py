@@ -520,7 +520,7 @@ def test_expired_jobs_filling_a_claim_do_not_delay_the_next_job(
     wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
     time.sleep(0.1)  # let the node settle into its (30 s) idle wait
     clock.advance(10)
-    r.publish(app.keys.wake("default"), "r")
+    r.execute_command("SPUBLISH", app.keys.wake("default", b.worker.node), "r")
     # Its claim of 3 pops expired jobs (dead-lettered) among them: a batch filled that way is
     # not a sign of an empty queue, so the node must look again at once, not after 30 s.
     assert job.result(timeout=5, poll_interval=0.01) == "ran"
@@ -536,11 +536,11 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
     bg: list[Background],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from jobq.worker import node as worker_module
+    from jobq.storage import wakeups
     from tests.harness.chaos_proxy import ChaosProxy
 
     # A partition raises nothing on an idle subscription: only the PING probe can tell.
-    monkeypatch.setattr(worker_module, "PUBSUB_PING_INTERVAL", 0.3)
+    monkeypatch.setattr(wakeups, "PING_INTERVAL", 0.3)
     proxy = ChaosProxy(redis_server.port).start()
     try:
         app = JobQ(proxy.url(redis_url))

@@ -1,11 +1,13 @@
 """jobq on a real 3-primary Redis Cluster: cluster clients from ``redis+cluster://`` URLs, every
-script on one slot, queues spread over nodes, pub/sub heard on any node, sharded hot queues."""
+script on one slot, queues spread over nodes, wake-ups on each queue's shard, sharded hot queues."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -14,6 +16,7 @@ import redis.cluster
 
 from jobq import JobQ, JobState, errors
 from jobq.storage import clients
+from jobq.storage.wakeups import WakeSubscriber
 from tests.harness.cluster import RedisClusterHarness
 from tests.redis_setups.conftest import burst
 
@@ -111,34 +114,76 @@ def capp_request(queue: str) -> object:
     return EnqueueRequest("t", queue=queue)
 
 
-def test_announcements_reach_a_subscriber_on_any_node(cluster: RedisClusterHarness, capp: JobQ) -> None:
-    """Cluster PUBLISH (from inside the enqueue script) is forwarded to every node."""
-    q = "announce"
-    channel = capp.keys.wake(q)
-    owner = node_of(cluster, capp.keys.ready(q))
+class WakeLog:
+    """A :class:`WakeSubscriber` of node ``n1`` on a thread of its own, and what it heard."""
 
-    async def run() -> list[str]:
-        heard = []
-        subscribers = []
-        for n in cluster.nodes:
-            c = clients.async_client(f"redis://127.0.0.1:{n.port}/0")
-            ps = c.pubsub(ignore_subscribe_messages=True)
-            await ps.subscribe(channel)
-            subscribers.append((f"127.0.0.1:{n.port}", c, ps))
-        await asyncio.to_thread(capp.enqueue, "t", queue=q)
-        for name, c, ps in subscribers:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                msg = await ps.get_message(timeout=0.5)
-                if msg is not None:
-                    heard.append(name)
-                    break
-            await ps.aclose()
-            await c.aclose()
-        return heard
+    def __init__(self, url: str, app: JobQ, queues: list[str]) -> None:
+        import threading
 
-    heard = asyncio.run(run())
-    assert len(heard) == 3 and owner in heard
+        self.heard: list[str] = []
+        self.live: set[str] = set()
+        self.loop = asyncio.new_event_loop()
+        self.sub = WakeSubscriber(
+            url, app.keys, "n1", queues, on_wake=self.heard.append, on_live=self._on_live
+        )
+        self.task: asyncio.Task[None] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_live(self, q: str, live: bool) -> None:
+        (self.live.add if live else self.live.discard)(q)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.task = self.loop.create_task(self.sub.run())
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(self.task)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.task.cancel() if self.task else None)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def shard_subscribers(cluster: RedisClusterHarness, channel: str) -> dict[str, int]:
+    """``PUBSUB SHARDNUMSUB`` of ``channel`` on every node that has a subscriber."""
+    out = {}
+    for n in cluster.nodes:
+        c = n.admin_client()
+        try:
+            [(_, k)] = c.pubsub_shardnumsub(channel)
+            if k:
+                out[f"127.0.0.1:{n.port}"] = int(k)
+        finally:
+            c.close()
+    return out
+
+
+def test_wake_ups_stay_on_the_shard_that_owns_each_queue(cluster: RedisClusterHarness, capp: JobQ) -> None:
+    """Each queue's wake-up channel is subscribed on its slot's primary only (SSUBSCRIBE), and a
+    new job there wakes the armed node with SPUBLISH from inside the enqueue script."""
+    qs = queues_on_distinct_nodes(cluster, capp)
+    w = WakeLog(cluster.url, capp, qs)
+    try:
+        wait(lambda: w.live == set(qs), 10, "subscriptions on 3 shards")
+        for q in qs:
+            assert shard_subscribers(cluster, capp.keys.wake(q, "n1")) == {
+                node_of(cluster, capp.keys.ready(q)): 1
+            }
+            assert capp.run(capp.store.idle(q, "n1", "arm")) == 0
+        for q in qs:
+            capp.enqueue("t", queue=q)
+        wait(lambda: sorted(w.heard) == qs, 5, "one wake-up per queue")
+    finally:
+        w.close()
 
 
 def test_async_pubsub_client_subscribes_on_a_cluster(cluster_url: str) -> None:
