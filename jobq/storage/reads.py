@@ -209,10 +209,10 @@ def register_node(
     pipe.hset(keys.node(node), mapping=dict(info))
     pipe.pexpire(keys.node(node), ttl_ms)
     pipe.zremrangebyscore(keys.nodes, "-inf", now_ms - ttl_ms)
-    pipe.set(keys.epoch, os.urandom(8).hex(), nx=True)
-    pipe.get(keys.epoch)
+    fresh = os.urandom(8).hex()
+    pipe.set(keys.epoch, fresh, nx=True, get=True)  # one command: the old value, or None if set
     *_, epoch = pipe.execute()
-    return epoch
+    return fresh.encode() if epoch is None else epoch
 
 
 def deregister_node(client: SyncClient, keys: Keys, node: str, queues: Sequence[str]) -> None:

@@ -40,8 +40,9 @@ from jobq.storage.keys import Keys
 from jobq.util import to_str
 
 #: Seconds of silence after which a subscription connection is probed with a PING (a partition
-#: raises nothing); a probe unanswered for as long fails the connection.
-PING_INTERVAL = 5.0
+#: raises nothing); a probe unanswered for as long fails the connection. Part of an idle node's
+#: cost (S5); a wake-up lost meanwhile is made up by the worker's armed poll.
+PING_INTERVAL = 10.0
 #: Seconds between two looks at the cluster's slot map while nothing failed.
 CLUSTER_CHECK_INTERVAL = 5.0
 
@@ -179,9 +180,12 @@ class WakeSubscriber:
                     self._set_live(q, False)
                 raise
             except Exception as exc:
-                if not warned or any(q in self._live for q in queues):
+                was_live = any(q in self._live for q in queues)
+                if not warned or was_live:
                     log.warning("wake-up subscription lost (%s); polling until it is back", exc)
                     warned = True
+                if was_live:
+                    backoff = 0.1  # it was up: try again soon
             for q in queues:
                 self._set_live(q, False)
             if cluster is not None:

@@ -106,6 +106,11 @@ DEADLINE_MARGIN_MS = 5
 #: Seconds a claimed job may wait in the prefetch buffer before it goes back to ready (release:
 #: attempt not counted, old place in the ready order).
 PREFETCH_MAX_WAIT = 0.5
+#: An idle node whose wake-up token is armed in every queue hears each new job, so it looks at
+#: its queues on its own only as a backstop: every this many poll intervals, at most every
+#: ARMED_POLL_MAX seconds (or the poll interval, if that is longer). Idle cost (S5).
+ARMED_POLL_FACTOR = 10
+ARMED_POLL_MAX = 10.0
 #: Weight of the newest run time in the node's moving mean.
 _RUN_TIME_ALPHA = 0.1
 
@@ -566,8 +571,7 @@ class Worker:
             if not rearmed and await self._arm():
                 rearmed = True  # work came in before the token was armed: claim it (once)
                 continue
-            await self._wait(self._buffer_timeout(self._idle_timeout()))
-            self._expire_buffer()
+            await self._idle_wait()
 
     def _nothing_due(self) -> bool:
         if self._next_due_ms is None or self._last_now_ms is None:
@@ -575,8 +579,15 @@ class Worker:
         # Burst mode waits for due-now jobs only; future scheduled ones are left for later.
         return self._next_due_ms > self._last_now_ms
 
-    def _idle_timeout(self) -> float:
+    def _idle_base(self) -> float:
+        """The longest idle wait: the poll interval, longer while every token is armed."""
         timeout = self.config.poll_interval
+        if self._all_armed():
+            timeout = max(timeout, min(timeout * ARMED_POLL_FACTOR, ARMED_POLL_MAX))
+        return timeout
+
+    def _idle_timeout(self) -> float:
+        timeout = self._idle_base()
         if self._next_due_ms is not None and self._last_now_ms is not None:
             until_due = (self._next_due_ms - self._last_now_ms) / 1000
             timeout = min(timeout, max(0.001, until_due))
@@ -584,10 +595,11 @@ class Worker:
             timeout = min(timeout, 0.05)
         return timeout
 
-    async def _wait(self, timeout: float, *, room_below: int = 0) -> None:
+    async def _wait(self, timeout: float, *, room_below: int = 0) -> bool:
         """Until poked, or ``timeout`` seconds; a poke since the last wait returns at once.
         ``room_below``: also wake once fewer jobs than this are held (slots freed up); else a
-        freed slot does not wake the fetcher (it waits for work, not for room)."""
+        freed slot does not wake the fetcher (it waits for work, not for room). False = the
+        time ran out."""
         if not self._woken:
             loop = asyncio.get_running_loop()
             self._waiter = fut = loop.create_future()
@@ -599,7 +611,8 @@ class Worker:
                 timer.cancel()
                 self._waiter = None
                 self._claim_below = 0
-        self._woken = False
+        woken, self._woken = self._woken, False
+        return woken
 
     def _buffer_timeout(self, timeout: float) -> float:
         """``timeout``, cut short to when the oldest buffered job has waited its limit."""
@@ -1247,8 +1260,12 @@ class Worker:
                 if now >= next_schedule:
                     next_schedule = now + self.config.schedule_interval
                     # An idle node's claims promote due jobs already: skip the extra round trips
-                    # unless cron needs the pass (or the node is too busy to claim).
-                    if self.app.cron_entries or now - self._promoted_at > self.config.schedule_interval:
+                    # unless cron needs the pass (or the node is too busy to claim). An armed
+                    # idle node claims when the earliest scheduled job it saw comes due, and an
+                    # earlier one enqueued later wakes an armed node: no pass either.
+                    if self.app.cron_entries or (
+                        now - self._promoted_at > self.config.schedule_interval and not self._all_armed()
+                    ):
                         await scheduler.run_once()
                 if now >= next_reap:
                     next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)
@@ -1292,6 +1309,27 @@ class Worker:
             self._armed.add(q)
         return False
 
+    async def _idle_wait(self) -> None:
+        """Wait for a wake-up (or the poll interval, or the next due time). With every token
+        armed, the backstop when the time runs out is to arm again (a token may have gone with
+        a message lost in a dropped connection), and to claim only if work is waiting."""
+        while True:
+            armed = self._all_armed()
+            timeout = self._idle_timeout()
+            poked = await self._wait(self._buffer_timeout(timeout))
+            self._expire_buffer()
+            # Cut short by the next due time: the earliest scheduled job this node saw is due.
+            if poked or not armed or timeout < self._idle_base() or self._stopping or self._buffer:
+                return
+            self._armed.clear()
+            if await self._arm() or not self._all_armed():
+                return
+
+    def _all_armed(self) -> bool:
+        """Every queue's token is armed and heard: any new job wakes this node."""
+        wakes = self._wakes
+        return wakes is not None and len(self._armed) == len(self.queues) and wakes.all_live
+
     def _on_wake(self, queue: str) -> None:
         """This node's token of ``queue`` was popped for new work: claim, or hand the wake-up on
         to the next idle node when no slot is free."""
@@ -1302,10 +1340,10 @@ class Worker:
             self._poke()
 
     def _on_live(self, queue: str, live: bool) -> None:
-        # Whatever was published while the channel was down reached nobody: look, and re-arm.
+        # Up: whatever was published while the channel was down reached nobody: look, and arm.
+        # Down: look once, then wait no longer than the poll interval.
         self._armed.discard(queue)
-        if live:
-            self._poke()
+        self._poke()
 
     async def _pass(self, queue: str) -> None:
         assert self.runner is not None
