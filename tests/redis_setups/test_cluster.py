@@ -1,13 +1,10 @@
 """jobq on a real 3-primary Redis Cluster: cluster clients from ``redis+cluster://`` URLs, every
-script on one slot, queues spread over nodes, wake-ups on each queue's shard, sharded hot queues."""
+script on one slot, queues spread over nodes, sharded hot queues (wake-ups: test_cluster_wakeups.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import time
-from collections.abc import Callable
 
 import pytest
 import redis
@@ -16,7 +13,6 @@ import redis.cluster
 
 from jobq import JobQ, JobState, errors
 from jobq.storage import clients
-from jobq.storage.wakeups import WakeSubscriber
 from tests.harness.cluster import RedisClusterHarness
 from tests.redis_setups.conftest import burst
 
@@ -112,78 +108,6 @@ def capp_request(queue: str) -> object:
     from jobq.app import EnqueueRequest
 
     return EnqueueRequest("t", queue=queue)
-
-
-class WakeLog:
-    """A :class:`WakeSubscriber` of node ``n1`` on a thread of its own, and what it heard."""
-
-    def __init__(self, url: str, app: JobQ, queues: list[str]) -> None:
-        import threading
-
-        self.heard: list[str] = []
-        self.live: set[str] = set()
-        self.loop = asyncio.new_event_loop()
-        self.sub = WakeSubscriber(
-            url, app.keys, "n1", queues, on_wake=self.heard.append, on_live=self._on_live
-        )
-        self.task: asyncio.Task[None] | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _on_live(self, q: str, live: bool) -> None:
-        (self.live.add if live else self.live.discard)(q)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.task = self.loop.create_task(self.sub.run())
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(self.task)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.task.cancel() if self.task else None)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return time.monotonic() - t0
-
-
-def shard_subscribers(cluster: RedisClusterHarness, channel: str) -> dict[str, int]:
-    """``PUBSUB SHARDNUMSUB`` of ``channel`` on every node that has a subscriber."""
-    out = {}
-    for n in cluster.nodes:
-        c = n.admin_client()
-        try:
-            [(_, k)] = c.pubsub_shardnumsub(channel)
-            if k:
-                out[f"127.0.0.1:{n.port}"] = int(k)
-        finally:
-            c.close()
-    return out
-
-
-def test_wake_ups_stay_on_the_shard_that_owns_each_queue(cluster: RedisClusterHarness, capp: JobQ) -> None:
-    """Each queue's wake-up channel is subscribed on its slot's primary only (SSUBSCRIBE), and a
-    new job there wakes the armed node with SPUBLISH from inside the enqueue script."""
-    qs = queues_on_distinct_nodes(cluster, capp)
-    w = WakeLog(cluster.url, capp, qs)
-    try:
-        wait(lambda: w.live == set(qs), 10, "subscriptions on 3 shards")
-        for q in qs:
-            assert shard_subscribers(cluster, capp.keys.wake(q, "n1")) == {
-                node_of(cluster, capp.keys.ready(q)): 1
-            }
-            assert capp.run(capp.store.idle(q, "n1", "arm")) == 0
-        for q in qs:
-            capp.enqueue("t", queue=q)
-        wait(lambda: sorted(w.heard) == qs, 5, "one wake-up per queue")
-    finally:
-        w.close()
 
 
 def test_async_pubsub_client_subscribes_on_a_cluster(cluster_url: str) -> None:
