@@ -46,6 +46,8 @@ key                                type    holds                                
                                            armed, ms (lua/idle.lua, lib wake_idle)          a wake-up
 shard channel                      pubsub  "new work" for one node of queue q (SPUBLISH,    n/a
 ``jobq:{q}:wake:<node>``                   stays on the queue's shard in a cluster)
+channel ``jobq:{q}:wake``          pubsub  "new work" from producers of earlier versions    n/a
+                                           (PUBLISH to every idle node); still heard
 =================================  ======  ===============================================  =========
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
@@ -188,6 +190,11 @@ class Keys:
     def idle(self, q: str) -> str:
         """ZSET of the wake-up tokens of ``q``'s idle nodes: node id -> when it armed, ms."""
         return f"{self.prefix}:{{{q}}}:idle"
+
+    def wake_all(self, q: str) -> str:
+        """Classic pub/sub channel the scripts of jobq before the wake-up tokens ``PUBLISH`` to
+        (every idle node of ``q``): a node still listens, so older producers wake it too."""
+        return f"{self.prefix}:{{{q}}}:wake"
 
     def wake(self, q: str, node: str) -> str:
         """Shard pub/sub channel (SSUBSCRIBE/SPUBLISH) telling ``node`` of new work in ``q``;

@@ -20,6 +20,9 @@ that owns some of the node's queues, refreshes the slot map whenever a connectio
 subscription is dropped, and checks it every :data:`CLUSTER_CHECK_INTERVAL` seconds (a failover
 that leaves the old primary alive as a replica). Elsewhere one connection carries every channel.
 
+Each connection also subscribes to the classic channel ``jobq:{q}:wake`` that producers of jobq
+versions before the tokens ``PUBLISH`` to, so a rolling upgrade loses no wake-ups.
+
 The connections are plain ``redis-py`` asyncio connections used directly (``SSUBSCRIBE`` and
 ``PING`` sent, replies read with a timeout), which behaves alike on every supported ``redis-py``
 version and needs no cluster pub/sub support from the client.
@@ -71,6 +74,8 @@ class WakeSubscriber:
         self.queues = list(queues)
         self.channels = {keys.wake(q, node): q for q in self.queues}
         self._by_queue = {q: ch for ch, q in self.channels.items()}
+        #: The classic channels producers of earlier jobq versions PUBLISH to (an upgrade).
+        self.legacy = {keys.wake_all(q): q for q in self.queues}
         self._on_wake = on_wake
         self._on_live = on_live
         self._live: set[str] = set()
@@ -211,6 +216,8 @@ class WakeSubscriber:
             resp3 = str(getattr(conn, "protocol", 2)) == "3"
             channels = [self._by_queue[q] for q in queues]
             await conn.send_command("SSUBSCRIBE", *channels)
+            legacy = {ch: q for ch, q in self.legacy.items() if q in queues}
+            await conn.send_command("SUBSCRIBE", *legacy)
             heard = time.monotonic()
             ping_sent: float | None = None
             while True:
@@ -228,6 +235,8 @@ class WakeSubscriber:
                     kind = to_str(msg[0]).lower()
                     q = self.channels.get(to_str(msg[1]))
                     if q is None:
+                        if kind == "message" and to_str(msg[1]) in legacy:
+                            self._on_wake(legacy[to_str(msg[1])])
                         continue
                     if kind == "smessage":
                         self._on_wake(q)

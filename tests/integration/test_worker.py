@@ -582,3 +582,25 @@ def test_heartbeat_renews_every_lease_third_in_one_round_trip(
     assert all(sorted(qs) == ["a", "b", "c"] for _, qs in beats)
     gaps = sorted(t2 - t1 for (t1, _), (t2, _) in itertools.pairwise(beats[:6]))
     assert 0.15 <= gaps[len(gaps) // 2] <= 0.3, gaps  # the median: robust to a loaded machine
+
+
+def test_a_producer_of_an_earlier_version_still_wakes_an_idle_node(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """Earlier versions' enqueue script PUBLISHes on the queue's classic channel: an idle node
+    with a 60 s poll interval still hears it (a rolling upgrade loses no wake-ups)."""
+
+    @app.task
+    def ping() -> str:
+        return "pong"
+
+    b = Background(app, poll_interval=60)
+    bg.append(b)
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+    wait_for(lambda: r.zcard(app.keys.idle("default")) == 1, 5, "armed")
+    r.delete(app.keys.idle("default"))  # as if the job came through an old script: no token popped
+    job = ping.enqueue()
+    assert r.publish(app.keys.wake_all("default"), "r") == 1
+    assert job.result(timeout=5, poll_interval=0.005) == "pong"
+    b.stop()
+    b.join()
