@@ -321,6 +321,8 @@ class Worker:
         #: token is armed (jobq.storage.wakeups): one new job there wakes this node.
         self._wakes: WakeSubscriber | None = None
         self._armed: set[str] = set()
+        #: Wake-ups and subscription changes so far (an arm call in flight checks it).
+        self._wake_events = 0
         self.stats = {"claimed": 0, "completed": 0, "failed": 0, "stale": 0, "lost": 0, "interrupted": 0}
         self.heartbeat: Heartbeat | None = None
         self.client: Any = None
@@ -571,12 +573,17 @@ class Worker:
                 return
             if got:
                 rearmed = False
-                # The jobs just started need the GIL first: arm a moment later (a job enqueued
-                # meanwhile wakes another node, or the arm finds it).
-                await asyncio.sleep(ARM_DELAY)
-            if not rearmed and await self._arm():
-                rearmed = True  # work came in before the token was armed: claim it (once)
-                continue
+                if self._wakes is not None:
+                    # The jobs just started need the GIL first: arm a moment later (a job
+                    # enqueued meanwhile wakes another node, or the arm call finds it).
+                    await asyncio.sleep(ARM_DELAY)
+            if await self._arm():
+                if not rearmed:
+                    rearmed = True  # work came in before the token was armed: claim it
+                    continue
+                # Work the claims do not get (a queue whose slot is moving): poll for it.
+            else:
+                rearmed = False
             await self._idle_wait()
 
     def _nothing_due(self) -> bool:
@@ -1304,6 +1311,7 @@ class Worker:
         for q in self.queues:
             if q in self._armed or not wakes.live(q):
                 continue
+            events = self._wake_events
             try:
                 res = await self.runner.run(
                     self.app.store.idle(q, self.node, "arm", now_ms=self.app.now_ms())
@@ -1312,7 +1320,10 @@ class Worker:
                 return False  # the idle poll looks again
             if res == 1:
                 return True
-            self._armed.add(q)
+            # A wake-up (or a subscription change) that came while the call was on its way may
+            # have taken the token already: then it is not armed (the next short claim arms).
+            if self._wake_events == events:
+                self._armed.add(q)
         return False
 
     async def _idle_wait(self) -> None:
@@ -1339,6 +1350,7 @@ class Worker:
     def _on_wake(self, queue: str) -> None:
         """This node's token of ``queue`` was popped for new work: claim, or hand the wake-up on
         to the next idle node when no slot is free."""
+        self._wake_events += 1
         self._armed.discard(queue)
         if self._stopping or self._fenced or self._claim_size()[0] <= 0:
             self._side_task(self._pass(queue))
@@ -1348,6 +1360,7 @@ class Worker:
     def _on_live(self, queue: str, live: bool) -> None:
         # Up: whatever was published while the channel was down reached nobody: look, and arm.
         # Down: look once, then wait no longer than the poll interval.
+        self._wake_events += 1
         self._armed.discard(queue)
         self._poke()
 

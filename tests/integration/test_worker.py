@@ -604,3 +604,42 @@ def test_a_producer_of_an_earlier_version_still_wakes_an_idle_node(
     assert job.result(timeout=5, poll_interval=0.005) == "pong"
     b.stop()
     b.join()
+
+
+def test_a_woken_node_without_a_free_slot_passes_the_wake_up_on(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """Node a (one slot, queues q1 and q2) is the longest idle in both; a long job in q1 fills
+    it; a job in q2 then pops a's token first, and a hands the wake-up to b, which runs it at
+    once (both poll only every 60 s)."""
+    release = threading.Event()
+    ran: list[str] = []
+
+    @app.task(queue="q1")
+    def hold() -> None:
+        release.wait(20)
+
+    @app.task(queue="q2")
+    def quick() -> str:
+        ran.append("q2")
+        return "ok"
+
+    a = Background(app, queues=[("q1", 1), ("q2", 1)], concurrency=1, poll_interval=60, node_id="a")
+    bg.append(a)
+    wait_for(lambda: r.zcard(app.keys.idle("q1")) == 1 and r.zcard(app.keys.idle("q2")) == 1, 5, "a armed")
+    b = Background(app, queues=[("q2", 1)], concurrency=1, poll_interval=60, node_id="b")
+    bg.append(b)
+    wait_for(lambda: r.zcard(app.keys.idle("q2")) == 2, 5, "b armed")
+    try:
+        hold.enqueue()
+        wait_for(lambda: a.worker.busy == 1, 5, "a busy")
+        assert [m.decode() for m in r.zrange(app.keys.idle("q2"), 0, -1)] == ["a", "b"]
+        t0 = time.monotonic()
+        assert quick.enqueue().result(timeout=5, poll_interval=0.005) == "ok"
+        assert time.monotonic() - t0 < 2  # not a poll: a passed it on, b ran it
+        assert b.worker.stats["completed"] == 1 and a.worker.stats["completed"] == 0
+    finally:
+        release.set()
+    for n in (a, b):
+        n.stop()
+        n.join()
