@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis.exceptions
+
 from jobq.storage import clients
 from jobq.storage.keys import Keys
 from jobq.util import to_str
@@ -198,6 +200,24 @@ class WakeSubscriber:
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(5.0, backoff * 2)
 
+    def _dispatch(self, msg: Any, legacy: dict[str, str]) -> str:
+        """Act on one message from a wake-up connection; returns its kind ("" if none)."""
+        if isinstance(msg, Exception):
+            raise msg
+        if not isinstance(msg, list) or len(msg) < 2:
+            return ""  # PONG
+        kind, channel = to_str(msg[0]).lower(), to_str(msg[1])
+        q = self.channels.get(channel)
+        if q is None:
+            if kind == "message" and channel in legacy:
+                self._on_wake(legacy[channel])
+            return kind
+        if kind == "smessage":
+            self._on_wake(q)
+        elif kind == "ssubscribe":
+            self._set_live(q, True)
+        return kind
+
     async def _serve(self, addr: str, queues: list[str]) -> None:
         """Subscribe ``queues`` on one connection and dispatch what arrives; returns when Redis
         drops a subscription, raises when the connection fails."""
@@ -220,8 +240,16 @@ class WakeSubscriber:
             await conn.send_command("SUBSCRIBE", *legacy)
             heard = time.monotonic()
             ping_sent: float | None = None
+            confirmed = 0
             while True:
-                msg = await conn.read_response(timeout=PING_INTERVAL, push_request=resp3)
+                try:
+                    msg = await conn.read_response(timeout=PING_INTERVAL, push_request=resp3)
+                except redis.exceptions.ResponseError as exc:
+                    if confirmed < len(channels):
+                        raise  # SSUBSCRIBE refused (an ACL without it): no wake-ups here
+                    # The classic channel's SUBSCRIBE refused: only earlier producers go unheard.
+                    log.info("wake-ups: not listening on the classic channel (%s)", exc)
+                    continue
                 now = time.monotonic()
                 if msg is None:
                     if ping_sent is not None and now - ping_sent >= PING_INTERVAL:
@@ -231,21 +259,11 @@ class WakeSubscriber:
                         ping_sent = now
                     continue
                 heard, ping_sent = now, None
-                if isinstance(msg, list) and len(msg) >= 2:
-                    kind = to_str(msg[0]).lower()
-                    q = self.channels.get(to_str(msg[1]))
-                    if q is None:
-                        if kind == "message" and to_str(msg[1]) in legacy:
-                            self._on_wake(legacy[to_str(msg[1])])
-                        continue
-                    if kind == "smessage":
-                        self._on_wake(q)
-                    elif kind == "ssubscribe":
-                        self._set_live(q, True)
-                    elif kind == "sunsubscribe":
-                        return  # the slot left this node: subscribe again where it is now
-                elif isinstance(msg, Exception):
-                    raise msg
+                kind = self._dispatch(msg, legacy)
+                if kind == "ssubscribe":
+                    confirmed += 1
+                elif kind == "sunsubscribe":
+                    return  # the slot left this node: subscribe again where it is now
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
