@@ -136,7 +136,8 @@ class WorkerConfig:
     node_id: str | None = None
     #: Exit once there is nothing left to run (tests, batch jobs).
     burst: bool = False
-    #: Longest wait between claims when idle and no announcement arrives.
+    #: Longest idle wait between looks at the queues while wake-ups are down; with every wake-up
+    #: token armed and heard, ARMED_POLL_FACTOR poll intervals (at most ARMED_POLL_MAX s).
     poll_interval: float = 1.0
     #: Reaper pass interval (default: lease / 6, at most 5 s).
     reap_interval: float | None = None
