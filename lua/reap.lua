@@ -145,6 +145,7 @@ if budget > 0 then
     if rcall('ZCARD', akey) == 0 then
       rcall('DEL', akey)
       rcall('ZREM', nodes_key, node)
+      rcall('ZREM', qprefix .. 'idle', node) -- its wake-up token, if a job never popped it
     end
     if budget <= 0 then break end
   end

@@ -192,3 +192,14 @@ def test_jobs_made_ready_by_fail_promote_and_release_wake_one_node_each(
         assert ls.heard() == [("n3", b"r")]  # two jobs, one node left to wake
     finally:
         ls.close()
+
+
+def test_the_reaper_drops_the_token_of_a_node_it_forgets(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
+) -> None:
+    fapp.run(fapp.store.extend(Q, "gone", 10_000, now_ms=fapp.now_ms()))  # a heartbeat of "gone"
+    assert arm(fapp, "gone") == 0 and tokens(fapp, r) == ["gone"]
+    clock.advance(60)  # silent for longer than the node TTL
+    fapp.run(fapp.store.reap(Q, node_ttl_ms=20_000, now_ms=fapp.now_ms()))
+    assert r.zscore(fapp.keys.queue_nodes(Q), "gone") is None
+    assert tokens(fapp, r) == []
