@@ -78,6 +78,8 @@ class NodeInfo:
     inflight: int | None = None
     busy: int | None = None
     started_ms: int | None = None
+    #: The jobq version the node runs (None for a node of a jobq that did not record it).
+    version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +233,7 @@ def nodes(app: JobQ, *, include_gone: bool = False, limit: int = 1000) -> list[N
                 inflight=num("inflight"),
                 busy=num("busy"),
                 started_ms=num("started_ms"),
+                version=d.get("version"),
             )
         )
     return out

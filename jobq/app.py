@@ -506,17 +506,69 @@ class JobQ:
             self._register_queue(q)
         if self.on_enqueued:
             self._notify_enqueued([(q, spec.task)])
-        state: str | None = None
-        if not spec.unique_key and req.job_id is None and ids[0] == spec.id:
-            # The script's rule (lua/enqueue.lua): an explicit run_at wins, a past one is now.
-            later: bool | None
-            if spec.run_at_ms is not None:
-                later = None if now is None else spec.run_at_ms > now
+        return Job(self, ids[0], q), _stored_state(req, spec, ids[0], now)
+
+    def enqueue_each(self, requests: Sequence[EnqueueRequest]) -> list[tuple[Job, str | None] | Exception]:
+        """Enqueue independent requests in one round trip, each with its own outcome: for each
+        request, what :meth:`enqueue_request_state` would return, or the exception it would raise.
+        (The HTTP API sends the single-job POSTs that arrive while a round trip is out this way.)
+
+        Each queue's jobs go in one script call (pipelined with the other queues' calls). A
+        call is all-or-nothing: when Redis refuses it (``max_depth``, a deadline already past),
+        nothing of it was stored, and its jobs are sent again one per call, so a request is
+        refused only for its own reason. An error that leaves the outcome unknown (Redis
+        unavailable) is every one of that call's requests' error, as it would be alone."""
+        out: list[tuple[Job, str | None] | Exception | None] = [None] * len(requests)
+        by_queue: dict[str, list[tuple[int, JobSpec]]] = {}
+        for i, req in enumerate(requests):
+            try:
+                q, spec = self.prepare(req)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            by_queue.setdefault(q, []).append((i, spec))
+        now = self.now_ms()
+        calls: list[Call[list[str]]] = []
+        slots: list[list[tuple[int, JobSpec]]] = []
+        for q, items in by_queue.items():
+            for chunk in split_batches(items, lambda it: len(it[1].payload)):
+                calls.append(
+                    self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
+                )
+                slots.append(chunk)
+        results: list[Any]
+        try:
+            results = self.runner.run_batch(calls) if calls else []
+        except Exception as exc:
+            results = [exc] * len(calls)
+        stored: list[tuple[str, str]] = []
+        for call, chunk, res in zip(calls, slots, results, strict=True):
+            q = call.queue
+            if isinstance(res, (errors.InvalidInput, errors.QueueFull)) and len(chunk) > 1:
+                # Refused whole, nothing stored: each job on its own call for its own answer.
+                singles = [
+                    self.store.enqueue(q, [s], now_ms=now, max_depth=self.depth_limit(q)) for _, s in chunk
+                ]
+                try:
+                    again: list[Any] = self.runner.run_batch(singles)
+                except Exception as exc:
+                    again = [exc] * len(singles)
+                pairs = [([item], r) for item, r in zip(chunk, again, strict=True)]
             else:
-                later = spec.delay_ms is not None and spec.delay_ms > 0
-            if later is not None:
-                state = "scheduled" if later else "ready"
-        return Job(self, ids[0], q), state
+                pairs = [(chunk, res)]
+            for items, r in pairs:
+                if isinstance(r, Exception):
+                    for i, _ in items:
+                        out[i] = r
+                    continue
+                if q not in self._known_queues:
+                    self._register_queue(q)
+                for (i, spec), job_id in zip(items, r, strict=True):
+                    out[i] = (Job(self, job_id, q), _stored_state(requests[i], spec, job_id, now))
+                    stored.append((q, spec.task))
+        if self.on_enqueued and stored:
+            self._notify_enqueued(stored)
+        return [o if o is not None else errors.JobqError("not enqueued") for o in out]
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
@@ -588,6 +640,22 @@ class JobQ:
 
     def find_job_queue(self, job_id: str) -> str | None:
         return reads.job_queue(self.client, self.keys, job_id, reads.queues(self.client, self.keys))
+
+
+def _stored_state(req: EnqueueRequest, spec: JobSpec, stored_id: str, now: int | None) -> str | None:
+    """The state a job was stored in when the request alone tells it (a new id: no
+    ``unique_key``, no caller-given ``job_id``), else None."""
+    if spec.unique_key or req.job_id is not None or stored_id != spec.id:
+        return None
+    # The script's rule (lua/enqueue.lua): an explicit run_at wins, a past one is now.
+    later: bool | None
+    if spec.run_at_ms is not None:
+        later = None if now is None else spec.run_at_ms > now
+    else:
+        later = spec.delay_ms is not None and spec.delay_ms > 0
+    if later is None:
+        return None
+    return "scheduled" if later else "ready"
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -844,7 +912,8 @@ class Job:
             max_attempts=_int_or_none(v["max_attempts"]),
             timeout_ms=_int_or_none(v["timeout_ms"]),
             enqueued_ms=_int_or_none(v["enqueued_ms"]),
-            run_at_ms=_int_or_none(v["run_at_ms"]),
+            # A job ready at once stores no run_at_ms: it was due at its enqueue.
+            run_at_ms=_int_or_none(v["run_at_ms"] or v["enqueued_ms"]),
             started_ms=_int_or_none(v["started_ms"]),
             finished_ms=_int_or_none(v["finished_ms"]),
             deadline_ms=_int_or_none(v["deadline_ms"]),

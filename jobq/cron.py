@@ -168,6 +168,23 @@ class CronSchedule:
             day -= timedelta(days=1)
         return None
 
+    def next_tick(self, now_ms: int) -> int | None:
+        """The earliest tick > ``now_ms`` (ms since the epoch, UTC), within the next 5 years."""
+        if self.every_ms:
+            return now_ms - now_ms % self.every_ms + self.every_ms
+        start = datetime.fromtimestamp((now_ms // 60_000 + 1) * 60, tz=timezone.utc)
+        day = start.replace(hour=0, minute=0)
+        for _ in range(5 * 366 + 1):
+            if self._day_matches(day):
+                first_hour = start.hour if day.date() == start.date() else 0
+                for h in sorted(h for h in self.hours if h >= first_hour):
+                    first_min = start.minute if (day.date() == start.date() and h == start.hour) else 0
+                    mins = [m for m in self.minutes if m >= first_min]
+                    if mins:
+                        return int(day.replace(hour=h, minute=min(mins)).timestamp()) * 1000
+            day += timedelta(days=1)
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class CronEntry:

@@ -41,10 +41,13 @@ the cap are counted under ``_other``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -381,8 +384,47 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     # Headers and body go out as separate writes: with Nagle's algorithm on, the body of every
     # keep-alive response after the first waited for the client's delayed ACK (~40 ms).
     disable_nagle_algorithm = True
-    # An idle or trickling connection is dropped after this many seconds (per read).
+    # An idle or trickling connection is dropped after this many seconds (per read)...
     timeout = 30
+    # ...and a request must arrive whole within this many seconds of the connection (or the
+    # previous response) being ready for it: one byte every 10 s does not hold a thread longer.
+    request_deadline = 30.0
+
+    def handle_one_request(self) -> None:
+        timer = threading.Timer(self.request_deadline, self._cut_off)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def _cut_off(self) -> None:
+        # Reading the request is past its deadline: end the connection (the read fails, the
+        # thread returns). A GET has no body, so once the headers are in, the timer is cancelled.
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors as JSON like the API's; a method nobody routes is 405 with ``Allow``."""
+        allow = code in (HTTPStatus.NOT_IMPLEMENTED, HTTPStatus.METHOD_NOT_ALLOWED)
+        if allow:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} not allowed (allowed: GET, HEAD)"
+        field = "method" if allow else "request"
+        body = json.dumps(
+            {"error": message or self.responses.get(code, ("error",))[0], "field": field}
+        ).encode()
+        self.log_error("code %d, message %s", code, message)
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        if allow:
+            self.send_header("Allow", "GET, HEAD")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.close_connection = True
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -81,7 +81,7 @@ for i = 1, n do
   local id, attempt, result = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
   local jkey = qprefix .. 'job:' .. id
   local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state')
-  if not ok or not f[1] then
+  if not ok or not f[4] then
     -- No job hash: deleted at once by this very call's earlier send (retention 0), or gone.
     if repeated == nil then
       repeated = call_id ~= '' and rcall('ZSCORE', acked_key, call_id) ~= false
@@ -93,7 +93,7 @@ for i = 1, n do
       codes[i] = -1
     end
   else
-    if attempt == '' then attempt = f[1] end
+    if attempt == '' then attempt = f[1] or '0' end -- never claimed: no attempts field
     local mine = node .. ':' .. attempt
     if f[2] == mine and f[4] == 'done' then
       -- This attempt finished the job already: a repeated call, not a new completion.

@@ -80,7 +80,7 @@ if max_jobs > 0 then
     local id = popped[i]
     local jkey = qprefix .. 'job:' .. id
     local ok, f = pcall(rcall, 'HMGET', jkey, 'task', 'payload', 'attempts', 'max_attempts',
-      'timeout_ms', 'ready_ms', 'deadline_ms')
+      'timeout_ms', 'ready_ms', 'deadline_ms', 'parts', 'enqueued_ms')
     if not ok then
       -- A key of another type sits at the job's name: nothing runnable, and never overwritten.
       dead[#dead + 1] = id; dead[#dead + 1] = 'wrong_type'
@@ -93,7 +93,8 @@ if max_jobs > 0 then
       dead[#dead + 1] = id; dead[#dead + 1] = 'expired'
       to_dead(qprefix, dead_key, id, 'expired', now, dead_max, dead_ttl)
     else
-      bytes = bytes + #(f[2] or '')
+      f[2] = read_payload(jkey, f[2], f[8])
+      bytes = bytes + #f[2]
       if #claimed > 0 and bytes > MAX_BATCH_BYTES then
         over = i
         break
@@ -106,9 +107,10 @@ if max_jobs > 0 then
       push[#push + 1] = now; push[#push + 1] = id
       lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed
-      claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2] or ''
+      claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2]
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
-      claimed[c + 7] = f[6] or now_s; claimed[c + 8] = f[7] or '0'
+      -- No ready_ms: ready since its enqueue.
+      claimed[c + 7] = f[6] or f[9] or now_s; claimed[c + 8] = f[7] or '0'
     end
   end
   if over then

@@ -37,10 +37,14 @@
                   run time
     unique_key    "" or 1..512 bytes, no control characters
 
-  Job hash fields written: task, payload, priority, attempts (0), max_attempts, timeout_ms,
-  enqueued_ms, run_at_ms, state, and ready_ms (ready jobs); backoff_ms only when it is not fail's
-  default of 1000 (0 included: no backoff), deadline_ms and unique only when set. The ready score
-  is not stored here: claim records it when it pops the job (reap and release read it there).
+  Job hash fields written: task, payload (in parts when longer than 64 bytes: put_payload),
+  priority, max_attempts, timeout_ms, enqueued_ms, state, and run_at_ms for a scheduled job;
+  backoff_ms only when it is not fail's default of 1000 (0 included: no backoff), deadline_ms and
+  unique only when set. Fields a reader derives are left out, as each costs bytes in every queued
+  job: attempts (absent = 0, claim counts the first), and for a job ready at once run_at_ms and
+  ready_ms (absent = enqueued_ms; jobs stored by earlier versions have them, equal to it). The
+  ready score is not stored here: claim records it when it pops the job (reap and release read
+  it there).
 
   Wake-up (lib/common.lua wake_idle): one idle node per new ready job is told "r" on its own
   channel jobq:{q}:wake:<node> (nodes that found the queue empty hold a token in jobq:{q}:idle);
@@ -74,6 +78,30 @@ if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
 if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
+
+-- The payload goes into the hash in parts of at most PAYLOAD_PART bytes when it is longer (up
+-- to PAYLOAD_PARTS_MAX parts): a hash whose every value is at most 64 bytes keeps Redis's compact
+-- listpack encoding (hash-max-listpack-value, default 64), where one longer value makes the whole
+-- hash a hashtable at about 2.5 times the memory. "payload" holds the first part, "p2" .. "p<k>"
+-- the others (short names: each costs bytes in every job), and "parts" = k (absent for a payload
+-- stored whole). A longer payload is stored whole: its own bytes outweigh the hash's encoding.
+local function put_payload(fields, p)
+  local len = #p
+  local nf = #fields
+  if len <= PAYLOAD_PART or len > PAYLOAD_PART * PAYLOAD_PARTS_MAX then
+    fields[nf + 1] = 'payload'; fields[nf + 2] = p
+    return
+  end
+  local k = math.ceil(len / PAYLOAD_PART)
+  fields[nf + 1] = 'parts'; fields[nf + 2] = k
+  fields[nf + 3] = 'payload'; fields[nf + 4] = string.sub(p, 1, PAYLOAD_PART)
+  nf = nf + 4
+  for part = 2, k do
+    fields[nf + 1] = 'p' .. part
+    fields[nf + 2] = string.sub(p, (part - 1) * PAYLOAD_PART + 1, part * PAYLOAD_PART)
+    nf = nf + 2
+  end
+end
 
 -- Validate every job before the first write: Redis never rolls a script back.
 local jobs = {}
@@ -210,9 +238,10 @@ for i = 1, n do
     ids[i] = j.id
     written[j.id] = true
     local fields = {
-      'task', j.task, 'payload', j.payload, 'priority', j.prio_s, 'attempts', '0',
+      'task', j.task, 'priority', j.prio_s,
       'max_attempts', ARGV[b_of[i] + 7], 'timeout_ms', ARGV[b_of[i] + 8], 'enqueued_ms', now_s,
     }
+    put_payload(fields, j.payload)
     -- fail.lua's default base is 1000 ms; any other value (0 = retry at once) is kept.
     if j.backoff ~= 1000 then fields[#fields + 1] = 'backoff_ms'; fields[#fields + 1] = ARGV[b_of[i] + 9] end
     if j.deadline > 0 then
@@ -231,9 +260,7 @@ for i = 1, n do
       -- One INCRBY reserves sequence numbers for the whole batch, in order (FIFO).
       if seq == nil then seq = rcall('INCRBY', seq_key, n) - n end
       seq = seq + 1
-      fields[#fields + 1] = 'run_at_ms'; fields[#fields + 1] = now_s
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'ready'
-      fields[#fields + 1] = 'ready_ms'; fields[#fields + 1] = now_s
       rcall('HSET', jkey, unpack(fields))
       ready_add[#ready_add + 1] = ready_score(j.prio, seq); ready_add[#ready_add + 1] = j.id
       n_ready = n_ready + 1

@@ -30,6 +30,8 @@
   ARGV[10] dead_max        integer >= 1
   ARGV[11] dead_ttl_ms     integer >= 1
   ARGV[12] attempt         the attempt number the claim returned; "" = the attempt this node holds
+  ARGV[13] count_reap      "1": a retry scheduled here also counts a reap on the job (HINCRBY
+                           reaped 1: a node recovering the jobs an earlier run of it left), "" not
 
   Returns: {code, run_at_ms, repeated, dead_trimmed}: code 1 retry scheduled (at run_at_ms),
            2 dead-lettered, -2 refused: the job is not this attempt's (stale completion),
@@ -44,7 +46,7 @@ local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
 local qprefix, node, id, err, mode = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 
-local e = bad_counts(7, 12) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
+local e = bad_counts(7, 13) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
@@ -65,6 +67,8 @@ local dead_max = int_arg(ARGV[10])
 if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
 local dead_ttl = int_arg(ARGV[11])
 if dead_ttl == nil or dead_ttl < 1 then return badarg('dead_ttl_ms', 'must be >= 1') end
+if ARGV[13] ~= '' and ARGV[13] ~= '1' then return badarg('count_reap', 'must be 1 or empty') end
+local count_reap = ARGV[13] == '1'
 local attempt = ARGV[12]
 if attempt ~= '' then
   local a = int_arg(attempt)
@@ -74,14 +78,14 @@ end
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority',
   'finished_by', 'state', 'run_at_ms')
-if not ok or not f[1] then
+if not ok or not f[6] then
   -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
   if rcall('ZREM', active_key, id) == 0 then return {-2, 0, 0, 0} end
   rcall('ZREM', leases_key, id)
   to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
   return {-1, 0, 0, dead_trimmed}
 end
-if attempt == '' then attempt = f[1] end
+if attempt == '' then attempt = f[1] or '0' end -- never claimed: no attempts field
 local mine = node .. ':' .. attempt
 if f[5] == mine and f[6] ~= 'done' then
   -- This attempt's failure is recorded already: a repeated call changes nothing.
@@ -115,6 +119,7 @@ if delay == 0 then
   local score = ready_score(tonumber(f[4] or '0') or 0, rcall('INCR', seq_key))
   rcall('HSET', jkey, 'state', 'ready', 'error', err, 'ready_ms', now, 'score', score, 'finished_by', mine)
   rcall('HDEL', jkey, 'node')
+  if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
   rcall('ZADD', ready_key, score, id)
   wake_idle(qprefix, 1, 'r')
   return {1, now, 0, 0}
@@ -122,6 +127,7 @@ end
 local run_at = fmt_int(now + delay)
 rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'finished_by', mine)
 rcall('HDEL', jkey, 'node')
+if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
 rcall('ZADD', sched_key, run_at, id)
 wake_idle(qprefix, 1, 's')
 return {1, now + delay, 0, 0}

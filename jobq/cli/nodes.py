@@ -36,7 +36,8 @@ def nodes(settings: Settings, include_gone: bool, as_json: bool) -> None:
             n.pid,
             "" if n.inflight is None else f"{n.inflight}/{n.concurrency}",
             f"{age(n.heartbeat_age_s)} ago",
+            n.version or "",
         )
         for n in found
     ]
-    click.echo(table(("NODE", "STATUS", "QUEUES", "HOST", "PID", "IN FLIGHT", "HEARTBEAT"), rows))
+    click.echo(table(("NODE", "STATUS", "QUEUES", "HOST", "PID", "IN FLIGHT", "HEARTBEAT", "VERSION"), rows))

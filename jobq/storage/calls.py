@@ -388,10 +388,12 @@ class Store:
         delay_ms: int | None = None,
         jitter: float | None = None,
         attempt: int | None = None,
+        count_reap: bool = False,
         now_ms: int | None = None,
     ) -> Call[FailResult]:
         """Record a failed attempt; ``attempt`` is the attempt number the claim returned (the
-        per-attempt fence; None = the attempt this node holds)."""
+        per-attempt fence; None = the attempt this node holds). ``count_reap``: a retry also
+        counts a reap on the job, in the same script (a node recovering its earlier run's jobs)."""
         k, lim = self.keys, self.limits
         keys = [
             k.active(queue, node),
@@ -415,6 +417,7 @@ class Store:
             lim.dead_max,
             lim.dead_ttl_ms,
             "" if attempt is None else attempt,
+            "1" if count_reap else "",
         ]
         outcomes = {
             1: "retry",

@@ -125,8 +125,9 @@ def oldest_ready_ms(client: SyncClient, keys: Keys, queue: str, sample: int) -> 
         return None
     pipe = client.pipeline(transaction=False)
     for job_id in heads:
-        pipe.hget(keys.job(queue, job_id), "ready_ms")
-    times = [int(v) for v in pipe.execute() if v is not None]
+        # A job ready since its enqueue stores no ready_ms: it is its enqueued_ms.
+        pipe.hmget(keys.job(queue, job_id), ["ready_ms", "enqueued_ms"])
+    times = [int(a if a is not None else b) for a, b in pipe.execute() if a is not None or b is not None]
     return min(times) if times else None
 
 
@@ -157,8 +158,30 @@ def job_ids(client: SyncClient, keys: Keys, queue: str, state: str, limit: int, 
 
 
 def job_fields(client: SyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str]) -> list[Any]:
-    """HMGET of a job's hash: the raw values (``bytes`` or None) in the order of ``fields``."""
-    return list(client.hmget(keys.job(queue, job_id), list(fields)))
+    """HMGET of a job's hash: the raw values (``bytes`` or None) in the order of ``fields``.
+
+    ``"payload"`` is the whole payload: enqueue stores one longer than 64 bytes in parts
+    (``"payload"``, ``"p2"`` .. ``"p<k>"``, ``"parts"`` = k, so the hash keeps Redis's
+    compact encoding); a job stored whole (short, or from before parts existed) has no ``"parts"``."""
+    key = keys.job(queue, job_id)
+    names = list(fields)
+    if "payload" not in names:
+        return list(client.hmget(key, names))
+    raw = list(client.hmget(key, [*names, "parts"]))
+    parts = _int(raw.pop())
+    at = names.index("payload")
+    if parts is not None and parts > 1 and raw[at] is not None:
+        rest = client.hmget(key, [f"p{i}" for i in range(2, parts + 1)])
+        # A part gone between the two reads: the job was deleted meanwhile.
+        raw[at] = None if None in rest else b"".join([raw[at], *rest])
+    return raw
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def job_queue(client: SyncClient, keys: Keys, job_id: str, queues: Sequence[str]) -> str | None:
@@ -240,11 +263,6 @@ async def active_ids_async(client: AsyncClient, keys: Keys, queue: str, node: st
     return [to_str(raw) for raw in await client.zrange(akey, 0, limit - 1)]
 
 
-async def count_reaped_async(client: AsyncClient, keys: Keys, queue: str, job_id: str) -> None:
-    """Add one to a job's ``reaped`` counter (HINCRBY)."""
-    await client.hincrby(keys.job(queue, job_id), "reaped", 1)
-
-
 def delete_dead(client: SyncClient, keys: Keys, queue: str, job_ids: Sequence[str]) -> int:
     """Delete the given dead letters of ``queue`` (the job hash, its dead-list entry and its unique
     key when that still names it); ids that are not dead letters (any more) are left alone.
@@ -300,3 +318,58 @@ def page_ids(
     pipe.zcard(key)
     raw, total = pipe.execute()
     return [to_str(x, "replace") for x in raw], int(total)
+
+
+def activity(
+    client: SyncClient, keys: Keys, queues: Sequence[str], since: Mapping[str, float], sample: int
+) -> list[tuple[int, float | None, int, list[tuple[int | None, int | None]]]]:
+    """What each queue did since a watermark, for the dashboard's charts. Per queue: the FIFO
+    sequence counter (every job made ready takes one number: enqueued, or due after a delay or
+    a retry backoff); the newest score of the finished index (its new watermark, None when it
+    is empty); how many finished entries score above ``since[queue]`` up to that one (none on
+    a queue without a watermark yet); and, for up to ``sample`` of the newest of them, the job's
+    ``(ready_ms, started_ms)``. The finished index is scored by expiry (finish time plus the
+    retention), so with one retention its order is the order of finishing."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.get(keys.seq(q))
+        lo = since.get(q)
+        if lo is None:
+            pipe.zrevrange(keys.finished(q), 0, 0, withscores=True)
+        else:
+            pipe.zrevrangebyscore(keys.finished(q), "+inf", f"({lo!r}", start=0, num=sample, withscores=True)
+    raw = pipe.execute()
+    heads: list[tuple[int, float | None, list[str]]] = []
+    for i, q in enumerate(queues):
+        seq, newest = raw[2 * i], raw[2 * i + 1]
+        top = float(newest[0][1]) if newest else since.get(q)
+        ids = [to_str(m, "replace") for m, _ in newest] if q in since else []
+        heads.append((int(seq or 0), top, ids))
+    pipe = client.pipeline(transaction=False)
+    counted: list[bool] = []
+    for q, (_, top, ids) in zip(queues, heads, strict=True):
+        lo = since.get(q)
+        counted.append(lo is not None and top is not None and top > lo)
+        if counted[-1]:
+            pipe.zcount(keys.finished(q), f"({lo!r}", repr(top))
+        for job_id in ids:
+            pipe.hmget(keys.job(q, job_id), "ready_ms", "started_ms")
+    raw = pipe.execute()
+    out = []
+    pos = 0
+    for (seq, top, ids), has_count in zip(heads, counted, strict=True):
+        count = 0
+        if has_count:
+            count = int(raw[pos])
+            pos += 1
+        times = [(_int_or_none(a), _int_or_none(b)) for a, b in raw[pos : pos + len(ids)]]
+        pos += len(ids)
+        out.append((seq, top, count, times))
+    return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -34,14 +34,11 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from jobq import admin, errors, requests, strict_json
 from jobq.app import JobQ
 from jobq.metrics import Metrics
 from jobq.storage import clients as connection
+from jobq.storage import errors as storage_errors
 from jobq.web import pool
 
 log = logging.getLogger("jobq.http")
@@ -52,8 +49,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
 
+_timeout: Any = getattr(asyncio, "timeout", None)
+
 #: Default largest request body, bytes (the encoded payload limit is 1 MiB; JSON is larger).
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
+#: Round trips of single-job POST /jobs batches out at once (the next batch gathers meanwhile):
+#: with two, one batch's thread hop and reply overlap the other's time at Redis.
+BATCHES_IN_FLIGHT = 2
 #: Most jobs one POST /jobs array may carry.
 MAX_BULK = 10_000
 #: Seconds a client may take to send a whole request (headers and body) before it is cut off.
@@ -157,9 +159,10 @@ class ApiApp:
         self.metrics = metrics if metrics is not None else Metrics(app, node="http", worker=False)
         # A separate client for /health: short timeouts and no retries, so a probe answers fast.
         self.health_client = connection.sync_client(
-            app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+            app.url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=storage_errors.no_retry()
         )
         self._openapi: bytes | None = None
+        self._batcher = _EnqueueBatcher(app)
         self.ui: Any = None
         if ui:
             from jobq.web.ui import UiApp
@@ -168,6 +171,8 @@ class ApiApp:
 
     def close(self) -> None:
         self.health_client.close()
+        if self.ui is not None:
+            self.ui.close()
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return pool.run_sync(fn, *args)
@@ -200,7 +205,12 @@ class ApiApp:
             # A request body we did not read would be parsed as the next request: close instead.
             reply.close = True
         await _send_reply(send, reply)
-        log.info("%s %s -> %d (%.1f ms)", method, path, reply.status, (time.monotonic() - started) * 1000)
+        if log.isEnabledFor(logging.INFO):
+            # After the response has left (the server writes it at the end of this turn).
+            took = (time.monotonic() - started) * 1000
+            asyncio.get_running_loop().call_soon(
+                log.info, "%s %s -> %d (%.1f ms)", method, path, reply.status, took
+            )
 
     def _reply_for(self, exc: Exception, method: str, path: str) -> _Reply:
         if isinstance(exc, HttpError):
@@ -222,8 +232,7 @@ class ApiApp:
                 errors.RedisUnavailable,
                 errors.RedisBusy,
                 errors.RedisOutOfMemory,
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
+                *storage_errors.CONNECTION_ERRORS,
             ),
         ):
             body = {"error": connection.redact(str(exc))}
@@ -250,8 +259,12 @@ class ApiApp:
         if route == "/jobs":
             if method == "POST":
                 body = await req.json()
-                status, data = await self._run(self.post_jobs, body)
-                loc = [(b"location", f"/jobs/{data['id']}".encode())] if "id" in data else []
+                if isinstance(body, list):
+                    status, data = await self._run(self.post_jobs, body)
+                else:
+                    status, data = await self.post_one(body)
+                root = req.scope.get("root_path", "")  # mounted: the path the client sees
+                loc = [(b"location", f"{root}/jobs/{data['id']}".encode())] if "id" in data else []
                 return _json_reply(status, data, loc)
             return _json_reply(200, await self._run(self.get_jobs, req.query()))
         if route == "/jobs/{id}":
@@ -295,6 +308,15 @@ class ApiApp:
         job, state = self.app.enqueue_request_state(requests.request_from_json(body))
         return 201, {"id": job.id, "queue": job.queue, "status": state or job.status().value}
 
+    async def post_one(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """POST /jobs with one job: validated here, stored by the batcher (one round trip for
+        the requests that arrived while the previous one was out)."""
+        req = requests.request_from_json(body)
+        job, state = await self._batcher.submit(req)
+        if state is None:
+            state = (await self._run(job.status)).value
+        return 201, {"id": job.id, "queue": job.queue, "status": state}
+
     def get_jobs(self, query: dict[str, str]) -> dict[str, Any]:
         limit_s = query.get("limit", "100")
         if not limit_s.isdigit():
@@ -320,6 +342,59 @@ class ApiApp:
             "totals": admin.totals(stats),
             "nodes": admin.live_node_count(self.app),
         }
+
+
+class _EnqueueBatcher:
+    """Single-job enqueues share round trips. A request goes to Redis at once (on the pool) while
+    fewer than ``BATCHES_IN_FLIGHT`` round trips are out; the ones that arrive meanwhile wait, and
+    go together in the next round trip (:meth:`JobQ.enqueue_each`: one script call per queue,
+    each request its own outcome). One client alone pays one round trip, as before; eight at
+    once share a few between them, not eight (each a thread hop, a Redis call and a GIL
+    hand-over)."""
+
+    def __init__(self, app: JobQ) -> None:
+        self.app = app
+        self.pending: list[tuple[requests.EnqueueRequest, asyncio.Future[tuple[Any, str | None]]]] = []
+        self.running = 0
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def submit(self, req: requests.EnqueueRequest) -> tuple[Any, str | None]:
+        fut: asyncio.Future[tuple[Any, str | None]] = asyncio.get_running_loop().create_future()
+        self.pending.append((req, fut))
+        if self.running < BATCHES_IN_FLIGHT:
+            self.running += 1
+            task = asyncio.ensure_future(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch = self.pending[:MAX_BULK]
+                del self.pending[: len(batch)]
+                try:
+                    if len(batch) == 1:
+                        results: list[Any] = [await pool.run_sync(self._one, batch[0][0])]
+                    else:
+                        results = await pool.run_sync(self.app.enqueue_each, [r for r, _ in batch])
+                except Exception as exc:  # pragma: no cover - enqueue_each returns its errors
+                    results = [exc] * len(batch)
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if fut.done():  # the client went away
+                        continue
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+        finally:
+            self.running -= 1
+
+    def _one(self, req: requests.EnqueueRequest) -> tuple[Any, str | None] | Exception:
+        try:
+            return self.app.enqueue_request_state(req)
+        except Exception as exc:
+            return exc
 
 
 def _route_of(path: str) -> str | None:
@@ -372,7 +447,11 @@ class _Request:
             # Refused without reading it: the connection is closed after the answer.
             raise HttpError(413, f"body: {length} bytes is over the {self.api.max_body}-byte limit", "body")
         try:
-            raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
+            if _timeout is not None:  # Python 3.11+: a timer on this task, not a task of its own
+                async with _timeout(self.api.request_timeout):
+                    raw = await self._read(length)
+            else:  # pragma: no cover - Python 3.10
+                raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
         except asyncio.TimeoutError:
             raise HttpError(
                 408, f"body: not received within {self.api.request_timeout:g} s", "body"

@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import uvicorn
@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from jobq.app import JobQ
 from jobq.metrics import Metrics
-from jobq.web.api import DEFAULT_MAX_BODY, REQUEST_TIMEOUT, ApiApp
+from jobq.web.api import DEFAULT_MAX_BODY, REQUEST_TIMEOUT, RETRY_AFTER, ApiApp
 
 log = logging.getLogger("jobq.http")
 
@@ -55,15 +55,47 @@ def _timeout_reply() -> bytes:
     return _raw_reply("408 Request Timeout", err)
 
 
+class _CoalescingTransport:
+    """A transport whose writes in one turn of the event loop leave in one ``send``: uvicorn
+    writes a response's head and body separately, and with ``TCP_NODELAY`` each write was a
+    packet of its own (and a system call, and a wake-up of the client)."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._buf:
+            self._loop.call_soon(self.flush)
+        self._buf.append(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _DeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline from a request's first byte (or the
     connection's opening) to the end of its headers."""
 
     header_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, _CoalescingTransport(transport, self.loop))
         with contextlib.suppress(OSError, AttributeError):
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -99,6 +131,15 @@ class _DeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        # Over the cap (open connections, this one included, or requests in progress): this
+        # request is answered 503 in JSON with Retry-After, and its connection closed.
+        if len(self.connections) > self.max_connections or len(self.tasks) >= self.max_connections:
+            app, self.app = self.app, _over_capacity
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -125,8 +166,21 @@ class _DeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def _protocol(header_timeout: float) -> type[HttpToolsProtocol]:
-    return type("DeadlineProtocol", (_DeadlineProtocol,), {"header_timeout": header_timeout})
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    body = json.dumps({"error": "too many connections: try again later", "field": "connection"}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(RETRY_AFTER).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _protocol(header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:
+    attrs = {"header_timeout": header_timeout, "max_connections": max_connections}
+    return type("DeadlineProtocol", (_DeadlineProtocol,), attrs)
 
 
 def _loop() -> str:
@@ -183,7 +237,7 @@ class ApiServer:
         self.port = int(self.sock.getsockname()[1])
         self.config = uvicorn.Config(
             self.api,
-            http=_protocol(request_timeout),
+            http=_protocol(request_timeout, max_connections),
             loop=_loop(),
             lifespan="off",
             proxy_headers=False,  # the client address is the peer's; no X-Forwarded-* trust
@@ -192,7 +246,7 @@ class ApiServer:
             server_header=False,
             headers=[("server", "jobq")],
             backlog=backlog,
-            limit_concurrency=max_connections,
+            limit_concurrency=None,  # the protocol caps connections (a JSON 503, not uvicorn's text)
             timeout_keep_alive=KEEP_ALIVE,
             timeout_graceful_shutdown=5,
         )

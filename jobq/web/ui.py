@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 from jobq import admin, errors, util
 from jobq.app import JobQ
 from jobq.web import pool
+from jobq.web.history import History
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,9 +83,17 @@ class UiApp:
     ``read_only``: no actions."""
 
     def __init__(
-        self, app: JobQ, *, token: str | None = None, read_only: bool = False, prefix: str = ""
+        self,
+        app: JobQ,
+        *,
+        token: str | None = None,
+        read_only: bool = False,
+        prefix: str = "",
+        history_interval: float | None = None,
     ) -> None:
         self.app = app
+        #: The overview's charts: sampled on a thread of its own from the first request on.
+        self.history = History(app, history_interval)
         self.token = token.encode() if token else None
         self.read_only = read_only
         self.prefix = prefix.rstrip("/")
@@ -93,10 +102,14 @@ class UiApp:
             name: resources.files("jobq.web").joinpath(f"static/{name}").read_bytes() for name in STATIC
         }
 
+    def close(self) -> None:
+        self.history.close()
+
     # -- ASGI -----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        self.history.start()
         base = scope.get("root_path", "") + self.prefix
         path: str = scope["path"]
         if scope.get("root_path") and path.startswith(scope["root_path"]):
@@ -204,7 +217,7 @@ async def _respond(send: Send, a: _Answer) -> None:
     await send({"type": "http.response.body", "body": a.body})
 
 
-def _page(base: str, title: str, content: bytes, read_only: bool, live: str = "") -> bytes:
+def _page(base: str, title: str, content: bytes, read_only: bool, live: str = "", history: str = "") -> bytes:
     nav = "".join(
         f'<a href="{base}{href}">{label}</a>'
         for href, label in (
@@ -216,6 +229,8 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
     )
     ro = '<span class="ro">read-only</span>' if read_only else ""
     live_attr = f' data-live="{_e(live)}"' if live else ""
+    if history:
+        live_attr += f' data-history="{_e(history)}"'
     return (
         (
             f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)} · jobq</title>'
@@ -239,9 +254,16 @@ class _View:
     def get(self, path: str) -> tuple[int, bytes, bytes]:
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
         if parts == []:
-            return self._html("Overview", self.overview(), live=f"{self.base}/api/overview")
+            return self._html(
+                "Overview",
+                self.overview(),
+                live=f"{self.base}/api/overview",
+                history=f"{self.base}/api/history",
+            )
         if parts == ["api", "overview"]:
             return 200, json.dumps(self.overview_data()).encode(), b"application/json"
+        if parts == ["api", "history"]:
+            return 200, json.dumps(self.ui.history.to_json()).encode(), b"application/json"
         if len(parts) == 4 and parts[:2] == ["api", "job"]:
             info = admin.job_info(self.app, parts[3], parts[2], with_args=False)
             data = {"state": info.state.value, "attempts": info.attempts, "node": info.node}
@@ -268,9 +290,10 @@ class _View:
         return self._html("Not found", b"<p>No such page.</p>", status=404)
 
     def _html(
-        self, title: str, content: bytes, *, live: str = "", status: int = 200
+        self, title: str, content: bytes, *, live: str = "", history: str = "", status: int = 200
     ) -> tuple[int, bytes, bytes]:
-        return status, _page(self.base, title, content, self.ui.read_only, live), b"text/html; charset=utf-8"
+        page = _page(self.base, title, content, self.ui.read_only, live, history)
+        return status, page, b"text/html; charset=utf-8"
 
     def _form(
         self, action: str, label: str, *, extra: str = "", danger: bool = False, confirm: str = ""
@@ -311,12 +334,22 @@ class _View:
                 f'<td class="num" data-k="{_e(s.queue)}.{f}">{getattr(s, f)}</td>'
                 for f in ("ready", "scheduled", "active", "dead")
             )
-            + f'<td class="num">{s.oldest_ready_age_s:.1f} s</td></tr>'
+            + f'<td class="num">{s.oldest_ready_age_s:.1f} s</td>'
+            + "".join(
+                f'<td class="chart"><svg class="spark" data-chart="{kind}" data-q="{_e(s.queue)}" '
+                f'viewBox="0 0 160 32" preserveAspectRatio="none" role="img" aria-label="{_e(s.queue)} {kind}, last hour">'
+                f'</svg><span class="fig" data-fig="{kind}" data-q="{_e(s.queue)}"></span></td>'
+                for kind in ("rate", "wait")
+            )
+            + "</tr>"
             for s in stats
         )
         table = (
             "<table><tr><th>queue</th><th class=num>ready</th><th class=num>scheduled</th><th class=num>active</th>"
-            f"<th class=num>dead</th><th class=num>oldest ready</th></tr>{rows}</table>"
+            "<th class=num>dead</th><th class=num>oldest ready</th>"
+            '<th>per second, last hour: <span class="k1">made ready</span> / <span class="k2">finished</span></th>'
+            '<th>wait to start, last hour: <span class="k1">p50</span> / <span class="k2">p95</span></th>'
+            f"</tr>{rows}</table>"
         )
         if not stats:
             table = "<p class=muted>No queues yet.</p>"
@@ -481,11 +514,12 @@ class _View:
                     last_ms = None
                 rows.append(
                     f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
-                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td></tr>"
+                    f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td>"
+                    f"<td>{_e(_when(c.schedule.next_tick(now)))}</td></tr>"
                 )
             parts.append(
                 "<h2>Cron</h2><table><tr><th>entry</th><th>task</th><th>schedule</th><th>queue</th>"
-                f"<th>latest tick due</th><th>last tick enqueued</th></tr>{''.join(rows)}</table>"
+                f"<th>latest tick due</th><th>last tick enqueued</th><th>next tick</th></tr>{''.join(rows)}</table>"
             )
         return ("".join(parts) or "<p class=muted>Nothing scheduled.</p>").encode()
 
@@ -496,7 +530,7 @@ class _View:
         rows = "".join(
             f"<tr><td><code>{_e(n.node)}</code></td><td>{_e(', '.join(n.queues))}</td><td class=num>{_e(n.concurrency)}</td>"
             f"<td class=num>{_e(n.inflight)}</td><td class=num>{n.heartbeat_age_s:.1f} s</td><td>{_e(n.host)}</td>"
-            f"<td>{_e(getattr(n, 'version', ''))}</td></tr>"
+            f"<td>{_e(n.version or '')}</td></tr>"
             for n in ns
         )
         return (

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 from jobq.backoff import worth_a_line
 from jobq.errors import JobqError, RedisBusy, RedisUnavailable
@@ -33,6 +34,18 @@ from jobq.worker.context import Context
 from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.heartbeat")
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("jobq")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a tree never installed
+        return "0+unknown"
+
+
+#: The jobq version this node runs, recorded in its registry entry (the dashboard's nodes page
+#: and ``jobq nodes`` show it: a fleet half-way through an upgrade is visible).
+VERSION = _installed_version()
 
 
 @dataclass
@@ -190,6 +203,7 @@ class Heartbeat:
                 "host": socket.gethostname(),
                 "started_ms": self.started_ms,
                 "heartbeat_ms": now_ms,
+                "version": VERSION,
                 **self._info(),
             }
             # Killed nodes never deregister: entries as old as an expired node hash are dropped.

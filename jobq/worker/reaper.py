@@ -136,13 +136,12 @@ async def recover_inherited(app: Context, runner: AsyncRunner, node: str, queues
                     job_id,
                     "lease_expired: its node restarted before the attempt finished",
                     delay_ms=0,
+                    count_reap=True,  # a retry counts like a reap: every re-run is visible
                     now_ms=app.now_ms(),
                 )
             )
             if res.outcome in ("retry", "dead"):
                 recovered += 1
-                if res.outcome == "retry":  # counted like a reap: every re-run is visible
-                    await reads.count_reaped_async(runner.client, app.keys, q, job_id)
                 log.warning(
                     "queue %s: job %s left by an earlier run of this node: %s", q, job_id, res.outcome
                 )

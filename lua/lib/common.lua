@@ -21,6 +21,10 @@ local MAX_BATCH_BYTES = 2097152
 --: Ready score = (100 - priority) * PRIO_SPAN + seq: room for 2^44 sequence numbers under each
 --: of the 201 priorities, and 200 * 2^44 + 2^44 < 2^53.
 local PRIO_SPAN = 17592186044416
+--: A payload longer than PAYLOAD_PART bytes is stored in parts of that size (enqueue.lua),
+--: up to PAYLOAD_PARTS_MAX parts; claim puts it back together (see below).
+local PAYLOAD_PART = 64
+local PAYLOAD_PARTS_MAX = 64
 
 local function badarg(field, why)
   return redis.error_reply('BADARG ' .. field .. ' ' .. why)
@@ -202,6 +206,18 @@ local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
   rcall('ZREM', sched_key, unpack(due))
   rcall('ZADD', ready_key, unpack(add))
   return #due
+end
+
+-- A job's payload from its "payload" field and, when the hash has "parts" = k > 1, the fields
+-- "p2" .. "p<k>" (enqueue.lua). A job stored before parts existed has no "parts".
+local function read_payload(jkey, first, parts)
+  local k = tonumber(parts or '')
+  if first == nil or first == false or k == nil or k < 2 then return first or '' end
+  local names = {}
+  for part = 2, k do names[part - 1] = 'p' .. part end
+  local rest = rcall('HMGET', jkey, unpack(names))
+  for i = 1, #rest do rest[i] = rest[i] or '' end
+  return first .. table.concat(rest)
 end
 
 -- The earliest scheduled run-at in ms, or -1 when nothing is scheduled.

@@ -125,10 +125,66 @@ def test_every_page_opens_without_console_errors(fleet: dict[str, Any], browser:
         "nodes": "/ui/nodes",
     }
     for shot, path in pages.items():
-        p.open(path, shot)
+        # The overview's screenshot is taken with its charts drawn, in the charts' test.
+        p.open(path, None if shot == "overview" else shot)
         time.sleep(1.2)  # one live poll
         assert p.errors == [], (path, p.errors)
     assert "failing on purpose" in p.open(f"/ui/jobs/proc/{dead.id}").content()
+
+
+@pytest.fixture
+def fast_charts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard samples its charts every 0.5 s (not 10 s) in this test's server."""
+    from jobq.web import history
+
+    monkeypatch.setattr(history, "SAMPLE_S", 0.5)
+
+
+CHART_HAS = """([kind, cls, minY]) => {
+  const svg = document.querySelector(`svg[data-chart=${kind}][data-q=proc]`);
+  if (!svg) return false;
+  for (const el of svg.querySelectorAll(`.${cls}`)) {
+    const ys = el.tagName === "circle" ? [el.getAttribute("cy")]
+      : el.getAttribute("points").split(" ").map((p) => p.split(",")[1]);
+    if (ys.some((y) => Number(y) < minY)) return true;
+  }
+  return false;
+}"""
+
+
+def test_overview_charts_draw_rates_and_waits_live(
+    fast_charts: None, fleet: dict[str, Any], browser: Any
+) -> None:
+    """The overview's charts (inline SVG from the dashboard's own JS) grow without a reload, and
+    show jobs finished and their waits once a worker has run some."""
+    app = fleet["app"]
+    _enqueue(app, "record", 0)
+    p = Page(browser, fleet["url"])
+    page = p.page
+    resp = page.goto(fleet["url"] + "/ui/")
+    assert resp is not None and resp.status == 200
+    rate = page.locator("svg[data-chart=rate][data-q=proc]")
+    points = "() => Number(document.querySelector('svg[data-chart=rate][data-q=proc]').dataset.points) >= 2"
+    page.wait_for_function(points, timeout=20_000)
+    before = int(rate.get_attribute("data-points") or 0)
+    admin.pause(app, "proc")
+    for i in range(40):
+        _enqueue(app, "record", i)
+    time.sleep(0.3)  # the jobs wait in ready, so their waits show
+    admin.resume(app, "proc")
+    # Above the baseline (y = 31): a made-ready rate (l1), a finished rate (l2), and a wait.
+    page.wait_for_function(CHART_HAS, arg=["rate", "l1", 30], timeout=20_000)
+    page.wait_for_function(CHART_HAS, arg=["rate", "l2", 30], timeout=20_000)
+    page.wait_for_function(CHART_HAS, arg=["wait", "l1", 31], timeout=20_000)
+    assert int(rate.get_attribute("data-points") or 0) > before  # no reload: the page polls
+    assert page.locator("span[data-fig=wait][data-q=proc]").text_content().endswith(" ms")
+    assert p.errors == []
+    where = os.environ.get("JOBQ_SCREENSHOTS")
+    if where:
+        for i in range(200):  # a steady trickle, so the screenshot's charts have a shape
+            _enqueue(app, "record", i)
+            time.sleep(0.05)
+        page.screenshot(path=str(Path(where) / "ui-overview.png"), full_page=True)
 
 
 def test_job_goes_ready_to_done_live(fleet: dict[str, Any], browser: Any) -> None:

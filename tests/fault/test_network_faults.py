@@ -83,7 +83,7 @@ class TestLostReplies:
         assert ready == expected  # exactly one job per id, none lost
         assert r.zcard(app.keys.ready(Q)) == len(expected)
         for job_id in expected:
-            assert r.hget(app.keys.job(Q, job_id), "attempts") == b"0"
+            assert int(r.hget(app.keys.job(Q, job_id), "attempts") or 0) == 0  # absent = never claimed
         app.close()
         manual.close()
 

@@ -667,9 +667,11 @@ def test_f9_clock_skew_changes_nothing(
     for e in history.enqueues():
         if e.job_id in long_ids:
             continue
-        started, run_at = (
-            int(x) for x in r.hmget(app.keys.job("fault", e.job_id), "started_ms", "run_at_ms")
+        started_ms, run_at_ms, enqueued_ms = r.hmget(
+            app.keys.job("fault", e.job_id), "started_ms", "run_at_ms", "enqueued_ms"
         )
+        # A job ready at once stores no run_at_ms: it was due at its enqueue.
+        started, run_at = int(started_ms), int(run_at_ms or enqueued_ms)
         if started < run_at:
             early.append((e.job_id, run_at - started))
         if started > run_at + (poll + 0.1) * 1000:

@@ -98,6 +98,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         10: int_bad(1, None),
         11: int_bad(1, None),
         12: ATTEMPT_BAD,
+        13: ["x", "0", "2", " 1"],
     },
     ScriptName.EXTEND: {
         1: NODE_BAD,

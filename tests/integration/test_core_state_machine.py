@@ -384,7 +384,7 @@ class QueueMachine(RuleBasedStateMachine):
         for jid, (state, attempts, node) in zip(ids, pipe.execute(), strict=True):
             j = self.jobs[jid]
             assert state is not None and state.decode() == j.state, (jid, state, j.state)
-            assert int(attempts) == j.attempts, (jid, attempts, j.attempts)
+            assert int(attempts or 0) == j.attempts, (jid, attempts, j.attempts)  # absent = 0
             if j.place == "active":
                 assert node is not None and node.decode() == j.node
         for u in ("u1", "u2"):

@@ -49,6 +49,27 @@ def test_prev_tick(schedule: str, now: str, tick: str) -> None:
     assert CronSchedule.parse(schedule).prev_tick(ms(now)) == ms(tick)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "now", "tick"),
+    [
+        ("*/5 * * * *", "2026-03-04 10:17:59", "2026-03-04 10:20:00"),
+        ("*/5 * * * *", "2026-03-04 10:15:00", "2026-03-04 10:20:00"),  # strictly after
+        ("0 9 * * mon-fri", "2026-03-06 12:00:00", "2026-03-09 09:00:00"),  # Fri -> Mon
+        ("30 2 1 * *", "2026-03-04 00:00:00", "2026-04-01 02:30:00"),
+        ("0 0 13 * fri", "2026-03-10 00:00:00", "2026-03-13 00:00:00"),  # dom OR dow
+        ("@hourly", "2026-03-04 23:59:30", "2026-03-05 00:00:00"),
+        ("0 0 29 feb *", "2026-03-04 00:00:00", "2028-02-29 00:00:00"),
+        ("@every 30s", "2026-03-04 10:00:44", "2026-03-04 10:01:00"),
+    ],
+)
+def test_next_tick(schedule: str, now: str, tick: str) -> None:
+    s = CronSchedule.parse(schedule)
+    nxt = s.next_tick(ms(now))
+    assert nxt == ms(tick)
+    # The tick after now is a tick, and none lies between now and it.
+    assert s.prev_tick(nxt) == nxt and (s.prev_tick(nxt - 1) or 0) <= ms(now)
+
+
 def test_every_is_aligned_to_the_epoch() -> None:
     s = CronSchedule.parse("@every 30s")
     assert s.prev_tick(ms("2026-03-04 10:00:44")) == ms("2026-03-04 10:00:30")

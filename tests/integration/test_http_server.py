@@ -85,6 +85,44 @@ def test_worker_metrics_port_keep_alive_scrape_does_not_stall(redis_url: str) ->
         app.close()
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "POST", "BREW"])
+def test_worker_metrics_port_answers_json_405_and_cuts_slow_clients(redis_url: str, method: str) -> None:
+    app = JobQ(redis_url)
+    ms = serve_metrics(Metrics(app, node="n1"), "127.0.0.1", 0)
+    try:
+        data = _raw(ms.port, f"{method} /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405"), head
+        assert b"\r\nAllow: GET, HEAD" in head and b"Content-Type: application/json" in head
+        assert json.loads(body)["field"] == "method"
+        if method != "OPTIONS":
+            return
+        # A client trickling its request is cut off at the request deadline, not per read.
+        handler = ms.httpd.RequestHandlerClass
+        handler.request_deadline = 1.0  # type: ignore[attr-defined]
+        with socket.create_connection(("127.0.0.1", ms.port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            got = b"x"
+            while time.monotonic() - t0 < 8:
+                time.sleep(0.3)
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                    s.settimeout(0.01)
+                    got = s.recv(100)
+                    if not got:
+                        break
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except OSError:
+                    got = b""
+                    break
+            assert got == b"" and time.monotonic() - t0 < 4, "the trickling request was not cut off"
+    finally:
+        ms.close()
+        app.close()
+
+
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "PROPFIND", "BREW"])
 def test_unrouted_methods_are_json_405_with_allow(server: ApiServer, method: str) -> None:
     data = _raw(server.port, f"{method} /jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -248,3 +286,107 @@ def test_post_answers_the_state_the_job_was_stored_in(server: ApiServer, body: d
         conn.close()
         assert resp.status == 201, got
         assert got["status"] == server.app.job(got["id"], got["queue"]).status().value
+
+
+def test_enqueue_each_gives_every_request_its_own_outcome(redis_url: str, r: redis.Redis) -> None:
+    """What the HTTP API sends for single-job POSTs that arrive together: one round trip, and a
+    call Redis refuses whole (max_depth) is sent again job by job, so each request is refused or
+    stored for its own reason, as it would be alone."""
+    from jobq import errors
+    from jobq.requests import request_from_json
+
+    app = JobQ(redis_url, max_depth={"full": 3})
+    try:
+        reqs = [request_from_json({"task": "t", "queue": "full", "args": [i]}) for i in range(6)]
+        reqs.insert(2, request_from_json({"task": "t", "queue": "other", "delay": 60}))
+        reqs.insert(4, request_from_json({"task": "t", "queue": "other", "args": ["x" * 2_000_000]}))
+        out = app.enqueue_each(reqs)
+        stored = [o for o in out if not isinstance(o, Exception)]
+        refused = [o for o in out if isinstance(o, Exception)]
+        assert [type(e) for e in refused].count(errors.QueueFull) == 3
+        assert isinstance(out[4], errors.InvalidInput)  # its own error: the payload is too large
+        assert len(stored) == 4
+        assert r.zcard(app.keys.ready("full")) == 3 and r.zcard(app.keys.scheduled("other")) == 1
+        for job, state in stored:
+            assert state == job.status().value
+        assert out[2][1] == "scheduled"  # type: ignore[index]
+    finally:
+        app.close()
+
+
+def test_concurrent_posts_each_get_their_answer(redis_url: str, r: redis.Redis) -> None:
+    """Eight keep-alive clients at once (their POSTs share round trips): every job is stored
+    once, each client gets its own job's id, and a queue at its max_depth refuses the excess."""
+    app = JobQ(redis_url, max_depth={"full": 10})
+    srv = ApiServer(app, "127.0.0.1", 0).start()
+    results: list[tuple[int, dict[str, object], int]] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        for i in range(25):
+            queue = "full" if i % 5 == 0 else "open"
+            body = json.dumps({"task": "t", "queue": queue, "args": [n, i]})
+            conn.request("POST", "/jobs", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            with lock:
+                results.append((resp.status, data, n * 100 + i))
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 200
+        ok = [(d, tag) for status, d, tag in results if status == 201]
+        assert sorted(s for s, _, _ in results if s != 201) == [503] * 30  # 40 to "full", 10 fit
+        assert len({d["id"] for d, _ in ok}) == 170
+        for d, tag in ok:  # each answer names the job that request stored
+            assert app.job(str(d["id"]), str(d["queue"])).info().args == [tag // 100, tag % 100]
+        assert r.zcard(app.keys.ready("open")) == 160 and r.zcard(app.keys.ready("full")) == 10
+    finally:
+        srv.close()
+        app.close()
+
+
+def test_connections_over_the_cap_get_a_json_503_and_no_thread(redis_url: str) -> None:
+    """Idle connections cost no thread (one event loop serves them all), and past the cap a
+    request is answered 503 in JSON with Retry-After; once connections close, requests pass."""
+    app = JobQ(redis_url)
+    srv = ApiServer(app, "127.0.0.1", 0, max_connections=50).start()
+    idle: list[socket.socket] = []
+    try:
+        assert _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+        threads = threading.active_count()
+        for _ in range(60):
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        state = srv.server.server_state
+        deadline = time.monotonic() + 10
+        while len(state.connections) < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(state.connections) >= 60
+        assert threading.active_count() <= threads + 1  # no thread per connection
+        data = _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"\r\nretry-after: " in head.lower() and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["field"] == "connection"
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while len(state.connections) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+    finally:
+        for s in idle:
+            s.close()
+        srv.close()
+        app.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import re
 import subprocess
 import sys
@@ -212,7 +213,13 @@ def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> Non
         assert "state-done" in b.get(f"/ui/jobs/work/{job.id}")
         # The live endpoint the page polls says the same.
         assert '"state": "done"' in b.get(f"/ui/api/job/work/{job.id}")
-        assert worker.node in b.get("/ui/nodes")
+        # Each node records the jobq version it runs; the nodes page shows it.
+        import jobq
+
+        (node,) = [n for n in admin.nodes(app) if n.node == worker.node]
+        assert node.version == jobq.__version__
+        row = next(r for r in b.get("/ui/nodes").split("<tr>") if worker.node in r)
+        assert f"<td>{jobq.__version__}</td>" in row
     finally:
         FAIL["on"] = True
         worker.stop()
@@ -273,6 +280,9 @@ def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
     assert sent[0]["status"] == 200
     body = sent[1]["body"].decode()
     assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
+    assert "<th>next tick</th>" in body
+    nxt = re.findall(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.000 UTC</td></tr>", body)
+    assert nxt and nxt[-1][-5:-3] in {f"{m:02d}" for m in range(0, 60, 5)}  # a */5 minute
 
 
 @pytest.mark.parametrize("full_path", [True, False])
@@ -351,4 +361,112 @@ def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
     finally:
         worker.stop()
         server.close()
+        app.close()
+
+
+def test_history_samples_rates_and_waits(redis_url: str) -> None:
+    """The overview's charts read what Redis saw between two samples: jobs made ready, jobs
+    finished, and the ready-to-started wait of the finished ones (checked against their hashes)."""
+    from jobq.web.history import History
+
+    app = JobQ(redis_url)
+
+    @app.task(name="quick", queue="charts")
+    def quick(i: int) -> int:
+        return i
+
+    history = History(app, interval=3600)  # sampled by hand below
+    worker = None
+    try:
+        quick.enqueue(-1)  # the queue exists; the first sample sets the watermarks
+        history.sample()
+        assert history.to_json()["queues"] == {}  # no interval yet
+        admin.pause(app, "charts")
+        jobs = [quick.enqueue(i) for i in range(20)]
+        worker = ThreadWorker(app, queues=[("charts", 1)], concurrency=4, lease=5).start()
+        time.sleep(0.05)  # the jobs wait a little in ready: their waits are > 0
+        admin.resume(app, "charts")
+        wait_for(lambda: all(j.status().value == "done" for j in jobs), 20)
+        history.sample()
+        data = history.to_json()
+        cols = data["queues"]["charts"]
+        assert len(cols["t_ms"]) == 1
+        point = {name: values[0] for name, values in cols.items()}
+        # Both per second of the same interval: 20 made ready in it, 21 finished (with job -1).
+        assert point["ready_per_s"] > 0
+        assert abs(point["finished_per_s"] / point["ready_per_s"] - 21 / 20) < 0.02, point
+        waits = sorted(
+            int(s) - int(r)
+            for r, s in (
+                app.client.hmget(app.keys.job("charts", j.id), "ready_ms", "started_ms") for j in jobs
+            )
+        )
+        assert point["wait_p50_ms"] in waits and point["wait_p95_ms"] in waits
+        assert point["wait_p95_ms"] >= point["wait_p50_ms"] >= 40
+        # A third sample with nothing new: zero rates, no waits.
+        history.sample()
+        last = {k: v[-1] for k, v in history.to_json()["queues"]["charts"].items()}
+        assert (last["ready_per_s"], last["finished_per_s"], last["wait_p50_ms"]) == (0, 0, None)
+    finally:
+        if worker is not None:
+            worker.stop()
+        history.close()
+        app.close()
+
+
+def test_mounted_in_a_starlette_app(redis_url: str) -> None:
+    """``asgi_app`` mounted under /jobq in a Starlette application served by uvicorn: the API
+    (bearer token, Location under the mount), the dashboard (basic auth, links, a CSRF-checked
+    action) and the host application's own route all answer on one port."""
+    starlette = pytest.importorskip("starlette")
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from jobq.web import asgi_app
+    from tests.harness.redis_server import free_port
+
+    assert starlette.__version__
+    app = JobQ(redis_url)
+    api = asgi_app(app, token=TOKEN)
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the host application")
+
+    host = Starlette(routes=[Route("/", home), Mount("/jobq", app=api)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(host, "127.0.0.1", port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 20)
+        b = Browser(port)
+        assert b.get("/") == "the host application"
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        status, _, body = b.request("GET", "/jobq/stats", **bearer)
+        assert status == 200 and "totals" in body
+        status, headers, body = b.request(
+            "POST",
+            "/jobq/jobs",
+            '{"task": "t", "queue": "mounted"}',
+            Content_Type="application/json",
+            **bearer,
+        )
+        assert status == 201, body
+        assert headers["location"].startswith("/jobq/jobs/")
+        status, _, body = b.request("GET", headers["location"] + "?queue=mounted", **bearer)
+        assert status == 200 and json.loads(body)["queue"] == "mounted", body
+        assert Browser(port, auth=None).request("GET", "/jobq/stats")[0] == 401
+        page = b.get("/jobq/ui/queues/mounted")
+        assert 'href="/jobq/ui/static/ui.css"' in page
+        status, headers, _ = b.post("/jobq/ui/queues/mounted", "/jobq/ui/queues/mounted/pause")
+        assert status == 303 and headers["location"] == "/jobq/ui/queues/mounted"
+        assert admin.queue_stats(app, ["mounted"])[0].paused
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        api.close()
         app.close()

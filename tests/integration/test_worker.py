@@ -300,11 +300,11 @@ def test_bad_configuration_is_refused(app: JobQ) -> None:
 
 def test_weighted_queue_order_follows_weights(app: JobQ) -> None:
     w = Worker(app, WorkerConfig(queues=[("critical", 6), ("default", 3), ("low", 1)], weighted=True))
-    first = collections.Counter(w._queue_order()[0] for _ in range(5000))
+    first = collections.Counter(w.fetcher.queue_order()[0] for _ in range(5000))
     assert abs(first["critical"] / 5000 - 0.6) < 0.05
     assert abs(first["default"] / 5000 - 0.3) < 0.05
     assert abs(first["low"] / 5000 - 0.1) < 0.05
-    assert sorted(w._queue_order()) == ["critical", "default", "low"]
+    assert sorted(w.fetcher.queue_order()) == ["critical", "default", "low"]
 
 
 # -- leases -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import redis
 
 from jobq import JobQ, JobState
 from jobq.worker import Worker, WorkerConfig
-from jobq.worker import node as worker_mod
+from jobq.worker import fetcher as fetcher_mod
 from tests.integration.test_worker import Background, wait_for
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def bg() -> Iterator[list[Background]]:
 def started(app: JobQ, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Registers ``nap(tag, seconds)``; returns the tags in the order their jobs started. The
     buffer is sized for 10 s of work, so a one-slot node buffers one job once a job has run."""
-    monkeypatch.setattr(worker_mod, "PREFETCH_HORIZON", 10.0)
+    monkeypatch.setattr(fetcher_mod, "PREFETCH_HORIZON", 10.0)
     order: list[str] = []
 
     @app.task(name="nap", max_attempts=3)
@@ -53,7 +53,7 @@ def one_slot_node(app: JobQ, bg: list[Background], **cfg: float) -> Background:
 
 
 def buffered_ids(b: Background) -> list[str]:
-    return [run.job.id for run in list(b.worker._buffer)]
+    return [run.job.id for run in list(b.worker.held.buffer)]
 
 
 def test_a_buffered_job_stays_leased_while_it_waits(
@@ -102,7 +102,7 @@ def test_a_stop_hands_buffered_jobs_back_at_once_without_counting_an_attempt(
 def test_a_buffered_job_that_waits_too_long_goes_back_to_ready(
     app: JobQ, r: redis.Redis, bg: list[Background], started: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker_mod, "PREFETCH_MAX_WAIT", 0.3)
+    monkeypatch.setattr(fetcher_mod, "PREFETCH_MAX_WAIT", 0.3)
     app.enqueue("nap", ("first", 0.0))
     slow = app.enqueue("nap", ("slow", 1.5))
     waiting = app.enqueue("nap", ("waiting", 0.0))
@@ -169,7 +169,7 @@ def test_a_buffered_job_whose_deadline_passes_never_starts(
 ) -> None:
     """A job's deadline holds even while it waits in the buffer: when a slot frees after the
     deadline, the job is handed back, and the next claim dead-letters it as expired."""
-    monkeypatch.setattr(worker_mod, "PREFETCH_MAX_WAIT", 30.0)  # the slot frees first
+    monkeypatch.setattr(fetcher_mod, "PREFETCH_MAX_WAIT", 30.0)  # the slot frees first
     app.enqueue("nap", ("first", 0.0))
     slow = app.enqueue("nap", ("slow", 1.0))
     late = app.enqueue("nap", ("late", 0.0), deadline=timedelta(seconds=0.6))  # start within 0.6 s

@@ -55,7 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     # The worker's components that need only keys, script calls and a clock (a narrow context,
     # jobq/worker/context.py), never the app: lease renewals, the reaper, the slot backoff, the
-    # event loop.
+    # event loop, the held-jobs table, the wake-ups.
     (
         "worker parts",
         (
@@ -64,9 +64,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.worker.reaper",
             "jobq.worker.slots",
             "jobq.worker.loop",
+            "jobq.worker.held",
+            "jobq.worker.wakeups",
         ),
     ),
-    # The worker node (it runs the app's tasks, so it holds the app) and the scheduler (it
+    # The worker node (it runs the app's tasks, so it holds the app), the components that run
+    # them or record their outcomes (fetcher, executor, acker, outcomes), and the scheduler (it
     # enqueues cron jobs through the app).
     ("worker", ("jobq.worker",)),
     # The fronts: the command line and the HTTP API (and a future web/ dashboard).
@@ -222,8 +225,55 @@ def test_the_worker_never_imports_a_front_and_its_parts_never_the_app() -> None:
     worker = [m for m in EDGES if _under(m, "jobq.worker")]
     assert not [(m, t) for m in worker for t in EDGES[m] if _under(t, "jobq.cli") or _under(t, "jobq.http")]
     parts = [m for m in worker if LAYERS[layer_of(m) or 0][0] == "worker parts"]
-    assert len(parts) == 5
+    assert len(parts) == 7
     assert not [(m, t) for m in parts for t in EDGES[m] if _under(t, "jobq.app") or t == "jobq"]
+
+
+#: The node's components, one file each; only ``jobq.worker.node`` wires them to each other.
+COMPONENTS = {f"jobq.worker.{c}" for c in ("fetcher", "executor", "acker", "wakeups")}
+
+
+def test_the_held_jobs_table_is_at_the_bottom_of_the_worker() -> None:
+    """held.py imports no other worker module: what happens when room frees is a callback."""
+    assert not [t for t in EDGES["jobq.worker.held"] if _under(t, "jobq.worker")]
+
+
+def test_only_the_node_wires_components() -> None:
+    assert COMPONENTS <= set(EDGES)
+    wiring = {
+        m: sorted(EDGES[m] & COMPONENTS)
+        for m in EDGES
+        if _under(m, "jobq") and m != "jobq.worker.node" and EDGES[m] & COMPONENTS
+    }
+    assert not wiring, f"only jobq.worker.node may import a component: {wiring}"
+    assert COMPONENTS <= EDGES["jobq.worker.node"]
+
+
+def test_no_worker_class_is_over_400_lines() -> None:
+    long = {
+        f"{path.name}:{node.name}": (node.end_lineno or 0) - node.lineno + 1
+        for path in (PACKAGE / "worker").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ClassDef) and (node.end_lineno or 0) - node.lineno + 1 > 420
+    }
+    assert not long
+
+
+def test_only_storage_imports_the_redis_client() -> None:
+    """Commands, subscriptions, exception and retry types: all through jobq/storage/ (the one
+    exception is the command line's connection check, jobq/cli/common.py)."""
+    users = sorted(
+        m
+        for m, path in modules().items()
+        if not _under(m, "jobq.storage")
+        and m != "jobq.cli.common"
+        and any(
+            (isinstance(n, ast.Import) and any(_under(a.name, "redis") for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and _under(n.module or "", "redis") and not n.level)
+            for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        )
+    )
+    assert not users
 
 
 def test_fronts_are_imported_only_by_their_users() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from jobq.storage.calls import JobSpec, Store
 from jobq.storage.keys import Keys
-from jobq.storage.scripts import PRELUDE, ScriptName, lua_dir, operation_file, prelude, source
+from jobq.storage.scripts import PRELUDE, ScriptName, lua_dir, operation_file, prelude, prelude_for, source
 
 STORE = Store(Keys("jobq"))
 SPEC = JobSpec(id="j1", task="t", payload=b"\x92\x90\x80")
@@ -41,9 +41,23 @@ def test_script_is_its_shebang_then_the_prelude_then_its_file(name: ScriptName) 
     text = operation_file(name).read_text()
     first, rest = text.split("\n", 1)
     assert re.fullmatch(r"#!lua( flags=allow-oom)?", first)
-    assert source(name) == f"{first}\n{prelude()}{rest}"
+    assert source(name) == f"{first}\n{prelude_for(rest)}{rest}"
     # Only enqueue and retry_dead add jobs; everything else must run under OOM.
     assert ("allow-oom" in first) == (name not in (ScriptName.ENQUEUE, ScriptName.RETRY_DEAD))
+
+
+def test_a_script_carries_the_prelude_helpers_it_names_and_what_they_name() -> None:
+    body = "local e = bad_qprefix(ARGV[1])\n"
+    part = prelude_for(body)
+    # bad_qprefix calls badarg; neither calls to_dead, which stays out.
+    assert "local function bad_qprefix(" in part and "local function badarg(" in part
+    assert "local function to_dead(" not in part
+    # to_dead needs trim_dead, drop_dead, same_incarnation and release_unique (in prelude order).
+    full = prelude_for("to_dead(a, b, c, d, e, f, g)\n")
+    names = ["release_unique", "same_incarnation", "drop_dead", "trim_dead", "to_dead"]
+    at = [full.index(f"local function {n}(") for n in names]
+    assert at == sorted(at)
+    assert "local function promote_due(" not in full
 
 
 @pytest.mark.parametrize("name", list(ScriptName), ids=lambda n: n.value)

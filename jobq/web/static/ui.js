@@ -9,6 +9,8 @@
       if (!window.confirm(this.getAttribute("data-confirm"))) { ev.preventDefault(); }
     });
   }
+  var history = body.getAttribute("data-history");
+  if (history) { charts(history); }
   var live = body.getAttribute("data-live");
   if (!live) { return; }
   function update(data) {
@@ -32,4 +34,88 @@
       .then(function () { window.setTimeout(poll, 1000); });
   }
   window.setTimeout(poll, 1000);
+
+  // The overview's charts: inline SVG drawn from /api/history (no library, no inline style:
+  // presentation attributes and classes only, which the CSP allows).
+  function charts(url) {
+    var W = 160, H = 32;
+    var kinds = {
+      rate: { series: ["ready_per_s", "finished_per_s"], unit: "/s", digits: 1 },
+      wait: { series: ["wait_p50_ms", "wait_p95_ms"], unit: " ms", digits: 0 }
+    };
+    function fmt(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
+    function draw(svg, cols, kind, t0, t1) {
+      var NS = svg.namespaceURI;  // the SVG namespace, from the element the page rendered
+      while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+      var spec = kinds[kind], top = 0, i, j;
+      for (j = 0; j < spec.series.length; j++) {
+        var vs = cols[spec.series[j]] || [];
+        for (i = 0; i < vs.length; i++) { if (vs[i] !== null && vs[i] > top) { top = vs[i]; } }
+      }
+      top = top > 0 ? top * 1.1 : 1;
+      var base = document.createElementNS(NS, "line");
+      base.setAttribute("x1", "0"); base.setAttribute("x2", String(W));
+      base.setAttribute("y1", String(H - 0.5)); base.setAttribute("y2", String(H - 0.5));
+      base.setAttribute("class", "axis");
+      svg.appendChild(base);
+      var ts = cols.t_ms || [];
+      for (j = 0; j < spec.series.length; j++) {
+        var values = cols[spec.series[j]] || [], pts = [], segs = [];
+        for (i = 0; i < ts.length; i++) {
+          if (values[i] === null || values[i] === undefined) { if (pts.length) { segs.push(pts); pts = []; } continue; }
+          var x = (ts[i] - t0) / (t1 - t0) * W, y = H - 1 - values[i] / top * (H - 2);
+          pts.push(x.toFixed(1) + "," + y.toFixed(1));
+        }
+        if (pts.length) { segs.push(pts); }
+        for (i = 0; i < segs.length; i++) {
+          var line = document.createElementNS(NS, segs[i].length > 1 ? "polyline" : "circle");
+          if (segs[i].length > 1) {
+            line.setAttribute("points", segs[i].join(" "));
+          } else {
+            var xy = segs[i][0].split(",");
+            line.setAttribute("cx", xy[0]); line.setAttribute("cy", xy[1]); line.setAttribute("r", "1.5");
+          }
+          line.setAttribute("class", "l" + (j + 1));
+          svg.appendChild(line);
+        }
+      }
+      var title = document.createElementNS(NS, "title");
+      title.textContent = spec.series.join(" / ") + " over the last " + Math.round((t1 - t0) / 60000) +
+        " min; top of the chart " + fmt(top, spec.digits) + spec.unit;
+      svg.appendChild(title);
+      svg.setAttribute("data-points", String(ts.length));
+    }
+    function update(data) {
+      // The time axis: the last hour, or the time since the dashboard started sampling.
+      var t1 = data.now_ms, t0 = t1, q0;
+      for (q0 in data.queues) {
+        if (Object.prototype.hasOwnProperty.call(data.queues, q0) && data.queues[q0].t_ms.length) {
+          t0 = Math.min(t0, data.queues[q0].t_ms[0] - data.interval_s * 1000);
+        }
+      }
+      t0 = Math.max(t0, t1 - data.window_s * 1000);
+      if (t1 - t0 < 60000) { t0 = t1 - 60000; }  // at least a minute wide
+      var svgs = document.querySelectorAll("svg[data-chart]");
+      for (var i = 0; i < svgs.length; i++) {
+        var q = svgs[i].getAttribute("data-q"), kind = svgs[i].getAttribute("data-chart");
+        var cols = Object.prototype.hasOwnProperty.call(data.queues, q) ? data.queues[q] : { t_ms: [] };
+        draw(svgs[i], cols, kind, t0, t1);
+        var fig = svgs[i].nextElementSibling;
+        if (fig) {
+          var spec = kinds[kind], n = (cols.t_ms || []).length;
+          fig.textContent = n ? fmt(cols[spec.series[0]][n - 1], spec.digits) + " / " +
+            fmt(cols[spec.series[1]][n - 1], spec.digits) + spec.unit : "collecting…";
+        }
+      }
+    }
+    function pollHistory() {
+      var every = 10000;
+      fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (data) { if (data) { every = Math.max(500, data.interval_s * 1000); update(data); } })
+        .catch(function () { /* the next poll tries again */ })
+        .then(function () { window.setTimeout(pollHistory, every); });
+    }
+    pollHistory();
+  }
 })();
