@@ -1,6 +1,7 @@
 """The fetcher: claims up to the number of free slots per script call, in strict queue order or
-by weight, plus a few jobs ahead (the *prefetch buffer*); when nothing is runnable it waits for a
-wake-up (pub/sub), the next scheduled run time, or the poll interval, whichever comes first.
+by weight, plus a few jobs ahead (the *prefetch buffer*); when nothing is runnable it arms the
+node's wake-up tokens (:mod:`jobq.worker.wakeups`: one new job wakes one idle node) and waits for
+a wake-up, the next scheduled run time, or the poll interval, whichever comes first.
 
 Prefetch: a slot that frees up starts its next job from a small local buffer of claimed, not yet
 started jobs in the same loop turn, instead of waiting for a claim round trip; the fetcher refills

@@ -3,9 +3,9 @@
 One process is one node. Its components, one file each under ``jobq/worker/``:
 
 - :mod:`~jobq.worker.fetcher` claims up to the number of free slots per script call, plus a few
-  jobs ahead (the prefetch buffer); when nothing is runnable it waits on the
-  :mod:`~jobq.worker.wakeups` (a pub/sub announcement, the next scheduled run time, or the poll
-  interval, whichever comes first: pub/sub is only a hint);
+  jobs ahead (the prefetch buffer); when nothing is runnable it arms the node's wake-up tokens
+  and waits on the :mod:`~jobq.worker.wakeups` (a wake-up for this node, the next scheduled run
+  time, or the poll interval, whichever comes first; docs/workers.md, "Wake-ups");
 - :mod:`~jobq.worker.executor` runs ``async def`` tasks on the event loop and plain ``def`` tasks
   in a thread pool, at most ``concurrency`` at once, each under its timeout;
 - :mod:`~jobq.worker.acker` finishes completed jobs in batches, records failures, releases;
@@ -84,7 +84,8 @@ class WorkerConfig:
     node_id: str | None = None
     #: Exit once there is nothing left to run (tests, batch jobs).
     burst: bool = False
-    #: Longest wait between claims when idle and no announcement arrives.
+    #: Longest idle wait between looks at the queues while wake-ups are down; with every wake-up
+    #: token armed and heard, 10 poll intervals, at most 10 s (jobq.worker.wakeups).
     poll_interval: float = 1.0
     #: Reaper pass interval (default: lease / 6, at most 5 s).
     reap_interval: float | None = None

@@ -346,6 +346,7 @@ def test_s5_wakeup_fanout(
         arm_calls_per_job=round(arms / n_jobs, 2),
         pickup_p50_ms=round(p50, 2),
         pickup_p99_ms=round(p99, 2),
+        pickup_max_ms=round(max(lat) * 1000, 1),
         redis_cpu_pct=round(cpu, 1),
         idle_cmds_per_node_s=round(idle_rate, 2),
         idle_bound=S5_IDLE_BOUND,
@@ -354,9 +355,9 @@ def test_s5_wakeup_fanout(
     assert per_job <= 2, (per_job, claims)
     assert cpu < 50, cpu
     assert idle_rate <= S5_IDLE_BOUND, idle_rate
-    # The pickup targets (p50 0.8 ms, p99 1.5 ms) are reported above; on a shared machine only a
-    # bound that a herd or a missed wake-up (a poll interval: 1,000 ms) would break is asserted.
-    assert p50 <= 5 and p99 <= 100, (p50, p99)
+    # The pickup targets (p50 0.8 ms, p99 1.5 ms) are reported above; on a shared machine only
+    # bounds that a herd (p50) or a missed wake-up (a poll: 1 s or more) would break are asserted.
+    assert p50 <= 5 and max(lat) < 1.0, (p50, p99, max(lat))
 
 
 # -- S3: thundering herd (nightly) -------------------------------------------------------------------
