@@ -4,8 +4,8 @@
   whose claim came back short "arms": it registers its id in the queue's idle ZSET, unless work
   arrived in the meantime. The check and the registration are one atomic step, so no wake-up is
   lost between the short claim and the registration: every job made ready after it pops a token.
-  A node that was woken but has no free slot (or claimed a full batch) "passes" the wake-up on to
-  the next idle node while ready work is left; a stopping node "leaves".
+  A node that was woken but has no free slot "passes" the wake-up on: one idle node per job still
+  waiting is woken (so does a resume of a paused queue); a stopping node "leaves".
 
   KEYS[1]  ready      ZSET    jobq:{q}:ready
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled
@@ -22,7 +22,8 @@
   Returns: arm: 1 = work is waiting (ready jobs, or a scheduled job due, in a queue that is not
            paused): claim again, no token was registered; 0 = armed (the token is kept where it
            was when the node was already registered).
-           pass: the number of idle nodes woken (0 or 1; none when no ready work is left).
+           pass: the number of idle nodes woken (one per ready job at most, one for a due
+           scheduled job; none when no work is waiting or the queue is paused).
            leave: 1 if a token was removed, else 0.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(log N): a few reads and one ZADD, ZREM, or ZPOPMIN + SPUBLISH per node tried.
@@ -40,19 +41,19 @@ if mode == 'leave' then return rcall('ZREM', idle_key, node) end
 if mode ~= 'arm' and mode ~= 'pass' then return badarg('mode', 'must be arm, pass or leave') end
 
 local paused = rcall('EXISTS', paused_key) == 1
-local waiting = false
+local waiting = 0 -- jobs waiting: the ready ones, else 1 for a due scheduled one
 if not paused then
-  waiting = rcall('ZCARD', ready_key) > 0
-  if not waiting then
+  waiting = rcall('ZCARD', ready_key)
+  if waiting == 0 then
     local due = next_due(sched_key)
-    waiting = due >= 0 and due <= now
+    if due >= 0 and due <= now then waiting = 1 end
   end
 end
 if mode == 'pass' then
   rcall('ZREM', idle_key, node) -- a node that passes has no free slot: never wake itself
-  if not waiting then return 0 end
-  return wake_idle(qprefix, 1, 'r')
+  if waiting == 0 then return 0 end
+  return wake_idle(qprefix, waiting, 'r')
 end
-if waiting then return 1 end
+if waiting > 0 then return 1 end
 rcall('ZADD', idle_key, 'NX', now, node)
 return 0

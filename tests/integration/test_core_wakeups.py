@@ -203,3 +203,24 @@ def test_the_reaper_drops_the_token_of_a_node_it_forgets(
     fapp.run(fapp.store.reap(Q, node_ttl_ms=20_000, now_ms=fapp.now_ms()))
     assert r.zscore(fapp.keys.queue_nodes(Q), "gone") is None
     assert tokens(fapp, r) == []
+
+
+def test_resuming_a_paused_queue_wakes_one_armed_node_per_waiting_job(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
+) -> None:
+    from jobq import admin
+
+    ls = Listener(fapp, r, ["n1", "n2", "n3"])
+    try:
+        fapp.enqueue("t", queue=Q)  # registers the queue
+        claim(fapp)
+        admin.pause(fapp, Q)
+        fapp.enqueue_many([{"task": "t", "queue": Q} for _ in range(2)])
+        for n in ("n1", "n2", "n3"):
+            assert arm(fapp, n) == 0  # paused: nothing to claim, so each node arms
+            clock.advance(0.001)
+        assert admin.resume(fapp, Q)
+        assert ls.heard() == [("n1", b"r"), ("n2", b"r")]  # two jobs wait: two nodes
+        assert tokens(fapp, r) == ["n3"]
+    finally:
+        ls.close()
