@@ -549,6 +549,16 @@ class Store:
             queue,
         )
 
+    def idle(self, queue: str, node: str, mode: str = "arm", *, now_ms: int | None = None) -> Call[int]:
+        """A node's wake-up token for ``queue`` (lua/idle.lua). ``arm``: 1 = work is waiting
+        (claim again), 0 = the token is registered and the next job made ready wakes this node;
+        ``pass``: wake the next idle node while ready work is left (the number woken);
+        ``leave``: drop the token."""
+        k = self.keys
+        keys = [k.ready(queue), k.scheduled(queue), k.idle(queue), k.paused(queue), k.slot_guard(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), mode]
+        return Call(ScriptName.IDLE, keys, args, int, queue)
+
     # -- admin ----------------------------------------------------------------------------------
     def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
         k = self.keys

@@ -46,7 +46,12 @@ key                                type    holds                                
 ``jobq:nodes``                     ZSET    every live node -> last heartbeat ms             permanent
 ``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
 ``jobq:epoch``                     STRING  no longer written (the epoch is per queue now)   permanent
-channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
+``jobq:{q}:idle``                  ZSET    idle nodes' wake-up tokens: node id -> when it   popped by
+                                           armed, ms (lua/idle.lua, lib wake_idle)          a wake-up
+shard channel                      pubsub  "new work" for one node of queue q (SPUBLISH,    n/a
+``jobq:{q}:wake:<node>``                   stays on the queue's shard in a cluster)
+channel ``jobq:{q}:wake``          pubsub  "new work" from producers of earlier versions    n/a
+                                           (PUBLISH to every idle node); still heard
 =================================  ======  ===============================================  =========
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
@@ -190,8 +195,13 @@ class Keys:
         keys: Redis Cluster refuses such a script (TRYAGAIN) while ``q``'s slot is half moved."""
         return f"{self.prefix}:{{{q}}}:slot-guard"
 
-    def wake(self, q: str) -> str:
-        """Pub/sub channel announcing new work in ``q``."""
+    def idle(self, q: str) -> str:
+        """ZSET of the wake-up tokens of ``q``'s idle nodes: node id -> when it armed, ms."""
+        return f"{self.prefix}:{{{q}}}:idle"
+
+    def wake_all(self, q: str) -> str:
+        """Classic pub/sub channel the scripts of jobq before the wake-up tokens ``PUBLISH`` to
+        (every idle node of ``q``): a node still listens, so older producers wake it too."""
         return f"{self.prefix}:{{{q}}}:wake"
 
     def done(self, q: str) -> str:
@@ -203,6 +213,11 @@ class Keys:
         """STRING with a TTL: a caller waits for this job's result (``job.result()``), so its
         completion is announced on :meth:`done`. Never set for jobs nobody waits for."""
         return f"{self.prefix}:{{{q}}}:wait:{job_id}"
+
+    def wake(self, q: str, node: str) -> str:
+        """Shard pub/sub channel (SSUBSCRIBE/SPUBLISH) telling ``node`` of new work in ``q``;
+        inside ``q``'s hash tag, so in a cluster it lives on the shard that owns the queue."""
+        return f"{self.prefix}:{{{q}}}:wake:{node}"
 
     # -- global keys (never touched by a queue script) ------------------------------------------
     @property
@@ -235,4 +250,5 @@ class Keys:
             self.queue_nodes(q),
             self.seq(q),
             self.paused(q),
+            self.idle(q),
         ]

@@ -37,6 +37,7 @@ class ScriptName(str, Enum):
     CANCEL = "cancel"
     RETRY_DEAD = "retry_dead"
     PURGE = "purge"
+    IDLE = "idle"
 
 
 def lua_dir() -> Path:

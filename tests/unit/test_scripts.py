@@ -26,6 +26,7 @@ CALLS = {
     ScriptName.CANCEL: (STORE.cancel("q", "a"), 0, 0),
     ScriptName.RETRY_DEAD: (STORE.retry_dead("q", ["a"]), 1, 1),
     ScriptName.PURGE: (STORE.purge("q", "dead"), 0, 0),
+    ScriptName.IDLE: (STORE.idle("q", "n1"), 0, 0),
 }
 
 
