@@ -236,7 +236,8 @@ class Keys:
 
     @property
     def epoch(self) -> str:
-        """STRING set once; a changed or missing value means the dataset was wiped."""
+        """STRING of earlier versions, no longer written: the dataset epoch is per queue now
+        (:meth:`queue_epoch`), so a Redis Cluster checks each shard on its own."""
         return f"{self.prefix}:epoch"
 
     def all_queue_keys(self, q: str) -> list[str]:

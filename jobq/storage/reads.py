@@ -39,14 +39,6 @@ async def server_time_ms_async(client: AsyncClient) -> int:
     return int(sec) * 1000 + int(usec) // 1000
 
 
-def health(client: SyncClient, keys: Keys) -> int:
-    """A health probe: TIME and an EXISTS of the dataset epoch (a read of the keyspace). Returns
-    the Redis time in seconds; raises what the client raises."""
-    secs, _ = client.time()
-    client.exists(keys.epoch)
-    return int(secs)
-
-
 def queues(client: SyncClient, keys: Keys) -> list[str]:
     """Every queue in the ``jobq:queues`` registry, sorted."""
     return sorted(to_str(q, "replace") for q in client.smembers(keys.queues))
