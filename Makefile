@@ -15,7 +15,7 @@ lint:  ## lint and check formatting
 	$(PY) -m ruff check jobq tests scripts
 	$(PY) -m ruff format --check jobq tests scripts
 
-typecheck:  ## mypy --strict over jobq/
+typecheck:  ## mypy --strict over jobq/ and tests/typing_checks/
 	$(PY) -m mypy
 
 test:  ## the whole test suite (real redis-server)

@@ -10,6 +10,7 @@ moves, and loop in bounded calls so that no call blocks Redis for long.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -400,7 +401,13 @@ def resume(app: JobQ, queue: str, *, create: bool = False) -> bool:
     q = validate_queue(queue)
     if not create and not known_queue(app, q):
         raise _unknown(app, q, "resume")
-    return reads.resume(app.client, app.keys, q)
+    changed = reads.resume(app.client, app.keys, q)
+    if changed:
+        # Idle nodes armed while it was paused: wake one per waiting job. Best effort: they
+        # also look on their own (docs/workers.md, "Wake-ups").
+        with contextlib.suppress(errors.JobqError):
+            app.run(app.store.idle(q, "resume", "pass"))
+    return changed
 
 
 def purge(app: JobQ, queue: str, states: Sequence[str] = ("ready", "scheduled")) -> dict[str, int]:
@@ -515,11 +522,12 @@ def redact_args(value: Any) -> Any:
 
 
 def redacted(info: JobInfo) -> dict[str, Any]:
-    """``info.to_dict()`` as shown to people and HTTP clients: arguments through
+    """``info.to_dict()`` as shown to people and HTTP clients: arguments and the result through
     :func:`redact_args`, the last error and the progress message through :func:`redact_text`."""
     d = info.to_dict()
     d["args"] = redact_args(d["args"])
     d["kwargs"] = redact_args(d["kwargs"])
+    d["result"] = redact_args(d["result"])
     for key in ("error", "progress_message"):
         if isinstance(d.get(key), str):
             d[key] = redact_text(d[key])

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import logging
+import os
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from jobq import codec, errors
 from jobq.clock import Clock, SystemClock
@@ -31,6 +35,8 @@ from jobq.requests import (
 )
 from jobq.storage import reads
 from jobq.storage.calls import (
+    AsyncClient,
+    AsyncRunner,
     Call,
     JobSpec,
     Limits,
@@ -38,8 +44,10 @@ from jobq.storage.calls import (
     SyncRunner,
     split_batches,
 )
-from jobq.storage.clients import default_url, sync_client
+from jobq.storage.clients import async_client, default_url, sync_client
 from jobq.storage.keys import Keys, validate_queue, validate_task_name
+from jobq.storage.notify import CompletionListener, Watch
+from jobq.storage.notify import retry_after as notify_retry_after
 
 log = logging.getLogger("jobq")
 
@@ -49,6 +57,15 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+#: The result type of a job handle (``Job[int]``: ``job.result()`` is an ``int``).
+R_co = TypeVar("R_co", covariant=True)
+
+#: Most Redis commands one app runs at once on one event loop (the async API's pool never holds
+#: more connections than this, plus one for completion notices, however many callers wait).
+ASYNC_MAX_CONCURRENT = 32
+#: How long a caller's "waiting for this job" mark lives, ms; each fallback poll renews it.
+WAIT_MARK_MS = 60_000
+_RESULT_FIELDS = ("state", "result", "error")
 
 
 class JobState(str, Enum):
@@ -185,6 +202,11 @@ class JobQ:
             )
         #: Called as ``hook(queue, task, n)`` after jobs were accepted (metrics subscribe here).
         self.on_enqueued: list[Callable[[str, str, int], None]] = []
+        #: The async API's client, runner and completion listener, one per event loop.
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        #: The event loop thread that the sync ``job.result()`` waits on (started on first use).
+        self._bridge: _Bridge | None = None
+        self._bridge_lock = threading.Lock()
 
     # -- connection -----------------------------------------------------------------------------
     def bind(self, *, url: str | None = None, prefix: str | None = None) -> None:
@@ -224,6 +246,12 @@ class JobQ:
         return self.runner.run(call)
 
     def close(self) -> None:
+        """Close the synchronous client and the thread ``job.result()`` waits on. The async
+        API's connections belong to their event loops: ``await app.aclose()`` on each."""
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.close(self)
+        self._loops = {}
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -234,6 +262,59 @@ class JobQ:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- asyncio --------------------------------------------------------------------------------
+    def _aio(self) -> _LoopState:
+        """The running event loop's client, runner and completion listener (created on first
+        use, without I/O: the client connects on its first command)."""
+        loop = asyncio.get_running_loop()
+        st = self._loops.get(loop)
+        if st is None:
+            # Loops closed without ``aclose()`` (each ``asyncio.run`` is a new loop): drop their
+            # state, whose connections died with them.
+            for old in [lp for lp in list(self._loops) if lp.is_closed()]:
+                self._loops.pop(old, None)
+            client = async_client(self.url)
+            st = _LoopState(
+                client,
+                AsyncRunner(client),
+                CompletionListener(self.url),
+                asyncio.Semaphore(ASYNC_MAX_CONCURRENT),
+            )
+            self._loops[loop] = st
+        return st
+
+    @property
+    def aclient(self) -> AsyncClient:
+        """The asyncio redis-py client of the running event loop (one pool per loop), made from
+        the app's ``url`` (a ``client=`` given to :class:`JobQ` serves the sync calls only)."""
+        return self._aio().client
+
+    async def arun(self, call: Call[T]) -> T:
+        """:meth:`run` from an event loop."""
+        st = self._aio()
+        async with st.slots:
+            return await st.runner.run(call)
+
+    async def aclose(self) -> None:
+        """Close the running event loop's connections (the async API's pool and the completion
+        listener); the app stays usable, and reconnects on its next call."""
+        st = self._loops.pop(asyncio.get_running_loop(), None)
+        if st is not None:
+            await st.listener.aclose()
+            await st.client.aclose()
+
+    async def __aenter__(self) -> JobQ:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _sync_bridge(self) -> _Bridge:
+        with self._bridge_lock:
+            if self._bridge is None or not self._bridge.usable():
+                self._bridge = _Bridge()
+            return self._bridge
 
     def now_ms(self) -> int | None:
         return self.clock.redis_now_ms()
@@ -390,13 +471,16 @@ class JobQ:
         queue: str | None = None,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
+        tz: str | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a task and run it on a cron schedule (``"*/5 * * * *"``, UTC), enqueued
-        exactly once per tick across all worker nodes."""
+        """Register a task and run it on a cron schedule (``"*/5 * * * *"``), enqueued exactly
+        once per tick across all worker nodes. The fields are read in UTC, or with ``tz`` in
+        that IANA time zone (``tz="Europe/Berlin"``), daylight-saving changes handled as cron
+        does (see :mod:`jobq.cron`)."""
         from jobq.cron import CronEntry, CronSchedule
 
-        sched = CronSchedule.parse(schedule)
+        sched = CronSchedule.parse(schedule, tz=tz)
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             check = _ArgCheck.of(f) if task_options.get("check_args", True) else None
@@ -486,7 +570,7 @@ class JobQ:
         retry_backoff: Seconds | timedelta | None = None,
         job_id: str | None = None,
         check_args: bool = True,
-    ) -> Job:
+    ) -> Job[Any]:
         """Enqueue one job of ``task`` (a name, so producers need not import the task).
 
         ``delay`` is seconds (or a timedelta) from now on the Redis clock; ``run_at`` an absolute
@@ -516,10 +600,10 @@ class JobQ:
         )
         return self.enqueue_request(req)
 
-    def enqueue_request(self, req: EnqueueRequest) -> Job:
+    def enqueue_request(self, req: EnqueueRequest) -> Job[Any]:
         return self.enqueue_request_state(req)[0]
 
-    def enqueue_request_state(self, req: EnqueueRequest) -> tuple[Job, str | None]:
+    def enqueue_request_state(self, req: EnqueueRequest) -> tuple[Job[Any], str | None]:
         """:meth:`enqueue_request`, and the state the job was stored in when the request alone
         tells it (a new id: no ``unique_key``, no caller-given ``job_id``): ``"ready"`` or
         ``"scheduled"``, without another round trip; ``None`` when an existing job's handle may
@@ -534,7 +618,9 @@ class JobQ:
             self._notify_enqueued([(q, spec.task)])
         return Job(self, ids[0], q), _stored_state(req, spec, ids[0], now)
 
-    def enqueue_each(self, requests: Sequence[EnqueueRequest]) -> list[tuple[Job, str | None] | Exception]:
+    def enqueue_each(
+        self, requests: Sequence[EnqueueRequest]
+    ) -> list[tuple[Job[Any], str | None] | Exception]:
         """Enqueue independent requests in one round trip, each with its own outcome: for each
         request, what :meth:`enqueue_request_state` would return, or the exception it would raise.
         (The HTTP API sends the single-job POSTs that arrive while a round trip is out this way.)
@@ -544,7 +630,7 @@ class JobQ:
         nothing of it was stored, and its jobs are sent again one per call, so a request is
         refused only for its own reason. An error that leaves the outcome unknown (Redis
         unavailable) is every one of that call's requests' error, as it would be alone."""
-        out: list[tuple[Job, str | None] | Exception | None] = [None] * len(requests)
+        out: list[tuple[Job[Any], str | None] | Exception | None] = [None] * len(requests)
         by_queue: dict[str, list[tuple[int, JobSpec]]] = {}
         for i, req in enumerate(requests):
             try:
@@ -596,7 +682,70 @@ class JobQ:
             self._notify_enqueued(stored)
         return [o if o is not None else errors.JobqError("not enqueued") for o in out]
 
-    def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job]:
+    async def aenqueue(
+        self,
+        task: str | Task[Any, Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: Seconds | timedelta | None = None,
+        run_at: datetime | Seconds | None = None,
+        max_attempts: int | None = None,
+        timeout: Seconds | timedelta | None = None,
+        deadline: datetime | timedelta | Seconds | None = None,
+        unique_key: str | None = None,
+        retry_backoff: Seconds | timedelta | None = None,
+        job_id: str | None = None,
+        check_args: bool = True,
+    ) -> Job[Any]:
+        """:meth:`enqueue` from an event loop: the same options, checks and errors, without
+        blocking the loop (``await app.aenqueue("tasks.send", ["a@example.com"])``)."""
+        req = EnqueueRequest(
+            task.name if isinstance(task, Task) else task,
+            args,
+            {} if kwargs is None else kwargs,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            deadline=deadline,
+            unique_key=unique_key,
+            retry_backoff=retry_backoff,
+            job_id=job_id,
+            check_args=check_args,
+        )
+        return await self.aenqueue_request(req)
+
+    async def aenqueue_request(self, req: EnqueueRequest) -> Job[Any]:
+        return (await self.aenqueue_request_state(req))[0]
+
+    async def aenqueue_request_state(self, req: EnqueueRequest) -> tuple[Job[Any], str | None]:
+        """:meth:`enqueue_request_state` from an event loop."""
+        q, spec = self.prepare(req)
+        now = self.now_ms()
+        ids = await self.arun(self.store.enqueue(q, [spec], now_ms=now, max_depth=self.depth_limit(q)))
+        if q not in self._known_queues:
+            await self._aregister_queue(q)
+        if self.on_enqueued:
+            self._notify_enqueued([(q, spec.task)])
+        return Job(self, ids[0], q), _stored_state(req, spec, ids[0], now)
+
+    async def _aregister_queue(self, queue: str) -> None:
+        st = self._aio()
+        try:
+            async with st.slots:
+                await reads.register_queue_async(st.client, self.keys, queue)
+        except Exception as exc:
+            from jobq.storage.calls import map_error
+
+            raise map_error(exc, "register queue", queue) from None
+        self._known_queues.add(queue)
+
+    def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job[Any]]:
         """Enqueue many jobs: every request is validated first (one bad request raises and
         writes nothing), then each queue's jobs go in script calls of up to 500 jobs (and 2 MiB
         of payloads), pipelined into one round trip (with ``durable=True``, one ``WAIT`` after the last call
@@ -605,6 +754,32 @@ class JobQ:
         Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
         check (a deadline already past on the Redis clock, ``max_depth``) refuses the calls it
         applies to while the others are stored; the first such error is raised after all ran."""
+        plan = self._plan_many(requests)
+        if plan is None:
+            return []
+        results = self.runner.run_batch(plan.calls)
+        # Queues are registered once something is stored in them, so a refused batch writes nothing.
+        for call, res in zip(plan.calls, results, strict=True):
+            if not isinstance(res, BaseException) and call.queue not in self._known_queues:
+                self._register_queue(call.queue)
+        return self._finish_many(plan, results)
+
+    async def aenqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job[Any]]:
+        """:meth:`enqueue_many` from an event loop: validated first, then one pipelined round
+        trip, with the same all-or-nothing rule per script call."""
+        plan = self._plan_many(requests)
+        if plan is None:
+            return []
+        st = self._aio()
+        async with st.slots:
+            results = await st.runner.run_batch(plan.calls)
+        for call, res in zip(plan.calls, results, strict=True):
+            if not isinstance(res, BaseException) and call.queue not in self._known_queues:
+                await self._aregister_queue(call.queue)
+        return self._finish_many(plan, results)
+
+    def _plan_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> _ManyPlan | None:
+        """Validate every request and group them into script calls (no I/O); None if empty."""
         prepared: list[tuple[str, JobSpec]] = []
         for i, r in enumerate(requests):
             req = r if isinstance(r, EnqueueRequest) else request_from_mapping(r, index=i)
@@ -615,7 +790,7 @@ class JobQ:
                     raise type(exc)(f"job {i}: {exc}", exc.field) from None
                 raise
         if not prepared:
-            return []
+            return None
         by_queue: dict[str, list[tuple[int, JobSpec]]] = {}
         for i, (q, spec) in enumerate(prepared):
             by_queue.setdefault(q, []).append((i, spec))
@@ -628,16 +803,15 @@ class JobQ:
                     self.store.enqueue(q, [s for _, s in chunk], now_ms=now, max_depth=self.depth_limit(q))
                 )
                 slots.append([i for i, _ in chunk])
-        results = self.runner.run_batch(calls)
-        # Queues are registered once something is stored in them, so a refused batch writes nothing.
-        for call, res in zip(calls, results, strict=True):
-            if not isinstance(res, BaseException) and call.queue not in self._known_queues:
-                self._register_queue(call.queue)
+        return _ManyPlan(prepared, calls, slots)
+
+    def _finish_many(self, plan: _ManyPlan, results: list[Any]) -> list[Job[Any]]:
         first_error = next((res for res in results if isinstance(res, BaseException)), None)
         if first_error is not None:
             raise first_error
-        jobs: list[Job | None] = [None] * len(prepared)
-        for idxs, ids in zip(slots, results, strict=True):
+        prepared = plan.prepared
+        jobs: list[Job[Any] | None] = [None] * len(prepared)
+        for idxs, ids in zip(plan.slots, results, strict=True):
             for i, job_id in zip(idxs, ids, strict=True):
                 jobs[i] = Job(self, job_id, prepared[i][0])
         if self.on_enqueued:
@@ -655,7 +829,7 @@ class JobQ:
                 hook(q, task, n)
 
     # -- reading --------------------------------------------------------------------------------
-    def job(self, job_id: str, queue: str | None = None) -> Job:
+    def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
         """A handle on an existing job. Without ``queue``, every known queue is searched."""
         if queue is not None:
             return Job(self, job_id, validate_queue(queue))
@@ -722,10 +896,41 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<jobq.Task {self.name} queue={self.defaults.queue}>"
 
-    def options(self, **options: Any) -> BoundTask:
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: Seconds | timedelta | None = None,
+        run_at: datetime | Seconds | None = None,
+        max_attempts: int | None = None,
+        timeout: Seconds | timedelta | None = None,
+        deadline: datetime | timedelta | Seconds | None = None,
+        unique_key: str | None = None,
+        retry_backoff: Seconds | timedelta | None = None,
+        job_id: str | None = None,
+        check_args: bool | None = None,
+        **other: Any,
+    ) -> BoundTask[P, R]:
         """Per-call options kept apart from the task's own arguments:
-        ``send.options(priority=5, delay=30).enqueue("a@example.com", subject="hi")``."""
-        return BoundTask(self, check_options(options))
+        ``send.options(priority=5, delay=30).enqueue("a@example.com", subject="hi")``. The
+        bound task's ``enqueue`` keeps the task's signature for type checkers. An unknown
+        option raises :class:`jobq.errors.InvalidInput`."""
+        opts = {
+            "queue": queue,
+            "priority": priority,
+            "delay": delay,
+            "run_at": run_at,
+            "max_attempts": max_attempts,
+            "timeout": timeout,
+            "deadline": deadline,
+            "unique_key": unique_key,
+            "retry_backoff": retry_backoff,
+            "job_id": job_id,
+            "check_args": check_args,
+        }
+        check_options(other)
+        return BoundTask(self, {k: v for k, v in opts.items() if v is not None})
 
     def request(self, *args: Any, **kwargs: Any) -> EnqueueRequest:
         """An :class:`EnqueueRequest` for :meth:`JobQ.enqueue_many`; ``_``-prefixed keyword
@@ -735,10 +940,26 @@ class Task(Generic[P, R]):
                 return self.options().request(*args, **kwargs)
         return EnqueueRequest(self.name, args, kwargs)  # no option: nothing to sort out
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> Job:
+    # The self-typed overloads give an ``async def`` task's job the coroutine's result type.
+    @overload
+    def enqueue(self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    @overload
+    def enqueue(self: Task[P, T], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    def enqueue(self, *args: Any, **kwargs: Any) -> Job[Any]:
         """Enqueue a run of this task. Options go in ``_``-prefixed keywords (``_priority=5``,
-        ``_delay=30``) or through :meth:`options`; every other argument goes to the task."""
+        ``_delay=30``) or through :meth:`options` (which type checkers follow); every other
+        argument goes to the task."""
         return self.app.enqueue_request(self.request(*args, **kwargs))
+
+    @overload
+    async def aenqueue(
+        self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Job[T]: ...
+    @overload
+    async def aenqueue(self: Task[P, T], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    async def aenqueue(self, *args: Any, **kwargs: Any) -> Job[Any]:
+        """:meth:`enqueue` from an event loop: ``job = await send.aenqueue("a@example.com")``."""
+        return await self.app.aenqueue_request(self.request(*args, **kwargs))
 
 
 _POK = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -798,10 +1019,10 @@ class _ArgCheck:
 
 
 @dataclass(frozen=True, slots=True)
-class BoundTask:
+class BoundTask(Generic[P, R]):
     """A task with per-call options bound, from :meth:`Task.options`."""
 
-    task: Task[Any, Any]
+    task: Task[P, R]
     opts: dict[str, Any]
 
     def request(self, *args: Any, **kwargs: Any) -> EnqueueRequest:
@@ -819,8 +1040,21 @@ class BoundTask:
         opts = {k: v for k, v in opts.items() if v is not None}
         return EnqueueRequest(self.task.name, args, task_kwargs, **opts)
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> Job:
+    @overload
+    def enqueue(self: BoundTask[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    @overload
+    def enqueue(self: BoundTask[P, T], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    def enqueue(self, *args: Any, **kwargs: Any) -> Job[Any]:
         return self.task.app.enqueue_request(self.request(*args, **kwargs))
+
+    @overload
+    async def aenqueue(
+        self: BoundTask[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Job[T]: ...
+    @overload
+    async def aenqueue(self: BoundTask[P, T], *args: P.args, **kwargs: P.kwargs) -> Job[T]: ...
+    async def aenqueue(self, *args: Any, **kwargs: Any) -> Job[Any]:
+        return await self.task.app.aenqueue_request(self.request(*args, **kwargs))
 
 
 # -- job handles ----------------------------------------------------------------------------------
@@ -877,6 +1111,9 @@ class JobInfo:
     progress: float | None = None
     progress_message: str | None = None
     progress_ms: int | None = None
+    #: The decoded result of a done job (None without one, or when it cannot be decoded;
+    #: ``has_result`` tells them apart). Shown masked, like the arguments.
+    result: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -890,8 +1127,86 @@ def _int_or_none(v: bytes | None) -> int | None:
     return None if v is None else int(v)
 
 
-class Job:
-    """A handle on one job: its id and queue."""
+def _s(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8", "replace")
+
+
+_INFO_READ = (*_INFO_FIELDS, "payload", "result")
+
+
+def _info_from(job_id: str, queue: str, raw: Sequence[Any], with_args: bool) -> JobInfo:
+    v = dict(zip(_INFO_READ, raw, strict=True))
+    if v["state"] is None:
+        return JobInfo(job_id, queue, JobState.UNKNOWN)
+    args = kwargs = None
+    if with_args and v["payload"] is not None:
+        try:
+            args, kwargs = codec.decode_payload(v["payload"])
+        except errors.DecodeError:
+            args, kwargs = None, None
+    result = None
+    if v["result"] is not None:
+        try:
+            result = codec.decode(v["result"])
+        except errors.DecodeError:
+            result = None
+    return JobInfo(
+        id=job_id,
+        queue=queue,
+        state=JobState(v["state"].decode()),
+        task=_s(v["task"]),
+        priority=_int_or_none(v["priority"]),
+        attempts=_int_or_none(v["attempts"]) or 0,
+        max_attempts=_int_or_none(v["max_attempts"]),
+        timeout_ms=_int_or_none(v["timeout_ms"]),
+        enqueued_ms=_int_or_none(v["enqueued_ms"]),
+        # A job ready at once stores no run_at_ms: it was due at its enqueue.
+        run_at_ms=_int_or_none(v["run_at_ms"] or v["enqueued_ms"]),
+        started_ms=_int_or_none(v["started_ms"]),
+        finished_ms=_int_or_none(v["finished_ms"]),
+        deadline_ms=_int_or_none(v["deadline_ms"]),
+        node=_s(v["node"]),
+        error=_s(v["error"]),
+        unique_key=_s(v["unique"]),
+        reaped=_int_or_none(v["reaped"]) or 0,
+        interrupted=_int_or_none(v["interrupted"]) or 0,
+        args=args,
+        kwargs=kwargs,
+        has_result=v["result"] is not None,
+        result=result,
+        progress=None if v["progress"] is None else float(v["progress"]),
+        progress_message=_s(v["progress_msg"]),
+        progress_ms=_int_or_none(v["progress_ms"]),
+    )
+
+
+class _Pending:
+    """The job has not finished (yet): the state it is in."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+
+def _outcome(job: Job[Any], raw: Sequence[Any]) -> Any:
+    """The result of a finished job from its (state, result, error) fields; raises
+    :class:`jobq.errors.JobFailed` or :class:`jobq.errors.JobNotFound`; a :class:`_Pending`
+    while it has not finished."""
+    state, result, error = raw
+    if state is None:
+        raise errors.JobNotFound(f"job {job.id} not found in queue {job.queue!r}")
+    st = state.decode()
+    if st == JobState.DONE.value:
+        return None if result is None else codec.decode(result)
+    if st in (JobState.DEAD.value, JobState.CANCELLED.value):
+        raise errors.JobFailed(job.id, st, None if error is None else error.decode("utf-8", "replace"))
+    return _Pending(st)
+
+
+class Job(Generic[R_co]):
+    """A handle on one job: its id and queue. ``Job[R]``: its task returns ``R``, which
+    :meth:`result` gives back."""
 
     __slots__ = ("app", "id", "queue")
 
@@ -918,80 +1233,121 @@ class Job:
         (state,) = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, ("state",))
         return JobState.UNKNOWN if state is None else JobState(state.decode())
 
+    async def astatus(self) -> JobState:
+        """:meth:`status` from an event loop."""
+        (state,) = await self._afields(("state",))
+        return JobState.UNKNOWN if state is None else JobState(state.decode())
+
     def info(self, *, with_args: bool = True) -> JobInfo:
-        """Everything stored about the job."""
-        fields = (*_INFO_FIELDS, "payload", "result")
-        raw = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, fields)
-        v = dict(zip(fields, raw, strict=True))
-        if v["state"] is None:
-            return JobInfo(self.id, self.queue, JobState.UNKNOWN)
-        args = kwargs = None
-        if with_args and v["payload"] is not None:
-            try:
-                args, kwargs = codec.decode_payload(v["payload"])
-            except errors.DecodeError:
-                args, kwargs = None, None
+        """Everything stored about the job, its result included."""
+        raw = reads.job_fields(self.app.client, self.app.keys, self.queue, self.id, _INFO_READ)
+        return _info_from(self.id, self.queue, raw, with_args)
 
-        def s(b: bytes | None) -> str | None:
-            return None if b is None else b.decode("utf-8", "replace")
+    async def ainfo(self, *, with_args: bool = True) -> JobInfo:
+        """:meth:`info` from an event loop."""
+        return _info_from(self.id, self.queue, await self._afields(_INFO_READ), with_args)
 
-        return JobInfo(
-            id=self.id,
-            queue=self.queue,
-            state=JobState(v["state"].decode()),
-            task=s(v["task"]),
-            priority=_int_or_none(v["priority"]),
-            attempts=_int_or_none(v["attempts"]) or 0,
-            max_attempts=_int_or_none(v["max_attempts"]),
-            timeout_ms=_int_or_none(v["timeout_ms"]),
-            enqueued_ms=_int_or_none(v["enqueued_ms"]),
-            # A job ready at once stores no run_at_ms: it was due at its enqueue.
-            run_at_ms=_int_or_none(v["run_at_ms"] or v["enqueued_ms"]),
-            started_ms=_int_or_none(v["started_ms"]),
-            finished_ms=_int_or_none(v["finished_ms"]),
-            deadline_ms=_int_or_none(v["deadline_ms"]),
-            node=s(v["node"]),
-            error=s(v["error"]),
-            unique_key=s(v["unique"]),
-            reaped=_int_or_none(v["reaped"]) or 0,
-            interrupted=_int_or_none(v["interrupted"]) or 0,
-            args=args,
-            kwargs=kwargs,
-            has_result=v["result"] is not None,
-            progress=None if v["progress"] is None else float(v["progress"]),
-            progress_message=s(v["progress_msg"]),
-            progress_ms=_int_or_none(v["progress_ms"]),
-        )
+    async def _afields(self, fields: Sequence[str]) -> list[Any]:
+        st = self.app._aio()
+        try:
+            async with st.slots:
+                return await reads.job_fields_async(st.client, self.app.keys, self.queue, self.id, fields)
+        except Exception as exc:
+            from jobq.storage.calls import map_error
 
-    def result(self, timeout: float | None = None, *, poll_interval: float = 0.2) -> Any:
+            raise map_error(exc, "read job", self.queue) from None
+
+    def result(self, timeout: float | None = None, *, poll_interval: float = 0.5) -> R_co:
         """Wait for the job to finish and return its result.
 
-        Raises :class:`jobq.errors.JobFailed` if it ended dead or cancelled,
+        The wait is woken by the job's completion notice (pub/sub, one shared connection per
+        app), and reads the job again every ``poll_interval`` seconds as a fallback, so a
+        finish that sends no notice (a lease reaped into the dead letters, a cancel) is seen
+        too. Raises :class:`jobq.errors.JobFailed` if it ended dead or cancelled,
         :class:`jobq.errors.JobNotFound` if it does not exist (or its retention ran out), and
-        :class:`jobq.errors.ResultTimeout` after ``timeout`` seconds.
+        :class:`jobq.errors.ResultTimeout` after ``timeout`` seconds. In an event loop, use
+        :meth:`aresult`: this call blocks its thread.
         """
+        _check_wait_args(timeout, poll_interval)
+        app = self.app
+        bridge = app._bridge
+        if bridge is not None and timeout != 0 and bridge.usable():
+            st = app._loops.get(bridge.loop)
+            if st is not None and st.listener.subscribed(app.keys.done(self.queue)):
+                # Already listening to this queue: the wait's own read answers a finished job.
+                return cast(R_co, bridge.call(self._await(timeout, poll_interval, known_pending=True)))
+        started = time.monotonic()
+        raw = reads.job_fields(app.client, app.keys, self.queue, self.id, _RESULT_FIELDS)
+        out = _outcome(self, raw)
+        if not isinstance(out, _Pending):
+            return cast(R_co, out)
+        if timeout is not None and timeout <= 0:
+            raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return cast(R_co, app._sync_bridge().call(self._await(left, poll_interval, known_pending=True)))
+
+    async def aresult(self, timeout: float | None = None, *, poll_interval: float = 0.5) -> R_co:
+        """:meth:`result` from an event loop: ``value = await job.aresult(timeout=10)``."""
+        _check_wait_args(timeout, poll_interval)
+        return cast(R_co, await self._await(timeout, poll_interval, known_pending=False))
+
+    async def _await(self, timeout: float | None, poll_interval: float, *, known_pending: bool) -> Any:
+        app = self.app
+        st = app._aio()
+        channel = app.keys.done(self.queue)
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait = 0.005
-        while True:
-            state, result, error = reads.job_fields(
-                self.app.client, self.app.keys, self.queue, self.id, ("state", "result", "error")
-            )
-            if state is None:
-                raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
-            st = state.decode()
-            if st == JobState.DONE.value:
-                return None if result is None else codec.decode(result)
-            if st in (JobState.DEAD.value, JobState.CANCELLED.value):
-                raise errors.JobFailed(
-                    self.id, st, None if error is None else error.decode("utf-8", "replace")
-                )
-            if deadline is not None and time.monotonic() >= deadline:
-                raise errors.ResultTimeout(f"job {self.id} still {st} after {timeout} s")
-            pause = min(wait, poll_interval)
-            if deadline is not None:
-                pause = min(pause, max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)
-            wait *= 2
+        if not known_pending and not st.listener.subscribed(channel):
+            # Not subscribed yet: a finished job needs no subscription, so look first.
+            out = _outcome(self, await self._afields(_RESULT_FIELDS))
+            if not isinstance(out, _Pending):
+                return out
+            known_pending = True
+            if timeout is not None and timeout <= 0:
+                raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
+        ttl_ms = max(WAIT_MARK_MS, int(poll_interval * 4000))
+        w: Watch | None = None
+        try:
+            while True:
+                if w is None:
+                    # Subscribed (confirmed) before the mark and the read below: a finish after
+                    # the read is announced to this connection.
+                    w = await st.listener.watch(channel, self.id)
+                try:
+                    async with st.slots:
+                        raw = await reads.wait_mark_and_fields_async(
+                            st.client, app.keys, self.queue, self.id, _RESULT_FIELDS, ttl_ms
+                        )
+                except Exception as exc:
+                    from jobq.storage.calls import map_error
+
+                    raise map_error(exc, "read job", self.queue) from None
+                out = _outcome(self, raw)
+                if not isinstance(out, _Pending):
+                    return out
+                pause = poll_interval
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise errors.ResultTimeout(f"job {self.id} still {out.state} after {timeout} s")
+                    pause = min(pause, left)
+                if w is None:
+                    # No notice connection: poll, and try for one again soon.
+                    await asyncio.sleep(min(pause, notify_retry_after()))
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(w.event.wait(), pause)
+                if w.event.is_set():
+                    notice = w.notice
+                    st.listener.unwatch(channel, self.id, w)
+                    w = None
+                    if notice is not None and notice[:1] == b"d":
+                        # Done, its small result inline: in hand without another read.
+                        return None if len(notice) == 1 else codec.decode(notice[1:])
+                    # Announced without the result (read it), or the listener's connection
+                    # failed (watch again).
+        finally:
+            if w is not None:
+                st.listener.unwatch(channel, self.id, w)
 
     def cancel(self) -> None:
         """Cancel the job: it ends ``cancelled`` at once (not retried, no result stored). A job
@@ -1000,8 +1356,88 @@ class Job:
         cancelled at its next ``await``, a plain ``def`` task sees ``jobq.current_job().cancelled``
         and its cancellation callbacks, and whatever it returns or raises is discarded. Raises
         :class:`jobq.errors.JobNotFound` or :class:`jobq.errors.JobNotCancellable` (finished)."""
-        code = self.app.run(self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms()))
+        self._cancelled(self.app.run(self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms())))
+
+    async def acancel(self) -> None:
+        """:meth:`cancel` from an event loop."""
+        call = self.app.store.cancel(self.queue, self.id, now_ms=self.app.now_ms())
+        self._cancelled(await self.app.arun(call))
+
+    def _cancelled(self, code: int) -> None:
         if code == errors.ErrorCode.JOB_NOT_FOUND:
             raise errors.JobNotFound(f"job {self.id} not found in queue {self.queue!r}")
         if code == errors.ErrorCode.JOB_FINISHED:
             raise errors.JobNotCancellable(f"job {self.id} has already finished")
+
+
+def _check_wait_args(timeout: object, poll_interval: object) -> None:
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout
+    ):
+        raise errors.InvalidInput(f"timeout: must be a number of seconds or None, got {timeout!r}", "timeout")
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, (int, float))
+        or not 0.001 <= poll_interval <= 3600
+    ):
+        raise errors.InvalidInput(
+            f"poll_interval: must be 0.001..3600 seconds, got {poll_interval!r}", "poll_interval"
+        )
+
+
+# -- plumbing -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _ManyPlan:
+    """Validated requests of one ``enqueue_many``, grouped into script calls."""
+
+    prepared: list[tuple[str, JobSpec]]
+    calls: list[Call[list[str]]]
+    #: Per call, the indexes in ``prepared`` of its jobs.
+    slots: list[list[int]]
+
+
+@dataclass(slots=True)
+class _LoopState:
+    """The async API's connections on one event loop."""
+
+    client: AsyncClient
+    runner: AsyncRunner
+    listener: CompletionListener
+    #: Bounds the commands in flight (and so the pool's connections) on this loop.
+    slots: asyncio.Semaphore
+
+
+class _Bridge:
+    """An event loop on a daemon thread, on which the synchronous ``job.result()`` waits: every
+    waiting thread of the process shares its one completion listener and bounded pool."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="jobq-results", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def usable(self) -> bool:
+        return self.pid == os.getpid() and self.thread.is_alive() and not self.loop.is_closed()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # interrupted (KeyboardInterrupt): stop waiting on the loop too
+            raise
+
+    def close(self, app: JobQ) -> None:
+        if not self.usable():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(app.aclose(), self.loop).result(timeout=2)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(2)
+        if not self.thread.is_alive():
+            self.loop.close()

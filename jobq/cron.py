@@ -1,4 +1,4 @@
-"""Cron schedules for periodic tasks, evaluated in UTC on the Redis clock.
+"""Cron schedules for periodic tasks, evaluated on the Redis clock, in UTC or a named time zone.
 
 Five fields ``minute hour day-of-month month day-of-week`` with ``*``, ``a``, ``a-b``, ``*/n``,
 ``a-b/n`` and comma lists (month and weekday names allowed; Sunday is 0 or 7), the macros
@@ -6,14 +6,28 @@ Five fields ``minute hour day-of-month month day-of-week`` with ``*``, ``a``, ``
 366 d) for fixed intervals aligned to the epoch. A schedule that can never fire (``0 0 31 2 *``)
 is refused. A tick fires at most once across all nodes (the enqueue script
 records the last tick per entry); ticks missed while no node ran are skipped, as cron does.
+
+A schedule in a named zone (``tz="Europe/Berlin"``, the standard library's ``zoneinfo``) matches
+local wall-clock times, and handles daylight-saving changes as cron (Vixie cron, cronie) does:
+
+- a local time skipped by a spring-forward gap fires once, at the end of the gap (``30 2 * * *``
+  on the day Berlin goes from 02:00 to 03:00 fires at 03:00; several such times fire once
+  there), unless the schedule's hour field is a wildcard (``*``, ``*/n``): then the skipped
+  times are skipped, as an hourly job does not run for an hour that never was;
+- a local time repeated by a fall-back fold fires once, at its first occurrence, unless the
+  hour field is a wildcard: then at both, as an hourly job runs every hour that passes.
+
+Every tick is an instant (ms since the epoch), so the scheduler's exactly-once rule is the same.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import zoneinfo
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import cache
 from typing import Any
 
 from jobq.errors import InvalidInput
@@ -93,12 +107,23 @@ class CronSchedule:
     dom_star: bool = True
     dow_star: bool = True
     every_ms: int = 0
+    #: The IANA time zone the fields are read in (None: UTC).
+    tz: str | None = None
+    #: The hour field is a wildcard (``*`` or ``*/n``): a time repeated by a fold fires twice.
+    hour_star: bool = True
 
     @classmethod
-    def parse(cls, text: str) -> CronSchedule:
+    def parse(cls, text: str, tz: str | None = None) -> CronSchedule:
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("schedule: must be a cron expression", "schedule")
         src = text.strip()
+        if tz is not None:
+            _zone(tz)  # a clear error for an unknown zone, at registration
+            if src.startswith("@every"):
+                raise InvalidInput(
+                    f"tz: {src!r} is a fixed interval (aligned to the epoch): a time zone does not apply",
+                    "tz",
+                )
         if src.startswith("@every"):
             secs = parse_duration(src[len("@every") :], "schedule")
             if secs < MIN_EVERY_S:
@@ -131,6 +156,8 @@ class CronSchedule:
             weekdays=weekdays,
             dom_star=parts[2] == "*",
             dow_star=parts[4] == "*",
+            tz=tz,
+            hour_star=parts[1].startswith("*"),
         )
         # A day of the month restricts alone when the weekday is "*" (cron ORs the two only
         # when both are restricted): then one of the months must have one of the days.
@@ -150,10 +177,20 @@ class CronSchedule:
             return dom and dow
         return dom or dow  # cron: when both are restricted, either may match
 
+    @property
+    def label(self) -> str:
+        """The schedule as shown: its text, and its zone when it has one."""
+        return self.text if self.tz is None else f"{self.text} ({self.tz})"
+
     def prev_tick(self, now_ms: int) -> int | None:
-        """The latest tick <= ``now_ms`` (ms since the epoch, UTC), within the last 5 years."""
+        """The latest tick <= ``now_ms`` (ms since the epoch), within the last 5 years."""
         if self.every_ms:
             return now_ms - now_ms % self.every_ms
+        if self.tz is not None:
+            return self._prev_tick_zoned(now_ms, _zone(self.tz))
+        return self._prev_tick_utc(now_ms)
+
+    def _prev_tick_utc(self, now_ms: int) -> int | None:
         now = datetime.fromtimestamp(now_ms // 60_000 * 60, tz=timezone.utc)
         day = now.replace(hour=0, minute=0)
         for _ in range(5 * 366 + 1):
@@ -169,9 +206,14 @@ class CronSchedule:
         return None
 
     def next_tick(self, now_ms: int) -> int | None:
-        """The earliest tick > ``now_ms`` (ms since the epoch, UTC), within the next 5 years."""
+        """The earliest tick > ``now_ms`` (ms since the epoch), within the next 5 years."""
         if self.every_ms:
             return now_ms - now_ms % self.every_ms + self.every_ms
+        if self.tz is not None:
+            return self._next_tick_zoned(now_ms, _zone(self.tz))
+        return self._next_tick_utc(now_ms)
+
+    def _next_tick_utc(self, now_ms: int) -> int | None:
         start = datetime.fromtimestamp((now_ms // 60_000 + 1) * 60, tz=timezone.utc)
         day = start.replace(hour=0, minute=0)
         for _ in range(5 * 366 + 1):
@@ -184,6 +226,129 @@ class CronSchedule:
                         return int(day.replace(hour=h, minute=min(mins)).timestamp()) * 1000
             day += timedelta(days=1)
         return None
+
+    # -- named time zones ------------------------------------------------------------------------
+    def _prev_tick_zoned(self, now_ms: int, zone: zoneinfo.ZoneInfo) -> int | None:
+        now_s = now_ms // 60_000 * 60
+        off = _offset_s(zone, now_s)
+        # Quick path: no offset change from 26 h before now to 4 h after it (most of the year);
+        # then the zone is a fixed offset, and a tick within those 26 h is the answer.
+        if _offset_s(zone, now_s - 26 * 3600) == off == _offset_s(zone, now_s + 4 * 3600):
+            t = self._prev_tick_utc((now_s + off) * 1000)
+            if t is not None and t - off * 1000 >= (now_s - 26 * 3600) * 1000:
+                return t - off * 1000
+        # Near a change, or a sparse schedule: walk local wall times downward from a little past
+        # now (a fold's first occurrence of a later wall time may precede now), keeping the
+        # latest instant <= now, until walls are too early to beat it.
+        now_wall = datetime.fromtimestamp(now_s, tz=zone).replace(tzinfo=None)
+        best: int | None = None
+        floor: datetime | None = None
+        for wall in self._walls_down(now_wall + timedelta(hours=4)):
+            if floor is not None and wall < floor:
+                break
+            for inst in _instants(zone, wall, wildcard=self.hour_star):
+                if inst <= now_s and (best is None or inst > best):
+                    best = inst
+                    # Offsets and gaps move a wall time by < 4 h: earlier walls cannot beat it.
+                    floor = datetime.fromtimestamp(best, tz=zone).replace(tzinfo=None) - timedelta(hours=4)
+        return None if best is None else best * 1000
+
+    def _next_tick_zoned(self, now_ms: int, zone: zoneinfo.ZoneInfo) -> int | None:
+        now_s = now_ms // 1000
+        off = _offset_s(zone, now_s)
+        if _offset_s(zone, now_s - 4 * 3600) == off == _offset_s(zone, now_s + 26 * 3600):
+            t = self._next_tick_utc(now_ms + off * 1000)
+            if t is not None and t - off * 1000 <= (now_s + 26 * 3600) * 1000:
+                return t - off * 1000
+        now_wall = datetime.fromtimestamp(now_s, tz=zone).replace(tzinfo=None)
+        best: int | None = None
+        ceiling: datetime | None = None
+        for wall in self._walls_up(now_wall - timedelta(hours=4)):
+            if ceiling is not None and wall > ceiling:
+                break
+            for inst in _instants(zone, wall, wildcard=self.hour_star):
+                if inst * 1000 > now_ms and (best is None or inst < best):
+                    best = inst
+                    ceiling = datetime.fromtimestamp(best, tz=zone).replace(tzinfo=None) + timedelta(hours=4)
+        return None if best is None else best * 1000
+
+    def _walls_up(self, start: datetime) -> Iterator[datetime]:
+        """Local wall times matching the fields, at or after ``start``, earliest first (5 years)."""
+        start = start.replace(second=0, microsecond=0)
+        day = start.replace(hour=0, minute=0)
+        hours = sorted(self.hours)
+        minutes = sorted(self.minutes)
+        for _ in range(5 * 366 + 1):
+            if self._day_matches(day):
+                same = day.date() == start.date()
+                for h in hours:
+                    if same and h < start.hour:
+                        continue
+                    for m in minutes:
+                        if same and h == start.hour and m < start.minute:
+                            continue
+                        yield day.replace(hour=h, minute=m)
+            day += timedelta(days=1)
+
+    def _walls_down(self, start: datetime) -> Iterator[datetime]:
+        """Local wall times matching the fields, at or before ``start``, latest first (5 years)."""
+        start = start.replace(second=0, microsecond=0)
+        day = start.replace(hour=0, minute=0)
+        hours = sorted(self.hours, reverse=True)
+        minutes = sorted(self.minutes, reverse=True)
+        for _ in range(5 * 366 + 1):
+            if self._day_matches(day):
+                same = day.date() == start.date()
+                for h in hours:
+                    if same and h > start.hour:
+                        continue
+                    for m in minutes:
+                        if same and h == start.hour and m > start.minute:
+                            continue
+                        yield day.replace(hour=h, minute=m)
+            day -= timedelta(days=1)
+
+
+@cache
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise InvalidInput(f"tz: {name!r} is not a time zone name (e.g. 'Europe/Berlin')", "tz")
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise InvalidInput(
+            f"tz: {name!r} is not a known time zone (an IANA name such as 'Europe/Berlin' or 'UTC')", "tz"
+        ) from None
+
+
+def _offset_s(zone: zoneinfo.ZoneInfo, epoch_s: int) -> int:
+    off = datetime.fromtimestamp(epoch_s, tz=zone).utcoffset()
+    return 0 if off is None else int(off.total_seconds())
+
+
+def _instants(zone: zoneinfo.ZoneInfo, wall: datetime, *, wildcard: bool) -> list[int]:
+    """The instants (epoch seconds) at which local wall time ``wall`` fires: one normally; in a
+    spring-forward gap, the end of the gap (none with ``wildcard``); in a fall-back fold, the
+    first occurrence (and the second too with ``wildcard``)."""
+    early = int(wall.replace(tzinfo=zone, fold=0).timestamp())
+    late = int(wall.replace(tzinfo=zone, fold=1).timestamp())
+    if early == late:
+        return [early]
+    if datetime.fromtimestamp(early, tz=zone).replace(tzinfo=None) == wall:
+        return [early, late] if wildcard else [early]  # a fold: the wall time occurs twice
+    if wildcard:
+        return []  # a gap, and an hourly-style schedule: the skipped time is skipped
+    # A gap: the wall time never occurs. The zone's change lies between the two readings; find
+    # its instant (to the second) and fire there.
+    lo, hi = min(early, late), max(early, late)
+    before = _offset_s(zone, lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _offset_s(zone, mid) == before:
+            lo = mid
+        else:
+            hi = mid
+    return [hi]
 
 
 @dataclass(frozen=True, slots=True)

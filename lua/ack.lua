@@ -17,7 +17,10 @@
   KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
   KEYS[4]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
-  jobq:{q}:acked:<node> (ZSET, member = call id, score = ms; retention 0 only, expires).
+  jobq:{q}:acked:<node> (ZSET, member = call id, score = ms; retention 0 only, expires),
+  jobq:{q}:wait:<id> (STRING, read only: set by a caller waiting for the result). A finished job
+  whose wait key exists is announced on the channel jobq:{q}:done: "<id> d<result>" when the
+  result has at most 1024 bytes, else "<id>" (the caller reads the job).
 
   ARGV[1]  qprefix       "jobq:{q}:"
   ARGV[2]  node          the acking node's id; KEYS[1] must be its active set
@@ -33,7 +36,8 @@
   Returns: one code per job: 1 finished, 0 already finished by this attempt (a repeated call),
            -1 no such job, -2 refused: the job is not this attempt's (stale completion).
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(n * log N); per job HMGET, ZREM and HSET + PEXPIRE (or DEL); past finished_max,
+  Cost:    O(n * log N); per job HMGET, ZREM, EXISTS and HSET + PEXPIRE (or DEL), a PUBLISH if
+           waited for; past finished_max,
            per deleted finished job one HMGET and one DEL (at most n + 100).
 ]]
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
@@ -105,6 +109,11 @@ for i = 1, n do
     else
       unlease[#unlease + 1] = id
       release_unique(qprefix, id, f[3])
+      -- Completion notice, only for a job a caller waits on (jobq.Job.result marks it): the id,
+      -- and a small result inline ("<id> d<result>"), so the caller needs no read to have it.
+      if rcall('EXISTS', qprefix .. 'wait:' .. id) == 1 then
+        rcall('PUBLISH', qprefix .. 'done', #result <= 1024 and (id .. ' d' .. result) or id)
+      end
       if retention > 0 then
         -- 'node' and 'finished_by' stay on a finished job so a repeated ack is told apart.
         if result ~= '' then

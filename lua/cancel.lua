@@ -4,8 +4,8 @@
   started (ready or scheduled) or dead-lettered leaves its list. A running job (active) leaves
   its node's active set and the leases at once, so that node's later ack, fail or release of
   the attempt is refused (the per-attempt fence: the job is no longer in its active set), no
-  reaper retries it, and its result is never stored; the node is told on the queue's cancel
-  channel (PUBLISH <node> <id>) and, as the fallback that cannot be missed, by its next lease
+  reaper retries it, and its result is never stored; the node is told on its own wake-up
+  channel (SPUBLISH "cancel <id>") and, as the fallback that cannot be missed, by its next lease
   renewal (the id is added to jobq:{q}:cancels:<node>, which extend reads and empties). A
   finished one has nothing left to cancel. Releases the job's unique key.
 
@@ -17,7 +17,7 @@
   KEYS[6]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
   jobq:{q}:active:<node>, jobq:{q}:cancels:<node> (SET of ids, expires after a day).
-  Channel: jobq:{q}:cancel.
+  Shard channel: jobq:{q}:wake:<node> (the node's wake-up channel, on the queue's shard).
 
   ARGV[1]  qprefix       "jobq:{q}:"
   ARGV[2]  id            the job id
@@ -56,7 +56,7 @@ if state == 'active' then
     local marks = qprefix .. 'cancels:' .. node
     rcall('SADD', marks, id)
     rcall('PEXPIRE', marks, 86400000)
-    rcall('PUBLISH', qprefix .. 'cancel', node .. ' ' .. id)
+    rcall('SPUBLISH', qprefix .. 'wake:' .. node, 'cancel ' .. id)
   end
 else
   rcall('ZREM', ready_key, id)

@@ -12,7 +12,8 @@
   KEYS[3]  seq        STRING  jobq:{q}:seq          FIFO sequence counter
   KEYS[4]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag (same slot): jobq:{q}:job:<id> (HASH),
-  jobq:{q}:unique:<key> (STRING), jobq:{q}:cron:<name> (STRING); channel jobq:{q}:wake.
+  jobq:{q}:unique:<key> (STRING), jobq:{q}:cron:<name> (STRING), jobq:{q}:idle (ZSET, idle
+  nodes' tokens); shard channels jobq:{q}:wake:<node>.
 
   ARGV[1]  qprefix    the queue's key prefix, "jobq:{q}:"
   ARGV[2]  now_ms     integer ms, or "" for the Redis server clock (TIME)
@@ -45,17 +46,17 @@
   ready score is not stored here: claim records it when it pops the job (reap and release read
   it there).
 
-  Wake-up ("r" = runnable now, "s" = an earlier scheduled time to wait for) on jobq:{q}:wake,
-  only when it can matter: "r" when ready was empty before this call (a waiting worker saw it
-  empty, and every later empty -> non-empty change is announced by whoever made it), else "s"
-  when a new scheduled job runs before every job already scheduled (a waiting worker sleeps
-  until the earliest run time it saw, or its poll interval).
+  Wake-up (lib/common.lua wake_idle): one idle node per new ready job is told "r" on its own
+  channel jobq:{q}:wake:<node> (nodes that found the queue empty hold a token in jobq:{q}:idle);
+  else "s" to one idle node when a new scheduled job runs before every job already scheduled (a
+  waiting node sleeps until the earliest run time it saw, or its poll interval). Nothing is sent
+  when no node is idle.
 
   Returns: an array with one id per job (the new id, or the id of the job already holding it);
            an empty array when the cron tick already fired; {-5, depth} when the queue is full.
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(n log N); per new ready job EXISTS + HSET (+ GET/SET with a unique key), then per call
-           TIME, INCRBY, EXISTS, ZADD and at most one PUBLISH.
+           TIME, INCRBY, EXISTS, ZADD, and one ZPOPMIN + SPUBLISH per idle node woken.
 ]]
 local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
@@ -267,12 +268,10 @@ for i = 1, n do
   end
 end
 
--- Wake idle workers only when it can matter (see the header): a waiting worker saw ready empty
--- and sleeps until the earliest scheduled run time it saw (or its poll interval).
-local wake = nil
+-- Wake one idle node per new ready job, or one for a scheduled job earlier than all others.
+local wake, n_wake = nil, 1
 if n_ready > 0 then
-  if n_was_ready == nil then n_was_ready = rcall('ZCARD', ready_key) end
-  if n_was_ready == 0 then wake = 'r' end
+  wake, n_wake = 'r', n_ready
   rcall('ZADD', ready_key, unpack(ready_add))
 end
 if n_sched > 0 then
@@ -280,5 +279,5 @@ if n_sched > 0 then
   if wake == nil and (first < 0 or sched_min < first) then wake = 's' end
   rcall('ZADD', sched_key, unpack(sched_add))
 end
-if wake then rcall('PUBLISH', qprefix .. 'wake', wake) end
+if wake then wake_idle(qprefix, n_wake, wake) end
 return ids

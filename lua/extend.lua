@@ -5,7 +5,7 @@
   set) and records the node as alive for this queue. Returns the ids the node owns, so the
   caller can tell which of its running jobs it lost, and which claimed jobs it does not know of
   (a claim whose reply was lost) and must release; and the ids of this node's jobs cancelled
-  while they ran (cancel.lua marks them in KEYS[4]): the fallback of the cancel channel, which a
+  while they ran (cancel.lua marks them in KEYS[4]): the fallback of the cancel notice, which a
   node cut off from Redis misses. A mark stays until the node names it in a later renewal
   (ARGV[5], the marks its last reply carried), so a lost reply loses none. Allowed under OOM.
 

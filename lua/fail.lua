@@ -15,7 +15,11 @@
   KEYS[5]  ready      ZSET    jobq:{q}:ready
   KEYS[6]  seq        STRING  jobq:{q}:seq
   KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:wait:<id> (STRING, read only: set by a caller waiting for the result). A dead-lettered
+  job whose wait key exists has its id published on the channel jobq:{q}:done. A job made ready
+  again pops an idle node's token from jobq:{q}:idle and wakes it on jobq:{q}:wake:<node>
+  (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix         "jobq:{q}:"
   ARGV[2]  node            the failing node's id; KEYS[1] must be its active set
@@ -103,6 +107,8 @@ if mode == 'dead' or attempts >= max_attempts then
   -- Attempts exhausted (or no retry wanted): dead-letter with the last error.
   rcall('HSET', jkey, 'finished_by', mine)
   to_dead(qprefix, dead_key, id, err, now, dead_max, dead_ttl)
+  -- Completion notice, only for a job a caller waits on (jobq.Job.result marks it).
+  if rcall('EXISTS', qprefix .. 'wait:' .. id) == 1 then rcall('PUBLISH', qprefix .. 'done', id) end
   return {2, 0, 0, dead_trimmed}
 end
 
@@ -120,7 +126,7 @@ if delay == 0 then
   rcall('HDEL', jkey, 'node')
   if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
   rcall('ZADD', ready_key, score, id)
-  rcall('PUBLISH', qprefix .. 'wake', 'r')
+  wake_idle(qprefix, 1, 'r')
   return {1, now, 0, 0}
 end
 local run_at = fmt_int(now + delay)
@@ -128,5 +134,5 @@ rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'fi
 rcall('HDEL', jkey, 'node')
 if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
 rcall('ZADD', sched_key, run_at, id)
-rcall('PUBLISH', qprefix .. 'wake', 's')
+wake_idle(qprefix, 1, 's')
 return {1, now + delay, 0, 0}

@@ -7,7 +7,8 @@
   KEYS[2]  ready      ZSET    jobq:{q}:ready
   KEYS[3]  seq        STRING  jobq:{q}:seq
   KEYS[4]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>; channel jobq:{q}:wake.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:idle; idle nodes are
+  woken on jobq:{q}:wake:<node> (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix  "jobq:{q}:"
   ARGV[2]  now_ms   integer ms, or "" for the Redis server clock
@@ -28,5 +29,5 @@ local limit = int_arg(ARGV[3])
 if limit == nil or limit < 1 or limit > 1000 then return badarg('limit', 'must be 1..1000') end
 
 local moved = promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
-if moved > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+if moved > 0 then wake_idle(qprefix, moved, 'r') end
 return {moved, next_due(sched_key), now}

@@ -20,7 +20,8 @@
   KEYS[6]  reap_lock  STRING  jobq:{q}:reap-lock
   KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:active:<node> (ZSET),
-  jobq:{q}:unique:<key>.
+  jobq:{q}:unique:<key>, jobq:{q}:idle; idle nodes are woken on jobq:{q}:wake:<node>
+  (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix      "jobq:{q}:"
   ARGV[2]  now_ms       integer ms, or "" for the Redis server clock
@@ -144,6 +145,7 @@ if budget > 0 then
     if rcall('ZCARD', akey) == 0 then
       rcall('DEL', akey)
       rcall('ZREM', nodes_key, node)
+      rcall('ZREM', qprefix .. 'idle', node) -- its wake-up token, if a job never popped it
     end
     if budget <= 0 then break end
   end
@@ -153,7 +155,7 @@ if #ready_add > 0 then rcall('ZADD', ready_key, unpack(ready_add)) end
 -- 3. Dead letters past their age bound, even when nothing new dies (bounded).
 trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, 100)
 
-if #requeued > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+if #requeued > 0 then wake_idle(qprefix, #requeued, 'r') end
 local out = {#requeued, #dead}
 for _, id in ipairs(requeued) do out[#out + 1] = id end
 for _, id in ipairs(dead) do out[#out + 1] = id end

@@ -17,7 +17,8 @@
   KEYS[4]  seq     STRING  jobq:{q}:seq
   KEYS[5]  dead    ZSET    jobq:{q}:dead
   KEYS[6]  guard   NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
+  jobq:{q}:idle; idle nodes are woken on jobq:{q}:wake:<node> (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix      "jobq:{q}:"
   ARGV[2]  node         the node's id
@@ -118,7 +119,7 @@ for _, job in ipairs(jobs) do
     end
   end
 end
-if released > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+if released > 0 then wake_idle(qprefix, released, 'r') end
 local out = {released, interrupted, #dead / 2, dead_trimmed}
 for _, v in ipairs(dead) do out[#out + 1] = v end
 return out

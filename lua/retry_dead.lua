@@ -7,7 +7,8 @@
   KEYS[2]  ready  ZSET    jobq:{q}:ready
   KEYS[3]  seq    STRING  jobq:{q}:seq
   KEYS[4]  guard  NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
-  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>; channel jobq:{q}:wake.
+  Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:idle; idle nodes are
+  woken on jobq:{q}:wake:<node> (lib/common.lua wake_idle).
 
   ARGV[1]  qprefix  "jobq:{q}:"
   ARGV[2]  now_ms   integer ms, or "" for the Redis server clock
@@ -81,5 +82,5 @@ end
 rcall('ZREM', dead_key, unpack(ids))
 if #ready_add > 0 then rcall('ZADD', ready_key, unpack(ready_add)) end
 local moved = #ready_add / 2
-if moved > 0 then rcall('PUBLISH', qprefix .. 'wake', 'r') end
+if moved > 0 then wake_idle(qprefix, moved, 'r') end
 return moved

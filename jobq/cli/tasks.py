@@ -18,7 +18,7 @@ def _task_rows(app: JobQ) -> list[dict[str, Any]]:
 
     schedules: dict[str, list[str]] = {}
     for entry in app.cron_entries:
-        schedules.setdefault(entry.task, []).append(entry.schedule.text)
+        schedules.setdefault(entry.task, []).append(entry.schedule.label)
     out = []
     for name in sorted(app.tasks):
         t = app.tasks[name]

@@ -172,7 +172,8 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     default="1s",
     show_default=True,
     callback=_duration("poll-interval"),
-    help="Longest idle wait between claims when no announcement arrives (at least 50ms).",
+    help="Longest idle wait between looks at the queues while wake-ups are down; with every "
+    "wake-up token armed, 10 poll intervals, at most 10s (at least 50ms).",
 )
 @click.option(
     "--reap-interval",

@@ -579,6 +579,16 @@ class Store:
         ]
         return Call(ScriptName.PROGRESS, keys, args, int, queue)
 
+    def idle(self, queue: str, node: str, mode: str = "arm", *, now_ms: int | None = None) -> Call[int]:
+        """A node's wake-up token for ``queue`` (lua/idle.lua). ``arm``: 1 = work is waiting
+        (claim again), 0 = the token is registered and the next job made ready wakes this node;
+        ``pass``: wake the next idle node while ready work is left (the number woken);
+        ``leave``: drop the token."""
+        k = self.keys
+        keys = [k.ready(queue), k.scheduled(queue), k.idle(queue), k.paused(queue), k.slot_guard(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), mode]
+        return Call(ScriptName.IDLE, keys, args, int, queue)
+
     # -- admin ----------------------------------------------------------------------------------
     def cancel(self, queue: str, job_id: str, *, now_ms: int | None = None) -> Call[int]:
         k = self.keys
@@ -1091,4 +1101,39 @@ class AsyncRunner:
             raise self._map(raw, call.script.value, call.queue)
         out = call.parse(raw)
         _check_replicated(call, acked)
+        return out
+
+    async def run_batch(self, calls: Iterable[Call[Any]]) -> list[Any]:
+        """:meth:`SyncRunner.run_batch` from an event loop: the calls pipelined in one round
+        trip (on a cluster, one per node), each result the parsed reply or the call's (mapped)
+        exception, in order; durable mode adds one ``WAIT`` after the last call."""
+        calls = list(calls)
+        wait = max((c.wait for c in calls), default=(0, 0))
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for c in calls:
+                    pipe.execute_command("EVALSHA", self._shas[c.script], len(c.keys), *c.keys, *c.args)
+                if wait[0] > 0:
+                    pipe.execute_command("WAIT", *wait)
+                raws = list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:
+            raise map_error(exc, calls[0].script.value, calls[0].queue) from None
+        acked = raws.pop() if wait[0] > 0 else None
+        out: list[Any] = []
+        for c, raw in zip(calls, raws, strict=True):
+            if isinstance(raw, redis.exceptions.NoScriptError):
+                try:
+                    raw = await self._call(c)  # did not run: loaded, then run once
+                except Exception as exc:
+                    raw = exc
+            if isinstance(raw, Exception):
+                out.append(map_error(raw, c.script.value, c.queue))
+                continue
+            try:
+                out.append(c.parse(raw))
+            except errors.JobqError as exc:  # a reply that means an error (QueueFull)
+                out.append(exc)
+        if wait[0] > 0:
+            waited = next(c for c in calls if c.wait[0] > 0)
+            _check_replicated(waited, acked)
         return out

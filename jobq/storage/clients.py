@@ -780,8 +780,9 @@ def async_client(
 
 def async_pubsub_client(url: str, **kw: Any) -> Any:
     """An asyncio client whose ``.pubsub()`` works for every URL kind. On a cluster it is a plain
-    client on the first reachable node: Redis Cluster forwards every ``PUBLISH`` to all nodes, so
-    one node hears every queue's announcements."""
+    client on the first reachable node (for channels that are not sharded: Redis Cluster
+    forwards every ``PUBLISH`` to all nodes); wake-ups use :mod:`jobq.storage.wakeups`, which
+    follows each queue's shard."""
     t = parse_url(url)
     if t.kind == "sentinel":
         # Pub/sub needs no failover handling of its own (the worker re-creates its listener after
@@ -790,13 +791,20 @@ def async_pubsub_client(url: str, **kw: Any) -> Any:
         return async_client(_sentinel_primary_url(url, t), **kw)
     if t.kind != "cluster":
         return async_client(url, **kw)
+    host, port = _first_reachable(t)
+    return async_node_client(url, host, port, **kw)
+
+
+def async_node_client(url: str, host: str, port: int, **kw: Any) -> Any:
+    """A plain asyncio client on one node of the cluster ``url`` names (its credentials and TLS
+    options, database 0)."""
+    t = parse_url(url)
     scheme = "rediss" if t.tls else "redis"
     cred = ""
     if t.username or t.password:
         from urllib.parse import quote
 
         cred = f"{quote(t.username or '', safe='')}:{quote(t.password or '', safe='')}@"
-    host, port = _first_reachable(t)
     from urllib.parse import urlencode
 
     query = urlencode({k: v for k, v in t.options.items() if k.startswith("ssl_")})

@@ -19,7 +19,7 @@ key                                type    holds                                
 ``jobq:{q}:active:<node>``         ZSET    the job ids node ``<node>`` has claimed ->       while the
                                            claim time, ms (a ZSET: removing one id is       node lives
                                            O(log n), where a LIST's LREM was O(n))
-``jobq:{q}:cancels:<node>``        SET     ids of the node's jobs cancelled while they      until the
+``jobq:{q}:cancels:<node>``        SET     a node's jobs cancelled while they ran, until    1 day
                                            ran; emptied by its next lease renewal           renewal, 1 d
 ``jobq:{q}:leases``                ZSET    job id -> lease deadline, ms of the Redis        permanent
                                            clock; the reaper's index
@@ -48,8 +48,14 @@ key                                type    holds                                
 ``jobq:nodes``                     ZSET    every live node -> last heartbeat ms             permanent
 ``jobq:node:<node>``               HASH    a node's queues, concurrency, in-flight count    PX 3 leases
 ``jobq:epoch``                     STRING  no longer written (the epoch is per queue now)   permanent
-channel ``jobq:{q}:wake``          pubsub  "new work" hints for workers of queue q
-channel ``jobq:{q}:cancel``        pubsub  "<node> <id>": a running job of q was cancelled
+``jobq:{q}:idle``                  ZSET    idle nodes' wake-up tokens: node id -> when it   popped by
+                                           armed, ms (lua/idle.lua, lib wake_idle)          a wake-up
+shard channel                      pubsub  "new work" for one node of queue q, or "cancel   n/a
+``jobq:{q}:wake:<node>``                   <id>" (SPUBLISH: on the queue's shard)
+channel ``jobq:{q}:wake``          pubsub  "new work" from producers of earlier versions    n/a
+                                           (PUBLISH to every idle node); still heard
+``jobq:{q}:cancels:<node>``       SET     ids of the node's jobs cancelled while they ran,  1 day
+                                           its next lease renewal hears them (cancel.lua)
 =================================  ======  ===============================================  =========
 
 Lua scripts receive the queue's key prefix (``jobq:{q}:``) as an argument and build the per-job
@@ -193,17 +199,33 @@ class Keys:
         keys: Redis Cluster refuses such a script (TRYAGAIN) while ``q``'s slot is half moved."""
         return f"{self.prefix}:{{{q}}}:slot-guard"
 
-    def wake(self, q: str) -> str:
-        """Pub/sub channel announcing new work in ``q``."""
+    def idle(self, q: str) -> str:
+        """ZSET of the wake-up tokens of ``q``'s idle nodes: node id -> when it armed, ms."""
+        return f"{self.prefix}:{{{q}}}:idle"
+
+    def wake_all(self, q: str) -> str:
+        """Classic pub/sub channel the scripts of jobq before the wake-up tokens ``PUBLISH`` to
+        (every idle node of ``q``): a node still listens, so older producers wake it too."""
         return f"{self.prefix}:{{{q}}}:wake"
 
     def cancels(self, q: str, node: str) -> str:
         """SET of the ids of ``node``'s jobs cancelled while they ran, until its next renewal."""
         return f"{self.prefix}:{{{q}}}:cancels:{node}"
 
-    def cancel_channel(self, q: str) -> str:
-        """Pub/sub channel telling nodes a running job of ``q`` was cancelled ("<node> <id>")."""
-        return f"{self.prefix}:{{{q}}}:cancel"
+    def done(self, q: str) -> str:
+        """Pub/sub channel on which ack and fail announce the id of a finished job someone
+        waits for (one whose :meth:`waiter` key exists)."""
+        return f"{self.prefix}:{{{q}}}:done"
+
+    def waiter(self, q: str, job_id: str) -> str:
+        """STRING with a TTL: a caller waits for this job's result (``job.result()``), so its
+        completion is announced on :meth:`done`. Never set for jobs nobody waits for."""
+        return f"{self.prefix}:{{{q}}}:wait:{job_id}"
+
+    def wake(self, q: str, node: str) -> str:
+        """Shard pub/sub channel (SSUBSCRIBE/SPUBLISH) telling ``node`` of new work in ``q``;
+        inside ``q``'s hash tag, so in a cluster it lives on the shard that owns the queue."""
+        return f"{self.prefix}:{{{q}}}:wake:{node}"
 
     # -- global keys (never touched by a queue script) ------------------------------------------
     @property
@@ -222,7 +244,8 @@ class Keys:
 
     @property
     def epoch(self) -> str:
-        """STRING set once; a changed or missing value means the dataset was wiped."""
+        """STRING of earlier versions, no longer written: the dataset epoch is per queue now
+        (:meth:`queue_epoch`), so a Redis Cluster checks each shard on its own."""
         return f"{self.prefix}:epoch"
 
     def all_queue_keys(self, q: str) -> list[str]:
@@ -236,4 +259,5 @@ class Keys:
             self.queue_nodes(q),
             self.seq(q),
             self.paused(q),
+            self.idle(q),
         ]

@@ -39,14 +39,6 @@ async def server_time_ms_async(client: AsyncClient) -> int:
     return int(sec) * 1000 + int(usec) // 1000
 
 
-def health(client: SyncClient, keys: Keys) -> int:
-    """A health probe: TIME and an EXISTS of the dataset epoch (a read of the keyspace). Returns
-    the Redis time in seconds; raises what the client raises."""
-    secs, _ = client.time()
-    client.exists(keys.epoch)
-    return int(secs)
-
-
 def queues(client: SyncClient, keys: Keys) -> list[str]:
     """Every queue in the ``jobq:queues`` registry, sorted."""
     return sorted(to_str(q, "replace") for q in client.smembers(keys.queues))
@@ -182,6 +174,36 @@ def _int(v: Any) -> int | None:
         return int(v)
     except (TypeError, ValueError):
         return None
+
+
+async def job_fields_async(
+    client: AsyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str]
+) -> list[Any]:
+    """:func:`job_fields` from an event loop (``"payload"`` whole, from its parts)."""
+    key = keys.job(queue, job_id)
+    names = list(fields)
+    if "payload" not in names:
+        return list(await client.hmget(key, names))
+    raw = list(await client.hmget(key, [*names, "parts"]))
+    parts = _int(raw.pop())
+    at = names.index("payload")
+    if parts is not None and parts > 1 and raw[at] is not None:
+        rest = await client.hmget(key, [f"p{i}" for i in range(2, parts + 1)])
+        raw[at] = None if None in rest else b"".join([raw[at], *rest])
+    return raw
+
+
+async def wait_mark_and_fields_async(
+    client: AsyncClient, keys: Keys, queue: str, job_id: str, fields: Sequence[str], ttl_ms: int
+) -> list[Any]:
+    """Mark the job as waited for (its :meth:`~jobq.storage.keys.Keys.waiter` key, expiring
+    after ``ttl_ms``: ack and fail then publish its id on the queue's ``done`` channel), then
+    HMGET its fields; one pipelined round trip (both keys share the queue's hash tag)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.waiter(queue, job_id), b"1", px=ttl_ms)
+        pipe.hmget(keys.job(queue, job_id), list(fields))
+        _, values = await pipe.execute()
+    return list(values)
 
 
 def job_queue(client: SyncClient, keys: Keys, job_id: str, queues: Sequence[str]) -> str | None:

@@ -38,6 +38,7 @@ class ScriptName(str, Enum):
     RETRY_DEAD = "retry_dead"
     PURGE = "purge"
     PROGRESS = "progress"
+    IDLE = "idle"
 
 
 def lua_dir() -> Path:

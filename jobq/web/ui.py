@@ -473,11 +473,8 @@ class _View:
         err = f"<h2>Last error</h2><pre>{_e(shown.get('error'))}</pre>" if info.error else ""
         result = ""
         if info.has_result and info.state.value == "done":
-            try:
-                value = self.app.job(info.id, info.queue).result(timeout=0)
-                result = f"<h2>Result</h2><pre>{_e(json.dumps(admin.redact_args(value), indent=2, default=str))}</pre>"
-            except Exception:
-                result = ""
+            value = json.dumps(shown.get("result"), indent=2, default=str)
+            result = f"<h2>Result</h2><pre>{_e(value)}</pre>"
         acts = f'<div class="actions">{actions}</div>' if actions else ""
         return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
 
@@ -513,7 +510,7 @@ class _View:
                 except ValueError:
                     last_ms = None
                 rows.append(
-                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.text)}</code></td>"
+                    f"<tr><td>{_e(c.key_name)}</td><td>{_e(c.task)}</td><td><code>{_e(c.schedule.label)}</code></td>"
                     f"<td>{_e(queue)}</td><td>{_e(_when(c.schedule.prev_tick(now)))}</td><td>{_e(_when(last_ms))}</td>"
                     f"<td>{_e(_when(c.schedule.next_tick(now)))}</td></tr>"
                 )

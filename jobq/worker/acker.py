@@ -280,13 +280,14 @@ class Acker:
 
     def release_soon(self, queue: str, runs: list[Held]) -> None:
         """Release unstarted jobs of ``queue`` in a side task (their attempts are not counted)."""
-        self._side(self._release_runs(queue, runs))
+        self.spawn(self._release_runs(queue, runs))
 
     def release_unknown_soon(self, queue: str, ids: list[str]) -> None:
         """Release claims of ``queue`` this node never saw, in a side task."""
-        self._side(self._release_unknown(queue, ids))
+        self.spawn(self._release_unknown(queue, ids))
 
-    def _side(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` beside the fetcher; the node's shutdown waits for these side tasks."""
         t = asyncio.ensure_future(coro)
         self.side_tasks.add(t)
         t.add_done_callback(self.side_tasks.discard)

@@ -342,7 +342,7 @@ class Executor:
             self.held.forget(run)
 
     def cancel_id(self, job_id: str) -> None:
-        """This node's job ``job_id`` was cancelled while it ran (the cancel channel or a lease
+        """This node's job ``job_id`` was cancelled while it ran (the cancel notice or a lease
         renewal said so): :meth:`cancel` it if it is still held here."""
         if (run := self.held.get(job_id)) is not None:
             self.cancel(run)

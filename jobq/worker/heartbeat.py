@@ -9,7 +9,7 @@ registry, and checks the dataset epoch. It reports back to the worker:
 - jobs in the active list the worker does not know (a claim whose reply was lost), which are
   released after two beats;
 - jobs cancelled while they ran here (``extend`` returns the ids ``cancel`` marked for this node:
-  the fallback of the cancel channel, which a node cut off from Redis misses);
+  the fallback of the cancel notice, which a node cut off from Redis misses);
 - self-fencing: when no renewal succeeded for ``lease - margin`` (partition), the node must stop
   claiming and treat its running jobs as lost before other nodes may take them. The fence says
   whether Redis itself is down (the last renewal was refused, or Redis answered LOADING/BUSY):

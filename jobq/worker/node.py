@@ -3,9 +3,9 @@
 One process is one node. Its components, one file each under ``jobq/worker/``:
 
 - :mod:`~jobq.worker.fetcher` claims up to the number of free slots per script call, plus a few
-  jobs ahead (the prefetch buffer); when nothing is runnable it waits on the
-  :mod:`~jobq.worker.wakeups` (a pub/sub announcement, the next scheduled run time, or the poll
-  interval, whichever comes first: pub/sub is only a hint);
+  jobs ahead (the prefetch buffer); when nothing is runnable it arms the node's wake-up tokens
+  and waits on the :mod:`~jobq.worker.wakeups` (a wake-up for this node, the next scheduled run
+  time, or the poll interval, whichever comes first; docs/workers.md, "Wake-ups");
 - :mod:`~jobq.worker.executor` runs ``async def`` tasks on the event loop and plain ``def`` tasks
   in a thread pool, at most ``concurrency`` at once, each under its timeout;
 - :mod:`~jobq.worker.acker` finishes completed jobs in batches, records failures, releases;
@@ -84,7 +84,8 @@ class WorkerConfig:
     node_id: str | None = None
     #: Exit once there is nothing left to run (tests, batch jobs).
     burst: bool = False
-    #: Longest wait between claims when idle and no announcement arrives.
+    #: Longest idle wait between looks at the queues while wake-ups are down; with every wake-up
+    #: token armed and heard, 10 poll intervals, at most 10 s (jobq.worker.wakeups).
     poll_interval: float = 1.0
     #: Reaper pass interval (default: lease / 6, at most 5 s).
     reap_interval: float | None = None
@@ -146,11 +147,14 @@ class Worker:
         # The components, wired here and nowhere else.
         self.state = NodeState()
         self.wakeups = Wakeups(
+            app,
+            self.state,
             self.url,
-            [app.keys.wake(q) for q in self.queues],
+            self.node,
+            self.queues,
             cfg.poll_interval,
-            cancel_channels=[app.keys.cancel_channel(q) for q in self.queues],
-            on_cancel=lambda node, job_id: self.executor.cancel_id(job_id) if node == self.node else None,
+            burst=cfg.burst,
+            on_cancel=lambda _queue, job_id: self.executor.cancel_id(job_id),
         )
         self.held = HeldJobs(on_room=self.wakeups.poke)
         self.acker = Acker(
@@ -196,6 +200,8 @@ class Worker:
             burst=cfg.burst,
             outcomes=self.outcomes,
         )
+        self.wakeups.can_claim = self.fetcher.can_claim
+        self.wakeups.spawn = self.acker.spawn  # shutdown waits for these side calls too
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._hard_stop: asyncio.Event | None = None
@@ -269,7 +275,7 @@ class Worker:
         self._stop_event.set()
         self.state.stopping = True
         self.acker.release_buffered()  # others may run the buffered jobs while this node drains
-        self.wakeups.poke()
+        self.wakeups.stop()  # no more wake-ups: publishers skip this node, and its tokens go
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -385,7 +391,7 @@ class Worker:
             self._loop.call_soon_threadsafe(self._on_beat, beat)
 
     def _on_beat(self, beat: BeatResult) -> None:
-        for ids in beat.cancelled.values():  # the cancel channel's fallback
+        for ids in beat.cancelled.values():  # the cancel notice's fallback
             for job_id in ids:
                 self.executor.cancel_id(job_id)
         for ids in beat.lost.values():
@@ -432,7 +438,12 @@ class Worker:
                     next_schedule = now + self.config.schedule_interval
                     # An idle node's claims promote due jobs already: skip the extra round trips
                     # unless cron needs the pass (or the node is too busy to claim).
-                    if self.app.cron_entries or now - self.state.promoted_at > self.config.schedule_interval:
+                    # An armed idle node claims when the earliest scheduled job it saw comes due,
+                    # and an earlier one enqueued later wakes an armed node: no pass either.
+                    if self.app.cron_entries or (
+                        now - self.state.promoted_at > self.config.schedule_interval
+                        and not self.wakeups.all_armed()
+                    ):
                         await scheduler.run_once()
                 if now >= next_reap:
                     next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)

@@ -226,4 +226,22 @@ local function next_due(sched_key)
   if first[2] then return tonumber(first[2]) end
   return -1
 end
+-- Wake up to `n` idle nodes of the queue, one per token. A node with free slots that found the
+-- queue empty registers a token (its id) in the ZSET <qprefix>idle (idle.lua, score = when) and
+-- listens on its own shard channel <qprefix>wake:<node>. Each token is popped (oldest first) and
+-- its node told `msg` with SPUBLISH, which stays on the queue's shard in Redis Cluster and
+-- returns how many clients heard it: 0 means the node is gone (or reconnecting, and it looks at
+-- the queue once it is back), so the next token is tried. Nothing is sent when no node is idle:
+-- the nodes that are busy claim again when a slot frees up. Returns the number of nodes woken.
+local function wake_idle(qprefix, n, msg)
+  local idle = qprefix .. 'idle'
+  local woken, tries = 0, 0
+  while woken < n and tries < n + 64 do
+    local t = rcall('ZPOPMIN', idle)
+    if t[1] == nil then break end
+    tries = tries + 1
+    if rcall('SPUBLISH', qprefix .. 'wake:' .. t[1], msg) > 0 then woken = woken + 1 end
+  end
+  return woken
+end
 -- end of common prelude

@@ -264,21 +264,26 @@ def test_s2_node_churn(
 
 
 # -- S5: wake-up fan-out -------------------------------------------------------------------------------
+#: Idle cost bound per node: the target (1 command/s) plus the error of counting events that
+#: come every 5 or 10 s (heartbeat, reaper, ping, armed poll) in a window of 30 s.
+S5_IDLE_BOUND = 1.1
+
+
 def test_s5_wakeup_fanout(
     worker_fleet: Any, history: History, app: JobQ, r: redis.Redis, seed: int, figures: Any
 ) -> None:
-    """Idle nodes (default lease and poll interval); one job at a time: claim calls per job stay
-    bounded by the idle nodes, each job starts once, Redis stays cool; idle cost per node."""
+    """Idle nodes (default lease and poll interval); one job at a time: each job wakes one node,
+    so claim calls per job stay <= 2 whatever the number of nodes (RELIABILITY S5); each job
+    starts once; idle pickup latency; Redis stays cool; idle cost per node <= 1 command/s."""
     n_nodes, n_jobs = tier(8, 100), tier(100, 1000)
     fleet = worker_fleet(lease=30.0, grace=GRACE, reap_interval=5.0, poll_interval=1.0)
     fleet.start(n_nodes, concurrency=2)
-    time.sleep(1.0)
-    claim_sha = sha(ScriptName.CLAIM)
-    counts = {"claims": 0, "client_cmds": 0}
+    claim_sha, idle_sha = sha(ScriptName.CLAIM), sha(ScriptName.IDLE)
+    counts = {"claims": 0, "arms": 0, "client_cmds": 0}
     stop = threading.Event()
 
     def monitor() -> None:
-        client = redis.Redis.from_url(app.url)
+        client = redis.Redis.from_url(app.url, socket_timeout=3600)
         with client.monitor() as m:
             for cmd in m.listen():
                 if stop.is_set():
@@ -288,21 +293,29 @@ def test_s5_wakeup_fanout(
                 counts["client_cmds"] += 1
                 if claim_sha in cmd["command"]:
                     counts["claims"] += 1
+                elif idle_sha in cmd["command"]:
+                    counts["arms"] += 1
         client.close()
 
+    # Every node idle: its wake-up token armed (the first claim found nothing).
+    deadline = time.monotonic() + 60
+    while r.zcard(f"jobq:{{{Q}}}:idle") < n_nodes:
+        assert time.monotonic() < deadline, "the nodes did not arm their wake-up tokens"
+        time.sleep(0.05)
     mon = threading.Thread(target=monitor, daemon=True)
     mon.start()
     time.sleep(0.5)
     # Idle cost: commands each node sends per second with nothing to do.
     c0, t0 = counts["client_cmds"], time.monotonic()
-    time.sleep(5.0)
+    time.sleep(30.0)
     idle_rate = (counts["client_cmds"] - c0) / (time.monotonic() - t0) / n_nodes
     prod = Producer(app, history)
     cpu0, w0 = redis_cpu(r), time.monotonic()
-    idle_claims = counts["claims"]
-    t_idle = time.monotonic()
+    claims0, arms0 = counts["claims"], counts["arms"]
+    sent: dict[str, float] = {}
     for i in range(n_jobs):
         jid = f"s5-{seed}-{i}"
+        sent[jid] = time.time()
         assert prod.enqueue(jid) == "enqueue_ok"
         while r.hget(f"jobq:{{{Q}}}:job:{jid}", "state") != b"done":
             time.sleep(0.002)
@@ -310,28 +323,41 @@ def test_s5_wakeup_fanout(
     cpu = (redis_cpu(r) - cpu0) / elapsed * 100
     stop.set()
     r.ping()  # wakes the monitor loop
-    total_claims = counts["claims"] - idle_claims
-    # Background polling (each idle node claims once per poll interval) is not fan-out.
-    polling = n_nodes * (time.monotonic() - t_idle) / 1.0
-    per_job = max(0.0, total_claims - polling) / n_jobs
+    # Every claim while the jobs ran, background polling included (an armed idle node polls
+    # with an arm call, not a claim).
+    claims, arms = counts["claims"] - claims0, counts["arms"] - arms0
+    per_job = claims / n_jobs
     snap = Snapshot.take(r)
     rep = check(history, snap)
     rep.assert_ok(ctx(seed, history))
     assert not rep.duplicates
-    assert per_job <= n_nodes, (per_job, total_claims, polling)
-    assert cpu < 50, cpu
-    assert idle_rate <= 5.0, idle_rate
+    starts: dict[str, float] = {}
+    for a in history.attempts():
+        starts.setdefault(a.job_id, a.t_start)
+    lat = [starts[j] - t for j, t in sent.items()]
+    p50, p99 = percentile(lat, 50) * 1000, percentile(lat, 99) * 1000
     figures(
         "S5",
         nodes=n_nodes,
         jobs=n_jobs,
-        claim_calls=total_claims,
+        claim_calls=claims,
         claims_per_job=round(per_job, 2),
-        claims_bound=n_nodes,
+        claims_bound=2,
+        arm_calls_per_job=round(arms / n_jobs, 2),
+        pickup_p50_ms=round(p50, 2),
+        pickup_p99_ms=round(p99, 2),
+        pickup_max_ms=round(max(lat) * 1000, 1),
         redis_cpu_pct=round(cpu, 1),
         idle_cmds_per_node_s=round(idle_rate, 2),
+        idle_bound=S5_IDLE_BOUND,
         seed=seed,
     )
+    assert per_job <= 2, (per_job, claims)
+    assert cpu < 50, cpu
+    assert idle_rate <= S5_IDLE_BOUND, idle_rate
+    # The pickup targets (p50 0.8 ms, p99 1.5 ms) are reported above; on a shared machine only
+    # bounds that a herd (p50) or a missed wake-up (a poll: 1 s or more) would break are asserted.
+    assert p50 <= 5 and max(lat) < 1.0, (p50, p99, max(lat))
 
 
 # -- S3: thundering herd (nightly) -------------------------------------------------------------------

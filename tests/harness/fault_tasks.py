@@ -71,6 +71,7 @@ def _attempt(job_id: str, queue: str) -> int:
 
 
 def _start(job_id: str, queue: str) -> tuple[str, int]:
+    t = time.time()  # the task's start, before the attempt is read back from Redis
     run = uuid.uuid4().hex[:12]
     attempt = _attempt(job_id, queue)
     f = _record_file()
@@ -82,7 +83,7 @@ def _start(job_id: str, queue: str) -> tuple[str, int]:
                 "node": _NODE,
                 "pid": os.getpid(),
                 "attempt": attempt,
-                "t": time.time(),
+                "t": t,
                 "run": run,
             }
         )

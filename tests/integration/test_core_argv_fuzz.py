@@ -146,6 +146,12 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         6: ["", "abc", "-0.1", "1.5", "nan", "inf"],
         7: ["x" * 1025],
     },
+    ScriptName.IDLE: {
+        1: QPREFIX_BAD,
+        2: [v for v in NODE_BAD if v != "other-node"],  # any well-formed node id may arm
+        3: NOW_BAD,
+        4: ["", "ARM", "x", "arm ", "leave\n"],
+    },
 }
 
 
@@ -179,6 +185,8 @@ def seeded(redis_url: str) -> Iterator[tuple[jobq.JobQ, dict[ScriptName, Call[An
         ScriptName.CANCEL: s.cancel(Q, "s0", now_ms=T0),
         ScriptName.RETRY_DEAD: s.retry_dead(Q, ["r2"], now_ms=T0),
         ScriptName.PURGE: s.purge(Q, "ready"),
+        # Last in the base run: ready was purged, so the node arms its wake-up token.
+        ScriptName.IDLE: s.idle(Q, "n9", "arm", now_ms=T0),
     }
     assert set(calls) == set(ScriptName) == set(BAD)
     yield app, calls

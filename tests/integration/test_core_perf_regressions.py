@@ -1,5 +1,5 @@
 """Regressions of issue 6's producer and Redis-side speedups, on a real redis-server: a retry
-backoff of 0 is kept, wake-ups are announced only when a waiting worker needs them, the job hash
+backoff of 0 is kept, an idle node is woken for every job, the job hash
 still carries every field its readers use, integers cross ARGV in canonical form, and the direct
 EVALSHA path survives SCRIPT FLUSH."""
 
@@ -24,33 +24,6 @@ Q = "perf"
 
 def claim(app: jobq.JobQ, node: str = "n1", n: int = 1) -> list[jobq.storage.calls.ClaimedJob]:
     return app.run(app.store.claim(Q, node, n, 10_000, now_ms=app.now_ms())).jobs
-
-
-class Wakes:
-    """The messages published on the queue's wake channel."""
-
-    def __init__(self, r: redis.Redis, channel: str) -> None:
-        self.ps = r.pubsub()
-        self.ps.subscribe(channel)
-        confirmed = self.ps.get_message(timeout=10)  # subscribed before anything is published
-        assert confirmed is not None and confirmed["type"] == "subscribe"
-
-    def after(self, r: redis.Redis, channel: str) -> list[bytes]:
-        """Everything published so far: a marker is published last and read up to."""
-        r.publish(channel, b"marker")
-        got: list[bytes] = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            msg = self.ps.get_message(timeout=1)
-            if msg is None:
-                continue
-            if msg["data"] == b"marker":
-                return got
-            got.append(msg["data"])
-        raise AssertionError(f"marker not seen; got {got}")
-
-    def close(self) -> None:
-        self.ps.close()
 
 
 # -- retry_backoff=0 ----------------------------------------------------------------------------------
@@ -83,53 +56,9 @@ def test_retry_backoff_per_call_zero_and_default(fapp: jobq.JobQ, r: redis.Redis
     assert r.zrange(fapp.keys.ready(Q), 0, -1) == [zero.id.encode()]
 
 
-# -- wake-ups -----------------------------------------------------------------------------------------
-def test_ready_wake_only_when_ready_was_empty(fapp: jobq.JobQ, r: redis.Redis) -> None:
-    ch = fapp.keys.wake(Q)
-    w = Wakes(r, ch)
-    try:
-        fapp.enqueue("t", queue=Q)
-        fapp.enqueue("t", queue=Q)  # ready not empty: a waiting worker was already told
-        fapp.enqueue_many([{"task": "t", "queue": Q} for _ in range(3)])
-        assert w.after(r, ch) == [b"r"]
-        claim(fapp, n=10)  # ready empty again: the next enqueue is announced
-        fapp.enqueue_many([{"task": "t", "queue": Q} for _ in range(3)])
-        fapp.enqueue("t", queue=Q)
-        assert w.after(r, ch) == [b"r"]
-    finally:
-        w.close()
-
-
-def test_ready_wake_with_max_depth(redis_url: str, clock: jobq.FakeClock, r: redis.Redis) -> None:
-    app = jobq.JobQ(redis_url, clock=clock, max_depth=10)
-    ch = app.keys.wake(Q)
-    w = Wakes(r, ch)
-    try:
-        app.enqueue("t", queue=Q)
-        app.enqueue("t", queue=Q)
-        assert w.after(r, ch) == [b"r"]
-    finally:
-        w.close()
-        app.close()
-
-
-def test_scheduled_wake_only_for_an_earlier_run_time(fapp: jobq.JobQ, r: redis.Redis) -> None:
-    ch = fapp.keys.wake(Q)
-    w = Wakes(r, ch)
-    try:
-        fapp.enqueue("t", queue=Q, delay=60)  # first scheduled job: announced
-        fapp.enqueue("t", queue=Q, delay=120)  # later than the earliest: a waiter wakes before it
-        fapp.enqueue("t", queue=Q, delay=30)  # earlier: announced
-        assert w.after(r, ch) == [b"s", b"s"]
-        # Ready work wins: one message for a mixed batch.
-        fapp.enqueue_many([{"task": "t", "queue": Q, "delay": 1}, {"task": "t", "queue": Q}])
-        assert w.after(r, ch) == [b"r"]
-    finally:
-        w.close()
-
-
+# -- wake-ups (the token protocol itself: test_core_wakeups.py) -------------------------------------
 def test_idle_worker_is_woken_for_every_job_with_a_long_poll_interval(redis_url: str) -> None:
-    """Wake-ups only on empty -> non-empty still reach a waiting node every time: a node with a
+    """Wake-ups reach a waiting node every time: a node with a
     60 s poll interval (so only announcements and freed slots can start work) runs a job that
     holds its single slot while a second job is enqueued, then picks up a third after idling."""
     import asyncio

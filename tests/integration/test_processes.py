@@ -297,9 +297,9 @@ def test_idle_workers_start_a_new_job_quickly(fleet: Fleet, qapp: JobQ, r: redis
     for name in ("a", "b"):
         fleet.start(name, "--concurrency", "20", "--node-id", name)
     wait_until(lambda: {"a", "b"} <= node_ids(r, qapp), 20, "nodes registered", fleet)
-    # Wait until both nodes are subscribed (an announcement reaches 2 subscribers).
-    channel = qapp.keys.wake(Q)
-    wait_until(lambda: dict(r.pubsub_numsub(channel)).get(channel.encode(), 0) == 2, 20, "pub/sub")
+    # Wait until both nodes listen on their own wake-up channels.
+    channels = [qapp.keys.wake(Q, n) for n in ("a", "b")]
+    wait_until(lambda: [n for _, n in r.pubsub_shardnumsub(*channels)] == [1, 1], 20, "pub/sub")
 
     sent: dict[int, float] = {}
     for k in range(200):

@@ -520,7 +520,7 @@ def test_expired_jobs_filling_a_claim_do_not_delay_the_next_job(
     wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
     time.sleep(0.1)  # let the node settle into its (30 s) idle wait
     clock.advance(10)
-    r.publish(app.keys.wake("default"), "r")
+    r.execute_command("SPUBLISH", app.keys.wake("default", b.worker.node), "r")
     # Its claim of 3 pops expired jobs (dead-lettered) among them: a batch filled that way is
     # not a sign of an empty queue, so the node must look again at once, not after 30 s.
     assert job.result(timeout=5, poll_interval=0.01) == "ran"
@@ -536,11 +536,11 @@ def test_a_silent_pubsub_connection_is_detected_and_replaced(
     bg: list[Background],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from jobq.worker import wakeups as wakeups_module
+    from jobq.storage import wakeups
     from tests.harness.chaos_proxy import ChaosProxy
 
     # A partition raises nothing on an idle subscription: only the PING probe can tell.
-    monkeypatch.setattr(wakeups_module, "PUBSUB_PING_INTERVAL", 0.3)
+    monkeypatch.setattr(wakeups, "PING_INTERVAL", 0.3)
     proxy = ChaosProxy(redis_server.port).start()
     try:
         app = JobQ(proxy.url(redis_url))
@@ -582,3 +582,64 @@ def test_heartbeat_renews_every_lease_third_in_one_round_trip(
     assert all(sorted(qs) == ["a", "b", "c"] for _, qs in beats)
     gaps = sorted(t2 - t1 for (t1, _), (t2, _) in itertools.pairwise(beats[:6]))
     assert 0.15 <= gaps[len(gaps) // 2] <= 0.3, gaps  # the median: robust to a loaded machine
+
+
+def test_a_producer_of_an_earlier_version_still_wakes_an_idle_node(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """Earlier versions' enqueue script PUBLISHes on the queue's classic channel: an idle node
+    with a 60 s poll interval still hears it (a rolling upgrade loses no wake-ups)."""
+
+    @app.task
+    def ping() -> str:
+        return "pong"
+
+    b = Background(app, poll_interval=60)
+    bg.append(b)
+    wait_for(lambda: b.worker.pubsub_connected, 5, "pub/sub")
+    wait_for(lambda: r.zcard(app.keys.idle("default")) == 1, 5, "armed")
+    r.delete(app.keys.idle("default"))  # as if the job came through an old script: no token popped
+    job = ping.enqueue()
+    assert r.publish(app.keys.wake_all("default"), "r") == 1
+    assert job.result(timeout=5, poll_interval=0.005) == "pong"
+    b.stop()
+    b.join()
+
+
+def test_a_woken_node_without_a_free_slot_passes_the_wake_up_on(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """Node a (one slot, queues q1 and q2) is the longest idle in both; a long job in q1 fills
+    it; a job in q2 then pops a's token first, and a hands the wake-up to b, which runs it at
+    once (both poll only every 60 s)."""
+    release = threading.Event()
+    ran: list[str] = []
+
+    @app.task(queue="q1")
+    def hold() -> None:
+        release.wait(20)
+
+    @app.task(queue="q2")
+    def quick() -> str:
+        ran.append("q2")
+        return "ok"
+
+    a = Background(app, queues=[("q1", 1), ("q2", 1)], concurrency=1, poll_interval=60, node_id="a")
+    bg.append(a)
+    wait_for(lambda: r.zcard(app.keys.idle("q1")) == 1 and r.zcard(app.keys.idle("q2")) == 1, 5, "a armed")
+    b = Background(app, queues=[("q2", 1)], concurrency=1, poll_interval=60, node_id="b")
+    bg.append(b)
+    wait_for(lambda: r.zcard(app.keys.idle("q2")) == 2, 5, "b armed")
+    try:
+        hold.enqueue()
+        wait_for(lambda: a.worker.busy == 1, 5, "a busy")
+        assert [m.decode() for m in r.zrange(app.keys.idle("q2"), 0, -1)] == ["a", "b"]
+        t0 = time.monotonic()
+        assert quick.enqueue().result(timeout=5, poll_interval=0.005) == "ok"
+        assert time.monotonic() - t0 < 2  # not a poll: a passed it on, b ran it
+        assert b.worker.stats["completed"] == 1 and a.worker.stats["completed"] == 0
+    finally:
+        release.set()
+    for n in (a, b):
+        n.stop()
+        n.join()

@@ -1,11 +1,10 @@
 """jobq on a real 3-primary Redis Cluster: cluster clients from ``redis+cluster://`` URLs, every
-script on one slot, queues spread over nodes, pub/sub heard on any node, sharded hot queues."""
+script on one slot, queues spread over nodes, sharded hot queues (wake-ups: test_cluster_wakeups.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import time
 
 import pytest
 import redis
@@ -111,36 +110,6 @@ def capp_request(queue: str) -> object:
     from jobq.app import EnqueueRequest
 
     return EnqueueRequest("t", queue=queue)
-
-
-def test_announcements_reach_a_subscriber_on_any_node(cluster: RedisClusterHarness, capp: JobQ) -> None:
-    """Cluster PUBLISH (from inside the enqueue script) is forwarded to every node."""
-    q = "announce"
-    channel = capp.keys.wake(q)
-    owner = node_of(cluster, capp.keys.ready(q))
-
-    async def run() -> list[str]:
-        heard = []
-        subscribers = []
-        for n in cluster.nodes:
-            c = clients.async_client(f"redis://127.0.0.1:{n.port}/0")
-            ps = c.pubsub(ignore_subscribe_messages=True)
-            await ps.subscribe(channel)
-            subscribers.append((f"127.0.0.1:{n.port}", c, ps))
-        await asyncio.to_thread(capp.enqueue, "t", queue=q)
-        for name, c, ps in subscribers:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                msg = await ps.get_message(timeout=0.5)
-                if msg is not None:
-                    heard.append(name)
-                    break
-            await ps.aclose()
-            await c.aclose()
-        return heard
-
-    heard = asyncio.run(run())
-    assert len(heard) == 3 and owner in heard
 
 
 def test_async_pubsub_client_subscribes_on_a_cluster(cluster_url: str) -> None:

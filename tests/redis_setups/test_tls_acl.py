@@ -29,9 +29,9 @@ JOBQ_ACL_COMMANDS = (
     # inside the scripts
     "+time +get +set +del +exists +type +incr +incrby +pexpire +pttl "
     "+hget +hset +hdel +hincrby +rpush +lrange +lrem +llen "
-    "+zadd +zrem +zcard +zscore +zrange +zrangebyscore +zpopmin +publish "
-    # producer, heartbeat, scheduler, pub/sub
-    "+sadd +smembers +hmget +zremrangebyscore +subscribe"
+    "+zadd +zrem +zcard +zscore +zrange +zrangebyscore +zpopmin +spublish +publish "
+    # producer, heartbeat, scheduler, wake-ups (subscribe: the classic channel of earlier versions)
+    "+sadd +smembers +hmget +zremrangebyscore +ssubscribe +subscribe +ping"
 )
 JOBQ_ACL = f"user jobq on >s3cret-pw resetkeys ~jobq:* resetchannels &jobq:* -@all {JOBQ_ACL_COMMANDS}"
 

@@ -25,7 +25,7 @@ def test_every_queue_key_carries_the_hash_tag() -> None:
         k.unique(q, "u"),
         k.cron(q, "c"),
         k.reap_lock(q),
-        k.wake(q),
+        k.wake(q, "n1"),
     ]
     for key in per_queue:
         assert key.startswith(k.queue_prefix(q)) and "{emails}" in key

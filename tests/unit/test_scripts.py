@@ -27,6 +27,7 @@ CALLS = {
     ScriptName.RETRY_DEAD: (STORE.retry_dead("q", ["a"]), 1, 1),
     ScriptName.PURGE: (STORE.purge("q", "dead"), 0, 0),
     ScriptName.PROGRESS: (STORE.progress("q", "n1", "a", 1, 0.5, "half"), 0, 0),
+    ScriptName.IDLE: (STORE.idle("q", "n1"), 0, 0),
 }
 
 
