@@ -34,7 +34,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -55,9 +54,9 @@ from jobq.worker.executor import Executor
 from jobq.worker.fetcher import Fetcher
 from jobq.worker.heartbeat import BeatResult, Heartbeat
 from jobq.worker.held import HeldJobs
+from jobq.worker.maintenance import Maintenance
 from jobq.worker.outcomes import Outcomes
-from jobq.worker.reaper import Reaper, recover_inherited
-from jobq.worker.scheduler import Scheduler
+from jobq.worker.reaper import recover_inherited
 from jobq.worker.wakeups import Wakeups
 
 if TYPE_CHECKING:
@@ -356,7 +355,20 @@ class Worker:
         if not self.config.burst:
             self._bg.append(asyncio.create_task(self.wakeups.listen(), name="jobq-pubsub"))
         if self.config.maintenance:
-            self._bg.append(asyncio.create_task(self._maintain(), name="jobq-maintenance"))
+            maintenance = Maintenance(
+                self.app,
+                self.state.runner,
+                self.state,
+                self.outcomes,
+                self.queues,
+                lease=self.config.lease,
+                node_ttl_ms=self.node_ttl_ms,
+                reap_interval=self.reap_interval,
+                schedule_interval=self.config.schedule_interval,
+                poke=self.wakeups.poke,
+                all_armed=self.wakeups.all_armed,
+            )
+            self._bg.append(asyncio.create_task(maintenance.run(), name="jobq-maintenance"))
         try:
             await self.fetcher.run()
             await self._drain()
@@ -418,53 +430,6 @@ class Worker:
         self.wakeups.poke()
 
     # -- maintenance ----------------------------------------------------------------------------
-    async def _maintain(self) -> None:
-        assert self.state.runner is not None
-        reaper = Reaper(
-            self.app,
-            self.state.runner,
-            self.queues,
-            node_ttl_ms=self.node_ttl_ms,
-            interval=self.reap_interval,
-            hold=self.config.lease,
-        )
-        scheduler = Scheduler(self.app, self.state.runner, self.queues, self.app.cron_entries)
-        next_reap = time.monotonic() + random.uniform(0, self.reap_interval)
-        next_schedule = time.monotonic()
-        while True:
-            now = time.monotonic()
-            try:
-                if now >= next_schedule:
-                    next_schedule = now + self.config.schedule_interval
-                    # An idle node's claims promote due jobs already: skip the extra round trips
-                    # unless cron needs the pass (or the node is too busy to claim).
-                    # An armed idle node claims when the earliest scheduled job it saw comes due,
-                    # and an earlier one enqueued later wakes an armed node: no pass either.
-                    if self.app.cron_entries or (
-                        now - self.state.promoted_at > self.config.schedule_interval
-                        and not self.wakeups.all_armed()
-                    ):
-                        await scheduler.run_once()
-                if now >= next_reap:
-                    next_reap = now + self.reap_interval * random.uniform(0.9, 1.1)
-                    if now >= self.state.reap_not_before:
-                        report = await reaper.run_once()
-                        if report.requeued:
-                            self.wakeups.poke()  # the reap announces too; don't wait for pub/sub
-                        for q, ids in report.requeued.items():
-                            self.outcomes.reaped(q, len(ids))
-                        for q, ids in report.dead.items():
-                            self.outcomes.reaped(q, len(ids))
-                        for q, n in report.trimmed.items():
-                            self.outcomes.trimmed_by_reaper(q, n)
-            except (RedisUnavailable, RedisBusy) as exc:
-                log.warning("maintenance pass failed: %s", exc)
-                # After a reconnect, let live nodes renew before reaping anything.
-                self.state.reap_not_before = time.monotonic() + self.config.lease
-            except Exception:
-                log.exception("maintenance pass failed")
-            await asyncio.sleep(max(0.01, min(next_reap, next_schedule) - time.monotonic()))
-
     # -- shutdown -------------------------------------------------------------------------------
     async def _drain(self) -> None:
         """Wait up to ``grace`` for running jobs (a second signal cuts it short)."""
