@@ -1,5 +1,5 @@
-"""Cancelling a running job, end to end with real ``jobq worker`` processes (the tasks are in
-:mod:`tests.harness.cancel_tasks`): the node hears of it at once on the cancel channel, or from
+"""F20: cancelling a running job, end to end with real ``jobq worker`` processes (the tasks are in
+:mod:`tests.harness.cancel_tasks`): the node hears of it at once on its wake-up channel, or from
 its next lease renewal when it was cut off from Redis (the chaos proxy); the job ends
 ``cancelled`` once, is never retried, and keeps no result."""
 
