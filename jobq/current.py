@@ -25,6 +25,10 @@ from jobq.errors import InvalidInput
 log = logging.getLogger("jobq.worker")
 
 _CURRENT: contextvars.ContextVar[CurrentJob] = contextvars.ContextVar("jobq_current_job")
+#: Guards every CurrentJob's cancellation state and progress numbering: held only for a few
+#: assignments (never while a callback runs or a task waits), so one lock for all of them costs
+#: nothing, and the node does not make a lock per job.
+_LOCK = threading.Lock()
 
 #: Longest a plain ``def`` task waits in :meth:`CurrentJob.progress` for the write (seconds).
 PROGRESS_WAIT = 10.0
@@ -41,6 +45,7 @@ class CurrentJob:
     __slots__ = (
         "_callbacks",
         "_cancelled",
+        "_event",
         "_lock",
         "_loop",
         "_pending",
@@ -72,13 +77,17 @@ class CurrentJob:
         self.task = task
         #: This attempt's number, 1 for the first run.
         self.attempt = attempt
-        self._cancelled = threading.Event()
-        self._callbacks: list[Callable[[], object]] = []
-        self._lock = threading.Lock()
+        # Set once, under _lock. The Event, the callback list and the set of pending writes are
+        # made only when a task needs them: the worker makes one of these per job, and a drain of
+        # short jobs pays for every object made here (most jobs never wait, register or write).
+        self._cancelled = False
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], object]] | None = None
+        self._lock = _LOCK
         self._writer = writer
         #: The node's event loop, where the writes run.
         self._loop = loop
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[asyncio.Future[None]] | None = None
         #: Progress calls numbered as they are made; the newest written wins (a background write
         #: that comes late never overwrites a later call's value).
         self._seq = 0
@@ -91,19 +100,27 @@ class CurrentJob:
     @property
     def cancelled(self) -> bool:
         """The job was cancelled while it ran: stop soon; a return value is discarded."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block (a plain ``def`` task) up to ``timeout`` seconds or until the job is cancelled;
         True if it was. An interruptible ``time.sleep`` for tasks that pace themselves."""
-        return self._cancelled.wait(timeout)
+        with self._lock:
+            if self._cancelled:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def on_cancel(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` once when the job is cancelled (at once if it already was). It runs
         on the node's event loop thread, not the task's: keep it short (set a flag, close a
         socket the task blocks on); an exception it raises is logged and ignored."""
         with self._lock:
-            if not self._cancelled.is_set():
+            if not self._cancelled:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(callback)
                 return
         _call(callback, self.id)
@@ -127,6 +144,8 @@ class CurrentJob:
         seq = self._next()
         if here is loop:
             fut = asyncio.ensure_future(self._write(seq, fraction, message))
+            if self._pending is None:
+                self._pending = set()
             self._pending.add(fut)
             fut.add_done_callback(self._pending.discard)
             return
@@ -161,11 +180,13 @@ class CurrentJob:
     def cancel(self) -> None:
         """Mark the job cancelled and run the callbacks (the worker calls this; once)."""
         with self._lock:
-            if self._cancelled.is_set():
+            if self._cancelled:
                 return
-            self._cancelled.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
+            self._cancelled = True
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
+        for cb in callbacks or ():
             _call(cb, self.id)
 
 
