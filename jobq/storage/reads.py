@@ -252,19 +252,21 @@ def register_node(
     now_ms: int,
     ttl_ms: int,
     queues: Sequence[str] = (),
+    housekeeping: bool = True,
 ) -> None:
     """One heartbeat of the node registry, in one pipeline: the node's score and hash (expiring
-    after ``ttl_ms``), entries older than ``ttl_ms`` dropped (killed nodes never deregister), and
-    the node's ``queues`` added to the queue registry (which repairs a registration an enqueue
-    could not make). Best effort for the caller: on a Redis Cluster these global keys live in
-    one slot, and nothing on the claim path waits for them."""
+    after ``ttl_ms``); with ``housekeeping``, also entries older than ``ttl_ms`` dropped (killed
+    nodes never deregister) and the node's ``queues`` added to the queue registry (which
+    repairs a registration an enqueue could not make). Best effort for the caller: on a Redis
+    Cluster these global keys live in one slot, and nothing on the claim path waits for them."""
     pipe = client.pipeline(transaction=False)
     pipe.zadd(keys.nodes, {node: now_ms})
     pipe.hset(keys.node(node), mapping=dict(info))
     pipe.pexpire(keys.node(node), ttl_ms)
-    pipe.zremrangebyscore(keys.nodes, "-inf", now_ms - ttl_ms)
-    if queues:
-        pipe.sadd(keys.queues, *queues)
+    if housekeeping:
+        pipe.zremrangebyscore(keys.nodes, "-inf", now_ms - ttl_ms)
+        if queues:
+            pipe.sadd(keys.queues, *queues)
     pipe.execute()
 
 

@@ -37,6 +37,11 @@ from jobq.worker.slots import SlotBackoff
 
 log = logging.getLogger("jobq.heartbeat")
 
+#: One registry update in this many (the first one included) also drops the entries of nodes
+#: that died without deregistering and re-adds this node's queues to the queue registry: both
+#: are repairs that need not run at every beat, and an idle node's commands per second count.
+HOUSEKEEPING_EVERY = 6
+
 
 def _installed_version() -> str:
     try:
@@ -120,6 +125,9 @@ class Heartbeat:
         self.queue_fenced: dict[str, bool] = {}
         #: Redis time of the first beat (node clocks are never read for shared time).
         self.started_ms: int | None = None
+        #: Registry updates made so far: every HOUSEKEEPING_EVERY-th also drops dead nodes'
+        #: entries and repairs the queue registry (an idle node's cost: RELIABILITY S5).
+        self._registrations = 0
 
     # -- thread ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -250,7 +258,9 @@ class Heartbeat:
                 now_ms=now_ms,
                 ttl_ms=self.lease_ms * 3,
                 queues=self.queues,
+                housekeeping=self._registrations % HOUSEKEEPING_EVERY == 0,
             )
+            self._registrations += 1
         except Exception as exc:
             log.debug("node registry update failed: %s", exc)
 
