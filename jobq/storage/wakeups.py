@@ -122,9 +122,7 @@ class WakeSubscriber:
                 try:
                     if cluster is None:
                         cluster = clients.async_client(self.url, socket_timeout=2.0, retry_refused=False)
-                        await cluster.initialize()
-                    else:
-                        await cluster.nodes_manager.initialize()
+                    await _read_slot_map(cluster)
                     owners = {}
                     for q, ch in self._by_queue.items():
                         n = cluster.get_node_from_key(ch)
@@ -135,8 +133,7 @@ class WakeSubscriber:
                 except Exception as exc:
                     log.warning("wake-ups: cannot read the cluster's slot map (%s); retrying", exc)
                     if cluster is not None:
-                        with contextlib.suppress(Exception):
-                            await cluster.aclose()
+                        await _close_cluster(cluster)
                         cluster = None
                     await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                     backoff = min(5.0, backoff * 2)
@@ -152,8 +149,7 @@ class WakeSubscriber:
             if tasks:
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
             if cluster is not None:
-                with contextlib.suppress(Exception):
-                    await cluster.aclose()
+                await _close_cluster(cluster)
 
     def _regroup(self, owners: dict[str, str], cluster: Any, tasks: dict[str, asyncio.Task[None]]) -> None:
         """Restart the connections of the queues whose owner changed (cluster)."""
@@ -278,3 +274,34 @@ class WakeSubscriber:
                     await conn.disconnect()
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+async def _close_cluster(cluster: Any) -> None:
+    """Close a cluster client, also one stopped inside ``initialize()`` (a node stopping then):
+    redis-py's ``aclose()`` closes nothing before the client has a default node, and the
+    startup node's connection would be left open."""
+    with contextlib.suppress(Exception):
+        await cluster.aclose()
+    with contextlib.suppress(Exception):
+        await cluster.nodes_manager.aclose("startup_nodes")
+
+
+async def _read_slot_map(cluster: Any) -> None:
+    """(Re)read the slot map. redis-py replaces node objects (the startup nodes it asked, the
+    nodes of the previous map) with new ones, and a replaced one keeps its connections open until
+    the garbage collector finds it: disconnect those here (also when the read fails or is
+    cancelled)."""
+    manager = cluster.nodes_manager
+    before = [*manager.startup_nodes.values(), *manager.nodes_cache.values()]
+    try:
+        if manager.default_node is None:
+            await cluster.initialize()
+        else:
+            await manager.initialize()
+    finally:
+        kept = {id(n) for n in manager.startup_nodes.values()}
+        kept |= {id(n) for n in manager.nodes_cache.values()}
+        for node in before:
+            if id(node) not in kept:
+                with contextlib.suppress(Exception):
+                    await node.disconnect()
