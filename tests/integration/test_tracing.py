@@ -6,6 +6,7 @@ the outcome of each attempt; nothing stored or started without a span, or withou
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,8 @@ from jobq.storage.calls import JobSpec
 from jobq.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _reset_provider(provider: Any) -> None:
@@ -269,3 +273,61 @@ def test_the_enqueue_script_checks_the_trace_field(app: JobQ, queue: str) -> Non
     assert app.run(app.store.enqueue(queue, ok)) == ["a1", "a2"]
     claimed = app.run(app.store.claim(queue, "n1", 5, 30_000)).jobs
     assert [(c.id, c.trace) for c in claimed] == [("a1", ok[0].trace), ("a2", "")]
+
+
+def test_a_worker_process_continues_the_producers_trace(
+    app: JobQ, spans: InMemorySpanExporter, redis_url: str, tmp_path: Path
+) -> None:
+    """A real ``jobq worker`` process (its spans written to a file by its own SDK set-up)."""
+    queue = "otel-proc"
+    tracer = trace.get_tracer("tests")
+    with tracer.start_as_current_span("POST /work", kind=SpanKind.SERVER) as http:
+        jobs = [
+            app.enqueue("otel.sync_work", [2], queue=queue),
+            app.enqueue("otel.async_work", [2], queue=queue),
+            app.enqueue("otel.fails", queue=queue, max_attempts=1),
+        ]
+    out = tmp_path / "spans.jsonl"
+    env = {
+        **os.environ,
+        "JOBQ_REDIS_URL": redis_url,
+        "JOBQ_TEST_SPANS": str(out),
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobq",
+        "worker",
+        "-A",
+        "tests.integration.otel_tasks",
+        "-Q",
+        queue,
+        "--burst",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    assert [j.status() for j in jobs] == [jobq.JobState.DONE, jobq.JobState.DONE, jobq.JobState.DEAD]
+
+    worker_spans = [json.loads(line) for line in out.read_text().splitlines()]
+    sends = {s.attributes["messaging.message.id"]: s for s in by_name(spans, f"send {queue}")}  # type: ignore[index]
+    procs = {
+        s["attributes"]["messaging.message.id"]: s for s in worker_spans if s["name"] == f"process {queue}"
+    }
+    inner = {s["name"]: s for s in worker_spans if s["name"].endswith(" inner")}
+    trace_id = http.get_span_context().trace_id
+    outcomes = {}
+    for job in jobs:
+        send, p = sends[job.id], procs[job.id]
+        assert send.context.trace_id == p["trace_id"] == trace_id
+        assert p["parent"] == send.context.span_id and p["links"] == [send.context.span_id]
+        assert p["kind"] == "CONSUMER" and p["attributes"]["jobq.attempt"] == 1
+        outcomes[p["attributes"]["jobq.task"]] = (p["attributes"]["jobq.outcome"], p["status"])
+    assert outcomes == {
+        "otel.sync_work": ("done", "UNSET"),
+        "otel.async_work": ("done", "UNSET"),
+        "otel.fails": ("dead", "ERROR"),
+    }
+    assert inner["sync inner"]["parent"] == procs[jobs[0].id]["span_id"]
+    assert inner["async inner"]["parent"] == procs[jobs[1].id]["span_id"]
+    assert {s["trace_id"] for s in inner.values()} == {trace_id}
