@@ -20,6 +20,7 @@ only on first use; every object of it is typed ``Any`` here, so jobq type-checks
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -151,14 +152,25 @@ def current_carrier() -> str:
 
 
 # -- worker -------------------------------------------------------------------------------------
+#: worker_tracing()'s answer, and when it is asked of the API again (monotonic seconds).
+_worker_on = False
+_worker_recheck = float("-inf")
+#: How long the worker's answer is kept: a provider set after the node started is used from
+#: at most this much later (asking the API costs ~1.5 us, an environment lookup included).
+WORKER_RECHECK_S = 1.0
+
+
 def worker_tracing() -> bool:
     """Whether a worker should open ``process`` spans: the API is installed and a tracer
-    provider is set (not the API's proxy or no-op one). Checked per attempt, so a provider set
-    after the node started is used."""
-    if not AVAILABLE:
-        return False
-    api = _api()
-    return api is not None and not isinstance(api.trace.get_tracer_provider(), api.proxy_types)
+    provider is set (not the API's proxy or no-op one)."""
+    global _worker_on, _worker_recheck
+    now = time.monotonic()
+    if now < _worker_recheck:
+        return _worker_on
+    api = _api() if AVAILABLE else None
+    _worker_on = api is not None and not isinstance(api.trace.get_tracer_provider(), api.proxy_types)
+    _worker_recheck = now + WORKER_RECHECK_S
+    return _worker_on
 
 
 def _extract(carrier: str) -> Any:

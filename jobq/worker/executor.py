@@ -183,6 +183,8 @@ class Executor:
         self.job_context = contextvars.Context()
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="jobq-task")
         self._sync_calls: set[SyncCall] = set()
+        if tracing.AVAILABLE:
+            tracing.worker_tracing()  # imports the API now, not on the loop at the first job
 
     # -- starting -------------------------------------------------------------------------------
     def take(self, jobs: list[ClaimedJob], now_ms: int) -> None:

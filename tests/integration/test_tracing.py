@@ -42,6 +42,7 @@ def _reset_provider(provider: Any) -> None:
     trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
     if provider is not None:
         trace.set_tracer_provider(provider)
+    tracing._worker_recheck = float("-inf")  # the worker asks again at its next attempt
 
 
 @pytest.fixture
