@@ -261,11 +261,11 @@ class Executor:
         span = self._process_span(run) if tracing.AVAILABLE and tracing.worker_tracing() else None
         try:
             result = await self._invoke(run, span)
-        except asyncio.CancelledError as exc:
+        except asyncio.CancelledError:
             # Lost lease or hard shutdown: nothing to ack; release or the reaper takes it back.
             self._slot_done(run)
-            if span is not None:
-                span.end(self._gone(run) or ("interrupted" if self.state.stopping else "lost"), exc)
+            if span is not None:  # stopped from outside: not the task's error
+                span.end(self._gone(run) or ("interrupted" if self.state.stopping else "lost"))
             raise
         except Retry as exc:
             await self._fail(run, f"Retry: {exc.reason}", delay=exc.delay, span=span, exc=exc)

@@ -6,11 +6,13 @@ the outcome of each attempt; nothing stored or started without a span, or withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -197,6 +199,46 @@ def test_async_producer_and_batches_carry_the_context(
     # Each job's attempt is a child of its own call's send span (a batch's jobs share it).
     send_ids = {s.context.span_id for s in sends}
     assert {parent_of(p) for p in procs} == send_ids
+
+
+def _wait_spans(exporter: InMemorySpanExporter, name: str, n: int = 1) -> list[ReadableSpan]:
+    deadline = time.monotonic() + 10
+    while len(found := by_name(exporter, name)) < n:
+        assert time.monotonic() < deadline, f"no {name!r} span ended"
+        time.sleep(0.01)
+    return found
+
+
+@pytest.mark.parametrize("how", ["cancelled", "interrupted"])
+def test_a_running_attempt_stopped_from_outside_ends_its_span_with_that_outcome(
+    app: JobQ, queue: str, spans: InMemorySpanExporter, how: str
+) -> None:
+    started = threading.Event()
+
+    @app.task(name="t.waits", queue=queue)
+    async def waits() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    with trace.get_tracer("tests").start_as_current_span("POST /long"):
+        job = app.enqueue("t.waits")
+    node = Worker(app, WorkerConfig(queues=[(queue, 1)], grace=0.05))
+    thread = threading.Thread(target=lambda: asyncio.run(node.run()), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        if how == "cancelled":
+            job.cancel()  # the node hears it on its wake-up channel and cancels the task
+        else:
+            node.stop(graceful=True)  # the grace (50 ms) runs out: the task is cancelled
+        (proc,) = _wait_spans(spans, f"process {queue}")
+    finally:
+        with contextlib.suppress(RuntimeError):  # the node may have stopped and closed its loop
+            node.stop(graceful=False)
+        thread.join(10)
+    assert proc.attributes["jobq.outcome"] == how  # type: ignore[index]
+    assert parent_of(proc) == one(spans, f"send {queue}").context.span_id
+    assert proc.status.status_code is StatusCode.UNSET  # stopped from outside: not an error
 
 
 def test_an_enqueue_outside_any_span_stores_nothing_and_the_attempt_is_a_root_span(
