@@ -301,13 +301,15 @@ class Executor:
         exc: BaseException | None = None,
     ) -> None:
         self._slot_done(run)
-        await self.finisher.fail(run, error, delay=delay, dead=dead)
-        if span is not None:
-            # What the failure asks of fail.lua: dead-lettered at the last attempt or when the
-            # task said so (Fail, an undecodable payload), else retried.
-            job = run.job
-            outcome = "dead" if dead or job.attempts >= job.max_attempts else "retry"
-            span.end(self._gone(run) or outcome, exc)
+        try:
+            await self.finisher.fail(run, error, delay=delay, dead=dead)
+        finally:  # (ended even if a stop cancels the fail call)
+            if span is not None:
+                # What the failure asks of fail.lua: dead-lettered at the last attempt or when
+                # the task said so (Fail, an undecodable payload), else retried.
+                job = run.job
+                outcome = "dead" if dead or job.attempts >= job.max_attempts else "retry"
+                span.end(self._gone(run) or outcome, exc)
 
     def _process_span(self, run: Held) -> tracing.ProcessSpan:
         job = run.job
