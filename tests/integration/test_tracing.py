@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 from opentelemetry.util._once import Once
 
 import jobq
@@ -239,6 +239,32 @@ def test_a_running_attempt_stopped_from_outside_ends_its_span_with_that_outcome(
     assert proc.attributes["jobq.outcome"] == how  # type: ignore[index]
     assert parent_of(proc) == one(spans, f"send {queue}").context.span_id
     assert proc.status.status_code is StatusCode.UNSET  # stopped from outside: not an error
+
+
+def test_a_tracestate_travels_too_and_an_oversized_one_is_left_out(
+    app: JobQ, queue: str, spans: InMemorySpanExporter, r: redis.Redis
+) -> None:
+    register(app, queue)
+    parent = SpanContext(
+        0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "v1")])
+    )
+    with trace.use_span(NonRecordingSpan(parent)):
+        job = app.enqueue("t.async_work", [1])
+    tp = r.hget(f"jobq:{{{queue}}}:job:{job.id}", "tp")
+    assert tp is not None and tp.endswith(b" vendor=v1") and len(tp) == 55 + 10
+    burst(app, queue)
+    proc = one(spans, f"process {queue}")
+    assert proc.context.trace_id == 0x1234 and proc.context.trace_state == TraceState([("vendor", "v1")])
+    big = SpanContext(
+        1,
+        2,
+        is_remote=True,
+        trace_flags=TraceFlags(1),
+        trace_state=TraceState([(f"k{i}", "v" * 250) for i in range(3)]),
+    )
+    with trace.use_span(NonRecordingSpan(big)):
+        carrier = tracing.current_carrier()
+    assert carrier == "00-" + "0" * 31 + "1-" + "0" * 15 + "2-01"  # the traceparent alone
 
 
 def test_an_enqueue_outside_any_span_stores_nothing_and_the_attempt_is_a_root_span(
