@@ -27,10 +27,11 @@ from typing import Any
 #: The messaging system's name in the spans (no value is registered for jobq in the semantic
 #: conventions, so it is jobq's own name).
 SYSTEM = "jobq"
-#: Outcomes of an attempt, the ``jobq.outcome`` attribute of its ``process`` span.
+#: The ``jobq.outcome`` attribute of an attempt's ``process`` span takes one of these.
 OUTCOMES = ("done", "retry", "dead", "cancelled", "interrupted", "lost")
 #: Longest trace context text carried with a job (traceparent, a space, tracestate: W3C allows
-#: a tracestate of 512 characters); a longer one is dropped, never truncated into a wrong one.
+#: a tracestate of 512 characters; enqueue.lua refuses more). Past it the tracestate is left
+#: out, never cut into a wrong one.
 MAX_CARRIER = 600
 
 
@@ -221,6 +222,7 @@ class ProcessSpan:
         self.token = api.context.attach(self.context)
 
     def end(self, outcome: str, error: BaseException | str | None = None) -> None:
+        assert outcome in OUTCOMES, outcome
         api = _otel
         span = self.span
         span.set_attribute("jobq.outcome", outcome)
