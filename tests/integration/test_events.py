@@ -347,3 +347,34 @@ def test_get_events_follow_sees_a_new_event(api: tuple[jobq.JobQ, str]) -> None:
     status, _, body = got[0]
     assert status == 200
     assert [d["job_id"] for _, d in _sse(body)] == [new.id] and new.id != old.id
+
+
+def test_a_client_that_goes_away_ends_its_stream(api: tuple[jobq.JobQ, str], r: redis.Redis) -> None:
+    """The following stream's reader (a blocking XREAD on a connection of its own) stops when
+    the client disconnects, and its Redis connection is closed."""
+    import socket
+
+    app, host = api
+    app.enqueue("t", queue=Q)
+    name, port = host.split(":")
+
+    def readers() -> int:
+        return sum(1 for c in r.client_list() if c.get("cmd") in ("xread", "xrevrange"))
+
+    before = len(r.client_list())
+    sock = socket.create_connection((name, int(port)), timeout=10)
+    path = f"/events?queue={Q}&since=0&follow=1&timeout=60"
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n".encode())
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 10
+    while readers() == 0 and time.monotonic() < deadline:  # the blocking read is on
+        time.sleep(0.05)
+    assert readers() == 1
+    sock.close()
+    deadline = time.monotonic() + 10
+    while len(r.client_list()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(r.client_list()) <= before and readers() == 0
