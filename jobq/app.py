@@ -324,11 +324,12 @@ class JobQ:
         last: int | None = None,
         follow: bool = False,
     ) -> AsyncIterator[Event]:
-        """The lifecycle events of ``queues`` (default: every known queue), oldest first, as an
-        async iterator: ``async for ev in app.events(["emails"], follow=True)``. ``since``: a
-        stream entry id (an event's ``id``), ``"0"`` (everything kept) or ``"$"`` (only new
-        ones); ``last``: start with the newest ``last`` events. Default: everything kept, or
-        with ``follow`` only new events. ``follow``: wait for more, never ending."""
+        """The lifecycle events of ``queues`` (default: every queue known when it starts),
+        oldest first, as an async iterator: ``async for ev in app.events(["emails"],
+        follow=True)``. ``since``: a stream entry id (an event's ``id``), a position
+        (``queue=<id>,...``), ``"0"`` (everything kept) or ``"$"`` (only new ones); ``last``:
+        start with the newest ``last`` events. Default: everything kept, or with ``follow`` only
+        new events. ``follow``: wait for more, never ending. See docs/events.md."""
         from jobq.events import EventReader
 
         return EventReader(self, queues, since=since, last=last, follow=follow).__aiter__()

@@ -161,14 +161,14 @@ def check_since(since: str) -> str:
         return since
     if "=" in since and len(since) <= 100_000:
         pairs = [p.partition("=") for p in since.split(",")]
-        if all(_entry_id(i) and validate_queue_or_none(q) for q, _, i in pairs):
+        if all(_entry_id(i) and _valid_queue(q) for q, _, i in pairs):
             return since
     raise errors.InvalidInput(
         f"since: {since[:40]!r} is not '0', '$', a stream entry id <ms>-<seq> or queue=<id>,...", "since"
     )
 
 
-def validate_queue_or_none(name: str) -> bool:
+def _valid_queue(name: str) -> bool:
     try:
         validate_queue(name)
     except errors.InvalidInput:
