@@ -274,11 +274,11 @@ def test_cli_events_json_and_follow(redis_url: str, fapp: jobq.JobQ) -> None:
 
 
 def _sse(body: str) -> list[tuple[str, dict[str, Any]]]:
-    """(id, data) of every event frame of a text/event-stream body."""
+    """(id, data) of every event frame (a message, no ``event:`` name) of a text/event-stream body."""
     frames = []
     for block in body.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if "data" in fields:
+        if "data" in fields and "event" not in fields:
             frames.append((fields.get("id", ""), json.loads(fields["data"])))
     return frames
 
@@ -382,3 +382,33 @@ def test_a_client_that_goes_away_ends_its_stream(api: tuple[jobq.JobQ, str], r: 
     while len(r.client_list()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(r.client_list()) <= before and readers() == 0
+
+
+def test_a_redis_failure_ends_the_stream_with_an_error_frame(fresh_server: Any) -> None:
+    from jobq.web import ApiServer
+
+    fresh_server.start()
+    app = jobq.JobQ(fresh_server.url)
+    server = ApiServer(app, "127.0.0.1", 0, token="tok").start()
+    try:
+        app.enqueue("t", queue=Q)
+        got: list[tuple[int, str, str]] = []
+        path = f"/events?queue={Q}&since=0&follow=1&timeout=60"
+        reader = threading.Thread(target=lambda: got.append(_get(f"127.0.0.1:{server.port}", path)))
+        reader.start()
+        # Once the stream is following (a blocking read is on), Redis goes away.
+        admin = fresh_server.admin_client()
+        deadline = time.monotonic() + 10
+        while not any(c.get("cmd") == "xread" for c in admin.client_list()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        admin.close()
+        fresh_server.kill()
+        reader.join(30)
+        assert got, "the stream did not end"
+        status, _, body = got[0]
+        assert status == 200
+        assert [d["type"] for _, d in _sse(body)] == ["enqueued"]
+        assert "event: stream-error\ndata: " in body and "Redis" in body.split("event: stream-error", 1)[1]
+    finally:
+        server.close()
+        app.close()
