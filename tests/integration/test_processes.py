@@ -160,6 +160,7 @@ def test_four_processes_run_20000_jobs_exactly_once(fleet: Fleet, qapp: JobQ, r:
         qapp.keys.queue_epoch(Q),
         qapp.keys.seq(Q),
         qapp.keys.reap_lock(Q),
+        qapp.keys.events(Q),  # the lifecycle events, capped
     }, leftover
     assert r.zcard(qapp.keys.finished(Q)) == n_jobs
     # Every retained job is done, ran once, and expires.
