@@ -18,7 +18,9 @@ On Redis Cluster the channel of a queue lives on the shard that owns the queue's
 channel name carries the queue's hash tag), so the subscriber holds one connection per primary
 that owns some of the node's queues, re-reads the slot map whenever a connection fails or a
 subscription is dropped, and checks it every :data:`CLUSTER_CHECK_INTERVAL` seconds (a failover
-that leaves the old primary alive as a replica). Elsewhere one connection carries every channel.
+that leaves the old primary alive as a replica), every :data:`CLUSTER_DOWN_CHECK_INTERVAL` while
+a subscription is down (a dead primary's replica is followed once it is promoted). Elsewhere
+one connection carries every channel.
 
 The slot map is read with ``CLUSTER SLOTS`` on one short-lived plain connection to the first
 node that answers (the node that answered last, then the URL's seeds, then every node the last
@@ -58,6 +60,10 @@ from jobq.util import to_str
 PING_INTERVAL = 10.0
 #: Seconds between two looks at the cluster's slot map while nothing failed.
 CLUSTER_CHECK_INTERVAL = 5.0
+#: Seconds between two looks while a queue's subscription is down (its primary died, say): its
+#: replica's promotion is seen within this, not at the failed connection's next retry (which
+#: backs off to 5 s while the primary stays dead).
+CLUSTER_DOWN_CHECK_INTERVAL = 1.0
 #: Seconds one node may take to answer ``CLUSTER SLOTS`` (connecting included) before the next
 #: node is asked: a partitioned node must not hold up the failover of the others.
 SLOT_MAP_TIMEOUT = 2.0
@@ -152,8 +158,9 @@ class WakeSubscriber:
                 if owners != self._owner:
                     self._regroup(owners, tasks)
                 self._refresh.clear()
+                every = CLUSTER_CHECK_INTERVAL if self.all_live else CLUSTER_DOWN_CHECK_INTERVAL
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._refresh.wait(), CLUSTER_CHECK_INTERVAL)
+                    await asyncio.wait_for(self._refresh.wait(), every)
         finally:
             for t in tasks.values():
                 t.cancel()
