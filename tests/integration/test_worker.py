@@ -18,6 +18,7 @@ import redis
 
 import jobq
 from jobq import JobQ, JobState
+from jobq.metrics import Metrics
 from jobq.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,9 @@ def burst(app: JobQ, **cfg: Any) -> Worker:
 class Background:
     """A node running on its own thread (and loop) until ``stop()``."""
 
-    def __init__(self, app: JobQ, **cfg: Any) -> None:
+    def __init__(self, app: JobQ, metrics: Metrics | None = None, **cfg: Any) -> None:
         cfg.setdefault("queues", [("default", 1)])
-        self.worker = Worker(app, WorkerConfig(**cfg))
+        self.worker = Worker(app, WorkerConfig(**cfg), metrics=metrics)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -438,14 +439,16 @@ def test_graceful_stop_finishes_running_jobs_within_grace(
 def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
     app: JobQ, r: redis.Redis, bg: list[Background]
 ) -> None:
-    """They started: each keeps its attempt and counts one interruption (a re-run is visible)."""
+    """They started: each keeps its attempt and counts one interruption (a re-run is visible on
+    the job and in jobq_jobs_interrupted_total)."""
 
     @app.task
     async def forever() -> None:
         await asyncio.sleep(60)
 
     jobs = [forever.enqueue() for _ in range(3)]
-    b = Background(app, grace=0.2)
+    metrics = Metrics(app, collect_queues=False)
+    b = Background(app, metrics=metrics, grace=0.2)
     bg.append(b)
     wait_for(lambda: r.zcard(app.keys.leases("default")) == 3, 5, "claims")
     t0 = time.monotonic()
@@ -456,6 +459,7 @@ def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
         info = j.info()
         assert info.state is JobState.READY and info.attempts == 1 and info.interrupted == 1
     assert r.zcard(app.keys.ready("default")) == 3
+    assert 'jobq_jobs_interrupted_total{queue="default"} 3.0' in metrics.exposition().decode()
     assert r.zcard(app.keys.active("default", b.worker.node)) == 0
 
 
