@@ -683,3 +683,29 @@ def test_a_woken_node_without_a_free_slot_passes_the_wake_up_on(
     for n in (a, b):
         n.stop()
         n.join()
+
+
+def test_dead_letters_trimmed_by_count_are_counted_and_logged(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dead_max = 2 and four jobs that die: the two oldest dead letters are deleted as the later
+    ones die, and the node says so, in jobq_dead_trimmed_total and one WARNING line per trim."""
+    app = JobQ(redis_url, dead_max=2)
+    try:
+
+        @app.task(max_attempts=1)
+        def boom(i: int) -> None:
+            raise RuntimeError(f"boom {i}")
+
+        jobs = [boom.enqueue(i) for i in range(4)]
+        metrics = Metrics(app, collect_queues=False)
+        w = Worker(app, WorkerConfig(burst=True, concurrency=1), metrics=metrics)
+        with caplog.at_level("WARNING"):
+            asyncio.run(w.run())
+        assert [j.status() for j in jobs[2:]] == [JobState.DEAD, JobState.DEAD]
+        assert r.zcard(app.keys.dead("default")) == 2
+        assert 'jobq_dead_trimmed_total{queue="default"} 2.0' in metrics.exposition().decode()
+        lines = [x.getMessage() for x in caplog.records if "dead letter(s) deleted" in x.getMessage()]
+        assert len(lines) == 2 and all("dead_max (2)" in line for line in lines), lines
+    finally:
+        app.close()
