@@ -199,6 +199,13 @@ def reap_dead_backlog(b: Bench) -> Call[Any]:
     return b.st.reap(Q, node_ttl_ms=600_000, limit=MAX_REAP, now_ms=b.now())
 
 
+def reap_over_a_lowered_dead_max(b: Bench) -> Call[Any]:
+    # The case: dead_max lowered under a long-lived queue's 20,000 young dead letters.
+    b.dead_backlog(20_000, T0 - 1)
+    b.st.limits = jobq.storage.calls.Limits(dead_max=100)
+    return b.st.reap(Q, node_ttl_ms=600_000, limit=MAX_REAP, now_ms=b.now())
+
+
 def promote_at_limit(b: Bench) -> Call[Any]:
     b.seed(MAX_SCAN, delay_ms=1)
     b.clock.advance(0.002)
@@ -295,6 +302,7 @@ CASES: dict[str, Callable[[Bench], Call[Any]]] = {
     f"reap a dead node holding {4 * MAX_BATCH}": reap_one_dead_node,
     f"reap a silent node's {4 * MAX_BATCH} unleased": reap_silent_node_without_leases,
     "reap 20,000 dead letters past dead_ttl": reap_dead_backlog,
+    "reap 20,000 dead letters over a lowered dead_max": reap_over_a_lowered_dead_max,
     f"promote {MAX_SCAN}": promote_at_limit,
     f"enqueue {MAX_BATCH} waking {IDLE_NODES} idle nodes": enqueue_waking_idle_nodes,
     f"idle pass with {4 * MAX_BATCH} ready, {IDLE_NODES} idle nodes": idle_pass_over_idle_nodes,
