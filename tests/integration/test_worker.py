@@ -709,3 +709,27 @@ def test_dead_letters_trimmed_by_count_are_counted_and_logged(
         assert len(lines) == 2 and all("dead_max (2)" in line for line in lines), lines
     finally:
         app.close()
+
+
+def test_max_interruptions_zero_never_dead_letters_but_still_counts(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """--max-interruptions 0 means never dead-letter; a started job released at the end of the
+    grace still keeps its attempt and counts its interruption (0 is not "never started")."""
+
+    started = threading.Semaphore(0)
+
+    @app.task
+    async def forever() -> None:
+        started.release()
+        await asyncio.sleep(60)
+
+    job = forever.enqueue()
+    for n in (1, 2):
+        b = Background(app, grace=0.1, max_interruptions=0)
+        bg.append(b)
+        assert started.acquire(timeout=5), "the job did not start"
+        b.stop()
+        b.join()
+        info = job.info()
+        assert (info.state, info.attempts, info.interrupted) == (JobState.READY, n, n)
