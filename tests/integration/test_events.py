@@ -155,6 +155,15 @@ def test_a_refused_change_writes_no_event(fapp: jobq.JobQ, r: redis.Redis) -> No
     assert fapp.run(s.progress(Q, "n1", job.id, 1, 0.5, now_ms=now)) == -2
     assert fapp.enqueue("t", queue=Q, job_id="j1").id == job.id
     assert r.xrange(key) == before
+    assert fapp.run(s.progress(Q, "n2", job.id, 2, 0.25, now_ms=now)) == 1  # no message: none kept
+    assert r.xrevrange(key, count=1)[0][1] == {
+        b"type": b"progress",
+        b"id": job.id.encode(),
+        b"t": str(now).encode(),
+        b"attempt": b"2",
+        b"fraction": b"0.25",
+    }
+    before = r.xrange(key)
     assert fapp.run(s.ack(Q, "n2", [(job.id, b"")], attempts=[2], now_ms=now)) == [1]
     assert fapp.run(s.ack(Q, "n2", [(job.id, b"")], attempts=[2], now_ms=now)) == [0]  # repeated
     assert fapp.run(s.cancel(Q, job.id, now_ms=now)) < 0  # finished: not cancellable
