@@ -2,14 +2,16 @@
 --[[
   extend: the heartbeat of one node on one queue. Renews the lease of every job still in the
   node's active set (so a job whose lease was reaped is not renewed: it is no longer in the
-  set) and records the node as alive for this queue. Returns the ids the node owns, so the
-  caller can tell which of its running jobs it lost, and which claimed jobs it does not know of
+  set) and records the node as alive for this queue. Returns the ids the node owns, each with
+  the fence token of the claim that holds it (its score in the active set, claim.lua), so the
+  caller can tell which of its running jobs it lost (the id is not owned, or is owned by a newer
+  claim: a run whose token differs is an older claim's), and which claimed jobs it does not know of
   (a claim whose reply was lost) and must release; and the ids of this node's jobs cancelled
   while they ran (cancel.lua marks them in KEYS[4]): the fallback of the cancel notice, which a
   node cut off from Redis misses. A mark stays until the node names it in a later renewal
   (ARGV[5], the marks its last reply carried), so a lost reply loses none. Allowed under OOM.
 
-  KEYS[1]  active  ZSET  jobq:{q}:active:<node>
+  KEYS[1]  active  ZSET  jobq:{q}:active:<node>   member = job id, score = fence token
   KEYS[2]  leases  ZSET  jobq:{q}:leases
   KEYS[3]  nodes   ZSET  jobq:{q}:nodes         member = node id, score = last heartbeat ms
   KEYS[4]  marks   SET   jobq:{q}:cancels:<node>  this node's jobs cancelled while they ran
@@ -21,7 +23,8 @@
   ARGV[5]  seen      "" or the cancelled ids (space-separated, at most 5000) the node has heard
                      of from an earlier reply: their marks are removed
 
-  Returns: {now_ms, {owned ids...}, {cancelled ids...}}
+  Returns: {now_ms, {owned ids...}, {cancelled ids...}, {tokens...}}: tokens[i] is the fence
+           token of owned[i]'s claim (0 for an entry converted from an older jobq's list).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(min(A, limit) * log N).
 ]]
@@ -51,7 +54,9 @@ end
 
 -- Only jobs still in this node's set are renewed: a reaped job left the set, so a node that
 -- lost a lease cannot take it back by renewing.
-local owned = rcall('ZRANGE', active_key, 0, limit - 1)
+local held = rcall('ZRANGE', active_key, 0, limit - 1, 'WITHSCORES')
+local owned, tokens = {}, {}
+for i = 1, #held, 2 do owned[#owned + 1] = held[i]; tokens[#tokens + 1] = held[i + 1] end
 local deadline = now + lease
 -- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry).
 for first = 1, #owned, 1000 do
@@ -68,4 +73,4 @@ for first = 1, #seen, 1000 do
   rcall('SREM', marks_key, unpack(seen, first, math.min(first + 999, #seen)))
 end
 local cancelled = rcall('SMEMBERS', marks_key)
-return {now, owned, cancelled}
+return {now, owned, cancelled, tokens}
