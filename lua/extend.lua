@@ -23,8 +23,9 @@
   ARGV[5]  seen      "" or the cancelled ids (space-separated, at most 5000) the node has heard
                      of from an earlier reply: their marks are removed
 
-  Returns: {now_ms, {owned ids...}, {cancelled ids...}, {tokens...}}: tokens[i] is the fence
-           token of owned[i]'s claim (0 for an entry converted from an older jobq's list).
+  Returns: {now_ms, {id, token, id, token...}, {cancelled ids...}}: each owned id with the fence
+           token of the claim that holds it (0 for an entry converted from an older jobq's list),
+           as ZRANGE WITHSCORES gives them (no copy).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(min(A, limit) * log N).
 ]]
@@ -54,14 +55,13 @@ end
 
 -- Only jobs still in this node's set are renewed: a reaped job left the set, so a node that
 -- lost a lease cannot take it back by renewing.
-local held = rcall('ZRANGE', active_key, 0, limit - 1, 'WITHSCORES')
-local owned, tokens = {}, {}
-for i = 1, #held, 2 do owned[#owned + 1] = held[i]; tokens[#tokens + 1] = held[i + 1] end
+local owned = rcall('ZRANGE', active_key, 0, limit - 1, 'WITHSCORES')
 local deadline = now + lease
--- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry).
-for first = 1, #owned, 1000 do
+-- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry); owned is
+-- id, token pairs.
+for first = 1, #owned, 2000 do
   local add = {}
-  for i = first, math.min(first + 999, #owned) do
+  for i = first, math.min(first + 1998, #owned - 1), 2 do
     add[#add + 1] = deadline; add[#add + 1] = owned[i]
   end
   rcall('ZADD', leases_key, unpack(add))
@@ -73,4 +73,4 @@ for first = 1, #seen, 1000 do
   rcall('SREM', marks_key, unpack(seen, first, math.min(first + 999, #seen)))
 end
 local cancelled = rcall('SMEMBERS', marks_key)
-return {now, owned, cancelled, tokens}
+return {now, owned, cancelled}

@@ -509,9 +509,9 @@ class Store:
             args,
             lambda raw: ExtendResult(
                 int(raw[0]),
-                [to_str(x) for x in raw[1]],
+                [to_str(x) for x in raw[1][::2]],
                 [to_str(x) for x in raw[2]],
-                [int(float(x)) for x in raw[3]],
+                [int(float(x)) for x in raw[1][1::2]],
             ),
             queue,
         )
