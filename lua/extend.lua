@@ -24,7 +24,8 @@
                      of from an earlier reply: their marks are removed
 
   Returns: {now_ms, {id, token, id, token...}, {cancelled ids...}}: each owned id with the fence
-           token of the claim that holds it (0 for an entry converted from an older jobq's list),
+           token of the claim that holds it (none for an entry converted from an older jobq's list:
+           0 or the conversion time),
            as ZRANGE WITHSCORES gives them (no copy).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(min(A, limit) * log N).

@@ -204,8 +204,9 @@ class ExtendResult:
     owned: list[str]
     #: This node's jobs cancelled while they ran, since its last renewal (cancel.lua).
     cancelled: list[str] = field(default_factory=list)
-    #: The fence token of each owned id's claim, in the order of ``owned`` (empty: not known;
-    #: 0: an entry converted from an older jobq's active list, token not known).
+    #: The fence token of each owned id's claim, in the order of ``owned`` (empty: not known).
+    #: An entry converted from an older jobq's active list has none (0, or the conversion time:
+    #: only a stopped node's list is converted, so no run of this process is judged by it).
     tokens: list[int] = field(default_factory=list)
 
     def owned_tokens(self) -> dict[str, int]:

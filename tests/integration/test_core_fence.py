@@ -6,13 +6,16 @@ keeps its attempt and counts an interruption; a repeated completion of one attem
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 
 import jobq
 from jobq import codec
 from jobq.storage.calls import SyncRunner
-from jobq.worker.heartbeat import Heartbeat
+from jobq.worker import Worker, WorkerConfig
+from jobq.worker.heartbeat import BeatResult, Heartbeat
 from tests.integration.conftest import T0
 from tests.integration.core_support import assert_unchanged, snapshot
 
@@ -177,6 +180,19 @@ def test_the_heartbeat_reports_a_held_run_of_an_older_claim_as_lost(
         assert beat is not None and beat.lost == {} and beat.unknown == {}
     finally:
         client.close()
+
+
+def test_a_beat_judged_on_an_older_claim_does_not_lose_the_run_that_replaced_it(fapp: jobq.JobQ) -> None:
+    """The heartbeat judged a run of claim 1 lost; before the loop acts on it, the node's newer
+    claim of the job (claim 2) replaced that run: the newer run is not the one lost."""
+    job = fapp.enqueue("t", queue=Q, max_attempts=5)
+    w = Worker(fapp, WorkerConfig(queues=[(Q, 1)], node_id="a"))
+    newer = claim_one(fapp, "a")
+    run = w.held.add(dataclasses.replace(newer, attempts=2, token=2), 0.0, fapp.now_ms())
+    w._on_beat(BeatResult(fapp.now_ms(), {Q: {job.id}}, {}, {}, {job.id: 1}))
+    assert not run.lost and w.held.get(job.id) is run
+    w._on_beat(BeatResult(fapp.now_ms(), {Q: {job.id}}, {}, {}, {job.id: 2}))
+    assert run.lost
 
 
 # -- 2. releasing a started job counts an interruption ---------------------------------------------
