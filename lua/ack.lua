@@ -1,11 +1,12 @@
 #!lua flags=allow-oom
 --[[
-  ack: finish a batch of jobs one node ran to completion. Fenced per attempt: a job is finished
-  only if the attempt named is the job's current attempt and the job is still in this node's
+  ack: finish a batch of jobs one node ran to completion. Fenced per claim: a job is finished
+  only if the fence token named is the job's current one (base + attempts: see claim.lua; unique
+  over the job's life, a retry from dead included) and the job is still in this node's
   active set; otherwise its lease was reaped (and the job perhaps claimed again, even by this
   node: a newer attempt) or it was never claimed here, and the ack is refused, changing nothing.
   A repeated ack of an attempt that already finished the job (a call re-sent after a lost reply)
-  answers 0: the job hash records the attempt that finished it ("finished_by" = node:attempt);
+  answers 0: the job hash records the claim that finished it ("finished_by" = node:token);
   with retention 0 the hash is deleted at once, so the call's id is recorded instead (the node's
   last 64 calls, kept 60 s). A finished job keeps its result for retention_ms, then expires
   (retention 0 deletes it at once); its unique key is released. The queue keeps at most
@@ -31,8 +32,8 @@
   ARGV[6]  n             number of jobs, 1..500; more than one carry at most 2 MiB of results
   ARGV[7]  call_id       "" or 1..64 letters, digits, "-" or "_": the same for every send of one
                          call (tells a re-sent call from a new one when retention is 0)
-  then 3 fields per job: id, attempt (the attempt number the claim returned; "" = the attempt
-  this node holds), result (msgpack bytes, "" = no result)
+  then 3 fields per job: id, token (the fence token the claim returned; "" = the claim this
+  node holds), result (msgpack bytes, "" = no result)
   then, last:
   ARGV[8 + 3n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
 
@@ -88,7 +89,7 @@ local unlease, finished_add = {}, {}
 for i = 1, n do
   local id, attempt, result = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state', 'task')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state', 'task', 'base')
   if not ok or not f[4] then
     -- No job hash: deleted at once by this very call's earlier send (retention 0), or gone.
     if repeated == nil then
@@ -101,19 +102,22 @@ for i = 1, n do
       codes[i] = -1
     end
   else
-    if attempt == '' then attempt = f[1] or '0' end -- never claimed: no attempts field
+    -- The current claim's fence token (never claimed: no attempts field).
+    local token = (tonumber(f[6] or '0') or 0) + (tonumber(f[1] or '0') or 0)
+    if attempt == '' then attempt = fmt_int(token) end
     local mine = node .. ':' .. attempt
     if f[2] == mine and f[4] == 'done' then
       -- This attempt finished the job already: a repeated call, not a new completion.
       codes[i] = 0
-    elseif tonumber(f[1]) ~= tonumber(attempt) or rcall('ZREM', active_key, id) == 0 then
-      -- The per-attempt fence: another attempt holds the job now (its lease was reaped, and it
-      -- may have been claimed again, by this node too), or this node does not hold it.
+    elseif token ~= tonumber(attempt) or rcall('ZREM', active_key, id) == 0 then
+      -- The per-claim fence: another claim holds the job now (its lease was reaped, and it may
+      -- have been claimed again, by this node too, or retried from dead and claimed again), or
+      -- this node does not hold it.
       codes[i] = -2
     else
       unlease[#unlease + 1] = id
       release_unique(qprefix, id, f[3])
-      emit('done', id, now, 'task', f[5] or '', 'attempt', attempt)
+      emit('done', id, now, 'task', f[5] or '', 'attempt', f[1] or '0')
       -- Completion notice, only for a job a caller waits on (jobq.Job.result marks it): the id,
       -- and a small result inline ("<id> d<result>"), so the caller needs no read to have it.
       if rcall('EXISTS', qprefix .. 'wait:' .. id) == 1 then

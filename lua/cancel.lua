@@ -3,7 +3,7 @@
   cancel: end a job that has not finished as "cancelled", kept for the retention time. A job not
   started (ready or scheduled) or dead-lettered leaves its list. A running job (active) leaves
   its node's active set and the leases at once, so that node's later ack, fail or release of
-  the attempt is refused (the per-attempt fence: the job is no longer in its active set), no
+  the attempt is refused (the per-claim fence: the job is no longer in its active set), no
   reaper retries it, and its result is never stored; the node is told on its own wake-up
   channel (SPUBLISH "cancel <id>") and, as the fallback that cannot be missed, by its next lease
   renewal (the id is added to jobq:{q}:cancels:<node>, which extend reads and empties). A

@@ -3,14 +3,17 @@
   claim: lease up to N runnable jobs of one queue to one node. Due scheduled jobs are promoted
   to ready first; then the best jobs are popped from ready (highest priority, FIFO within a
   priority), added to the node's active set, leased until now + lease_ms, and their attempt is
-  counted; the job hash gets state active, node, started_ms, attempts and its ready score. A job
+  counted; the job hash gets state active, node, started_ms, attempts and its ready score. Each
+  claim has a fence token, base + attempts ("base": the claims made before the job's last retry
+  from dead, absent = 0), unique over the job's whole life; it is the job's score in the node's
+  active set, and every completion must name it (ack, fail, release, progress). A job
   whose deadline has passed is dead-lettered with reason "expired" instead of being claimed; so
   are ids with a missing or foreign-typed job key. A paused queue claims nothing. Allowed under
   OOM, so a full Redis can still drain its backlog.
 
   KEYS[1]  ready      ZSET    jobq:{q}:ready
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled
-  KEYS[3]  active     ZSET    jobq:{q}:active:<node>  member = job id, score = claim time ms
+  KEYS[3]  active     ZSET    jobq:{q}:active:<node>  member = job id, score = fence token
   KEYS[4]  leases     ZSET    jobq:{q}:leases         member = job id, score = lease deadline ms
   KEYS[5]  dead       ZSET    jobq:{q}:dead
   KEYS[6]  paused     STRING  jobq:{q}:paused
@@ -32,7 +35,8 @@
   Returns: {now_ms, next_due_ms (-1 = none; now_ms when jobs were left for the byte bound),
             n_claimed, n_dead,
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
-                         deadline_ms (0 = none), tp (the producer's trace context, "" = none)),
+                         deadline_ms (0 = none), tp (the producer's trace context, "" = none),
+                         token (the claim's fence token; = attempts unless retried from dead)),
             n_dead x (id, reason), dead_trimmed}; dead_trimmed = dead letters deleted because
            the list was over dead_max (absent when the queue is paused).
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -82,7 +86,7 @@ if max_jobs > 0 then
     local id = popped[i]
     local jkey = qprefix .. 'job:' .. id
     local ok, f = pcall(rcall, 'HMGET', jkey, 'task', 'payload', 'attempts', 'max_attempts',
-      'timeout_ms', 'ready_ms', 'deadline_ms', 'parts', 'enqueued_ms', 'tp')
+      'timeout_ms', 'ready_ms', 'deadline_ms', 'parts', 'enqueued_ms', 'tp', 'base')
     if not ok then
       -- A key of another type sits at the job's name: nothing runnable, and never overwritten.
       dead[#dead + 1] = id; dead[#dead + 1] = 'wrong_type'
@@ -104,17 +108,19 @@ if max_jobs > 0 then
       -- The attempt is counted from the value just read (one HSET, no HINCRBY); the ready score
       -- is kept on the job so reap and release can put it back in its old place.
       local attempts = (tonumber(f[3]) or 0) + 1
+      -- The fence token: unique per claim over the job's life (retry_dead resets attempts).
+      local token = (tonumber(f[11]) or 0) + attempts
       rcall('HSET', jkey, 'attempts', attempts, 'state', 'active', 'node', node,
         'started_ms', now_s, 'score', popped[i + 1])
       emit('started', id, now, 'task', f[1], 'attempt', attempts, 'node', node)
-      push[#push + 1] = now; push[#push + 1] = id
+      push[#push + 1] = token; push[#push + 1] = id
       lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed
       claimed[c + 1] = id; claimed[c + 2] = f[1]; claimed[c + 3] = f[2]
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
       -- No ready_ms: ready since its enqueue.
       claimed[c + 7] = f[6] or f[9] or now_s; claimed[c + 8] = f[7] or '0'
-      claimed[c + 9] = f[10] or ''
+      claimed[c + 9] = f[10] or ''; claimed[c + 10] = token
     end
   end
   if over then
@@ -132,7 +138,7 @@ end
 -- Jobs left in ready for the byte budget are due now: the caller claims again at once.
 local due = next_due(sched_key)
 if over and (due < 0 or due > now) then due = now end
-local out = {now, due, #claimed / 9, #dead / 2}
+local out = {now, due, #claimed / 10, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
 out[#out + 1] = dead_trimmed

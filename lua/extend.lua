@@ -2,14 +2,16 @@
 --[[
   extend: the heartbeat of one node on one queue. Renews the lease of every job still in the
   node's active set (so a job whose lease was reaped is not renewed: it is no longer in the
-  set) and records the node as alive for this queue. Returns the ids the node owns, so the
-  caller can tell which of its running jobs it lost, and which claimed jobs it does not know of
+  set) and records the node as alive for this queue. Returns the ids the node owns, each with
+  the fence token of the claim that holds it (its score in the active set, claim.lua), so the
+  caller can tell which of its running jobs it lost (the id is not owned, or is owned by a newer
+  claim: a run whose token differs is an older claim's), and which claimed jobs it does not know of
   (a claim whose reply was lost) and must release; and the ids of this node's jobs cancelled
   while they ran (cancel.lua marks them in KEYS[4]): the fallback of the cancel notice, which a
   node cut off from Redis misses. A mark stays until the node names it in a later renewal
   (ARGV[5], the marks its last reply carried), so a lost reply loses none. Allowed under OOM.
 
-  KEYS[1]  active  ZSET  jobq:{q}:active:<node>
+  KEYS[1]  active  ZSET  jobq:{q}:active:<node>   member = job id, score = fence token
   KEYS[2]  leases  ZSET  jobq:{q}:leases
   KEYS[3]  nodes   ZSET  jobq:{q}:nodes         member = node id, score = last heartbeat ms
   KEYS[4]  marks   SET   jobq:{q}:cancels:<node>  this node's jobs cancelled while they ran
@@ -21,7 +23,10 @@
   ARGV[5]  seen      "" or the cancelled ids (space-separated, at most 5000) the node has heard
                      of from an earlier reply: their marks are removed
 
-  Returns: {now_ms, {owned ids...}, {cancelled ids...}}
+  Returns: {now_ms, {id, token, id, token...}, {cancelled ids...}}: each owned id with the fence
+           token of the claim that holds it (none for an entry converted from an older jobq's list:
+           0 or the conversion time),
+           as ZRANGE WITHSCORES gives them (no copy).
   Errors:  "BADARG <field> <reason>" (nothing written).
   Cost:    O(min(A, limit) * log N).
 ]]
@@ -51,12 +56,13 @@ end
 
 -- Only jobs still in this node's set are renewed: a reaped job left the set, so a node that
 -- lost a lease cannot take it back by renewing.
-local owned = rcall('ZRANGE', active_key, 0, limit - 1)
+local owned = rcall('ZRANGE', active_key, 0, limit - 1, 'WITHSCORES')
 local deadline = now + lease
--- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry).
-for first = 1, #owned, 1000 do
+-- One ZADD per 1,000 ids (also repairs an active entry that lost its lease entry); owned is
+-- id, token pairs.
+for first = 1, #owned, 2000 do
   local add = {}
-  for i = first, math.min(first + 999, #owned) do
+  for i = first, math.min(first + 1998, #owned - 1), 2 do
     add[#add + 1] = deadline; add[#add + 1] = owned[i]
   end
   rcall('ZADD', leases_key, unpack(add))

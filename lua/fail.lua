@@ -1,8 +1,9 @@
 #!lua flags=allow-oom
 --[[
-  fail: record a failed attempt of a job one node ran. Fenced per attempt like ack: refused
-  unless the attempt named is the job's current one and the job is in this node's active list;
-  a repeated call of an attempt whose failure is already recorded ("finished_by" = node:attempt
+  fail: record a failed attempt of a job one node ran. Fenced per claim like ack: refused
+  unless the fence token named is the job's current one (base + attempts) and the job is in
+  this node's active set; a repeated call of a claim whose failure is already recorded
+  ("finished_by" = node:token
   on the job) changes nothing and answers what the first call did, flagged as a repeat. The job
   is retried (scheduled after a delay: the one given, or exponential backoff with jitter from its
   retry_backoff base) while attempts remain, else it moves to the dead-letter list with its last
@@ -33,7 +34,7 @@
   ARGV[9]  backoff_cap_ms  integer >= 0, upper bound of a backoff delay
   ARGV[10] dead_max        integer >= 1
   ARGV[11] dead_ttl_ms     integer >= 1
-  ARGV[12] attempt         the attempt number the claim returned; "" = the attempt this node holds
+  ARGV[12] token           the fence token the claim returned; "" = the claim this node holds
   ARGV[13] count_reap      "1": a retry scheduled here also counts a reap on the job (HINCRBY
                            reaped 1: a node recovering the jobs an earlier run of it left), "" not
   ARGV[14] events_max      integer >= 0, the events stream's length cap (0 = no events)
@@ -82,7 +83,7 @@ end
 
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority',
-  'finished_by', 'state', 'run_at_ms', 'task')
+  'finished_by', 'state', 'run_at_ms', 'task', 'base')
 if not ok or not f[6] then
   -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
   if rcall('ZREM', active_key, id) == 0 then return {-2, 0, 0, 0} end
@@ -90,15 +91,17 @@ if not ok or not f[6] then
   to_dead(qprefix, dead_key, id, ok and 'missing_job' or 'wrong_type', now, dead_max, dead_ttl)
   return {-1, 0, 0, dead_trimmed}
 end
-if attempt == '' then attempt = f[1] or '0' end -- never claimed: no attempts field
+-- The current claim's fence token (never claimed: no attempts field).
+local token = (tonumber(f[9] or '0') or 0) + (tonumber(f[1] or '0') or 0)
+if attempt == '' then attempt = fmt_int(token) end
 local mine = node .. ':' .. attempt
 if f[5] == mine and f[6] ~= 'done' then
   -- This attempt's failure is recorded already: a repeated call changes nothing.
   if f[6] == 'dead' then return {2, 0, 1, 0} end
   return {1, tonumber(f[7] or '') or now, 1, 0}
 end
--- The per-attempt fence: only the attempt that holds the job, on the node that holds it.
-if tonumber(f[1]) ~= tonumber(attempt) or rcall('ZREM', active_key, id) == 0 then
+-- The per-claim fence: only the claim that holds the job, on the node that holds it.
+if token ~= tonumber(attempt) or rcall('ZREM', active_key, id) == 0 then
   return {-2, 0, 0, 0}
 end
 rcall('ZREM', leases_key, id)
@@ -128,7 +131,7 @@ if delay == 0 then
   rcall('HDEL', jkey, 'node')
   if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
   rcall('ZADD', ready_key, score, id)
-  emit('retried', id, now, 'task', f[8] or '', 'attempt', attempt, 'error', string.sub(err, 1, 200),
+  emit('retried', id, now, 'task', f[8] or '', 'attempt', fmt_int(attempts), 'error', string.sub(err, 1, 200),
     'run_at', fmt_int(now))
   wake_idle(qprefix, 1, 'r')
   return {1, now, 0, 0}
@@ -138,7 +141,7 @@ rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'fi
 rcall('HDEL', jkey, 'node')
 if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
 rcall('ZADD', sched_key, run_at, id)
-emit('retried', id, now, 'task', f[8] or '', 'attempt', attempt, 'error', string.sub(err, 1, 200),
+emit('retried', id, now, 'task', f[8] or '', 'attempt', fmt_int(attempts), 'error', string.sub(err, 1, 200),
   'run_at', run_at)
 wake_idle(qprefix, 1, 's')
 return {1, now + delay, 0, 0}

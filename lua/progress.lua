@@ -1,8 +1,8 @@
 #!lua flags=allow-oom
 --[[
   progress: record how far a running job has got, from the task itself (jobq.current_job()
-  .progress). Fenced per attempt like ack: written only while the attempt named is the job's
-  current one and the job is in this node's active set, so a cancelled, reaped or finished job
+  .progress). Fenced per claim like ack: written only while the fence token named is the job's
+  current one (base + attempts) and the job is in this node's active set, so a cancelled, reaped or finished job
   keeps what it had. Allowed under OOM (a few bytes on an existing hash).
 
   KEYS[1]  active  ZSET  jobq:{q}:active:<node>
@@ -14,7 +14,7 @@
   ARGV[2]  node      the node's id; KEYS[1] must be its active set
   ARGV[3]  now_ms    integer ms, or "" for the Redis server clock
   ARGV[4]  id        the job id
-  ARGV[5]  attempt   integer >= 1, the attempt number the claim returned
+  ARGV[5]  token     integer >= 1, the fence token the claim returned
   ARGV[6]  fraction  a number 0..1
   ARGV[7]  message   "" (none) or up to 1024 bytes
   ARGV[8]  events_max  integer >= 0, the events stream's length cap (0 = no events)
@@ -41,8 +41,10 @@ if #message > 1024 then return badarg('message', 'at most 1024 bytes') end
 
 if rcall('ZSCORE', active_key, id) == false then return -2 end
 local jkey = qprefix .. 'job:' .. id
-local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'state')
-if not ok or f[2] ~= 'active' or tonumber(f[1]) ~= attempt then return -2 end
+local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'state', 'base')
+if not ok or f[2] ~= 'active' or (tonumber(f[3] or '0') or 0) + (tonumber(f[1]) or 0) ~= attempt then
+  return -2
+end
 if message ~= '' then
   rcall('HSET', jkey, 'progress', ARGV[6], 'progress_ms', now, 'progress_msg', message)
 else
@@ -50,8 +52,8 @@ else
   rcall('HDEL', jkey, 'progress_msg')
 end
 if message ~= '' then
-  emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6], 'message', message)
+  emit('progress', id, now, 'attempt', f[1], 'fraction', ARGV[6], 'message', message)
 else
-  emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6])
+  emit('progress', id, now, 'attempt', f[1], 'fraction', ARGV[6])
 end
 return 1

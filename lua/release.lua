@@ -2,8 +2,8 @@
 --[[
   release: hand jobs a node holds back to ready, each to its old place in the ready order: on
   graceful shutdown, for claimed jobs the node does not know of, and for prefetched jobs it did
-  not start in time. Fenced per attempt like ack: only jobs in this node's active set, and only
-  when the attempt named is the job's current one. A job that never started (the prefetch
+  not start in time. Fenced per claim like ack: only jobs in this node's active set, and only
+  when the fence token named is the job's current one (base + attempts). A job that never started (the prefetch
   buffer; max_interruptions 0) goes back uncounted: its attempt is given back. A job that did
   start keeps its attempt and counts an interruption ("interrupted" on the job); at its
   max_interruptions-th interruption it is dead-lettered instead, with reason "interrupted", so a
@@ -28,8 +28,8 @@
                         started; else 1..500 jobs that follow
   ARGV[5]  dead_max     integer >= 1
   ARGV[6]  dead_ttl_ms  integer >= 1
-  then 3 fields per job: id; attempt (the attempt number the claim returned, "" = the attempt
-  this node holds); max_interruptions (integer 0..1000000: 0 = never started, else the job
+  then 3 fields per job: id; token (the fence token the claim returned, "" = the claim this
+  node holds); max_interruptions (integer 0..1000000: 0 = never started, else the job
   started and is dead-lettered at this many interruptions)
   then, last:
   ARGV[7 + 3n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
@@ -82,7 +82,7 @@ local released, interrupted, dead = 0, 0, {}
 for _, job in ipairs(jobs) do
   local id, attempt, max_int = job[1], job[2], job[3]
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'score', 'priority', 'interrupted', 'task')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'score', 'priority', 'interrupted', 'task', 'base')
   if not ok or not f[3] then
     -- No usable job hash: nothing to run. If this node holds the id, dead-letter it so it is
     -- seen (as reap does), instead of dropping it silently.
@@ -93,9 +93,9 @@ for _, job in ipairs(jobs) do
       dead[#dead + 1] = id; dead[#dead + 1] = reason
     end
   else
-    if attempt == '' then attempt = f[1] end
-    -- Only this node's hold of this attempt; anything else is left alone.
-    if tonumber(f[1]) == tonumber(attempt) and rcall('ZREM', active_key, id) == 1 then
+    local token = (tonumber(f[6] or '0') or 0) + (tonumber(f[1] or '0') or 0)
+    -- Only this node's hold of this claim; anything else is left alone.
+    if (attempt == '' or token == tonumber(attempt)) and rcall('ZREM', active_key, id) == 1 then
       rcall('ZREM', leases_key, id)
       local count = (tonumber(f[4] or '0') or 0) + 1
       if max_int > 0 and count >= max_int then
@@ -111,12 +111,12 @@ for _, job in ipairs(jobs) do
           -- Never started: the attempt does not count.
           rcall('HINCRBY', jkey, 'attempts', -1)
           rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score)
-          emit('released', id, now, 'task', f[5] or '', 'attempt', attempt or '0')
+          emit('released', id, now, 'task', f[5] or '', 'attempt', f[1] or '0')
         else
           -- Started: the attempt stays counted, and the interruption is counted too.
           rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score, 'interrupted', count)
           interrupted = interrupted + 1
-          emit('interrupted', id, now, 'task', f[5] or '', 'attempt', attempt or '0')
+          emit('interrupted', id, now, 'task', f[5] or '', 'attempt', f[1] or '0')
         end
         rcall('HDEL', jkey, 'node')
         rcall('ZADD', ready_key, score, id)

@@ -1,7 +1,10 @@
 #!lua
 --[[
   retry_dead: give dead-lettered jobs a fresh start: back to ready with their attempts reset to
-  zero (the last error is kept for reference). Either the given ids, or the oldest `limit`.
+  zero (the last error is kept for reference). Either the given ids, or the oldest `limit`. The
+  claims made so far are added to the job's "base", so the fence token of every later claim
+  (base + attempts, claim.lua) differs from every earlier one: a completion still in flight
+  from before the retry is refused.
 
   KEYS[1]  dead   ZSET    jobq:{q}:dead
   KEYS[2]  ready  ZSET    jobq:{q}:ready
@@ -20,8 +23,8 @@
 
   Returns: the number of jobs moved back to ready.
   Errors:  "BADARG <field> <reason>" (nothing written).
-  Cost:    O(max(n, limit) * log N); per job one HMGET, HSET, HDEL and PERSIST (and ZSCORE for
-           given ids, SET for a unique key).
+  Cost:    O(max(n, limit) * log N); per job one HMGET, HSET, HINCRBY, HDEL and PERSIST (and
+           ZSCORE for given ids, SET for a unique key).
 ]]
 local dead_key, ready_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
@@ -63,7 +66,7 @@ local seq = rcall('INCRBY', seq_key, #ids) - #ids
 local ready_add = {}
 for i, id in ipairs(ids) do
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms', 'priority', 'unique', 'task')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'finished_ms', 'priority', 'unique', 'task', 'attempts')
   -- The entry may outlive its expired hash, and the id may name a newer job since: that job is
   -- left alone (the rule of same_incarnation in lib/common.lua, on the fields read here).
   if ok and f[1] == 'dead' and tonumber(f[2] or '') == tonumber(scores[i]) then
@@ -71,6 +74,9 @@ for i, id in ipairs(ids) do
       seq = seq + 1
       local rscore = ready_score(tonumber(f[3]) or 0, seq)
       rcall('HSET', jkey, 'state', 'ready', 'attempts', 0, 'ready_ms', now, 'score', rscore)
+      -- The claims before this retry stay counted in the fence tokens (none: no field).
+      local claims = tonumber(f[6] or '0') or 0
+      if claims > 0 then rcall('HINCRBY', jkey, 'base', claims) end
       -- A fresh start: no finished attempt and no interruption carried over.
       rcall('HDEL', jkey, 'finished_ms', 'finished_by', 'interrupted')
       rcall('PERSIST', jkey) -- dead jobs expire after dead_ttl; a live one must not

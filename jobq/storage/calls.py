@@ -142,6 +142,16 @@ class ClaimedJob:
     deadline_ms: int = 0
     #: The producer's trace context stored with the job ("" = none; see JobSpec.trace).
     trace: str = ""
+    #: The claim's fence token, unique per claim over the job's whole life (base + attempts in
+    #: Redis: equal to ``attempts`` unless the job was retried from dead, which resets
+    #: ``attempts``). Every completion names it; 0 = not known (a job built by hand): ``fence``
+    #: is then the attempt number.
+    token: int = 0
+
+    @property
+    def fence(self) -> int:
+        """The token a completion of this claim names (ack, fail, release, progress)."""
+        return self.token or self.attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +204,16 @@ class ExtendResult:
     owned: list[str]
     #: This node's jobs cancelled while they ran, since its last renewal (cancel.lua).
     cancelled: list[str] = field(default_factory=list)
+    #: The fence token of each owned id's claim, in the order of ``owned`` (empty: not known).
+    #: An entry converted from an older jobq's active list has none (0, or the conversion time:
+    #: only a stopped node's list is converted, so no run of this process is judged by it).
+    tokens: list[int] = field(default_factory=list)
+
+    def owned_tokens(self) -> dict[str, int]:
+        """Owned id -> the fence token of the claim that holds it (0 = not known)."""
+        if len(self.tokens) != len(self.owned):
+            return dict.fromkeys(self.owned, 0)
+        return dict(zip(self.owned, self.tokens, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,8 +356,8 @@ class Store:
             jobs = []
             pos = 4
             for _ in range(n_claimed):
-                r = raw[pos : pos + 9]
-                pos += 9
+                r = raw[pos : pos + 10]
+                pos += 10
                 jobs.append(
                     ClaimedJob(
                         r[0].decode(),
@@ -350,6 +370,7 @@ class Store:
                         int(r[6]),
                         int(r[7]),
                         to_str(r[8]) if r[8] else "",
+                        int(r[9]),
                     )
                 )
             dead = [(to_str(raw[pos + 2 * i]), to_str(raw[pos + 2 * i + 1])) for i in range(n_dead)]
@@ -369,10 +390,11 @@ class Store:
         now_ms: int | None = None,
     ) -> Call[list[int]]:
         """Finish jobs: ``items`` are (job id, encoded result or b""), one batch of
-        :func:`split_batches`; ``attempts`` the attempt
-        number each job's claim returned, in the same order (the per-attempt fence; None = the
-        attempt this node holds). Codes: 1 finished, 0 already finished by this attempt (a
-        repeated call), -1 no such job, -2 refused (stale: another attempt holds the job).
+        :func:`split_batches`; ``attempts`` the fence token each job's claim returned
+        (:attr:`ClaimedJob.fence`: the attempt number unless the job was retried from dead), in
+        the same order (the per-claim fence; None = the claim this node holds). Codes: 1
+        finished, 0 already finished by this claim (a repeated call), -1 no such job, -2 refused
+        (stale: another claim holds the job).
 
         The call carries a random id, the same in every send of it, so that Redis tells a call
         re-sent after a lost reply from a new one even when the finished job was deleted at once
@@ -423,8 +445,8 @@ class Store:
         count_reap: bool = False,
         now_ms: int | None = None,
     ) -> Call[FailResult]:
-        """Record a failed attempt; ``attempt`` is the attempt number the claim returned (the
-        per-attempt fence; None = the attempt this node holds). ``count_reap``: a retry also
+        """Record a failed attempt; ``attempt`` is the fence token the claim returned
+        (:attr:`ClaimedJob.fence`; None = the claim this node holds). ``count_reap``: a retry also
         counts a reap on the job, in the same script (a node recovering its earlier run's jobs)."""
         k, lim = self.keys, self.limits
         keys = [
@@ -486,7 +508,12 @@ class Store:
             ScriptName.EXTEND,
             keys,
             args,
-            lambda raw: ExtendResult(int(raw[0]), [to_str(x) for x in raw[1]], [to_str(x) for x in raw[2]]),
+            lambda raw: ExtendResult(
+                int(raw[0]),
+                [to_str(x) for x in raw[1][::2]],
+                [to_str(x) for x in raw[2]],
+                [int(float(x)) for x in raw[1][1::2]],
+            ),
             queue,
         )
 
@@ -501,11 +528,11 @@ class Store:
         now_ms: int | None = None,
     ) -> Call[ReleaseResult]:
         """Give jobs back to ready; ``None`` = all the node holds (up to MAX_BATCH per call), as
-        never started. Per job (same order as ``job_ids``): ``attempts``, the attempt number
-        its claim returned (None = the attempt this node holds); ``max_interruptions``, 0 for a
-        job that never started (its attempt is given back; the default), else the job started:
-        it keeps its attempt, counts an interruption, and is dead-lettered (``interrupted``) at
-        this many."""
+        never started. Per job (same order as ``job_ids``): ``attempts``, the fence token its
+        claim returned (:attr:`ClaimedJob.fence`; None = the claim this node holds);
+        ``max_interruptions``, 0 for a job that never started (its attempt is given back; the
+        default), else the job started: it keeps its attempt, counts an interruption, and is
+        dead-lettered (``interrupted``) at this many."""
         k, lim = self.keys, self.limits
         ids = list(job_ids or [])
         if attempts is not None and len(attempts) != len(ids):
@@ -601,7 +628,8 @@ class Store:
         *,
         now_ms: int | None = None,
     ) -> Call[int]:
-        """Record a running job's progress (1), unless the attempt is no longer this node's (-2)."""
+        """Record a running job's progress (1), unless the claim whose fence token ``attempt``
+        names (:attr:`ClaimedJob.fence`) is no longer this node's (-2)."""
         k = self.keys
         keys = [k.active(queue, node), k.events(queue), k.slot_guard(queue)]
         args: list[Arg] = [

@@ -15,10 +15,11 @@ key                                type    holds                                
 ``jobq:{q}:job:<id>``              HASH    one job: task, payload (msgpack, opaque to       until
                                            Lua), priority, attempts, max_attempts,          finished
                                            timeout, deadline, state, node, timestamps,      + retention
-                                           last error, result
+                                           last error, result; base (claims before its
+                                           last dead retry: fence token = base + attempts)
 ``jobq:{q}:active:<node>``         ZSET    the job ids node ``<node>`` has claimed ->       while the
-                                           claim time, ms (a ZSET: removing one id is       node lives
-                                           O(log n), where a LIST's LREM was O(n))
+                                           the claim's fence token (a ZSET: removing one    node lives
+                                           id is O(log n), where a LIST's LREM was O(n))
 ``jobq:{q}:cancels:<node>``        SET     a node's jobs cancelled while they ran, until    1 day
                                            ran; emptied by its next lease renewal           renewal, 1 d
 ``jobq:{q}:leases``                ZSET    job id -> lease deadline, ms of the Redis        permanent
@@ -145,7 +146,7 @@ class Keys:
         return f"{self.prefix}:{{{q}}}:job:{job_id}"
 
     def active(self, q: str, node: str) -> str:
-        """ZSET of the job ids ``node`` has claimed from ``q`` (score = claim time, ms)."""
+        """ZSET of the job ids ``node`` has claimed from ``q`` (score = the claim's fence token)."""
         return f"{self.prefix}:{{{q}}}:active:{node}"
 
     def acked(self, q: str, node: str) -> str:

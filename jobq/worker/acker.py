@@ -121,7 +121,7 @@ class Acker:
             queue,
             self.node,
             [(r.job.id, enc) for r, enc in items],
-            attempts=[r.job.attempts for r, _ in items],
+            attempts=[r.job.fence for r, _ in items],
             now_ms=self.ctx.now_ms(),
         )
         backoff = Backoff(0.05, 2.0)
@@ -213,7 +213,7 @@ class Acker:
             error,
             dead=dead,
             delay_ms=None if delay is None else round(delay * 1000),
-            attempt=job.attempts,
+            attempt=job.fence,
             now_ms=self.ctx.now_ms(),
         )
         for attempt in range(5):
@@ -250,7 +250,7 @@ class Acker:
             return
         job = run.job
         call = self.ctx.store.progress(
-            job.queue, self.node, job.id, job.attempts, fraction, message, now_ms=self.ctx.now_ms()
+            job.queue, self.node, job.id, job.fence, fraction, message, now_ms=self.ctx.now_ms()
         )
         try:
             await self.runner.run(call)
@@ -337,7 +337,7 @@ class Acker:
             runs = [r for r in held if isinstance(r, Held)]
             if runs:
                 ids = [r.job.id for r in runs]
-                attempts = [r.job.attempts for r in runs]
+                attempts = [r.job.fence for r in runs]
                 limits = [self._max_interruptions(r) for r in runs]
             else:
                 ids = [r for r in held if isinstance(r, str)]

@@ -64,6 +64,9 @@ class BeatResult:
     unknown: dict[str, set[str]]
     #: Jobs of this node cancelled while they ran (not counted as lost).
     cancelled: dict[str, set[str]] = field(default_factory=dict)
+    #: Lost id -> the fence token of the held run judged lost (when known): a run of a newer
+    #: claim that replaced it meanwhile is not the one lost.
+    fences: dict[str, int] = field(default_factory=dict)
 
 
 class Heartbeat:
@@ -83,6 +86,7 @@ class Heartbeat:
         info: Callable[[], dict[str, str | int]],
         on_epoch_change: Callable[[], None] | None = None,
         on_queue_fence: Callable[[str, bool, bool], None] | None = None,
+        fences: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.app = app
         self.runner = runner
@@ -91,6 +95,8 @@ class Heartbeat:
         self.lease_ms = lease_ms
         self.interval = lease_ms / 3000
         self._known = known
+        #: id -> the fence token of the claim each held run belongs to (ClaimedJob.fence).
+        self._fences = fences or dict
         self._on_beat = on_beat
         self._on_fence = on_fence
         self._info = info
@@ -162,6 +168,7 @@ class Heartbeat:
     def beat(self) -> BeatResult | None:
         """Renew every lease this node holds; return what was lost and what is unknown."""
         known_before = self._known()
+        fences_before = self._fences()
         calls = [
             self.app.store.extend(
                 q, self.node, self.lease_ms, now_ms=self.app.now_ms(), seen_cancels=self._seen.get(q, ())
@@ -192,7 +199,9 @@ class Heartbeat:
         self.last_ok = sent
         now_ms = next((r.now_ms for r in results if not isinstance(r, BaseException)), 0)
         known_after = self._known()
+        fences_after = self._fences()
         lost: dict[str, set[str]] = {}
+        lost_fences: dict[str, int] = {}
         unknown: dict[str, set[str]] = {}
         cancelled: dict[str, set[str]] = {}
         for q, res in zip(self.queues, results, strict=True):
@@ -216,8 +225,22 @@ class Heartbeat:
             # Lost: known before and after the call, yet not owned (nor cancelled). A job acked
             # meanwhile has left `known` by the time we look again.
             gone = (known_before.get(q, set()) & known_after.get(q, set())) - owned - marked
-            if gone:
-                lost[q] = gone
+            # Owned, but by another claim than the one held (a newer claim of the job, whose reply
+            # this node never saw): the held run is an older claim's, its lease is not its own.
+            tokens = res.owned_tokens()
+            older = {
+                i
+                for i in known_before.get(q, set()) & known_after.get(q, set()) & owned
+                if tokens[i]
+                and i in fences_before
+                # The same run before and after the call (a claim replacing it meanwhile is
+                # judged at the next beat), and not the claim Redis holds.
+                and fences_before[i] == fences_after.get(i)
+                and fences_before[i] != tokens[i]
+            }
+            if gone or older:
+                lost[q] = gone | older
+                lost_fences.update((i, fences_before[i]) for i in lost[q] if i in fences_before)
             strange = owned - known_before.get(q, set()) - known_after.get(q, set())
             # Unknown twice in a row: not a claim reply still on its way. Release it.
             confirmed = strange & self._unknown_prev.get(q, set())
@@ -228,7 +251,7 @@ class Heartbeat:
         self._check_epochs(
             [q for q, r in zip(self.queues, results, strict=True) if not isinstance(r, BaseException)]
         )
-        result = BeatResult(now_ms, lost, unknown, cancelled)
+        result = BeatResult(now_ms, lost, unknown, cancelled, lost_fences)
         self._on_beat(result)
         return result
 

@@ -111,6 +111,11 @@ class HeldJobs:
                 out.setdefault(run.job.queue, set()).add(run.job.id)
         return out
 
+    def fences(self) -> dict[str, int]:
+        """id -> the fence token of the claim each job still ours belongs to, for the heartbeat
+        (a run whose token is not the one Redis holds is an older claim's: lost)."""
+        return {run.job.id: run.job.fence for run in self.values() if not run.lost}
+
     # -- the prefetch buffer -------------------------------------------------------------------
     def push_buffered(self, run: Held) -> None:
         run.buffered = True

@@ -312,6 +312,7 @@ class Worker:
             self.queues,
             self.lease_ms,
             known=self.held.known,
+            fences=self.held.fences,
             on_beat=self._beat_from_thread,
             on_fence=self._fence_from_thread,
             on_queue_fence=lambda *a: self._call_soon(self.executor.fence_queue, *a),
@@ -409,8 +410,11 @@ class Worker:
         for ids in beat.lost.values():
             for job_id in ids:
                 run = self.held.get(job_id)
-                if run is not None and not run.finishing:
-                    self.executor.lose(run, "this node lost its lease")
+                if run is None or run.finishing:
+                    continue
+                if beat.fences.get(job_id, run.job.fence) != run.job.fence:
+                    continue  # a newer claim's run replaced the one judged lost
+                self.executor.lose(run, "this node lost its lease")
         for q, ids in beat.unknown.items():
             log.warning("queue %s: releasing %d claimed job(s) this node never saw", q, len(ids))
             self.acker.release_unknown_soon(q, sorted(ids))

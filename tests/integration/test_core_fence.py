@@ -6,11 +6,16 @@ keeps its attempt and counts an interruption; a repeated completion of one attem
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 
 import jobq
 from jobq import codec
+from jobq.storage.calls import SyncRunner
+from jobq.worker import Worker, WorkerConfig
+from jobq.worker.heartbeat import BeatResult, Heartbeat
 from tests.integration.conftest import T0
 from tests.integration.core_support import assert_unchanged, snapshot
 
@@ -71,6 +76,123 @@ def test_a_batch_ack_refuses_only_the_stale_attempts(fapp: jobq.JobQ, clock: job
         fapp.store.ack(Q, "a", [(j.id, b"") for j in jobs], attempts=[1, 2, None], now_ms=fapp.now_ms())
     )
     assert codes == [1, -2, 1]  # None: whichever attempt this node holds
+
+
+def reaped_and_claimed_again(
+    app: jobq.JobQ, clock: jobq.FakeClock, node: str
+) -> jobq.storage.calls.ClaimedJob:
+    """``node``'s claim of the head job expires, the job is reaped and ``node`` claims it again."""
+    clock.advance(2 * LEASE_MS / 1000)
+    assert len(app.run(app.store.reap(Q, node_ttl_ms=60_000, now_ms=app.now_ms())).requeued) == 1
+    return claim_one(app, node)
+
+
+def test_a_claim_from_before_a_dead_retry_cannot_complete_the_job_claimed_again(
+    fapp: jobq.JobQ, clock: jobq.FakeClock, r: redis.Redis
+) -> None:
+    """Node A's attempt 1 is reaped while A is paused; the job goes dead on node B; an operator
+    retries it (attempts back to 0) and A claims it again: attempt 1 once more, but another
+    claim. Attempt 1's queued completions from before the retry name the old claim's fence
+    token and are refused; the new claim's token finishes the job."""
+    job = fapp.enqueue("t", queue=Q, max_attempts=2)
+    first = claim_one(fapp, "a")
+    assert (first.attempts, first.token) == (1, 1)
+    assert not r.hexists(fapp.keys.job(Q, job.id), "base")  # never retried from dead: no field
+    second = reaped_and_claimed_again(fapp, clock, "b")
+    assert (second.attempts, second.token) == (2, 2)
+    died = fapp.run(fapp.store.fail(Q, "b", job.id, "boom", attempt=second.fence, now_ms=fapp.now_ms()))
+    assert died.outcome == "dead"
+    assert fapp.run(fapp.store.retry_dead(Q, [job.id], now_ms=fapp.now_ms())) == 1
+    again = claim_one(fapp, "a")
+    assert again.attempts == 1 and again.token == 3 and again.fence == 3  # tasks still see attempt 1
+    assert r.hget(fapp.keys.job(Q, job.id), "base") == b"2"
+    before, size = snapshot(r), r.dbsize()
+    now = fapp.now_ms()
+    stale = fapp.run(fapp.store.fail(Q, "a", job.id, "old run", dead=True, attempt=first.fence, now_ms=now))
+    assert stale.outcome == "lease_lost" and not stale.repeated
+    old = codec.encode_result("before the retry", 1 << 20)
+    assert fapp.run(fapp.store.ack(Q, "a", [(job.id, old)], attempts=[first.fence], now_ms=now)) == [-2]
+    assert fapp.run(fapp.store.release(Q, "a", [job.id], attempts=[first.fence], now_ms=now)).released == 0
+    assert fapp.run(fapp.store.progress(Q, "a", job.id, first.fence, 0.5, now_ms=now)) == -2
+    assert_unchanged(r, before, size)
+    assert fapp.run(fapp.store.progress(Q, "a", job.id, again.fence, 0.5, now_ms=now)) == 1
+    new = codec.encode_result("after the retry", 1 << 20)
+    assert fapp.run(fapp.store.ack(Q, "a", [(job.id, new)], attempts=[again.fence], now_ms=now)) == [1]
+    assert job.result(timeout=1) == "after the retry"
+    info = job.info()
+    assert info.state is jobq.JobState.DONE and info.attempts == 1
+    assert r.hget(fapp.keys.job(Q, job.id), "finished_by") == b"a:3"
+    # The new claim's ack again: a repeat, not a stale completion; the old one's: still refused.
+    assert fapp.run(fapp.store.ack(Q, "a", [(job.id, new)], attempts=[again.fence], now_ms=now)) == [0]
+    assert fapp.run(fapp.store.ack(Q, "a", [(job.id, old)], attempts=[first.fence], now_ms=now)) == [-2]
+
+
+def test_extend_returns_the_fence_token_of_the_claim_that_holds_each_id(
+    fapp: jobq.JobQ, clock: jobq.FakeClock
+) -> None:
+    """A node's renewal names, with each id it owns, the claim that holds it: a run of an older
+    claim of the same id (here attempt 1, reaped and claimed again by the same node) can tell
+    that the lease is not its own."""
+    job = fapp.enqueue("t", queue=Q, max_attempts=5)
+    other = fapp.enqueue("t", queue=Q, priority=-1)
+    first = claim_one(fapp, "a")
+    assert first.id == job.id
+    res = fapp.run(fapp.store.extend(Q, "a", LEASE_MS, now_ms=fapp.now_ms()))
+    assert res.owned_tokens() == {job.id: 1}
+    second = reaped_and_claimed_again(fapp, clock, "a")
+    assert second.id == job.id and second.fence == 2
+    assert claim_one(fapp, "a").id == other.id
+    res = fapp.run(fapp.store.extend(Q, "a", LEASE_MS, now_ms=fapp.now_ms()))
+    assert res.owned_tokens() == {job.id: 2, other.id: 1}
+
+
+def test_the_heartbeat_reports_a_held_run_of_an_older_claim_as_lost(
+    fapp: jobq.JobQ, clock: jobq.FakeClock, redis_url: str
+) -> None:
+    """The node holds a run of attempt 1 while Redis holds the job for this node's attempt 2 (a
+    claim whose reply the node never saw): the id is owned, but not by the run held, so the
+    heartbeat reports that run lost, as it does a run whose id is not owned at all; a run of
+    the claim Redis holds is not lost."""
+    job = fapp.enqueue("t", queue=Q, max_attempts=5)
+    first = claim_one(fapp, "a")
+    assert reaped_and_claimed_again(fapp, clock, "a").fence == first.fence + 1
+    held = {job.id: first.fence}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        hb = Heartbeat(
+            fapp,
+            SyncRunner(client),
+            "a",
+            [Q],
+            LEASE_MS,
+            known=lambda: {Q: set(held)},
+            fences=lambda: dict(held),
+            on_beat=lambda _: None,
+            on_fence=lambda *_: None,
+            info=lambda: {"concurrency": 1, "inflight": 1, "busy": 1},
+        )
+        beat = hb.beat()
+        assert beat is not None
+        assert beat.lost == {Q: {job.id}} and beat.fences == {job.id: first.fence}
+        assert beat.unknown == {}
+        held[job.id] = first.fence + 1  # the run of the claim Redis holds
+        beat = hb.beat()
+        assert beat is not None and beat.lost == {} and beat.unknown == {}
+    finally:
+        client.close()
+
+
+def test_a_beat_judged_on_an_older_claim_does_not_lose_the_run_that_replaced_it(fapp: jobq.JobQ) -> None:
+    """The heartbeat judged a run of claim 1 lost; before the loop acts on it, the node's newer
+    claim of the job (claim 2) replaced that run: the newer run is not the one lost."""
+    job = fapp.enqueue("t", queue=Q, max_attempts=5)
+    w = Worker(fapp, WorkerConfig(queues=[(Q, 1)], node_id="a"))
+    newer = claim_one(fapp, "a")
+    run = w.held.add(dataclasses.replace(newer, attempts=2, token=2), 0.0, fapp.now_ms())
+    w._on_beat(BeatResult(fapp.now_ms(), {Q: {job.id}}, {}, {}, {job.id: 1}))
+    assert not run.lost and w.held.get(job.id) is run
+    w._on_beat(BeatResult(fapp.now_ms(), {Q: {job.id}}, {}, {}, {job.id: 2}))
+    assert run.lost
 
 
 # -- 2. releasing a started job counts an interruption ---------------------------------------------
