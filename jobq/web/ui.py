@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from jobq import admin, errors, util
-from jobq.app import JobQ
+from jobq.app import JobInfo, JobQ
 from jobq.web import pool
 from jobq.web.history import History
 
@@ -243,6 +243,46 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
     )
 
 
+def _job_live(info: JobInfo) -> dict[str, Any]:
+    """The job page's live values (``/api/job/...``, polled every second): what changes while a
+    job waits and runs. The progress message is masked as ``jobq status`` masks it."""
+    fraction = info.progress
+    message = admin.redact_text(info.progress_message) if info.progress_message else ""
+    return {
+        "state": info.state.value,
+        "attempts": info.attempts,
+        "interruptions": info.interrupted,
+        "reaped": info.reaped,
+        "node": info.node,
+        "run_at": _when(info.run_at_ms),
+        "started": _when(info.started_ms),
+        "finished": _when(info.finished_ms),
+        "deadline": _when(info.deadline_ms),
+        # The bar's value (null: the task has not reported progress) and its text.
+        "progress": fraction,
+        "progress_pct": "" if fraction is None else f"{fraction * 100:.0f} %",
+        "progress_message": message,
+        "progress_at": _when(info.progress_ms),
+        "error": admin.redact_text(info.error) if info.error else "",
+    }
+
+
+def _progress_html(live: dict[str, Any]) -> str:
+    """A <progress> bar (its value set by ui.js: no inline style, which the CSP forbids), the
+    percentage, the task's message and when it was reported; "none reported" until then."""
+    value = live["progress"]
+    attrs = f' value="{value}"' if value is not None else ' value="0"'
+    hidden = "" if value is not None else " hidden"
+    return (
+        f'<span class="progress" data-show-if="progress"{hidden}>'
+        f'<progress max="1"{attrs} data-k="progress" data-bar aria-label="progress"></progress> '
+        f'<b data-k="progress_pct">{_e(live["progress_pct"])}</b> '
+        f'<span data-k="progress_message">{_e(live["progress_message"])}</span> '
+        f'<span class="muted">at <span data-k="progress_at">{_e(live["progress_at"])}</span></span></span>'
+        f'<span class="muted" data-hide-if="progress"{"" if hidden else " hidden"}>none reported</span>'
+    )
+
+
 class _View:
     """One request's pages and actions (synchronous: runs on the bounded pool)."""
 
@@ -266,8 +306,7 @@ class _View:
             return 200, json.dumps(self.ui.history.to_json()).encode(), b"application/json"
         if len(parts) == 4 and parts[:2] == ["api", "job"]:
             info = admin.job_info(self.app, parts[3], parts[2], with_args=False)
-            data = {"state": info.state.value, "attempts": info.attempts, "node": info.node}
-            return 200, json.dumps(data).encode(), b"application/json"
+            return 200, json.dumps(_job_live(info)).encode(), b"application/json"
         if len(parts) == 2 and parts[0] == "queues":
             return self._html(
                 f"Queue {parts[1]}", self.queue_page(parts[1]), live=f"{self.base}/api/overview"
@@ -442,6 +481,7 @@ class _View:
     def job_page(self, queue: str, job_id: str) -> bytes:
         info = admin.job_info(self.app, job_id, queue)
         shown = admin.redacted(info)
+        live = _job_live(info)
         jq = f"/jobs/{quote(info.queue, safe='')}/{quote(info.id, safe='')}"
         actions = ""
         if info.state.value in ("ready", "scheduled", "active"):  # a running one: its node stops it
@@ -456,21 +496,27 @@ class _View:
                 "state",
                 f'<span data-k="state" data-state class="state-{_e(info.state.value)}">{_e(info.state.value)}</span>',
             ),
+            ("progress", _progress_html(live)),
             ("attempts", f'<span data-k="attempts">{info.attempts}</span> of {_e(info.max_attempts)}'),
-            ("interruptions", str(info.interrupted)),
-            ("reaped", str(info.reaped)),
+            ("interruptions", f'<span data-k="interruptions">{info.interrupted}</span>'),
+            ("reaped", f'<span data-k="reaped">{info.reaped}</span>'),
             ("priority", _e(info.priority)),
             ("enqueued", _e(_when(info.enqueued_ms))),
-            ("run at", _e(_when(info.run_at_ms))),
-            ("started", _e(_when(info.started_ms))),
-            ("finished", _e(_when(info.finished_ms))),
-            ("deadline", _e(_when(info.deadline_ms))),
+            ("run at", f'<span data-k="run_at">{_e(live["run_at"])}</span>'),
+            ("started", f'<span data-k="started">{_e(live["started"])}</span>'),
+            ("finished", f'<span data-k="finished">{_e(live["finished"])}</span>'),
+            ("deadline", f'<span data-k="deadline">{_e(live["deadline"])}</span>'),
             ("node", f'<span data-k="node">{_e(info.node)}</span>'),
             ("unique key", _e(info.unique_key)),
         ]
         dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
         args = json.dumps({"args": shown.get("args"), "kwargs": shown.get("kwargs")}, indent=2, default=str)
-        err = f"<h2>Last error</h2><pre>{_e(shown.get('error'))}</pre>" if info.error else ""
+        # Always rendered (hidden while there is none): a retried job's error appears live.
+        hide = "" if info.error else " hidden"
+        err = (
+            f'<section data-show-if="error"{hide}><h2>Last error</h2>'
+            f'<pre data-k="error">{_e(shown.get("error"))}</pre></section>'
+        )
         result = ""
         if info.has_result and info.state.value == "done":
             value = json.dumps(shown.get("result"), indent=2, default=str)

@@ -19,11 +19,28 @@
       var key = cells[i].getAttribute("data-k");
       if (Object.prototype.hasOwnProperty.call(data, key)) {
         var v = data[key];
+        if (cells[i].hasAttribute("data-bar")) {
+          cells[i].value = v === null ? 0 : Number(v);  // a <progress>: its value, not its text
+          continue;
+        }
         cells[i].textContent = v === null ? "" : String(v);
         if (cells[i].hasAttribute("data-state")) {
           cells[i].className = "state-" + String(v);
         }
       }
+    }
+    // Parts shown only while a value is there (the progress bar, the last error), or only while
+    // it is not ("none reported"): the hidden attribute, since the CSP allows no inline style.
+    toggle("data-show-if", data, false);
+    toggle("data-hide-if", data, true);
+  }
+  function toggle(attr, data, invert) {
+    var els = document.querySelectorAll("[" + attr + "]");
+    for (var i = 0; i < els.length; i++) {
+      var key = els[i].getAttribute(attr);
+      if (!Object.prototype.hasOwnProperty.call(data, key)) { continue; }
+      var present = data[key] !== null && data[key] !== "";
+      els[i].hidden = invert ? present : !present;
     }
   }
   function poll() {
