@@ -243,6 +243,11 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
     )
 
 
+def _error_line(error: str | None) -> str:
+    """A list's view of a last error: its first line (the traceback follows it), masked."""
+    return admin.redact_text((error or "").split("\n", 1)[0])[:120]
+
+
 def _job_live(info: JobInfo) -> dict[str, Any]:
     """The job page's live values (``/api/job/...``, polled every second): what changes while a
     job waits and runs. The progress message is masked as ``jobq status`` masks it."""
@@ -450,7 +455,7 @@ class _View:
             + f'<td><a href="{self.base}/jobs/{quote(j.queue, safe="")}/{quote(j.id, safe="")}"><code>{_e(j.id)}</code></a></td>'
             f"<td>{_e(j.task)}</td><td class=state-{_e(j.state.value)}>{_e(j.state.value)}</td>"
             f"<td class=num>{j.attempts}</td><td>{_e(_when(j.run_at_ms or j.enqueued_ms))}</td>"
-            f'<td class="bad">{_e((j.error or "").splitlines()[-1:] and (j.error or "").splitlines()[-1][:120])}</td></tr>'
+            f'<td class="bad">{_e(_error_line(j.error))}</td></tr>'
             for j in jobs
         )
         head = "<th></th>" if select else ""

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +40,13 @@ class Finisher(Protocol):
     def queue_ack(self, run: Held, encoded: bytes) -> None: ...
 
     async def fail(
-        self, run: Held, error: str, *, delay: float | None = None, dead: bool = False
+        self,
+        run: Held,
+        error: str,
+        *,
+        delay: float | None = None,
+        dead: bool = False,
+        trace: str | None = None,
     ) -> None: ...
 
     def release_soon(self, queue: str, runs: list[Held]) -> None: ...
@@ -51,6 +58,12 @@ class Finisher(Protocol):
 
 class UnknownTask(Exception):
     pass
+
+
+def _trace(exc: BaseException) -> str:
+    """The traceback of a task's exception, as Python prints it, for the job's last error (shown
+    by ``jobq status``, ``GET /jobs/{id}`` and the dashboard's job page)."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
 
 
 class SyncCall:
@@ -264,7 +277,7 @@ class Executor:
         except UnknownTask as exc:
             await self._fail(run, str(exc))
         except Exception as exc:
-            await self._fail(run, f"{type(exc).__name__}: {exc}")
+            await self._fail(run, f"{type(exc).__name__}: {exc}", trace=_trace(exc))
         else:
             try:
                 encoded = b"" if result is None else codec.encode_result(result, self.max_payload)
@@ -274,9 +287,17 @@ class Executor:
             self._slot_done(run)
             self.finisher.queue_ack(run, encoded)
 
-    async def _fail(self, run: Held, error: str, *, delay: float | None = None, dead: bool = False) -> None:
+    async def _fail(
+        self,
+        run: Held,
+        error: str,
+        *,
+        delay: float | None = None,
+        dead: bool = False,
+        trace: str | None = None,
+    ) -> None:
         self._slot_done(run)
-        await self.finisher.fail(run, error, delay=delay, dead=dead)
+        await self.finisher.fail(run, error, delay=delay, dead=dead, trace=trace)
 
     async def _invoke(self, run: Held) -> Any:
         job = run.job

@@ -129,7 +129,11 @@ def test_every_page_opens_without_console_errors(fleet: dict[str, Any], browser:
         p.open(path, None if shot == "overview" else shot)
         time.sleep(1.2)  # one live poll
         assert p.errors == [], (path, p.errors)
-    assert "failing on purpose" in p.open(f"/ui/jobs/proc/{dead.id}").content()
+    job_page = p.open(f"/ui/jobs/proc/{dead.id}")
+    error = job_page.locator("pre[data-k=error]")
+    assert error.is_visible()  # the last error with the task's traceback
+    text = error.text_content() or ""
+    assert text.startswith("RuntimeError: flaky 7: failing on purpose") and ", in flaky" in text
 
 
 @pytest.fixture

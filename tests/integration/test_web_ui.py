@@ -204,8 +204,13 @@ def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> Non
         wait_for(lambda: job.status().value == "dead", 20)
         dead = b.get("/ui/queues/work?state=dead")
         assert job.id in dead and "boom" in dead
+        assert "Traceback" not in dead  # a list shows the error's first line
         page = b.get(f"/ui/jobs/work/{job.id}")
         assert "Retry" in page and "boom" in page
+        # The job page shows the last error with the task's traceback (the worker keeps it).
+        info = job.info()
+        assert info.error is not None and info.error.startswith("RuntimeError: boom\n\nTraceback")
+        assert "Traceback (most recent call last)" in page and ", in flaky" in page
         FAIL["on"] = False
         status, _, _ = b.post(f"/ui/jobs/work/{job.id}", f"/ui/jobs/work/{job.id}/retry")
         assert status == 303
