@@ -555,7 +555,7 @@ class _View:
             for c in crons:
                 task = self.app.tasks.get(c.task)
                 queue = getattr(getattr(task, "defaults", None), "queue", None) or "default"
-                last = self.app.client.get(self.app.keys.queue_prefix(queue) + "cron:" + c.key_name)
+                last = self.app.client.get(self.app.keys.cron(queue, c.key_name))
                 try:
                     last_ms = int(util.to_str(last)) if last is not None else None
                 except ValueError:

@@ -243,6 +243,11 @@ def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> Non
         assert node.version == jobq.__version__
         row = next(r for r in b.get("/ui/nodes").split("<tr>") if worker.node in r)
         assert f"<td>{jobq.__version__}</td>" in row
+        assert re.search(r"<td class=num>\d+\.\d s</td>", row)  # heartbeat age
+        overview = b.get("/ui/")
+        version = app.client.info("server")["redis_version"]
+        assert f"Redis version<b>{version}</b>" in overview and "Redis memory<b>" in overview
+        assert 'nodes alive<b data-k="nodes">1</b>' in overview
     finally:
         FAIL["on"] = True
         worker.stop()
@@ -317,6 +322,9 @@ def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
     def nightly_report() -> None:
         pass
 
+    # The last tick a node enqueued for the entry (what the cron loop records).
+    (entry,) = app.cron_entries
+    app.client.set(app.keys.cron("reports", entry.key_name), 1_800_000_000_000)
     asgi = asgi_app(app)
     sent: list[dict[str, Any]] = []
 
@@ -334,7 +342,8 @@ def test_scheduled_page_lists_cron_entries_when_mounted(redis_url: str) -> None:
     assert sent[0]["status"] == 200
     body = sent[1]["body"].decode()
     assert "*/5 * * * *" in body and "nightly_report" in body and "reports" in body
-    assert "<th>next tick</th>" in body
+    assert "<th>next tick</th>" in body and "<th>last tick enqueued</th>" in body
+    assert "<td>2027-01-15 08:00:00.000 UTC</td>" in body  # the last tick enqueued
     nxt = re.findall(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.000 UTC</td></tr>", body)
     assert nxt and nxt[-1][-5:-3] in {f"{m:02d}" for m in range(0, 60, 5)}  # a */5 minute
 
