@@ -6,9 +6,12 @@ a slot frees up. It also takes jobs away that are no longer this node's (lost, f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import ctypes
 import logging
+import os
+import sys
 import threading
 import time
 import traceback
@@ -60,10 +63,23 @@ class UnknownTask(Exception):
     pass
 
 
+#: Where the frames that call a task live (the worker, the thread pool, the event loop): left
+#: out of the top of a task's traceback, which then starts at the task's own code.
+_CALLERS = tuple(
+    os.path.dirname(m.__file__ or "") + os.sep for m in (sys.modules[__name__], concurrent.futures, asyncio)
+)
+
+
 def _trace(exc: BaseException) -> str:
-    """The traceback of a task's exception, as Python prints it, for the job's last error (shown
-    by ``jobq status``, ``GET /jobs/{id}`` and the dashboard's job page)."""
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    """The traceback of a task's exception, as Python prints it but from the task's own frame
+    on, for the job's last error (``jobq status``, ``GET /jobs/{id}``, the dashboard's job page)."""
+    te = traceback.TracebackException.from_exception(exc)
+    frames = list(te.stack)
+    first = 0
+    while first < len(frames) - 1 and frames[first].filename.startswith(_CALLERS):
+        first += 1
+    te.stack = traceback.StackSummary.from_list(frames[first:])
+    return "".join(te.format()).rstrip()
 
 
 class SyncCall:

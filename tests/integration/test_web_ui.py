@@ -229,6 +229,7 @@ def test_retry_a_dead_letter_from_the_page_and_see_it_run(redis_url: str) -> Non
         info = job.info()
         assert info.error is not None and info.error.startswith("RuntimeError: boom\n\nTraceback")
         assert "Traceback (most recent call last)" in page and ", in flaky" in page
+        assert "executor.py" not in page  # it starts at the task's frame, not the worker's
         FAIL["on"] = False
         status, _, _ = b.post(f"/ui/jobs/work/{job.id}", f"/ui/jobs/work/{job.id}/retry")
         assert status == 303
