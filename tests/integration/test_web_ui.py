@@ -428,6 +428,65 @@ def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
         app.close()
 
 
+def test_search_cancel_retry_selected_and_all_resume(redis_url: str) -> None:
+    """The remaining actions, each as the page posts it, against a real worker: search by id,
+    cancel a waiting job and a running one (its node stops it), retry selected and all dead
+    letters (they run), resume a paused queue."""
+    import jobq
+
+    app = JobQ(redis_url)
+    fail = {"on": True}
+
+    @app.task(name="sometimes", queue="work3", max_attempts=1)
+    def sometimes(n: int) -> int:
+        if fail["on"]:
+            raise RuntimeError(f"no {n}")
+        return n
+
+    @app.task(name="waits", queue="work3")
+    def waits() -> None:
+        jobq.current_job().wait_cancelled(30)  # returns when the node is told of the cancel
+
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    worker = ThreadWorker(app, queues=[("work3", 1)], concurrency=4, lease=5).start()
+    try:
+        b = Browser(server.port)
+        dead = [sometimes.enqueue(i) for i in range(3)]
+        wait_for(lambda: all(j.status().value == "dead" for j in dead), 20)
+        # Search by id: a redirect to the job's page.
+        status, headers, _ = b.request("GET", f"/ui/search?queue=work3&id={dead[0].id}")
+        assert status == 303 and headers["location"] == f"/ui/jobs/work3/{dead[0].id}"
+        # Retry one selected, then all the rest: each runs to done.
+        fail["on"] = False
+        assert (
+            b.post("/ui/queues/work3?state=dead", "/ui/queues/work3/dead/retry", f"&id={dead[0].id}")[0]
+            == 303
+        )
+        wait_for(lambda: dead[0].status().value == "done", 20)
+        assert [j.status().value for j in dead[1:]] == ["dead", "dead"]
+        assert b.post("/ui/queues/work3?state=dead", "/ui/queues/work3/dead/retry", "&all=1")[0] == 303
+        wait_for(lambda: all(j.status().value == "done" for j in dead), 20)
+        # Cancel a running job from its page: the node stops it and it ends cancelled.
+        running = waits.enqueue()
+        wait_for(lambda: running.status().value == "active", 20)
+        page = f"/ui/jobs/work3/{running.id}"
+        assert b.post(page, f"{page}/cancel")[0] == 303
+        wait_for(lambda: running.status().value == "cancelled", 20)
+        # Pause, then cancel a waiting job, then resume.
+        admin.pause(app, "work3")
+        waiting = sometimes.enqueue(9)
+        page = f"/ui/jobs/work3/{waiting.id}"
+        assert b.post(page, f"{page}/cancel")[0] == 303
+        assert waiting.status().value == "cancelled"
+        assert "Resume" in b.get("/ui/queues/work3")
+        assert b.post("/ui/queues/work3", "/ui/queues/work3/resume")[0] == 303
+        assert not admin.queue_stats(app, ["work3"])[0].paused
+    finally:
+        worker.stop()
+        server.close()
+        app.close()
+
+
 def test_history_samples_rates_and_waits(redis_url: str) -> None:
     """The overview's charts read what Redis saw between two samples: jobs made ready, jobs
     finished, and the ready-to-started wait of the finished ones (checked against their hashes)."""
