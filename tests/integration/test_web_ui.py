@@ -429,7 +429,8 @@ def test_delete_one_and_selected_dead_letters(redis_url: str, r: Any) -> None:
 
 
 def test_search_cancel_retry_selected_and_all_resume(redis_url: str) -> None:
-    """The remaining actions, each as the page posts it, against a real worker: search by id,
+    """The remaining actions, each as the page posts it, against a real worker (and a result
+    shown masked): search by id,
     cancel a waiting job and a running one (its node stops it), retry selected and all dead
     letters (they run), resume a paused queue."""
     import jobq
@@ -447,12 +448,22 @@ def test_search_cancel_retry_selected_and_all_resume(redis_url: str) -> None:
     def waits() -> None:
         jobq.current_job().wait_cancelled(30)  # returns when the node is told of the cancel
 
+    @app.task(name="login", queue="work3")
+    def login() -> dict[str, Any]:
+        return {"user": "ann", "password": "hunter2", "dsn": "redis://ann:s3cret@db:6379/0"}
+
     server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
     worker = ThreadWorker(app, queues=[("work3", 1)], concurrency=4, lease=5).start()
     try:
         b = Browser(server.port)
         dead = [sometimes.enqueue(i) for i in range(3)]
         wait_for(lambda: all(j.status().value == "dead" for j in dead), 20)
+        # A done job's result, masked as `jobq status` masks it.
+        done = login.enqueue()
+        assert done.result(timeout=20)["password"] == "hunter2"
+        shown = b.get(f"/ui/jobs/work3/{done.id}")
+        assert "<h2>Result</h2>" in shown and "ann" in shown
+        assert "hunter2" not in shown and "s3cret" not in shown and "***" in shown
         # Search by id: a redirect to the job's page.
         status, headers, _ = b.request("GET", f"/ui/search?queue=work3&id={dead[0].id}")
         assert status == 303 and headers["location"] == f"/ui/jobs/work3/{dead[0].id}"
