@@ -269,6 +269,12 @@ def _job_live(info: JobInfo) -> dict[str, Any]:
         "progress_message": message,
         "progress_at": _when(info.progress_ms),
         "error": admin.redact_text(info.error) if info.error else "",
+        # A done job's result, masked like the arguments ("" while there is none to show).
+        "result": (
+            json.dumps(admin.redact_args(info.result), indent=2, default=str)
+            if info.has_result and info.state.value == "done"
+            else ""
+        ),
     }
 
 
@@ -522,10 +528,11 @@ class _View:
             f'<section data-show-if="error"{hide}><h2>Last error</h2>'
             f'<pre data-k="error">{_e(shown.get("error"))}</pre></section>'
         )
-        result = ""
-        if info.has_result and info.state.value == "done":
-            value = json.dumps(shown.get("result"), indent=2, default=str)
-            result = f"<h2>Result</h2><pre>{_e(value)}</pre>"
+        hide = "" if live["result"] else " hidden"  # shown live when the job finishes
+        result = (
+            f'<section data-show-if="result"{hide}><h2>Result</h2>'
+            f'<pre data-k="result">{_e(live["result"])}</pre></section>'
+        )
         acts = f'<div class="actions">{actions}</div>' if actions else ""
         return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
 

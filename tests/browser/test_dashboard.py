@@ -236,12 +236,16 @@ def test_job_page_shows_progress_live(fleet: dict[str, Any], browser: Any) -> No
         steps.rpush("jobq-test:steps:11", json.dumps([0.75, "three quarters"]))
         page.locator("[data-k=progress_message]").filter(has_text="three quarters").wait_for(timeout=15_000)
         assert bar.evaluate("b => b.value") == 0.75
+        assert not page.locator("pre[data-k=result]").is_visible()  # no result while it runs
         assert page.locator("[data-k=progress_pct]").text_content() == "75 %"
         assert page.locator("[data-k=node]").text_content()  # the node running it
 
         steps.rpush("jobq-test:steps:11", json.dumps(None))
         page.locator("[data-k=state]").filter(has_text="done").wait_for(timeout=15_000)
         page.locator("[data-k=finished]").filter(has_text="UTC").wait_for(timeout=5_000)
+        result = page.locator("pre[data-k=result]")
+        result.filter(has_text="11").wait_for(timeout=5_000)  # the result, shown when it is done
+        assert result.is_visible()
         assert navigations == []  # every change above came without a reload
         assert job.result(timeout=10) == 11
         assert p.errors == []
