@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -53,6 +53,7 @@ log = logging.getLogger("jobq")
 
 if TYPE_CHECKING:
     from jobq.cron import CronEntry
+    from jobq.events import Event
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -114,6 +115,10 @@ class JobQ:
             of queue name to bound (queues not named get 100,000). Each kept job costs Redis
             about 0.5 KiB plus its result, so 100,000 is about 50 MiB per queue.
         dead_max: the most jobs the dead-letter list of a queue keeps (default 10,000).
+        events_max: the length cap of each queue's lifecycle event stream (default 10,000;
+            trimmed with ``XADD MAXLEN ~``, so up to about 100 more), or a mapping of queue name
+            to cap (queues not named get 10,000); 0 = the queue writes no events. See
+            docs/events.md.
         dead_ttl: seconds a dead-lettered job is kept (default 7 days).
         max_depth: back-pressure: refuse an enqueue when ready + scheduled would exceed it;
             an int for every queue, or a mapping of queue name to limit (0 = no limit).
@@ -139,6 +144,7 @@ class JobQ:
         result_max: int | Mapping[str, int] = 100_000,
         dead_max: int = 10_000,
         dead_ttl: float = 7 * 24 * 3600,
+        events_max: int | Mapping[str, int] = 10_000,
         max_depth: int | Mapping[str, int] = 0,
         default_queue: str = "default",
         clock: Clock | None = None,
@@ -156,6 +162,9 @@ class JobQ:
         caps = result_max.values() if isinstance(result_max, Mapping) else [result_max]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in caps):
             raise errors.InvalidInput("result_max: must be an integer >= 0 (0 = no bound)", "result_max")
+        evcaps = events_max.values() if isinstance(events_max, Mapping) else [events_max]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in evcaps):
+            raise errors.InvalidInput("events_max: must be an integer >= 0 (0 = no events)", "events_max")
         depths = max_depth.values() if isinstance(max_depth, Mapping) else [max_depth]
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
             raise errors.InvalidInput("max_depth: must be an integer >= 0 (0 = no limit)", "max_depth")
@@ -167,6 +176,8 @@ class JobQ:
             dead_ttl_ms=max(1, seconds_to_ms(dead_ttl, "dead_ttl", errors.InvalidInput)),
             finished_max=100_000 if isinstance(result_max, Mapping) else result_max,
             finished_max_queues=dict(result_max) if isinstance(result_max, Mapping) else {},
+            events_max=10_000 if isinstance(events_max, Mapping) else events_max,
+            events_max_queues=dict(events_max) if isinstance(events_max, Mapping) else {},
         )
         self.store = Store(self.keys, self.limits)
         self.max_payload = max_payload
@@ -303,6 +314,37 @@ class JobQ:
         if st is not None:
             await st.listener.aclose()
             await st.client.aclose()
+
+    # -- lifecycle events (jobq/events.py, docs/events.md) --------------------------------------
+    def events(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        since: str | None = None,
+        last: int | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[Event]:
+        """The lifecycle events of ``queues`` (default: every known queue), oldest first, as an
+        async iterator: ``async for ev in app.events(["emails"], follow=True)``. ``since``: a
+        stream entry id (an event's ``id``), ``"0"`` (everything kept) or ``"$"`` (only new
+        ones); ``last``: start with the newest ``last`` events. Default: everything kept, or
+        with ``follow`` only new events. ``follow``: wait for more, never ending."""
+        from jobq.events import EventReader
+
+        return EventReader(self, queues, since=since, last=last, follow=follow).__aiter__()
+
+    def iter_events(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        since: str | None = None,
+        last: int | None = None,
+        follow: bool = False,
+    ) -> Iterator[Event]:
+        """:meth:`events` as a synchronous iterator."""
+        from jobq.events import EventReader
+
+        return iter(EventReader(self, queues, since=since, last=last, follow=follow))
 
     async def __aenter__(self) -> JobQ:
         return self

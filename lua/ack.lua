@@ -15,7 +15,8 @@
   KEYS[1]  active    ZSET  jobq:{q}:active:<node>
   KEYS[2]  leases    ZSET  jobq:{q}:leases
   KEYS[3]  finished  ZSET  jobq:{q}:finished      member = job id, score = expiry ms
-  KEYS[4]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[4]  events    STREAM jobq:{q}:events      "done" per finished job
+  KEYS[5]  guard     NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
   jobq:{q}:acked:<node> (ZSET, member = call id, score = ms; retention 0 only, expires),
   jobq:{q}:wait:<id> (STRING, read only: set by a caller waiting for the result). A finished job
@@ -32,6 +33,8 @@
                          call (tells a re-sent call from a new one when retention is 0)
   then 3 fields per job: id, attempt (the attempt number the claim returned; "" = the attempt
   this node holds), result (msgpack bytes, "" = no result)
+  then, last:
+  ARGV[8 + 3n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: one code per job: 1 finished, 0 already finished by this attempt (a repeated call),
            -1 no such job, -2 refused: the job is not this attempt's (stale completion).
@@ -43,7 +46,7 @@
 local active_key, leases_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix, node, call_id = ARGV[1], ARGV[2], ARGV[7]
 
-if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
+if #KEYS ~= 5 then return badarg('keys', 'expected 5 keys') end
 local e = bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
@@ -56,7 +59,8 @@ local finished_max = int_arg(ARGV[5])
 if finished_max == nil or finished_max < 0 then return badarg('finished_max', 'must be >= 0') end
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
-if #ARGV ~= 7 + 3 * n then return badarg('argv', 'expected ' .. (7 + 3 * n) .. ' values') end
+if #ARGV ~= 8 + 3 * n then return badarg('argv', 'expected ' .. (8 + 3 * n) .. ' values') end
+e = bad_events(qprefix); if e then return e end
 if type(call_id) ~= 'string' or #call_id > 64 or not string.find(call_id, '^[%w_-]*$') then
   return badarg('call_id', 'must be 0..64 letters, digits, - or _')
 end
@@ -84,7 +88,7 @@ local unlease, finished_add = {}, {}
 for i = 1, n do
   local id, attempt, result = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'finished_by', 'unique', 'state', 'task')
   if not ok or not f[4] then
     -- No job hash: deleted at once by this very call's earlier send (retention 0), or gone.
     if repeated == nil then
@@ -109,6 +113,7 @@ for i = 1, n do
     else
       unlease[#unlease + 1] = id
       release_unique(qprefix, id, f[3])
+      emit('done', id, now, 'task', f[5] or '', 'attempt', attempt)
       -- Completion notice, only for a job a caller waits on (jobq.Job.result marks it): the id,
       -- and a small result inline ("<id> d<result>"), so the caller needs no read to have it.
       if rcall('EXISTS', qprefix .. 'wait:' .. id) == 1 then

@@ -14,7 +14,8 @@
   KEYS[3]  dead       ZSET  jobq:{q}:dead
   KEYS[4]  finished   ZSET  jobq:{q}:finished
   KEYS[5]  leases     ZSET  jobq:{q}:leases
-  KEYS[6]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[6]  events     STREAM jobq:{q}:events    "cancelled" (lib/common.lua emit)
+  KEYS[7]  guard      NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
   jobq:{q}:active:<node>, jobq:{q}:cancels:<node> (SET of ids, expires after a day).
   Shard channel: jobq:{q}:wake:<node> (the node's wake-up channel, on the queue's shard).
@@ -23,6 +24,7 @@
   ARGV[2]  id            the job id
   ARGV[3]  now_ms        integer ms, or "" for the Redis server clock
   ARGV[4]  retention_ms  integer >= 0
+  ARGV[5]  events_max    integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: 1 cancelled before it ran, 2 cancelled while running (its node is told),
            -1 no such job, -4 already finished.
@@ -33,7 +35,7 @@ local ready_key, sched_key, dead_key, finished_key = KEYS[1], KEYS[2], KEYS[3], 
 local leases_key = KEYS[5]
 local qprefix, id = ARGV[1], ARGV[2]
 
-local e = bad_counts(6, 4) or bad_qprefix(qprefix) or bad_id(id)
+local e = bad_counts(7, 5) or bad_qprefix(qprefix) or bad_id(id) or bad_events(qprefix)
 if e then return e end
 local now = now_ms(ARGV[3])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
@@ -41,7 +43,7 @@ local retention = int_arg(ARGV[4])
 if retention == nil or retention < 0 then return badarg('retention_ms', 'must be >= 0') end
 
 local jkey = qprefix .. 'job:' .. id
-local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique', 'node')
+local ok, f = pcall(rcall, 'HMGET', jkey, 'state', 'unique', 'node', 'task', 'attempts')
 if not ok or not f[1] then return -1 end
 local state = f[1]
 if state == 'done' or state == 'cancelled' then return -4 end
@@ -64,6 +66,7 @@ else
   rcall('ZREM', dead_key, id)
 end
 release_unique(qprefix, id, f[2])
+emit('cancelled', id, now, 'task', f[4] or '', 'attempt', f[5] or '0', 'state', state)
 if retention > 0 then
   rcall('HSET', jkey, 'state', 'cancelled', 'finished_ms', now)
   rcall('PEXPIRE', jkey, retention)

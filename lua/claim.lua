@@ -15,7 +15,8 @@
   KEYS[5]  dead       ZSET    jobq:{q}:dead
   KEYS[6]  paused     STRING  jobq:{q}:paused
   KEYS[7]  seq        STRING  jobq:{q}:seq
-  KEYS[8]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[8]  events     STREAM  jobq:{q}:events       "started" per claimed job, "dead", "promoted"
+  KEYS[9]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>.
 
   ARGV[1]  qprefix        "jobq:{q}:"
@@ -26,6 +27,7 @@
   ARGV[6]  promote_limit  integer 0..100, due scheduled jobs promoted per call
   ARGV[7]  dead_max       integer >= 1, dead-letter list size bound
   ARGV[8]  dead_ttl_ms    integer >= 1, dead-letter age bound
+  ARGV[9]  events_max     integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: {now_ms, next_due_ms (-1 = none; now_ms when jobs were left for the byte bound),
             n_claimed, n_dead,
@@ -40,7 +42,7 @@ local ready_key, sched_key, active_key, leases_key = KEYS[1], KEYS[2], KEYS[3], 
 local dead_key, paused_key, seq_key = KEYS[5], KEYS[6], KEYS[7]
 local qprefix, node = ARGV[1], ARGV[2]
 
-local e = bad_counts(8, 8) or bad_qprefix(qprefix) or bad_node(node)
+local e = bad_counts(9, 9) or bad_qprefix(qprefix) or bad_node(node) or bad_events(qprefix)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[3]') end
 local now = now_ms(ARGV[3])
@@ -104,6 +106,7 @@ if max_jobs > 0 then
       local attempts = (tonumber(f[3]) or 0) + 1
       rcall('HSET', jkey, 'attempts', attempts, 'state', 'active', 'node', node,
         'started_ms', now_s, 'score', popped[i + 1])
+      emit('started', id, now, 'task', f[1], 'attempt', attempts, 'node', node)
       push[#push + 1] = now; push[#push + 1] = id
       lease_add[#lease_add + 1] = now + lease; lease_add[#lease_add + 1] = id
       local c = #claimed

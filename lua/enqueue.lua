@@ -10,7 +10,8 @@
   KEYS[1]  ready      ZSET    jobq:{q}:ready        score = (100 - priority) * 2^44 + seq
   KEYS[2]  scheduled  ZSET    jobq:{q}:scheduled    score = run-at, ms
   KEYS[3]  seq        STRING  jobq:{q}:seq          FIFO sequence counter
-  KEYS[4]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[4]  events     STREAM  jobq:{q}:events       lifecycle events: "enqueued" per new job
+  KEYS[5]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag (same slot): jobq:{q}:job:<id> (HASH),
   jobq:{q}:unique:<key> (STRING), jobq:{q}:cron:<name> (STRING), jobq:{q}:idle (ZSET, idle
   nodes' tokens); shard channels jobq:{q}:wake:<node>.
@@ -36,6 +37,8 @@
                   not started by then is dead-lettered as "expired"; must not be before the
                   run time
     unique_key    "" or 1..512 bytes, no control characters
+  then, last:
+  ARGV[7 + 11n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
 
   Job hash fields written: task, payload (in parts when longer than 64 bytes: put_payload),
   priority, max_attempts, timeout_ms, enqueued_ms, state, and run_at_ms for a scheduled job;
@@ -62,7 +65,7 @@ local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
 local NFIELDS = 11
 
-if #KEYS ~= 4 then return badarg('keys', 'expected 4 keys') end
+if #KEYS ~= 5 then return badarg('keys', 'expected 5 keys') end
 local e = bad_qprefix(qprefix); if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
@@ -77,7 +80,8 @@ local cron_tick = int_arg(ARGV[5])
 if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-negative integer') end
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
-if #ARGV ~= 6 + n * NFIELDS then return badarg('argv', 'expected ' .. (6 + n * NFIELDS) .. ' values') end
+if #ARGV ~= 7 + n * NFIELDS then return badarg('argv', 'expected ' .. (7 + n * NFIELDS) .. ' values') end
+e = bad_events(qprefix); if e then return e end
 
 -- The payload goes into the hash in parts of at most PAYLOAD_PART bytes when it is longer (up
 -- to PAYLOAD_PARTS_MAX parts): a hash whose every value is at most 64 bytes keeps Redis's compact
@@ -253,6 +257,7 @@ for i = 1, n do
       fields[#fields + 1] = 'run_at_ms'; fields[#fields + 1] = at
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'scheduled'
       rcall('HSET', jkey, unpack(fields))
+      emit('enqueued', j.id, now, 'task', j.task, 'run_at', at)
       sched_add[#sched_add + 1] = at; sched_add[#sched_add + 1] = j.id
       n_sched = n_sched + 1
       if sched_min == nil or j.run_at < sched_min then sched_min = j.run_at end
@@ -262,6 +267,7 @@ for i = 1, n do
       seq = seq + 1
       fields[#fields + 1] = 'state'; fields[#fields + 1] = 'ready'
       rcall('HSET', jkey, unpack(fields))
+      emit('enqueued', j.id, now, 'task', j.task)
       ready_add[#ready_add + 1] = ready_score(j.prio, seq); ready_add[#ready_add + 1] = j.id
       n_ready = n_ready + 1
     end

@@ -14,7 +14,8 @@
   KEYS[4]  dead       ZSET    jobq:{q}:dead
   KEYS[5]  ready      ZSET    jobq:{q}:ready
   KEYS[6]  seq        STRING  jobq:{q}:seq
-  KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[7]  events     STREAM  jobq:{q}:events       "retried" or "dead" (lib/common.lua emit)
+  KEYS[8]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
   jobq:{q}:wait:<id> (STRING, read only: set by a caller waiting for the result). A dead-lettered
   job whose wait key exists has its id published on the channel jobq:{q}:done. A job made ready
@@ -35,6 +36,7 @@
   ARGV[12] attempt         the attempt number the claim returned; "" = the attempt this node holds
   ARGV[13] count_reap      "1": a retry scheduled here also counts a reap on the job (HINCRBY
                            reaped 1: a node recovering the jobs an earlier run of it left), "" not
+  ARGV[14] events_max      integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: {code, run_at_ms, repeated, dead_trimmed}: code 1 retry scheduled (at run_at_ms),
            2 dead-lettered, -2 refused: the job is not this attempt's (stale completion),
@@ -49,7 +51,7 @@ local active_key, leases_key, sched_key = KEYS[1], KEYS[2], KEYS[3]
 local dead_key, ready_key, seq_key = KEYS[4], KEYS[5], KEYS[6]
 local qprefix, node, id, err, mode = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 
-local e = bad_counts(7, 13) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
+local e = bad_counts(8, 14) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id) or bad_events(qprefix)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
@@ -80,7 +82,7 @@ end
 
 local jkey = qprefix .. 'job:' .. id
 local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'max_attempts', 'backoff_ms', 'priority',
-  'finished_by', 'state', 'run_at_ms')
+  'finished_by', 'state', 'run_at_ms', 'task')
 if not ok or not f[6] then
   -- No usable job hash: if this node holds the id, dead-letter it so it is seen.
   if rcall('ZREM', active_key, id) == 0 then return {-2, 0, 0, 0} end
@@ -126,6 +128,8 @@ if delay == 0 then
   rcall('HDEL', jkey, 'node')
   if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
   rcall('ZADD', ready_key, score, id)
+  emit('retried', id, now, 'task', f[8] or '', 'attempt', attempt, 'error', string.sub(err, 1, 200),
+    'run_at', fmt_int(now))
   wake_idle(qprefix, 1, 'r')
   return {1, now, 0, 0}
 end
@@ -134,5 +138,7 @@ rcall('HSET', jkey, 'state', 'scheduled', 'error', err, 'run_at_ms', run_at, 'fi
 rcall('HDEL', jkey, 'node')
 if count_reap then rcall('HINCRBY', jkey, 'reaped', 1) end
 rcall('ZADD', sched_key, run_at, id)
+emit('retried', id, now, 'task', f[8] or '', 'attempt', attempt, 'error', string.sub(err, 1, 200),
+  'run_at', run_at)
 wake_idle(qprefix, 1, 's')
 return {1, now + delay, 0, 0}

@@ -6,7 +6,8 @@
   keeps what it had. Allowed under OOM (a few bytes on an existing hash).
 
   KEYS[1]  active  ZSET  jobq:{q}:active:<node>
-  KEYS[2]  guard   NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[2]  events  STREAM jobq:{q}:events   "progress" (lib/common.lua emit)
+  KEYS[3]  guard   NONE  jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>.
 
   ARGV[1]  qprefix   "jobq:{q}:"
@@ -16,6 +17,7 @@
   ARGV[5]  attempt   integer >= 1, the attempt number the claim returned
   ARGV[6]  fraction  a number 0..1
   ARGV[7]  message   "" (none) or up to 1024 bytes
+  ARGV[8]  events_max  integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: 1 recorded, -2 refused: the job is not this attempt's on this node (any more).
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -24,7 +26,7 @@
 local active_key = KEYS[1]
 local qprefix, node, id, message = ARGV[1], ARGV[2], ARGV[4], ARGV[7]
 
-local e = bad_counts(2, 7) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id)
+local e = bad_counts(3, 8) or bad_qprefix(qprefix) or bad_node(node) or bad_id(id) or bad_events(qprefix)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
 local now = now_ms(ARGV[3])
@@ -47,4 +49,5 @@ else
   rcall('HSET', jkey, 'progress', ARGV[6], 'progress_ms', now)
   rcall('HDEL', jkey, 'progress_msg')
 end
+emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6], 'message', message)
 return 1

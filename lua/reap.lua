@@ -18,7 +18,8 @@
   KEYS[4]  nodes      ZSET    jobq:{q}:nodes
   KEYS[5]  seq        STRING  jobq:{q}:seq
   KEYS[6]  reap_lock  STRING  jobq:{q}:reap-lock
-  KEYS[7]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[7]  events     STREAM  jobq:{q}:events       "reaped" per requeued job, "dead"
+  KEYS[8]  guard      NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:active:<node> (ZSET),
   jobq:{q}:unique:<key>, jobq:{q}:idle; idle nodes are woken on jobq:{q}:wake:<node>
   (lib/common.lua wake_idle).
@@ -30,6 +31,7 @@
   ARGV[5]  dead_max     integer >= 1
   ARGV[6]  dead_ttl_ms  integer >= 1
   ARGV[7]  guard_ms     integer >= 0; > 0 = skip (return {-1}) if another reap ran within it
+  ARGV[8]  events_max   integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: {n_requeued, n_dead, requeued ids..., dead ids..., dead_trimmed}, or {-1} when skipped
            by the guard; dead_trimmed = dead letters deleted because the list was over dead_max.
@@ -41,7 +43,7 @@ local leases_key, ready_key, dead_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KE
 local seq_key, lock_key = KEYS[5], KEYS[6]
 local qprefix = ARGV[1]
 
-local e = bad_counts(7, 7) or bad_qprefix(qprefix)
+local e = bad_counts(8, 8) or bad_qprefix(qprefix) or bad_events(qprefix)
 if e then return e end
 local now = now_ms(ARGV[2])
 if now == nil then return badarg('now_ms', 'not a non-negative integer') end
@@ -87,7 +89,7 @@ local ready_add = {}
 
 -- Put one job taken from a dead or silent node back to work, or bury it. f = the job's HMGET
 -- of JOB_FIELDS (read here when not given; ok = false: not a hash).
-local JOB_FIELDS = {'attempts', 'max_attempts', 'score', 'priority', 'reaped', 'node'}
+local JOB_FIELDS = {'attempts', 'max_attempts', 'score', 'priority', 'reaped', 'node', 'task'}
 local function read_job(jkey)
   return pcall(rcall, 'HMGET', jkey, unpack(JOB_FIELDS))
 end
@@ -117,6 +119,7 @@ local function recover(id, ok, f)
   rcall('HDEL', jkey, 'node')
   ready_add[#ready_add + 1] = score; ready_add[#ready_add + 1] = id
   requeued[#requeued + 1] = id
+  emit('reaped', id, now, 'task', f[7] or '', 'attempt', f[1] or '0', 'node', f[6] or '')
 end
 
 -- 1. Expired leases (deadline < now). They are all removed before any job is looked at, so

@@ -16,7 +16,8 @@
   KEYS[3]  ready   ZSET    jobq:{q}:ready
   KEYS[4]  seq     STRING  jobq:{q}:seq
   KEYS[5]  dead    ZSET    jobq:{q}:dead
-  KEYS[6]  guard   NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
+  KEYS[6]  events  STREAM  jobq:{q}:events       "released" or "interrupted" per job, "dead"
+  KEYS[7]  guard   NONE    jobq:{q}:slot-guard   never created: the slot guard (lib/common.lua)
   Keys built here, inside the queue's hash tag: jobq:{q}:job:<id>, jobq:{q}:unique:<key>,
   jobq:{q}:idle; idle nodes are woken on jobq:{q}:wake:<node> (lib/common.lua wake_idle).
 
@@ -30,6 +31,8 @@
   then 3 fields per job: id; attempt (the attempt number the claim returned, "" = the attempt
   this node holds); max_interruptions (integer 0..1000000: 0 = never started, else the job
   started and is dead-lettered at this many interruptions)
+  then, last:
+  ARGV[7 + 3n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
 
   Returns: {n_released, n_interrupted, n_dead, dead_trimmed, n_dead x (id, reason)}:
            n_released jobs went back to ready, n_interrupted of them started (an interruption
@@ -41,7 +44,7 @@
 local active_key, leases_key, ready_key, seq_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qprefix, node = ARGV[1], ARGV[2]
 
-if #KEYS ~= 6 then return badarg('keys', 'expected 6 keys') end
+if #KEYS ~= 7 then return badarg('keys', 'expected 7 keys') end
 local e = bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if active_key ~= qprefix .. 'active:' .. node then return badarg('node', 'does not match KEYS[1]') end
@@ -53,7 +56,8 @@ local dead_max = int_arg(ARGV[5])
 if dead_max == nil or dead_max < 1 then return badarg('dead_max', 'must be >= 1') end
 local dead_ttl = int_arg(ARGV[6])
 if dead_ttl == nil or dead_ttl < 1 then return badarg('dead_ttl_ms', 'must be >= 1') end
-if #ARGV ~= 6 + 3 * n then return badarg('argv', 'expected ' .. (6 + 3 * n) .. ' values') end
+if #ARGV ~= 7 + 3 * n then return badarg('argv', 'expected ' .. (7 + 3 * n) .. ' values') end
+e = bad_events(qprefix); if e then return e end
 for i = 1, n do
   e = bad_id(ARGV[4 + 3 * i]); if e then return e end
   local a = ARGV[5 + 3 * i]
@@ -78,7 +82,7 @@ local released, interrupted, dead = 0, 0, {}
 for _, job in ipairs(jobs) do
   local id, attempt, max_int = job[1], job[2], job[3]
   local jkey = qprefix .. 'job:' .. id
-  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'score', 'priority', 'interrupted')
+  local ok, f = pcall(rcall, 'HMGET', jkey, 'attempts', 'score', 'priority', 'interrupted', 'task')
   if not ok or not f[3] then
     -- No usable job hash: nothing to run. If this node holds the id, dead-letter it so it is
     -- seen (as reap does), instead of dropping it silently.
@@ -107,10 +111,12 @@ for _, job in ipairs(jobs) do
           -- Never started: the attempt does not count.
           rcall('HINCRBY', jkey, 'attempts', -1)
           rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score)
+          emit('released', id, now, 'task', f[5] or '', 'attempt', attempt or '0')
         else
           -- Started: the attempt stays counted, and the interruption is counted too.
           rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score, 'interrupted', count)
           interrupted = interrupted + 1
+          emit('interrupted', id, now, 'task', f[5] or '', 'attempt', attempt or '0')
         end
         rcall('HDEL', jkey, 'node')
         rcall('ZADD', ready_key, score, id)

@@ -2,7 +2,7 @@
 
 Commands stay thin: parse, build library objects, call them, print. One module per command
 group, each attached here: ``worker``, ``enqueue``, ``tasks``, ``stats``, ``jobs`` (with
-``status`` and ``cancel``), ``dead``, ``queue``, ``nodes``, ``serve``. What they share lives below
+``status`` and ``cancel``), ``dead``, ``events``, ``queue``, ``nodes``, ``serve``. What they share lives below
 them: :mod:`jobq.cli.common` (settings, options, exit codes), :mod:`jobq.cli.apps` (``-A``) and
 :mod:`jobq.cli.output` (tables, JSON). Nothing below imports this package's ``__init__``, so
 there is no import circle.
@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from jobq.cli import dead, enqueue, jobs, nodes, queue, serve, stats, tasks, worker
+from jobq.cli import dead, enqueue, events, jobs, nodes, queue, serve, stats, tasks, worker
 from jobq.cli.common import Settings
 from jobq.storage.clients import default_url
 
@@ -46,6 +46,7 @@ for _command in (
     jobs.status,
     jobs.cancel,
     dead.dead,
+    events.events,
     queue.queue_group,
     nodes.nodes,
     serve.serve,

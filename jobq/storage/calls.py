@@ -90,6 +90,15 @@ class Limits:
     #: Per-queue overrides of finished_max (a sharded queue's shards each use their queue's).
     finished_max_queues: Mapping[str, int] = field(default_factory=dict)
 
+    #: Length cap of a queue's lifecycle event stream (``XADD MAXLEN ~``), 0 = no events.
+    events_max: int = 10_000
+    #: Per-queue overrides of events_max (a sharded queue's shards each use their queue's).
+    events_max_queues: Mapping[str, int] = field(default_factory=dict)
+
+    def events_cap(self, queue: str) -> int:
+        """The event stream length cap of ``queue`` (0 = it writes no events)."""
+        return int(self.events_max_queues.get(queue.partition("#")[0], self.events_max))
+
     def finished_cap(self, queue: str) -> int:
         """The finished-job count bound of ``queue`` (0 = none)."""
         return int(self.finished_max_queues.get(queue.partition("#")[0], self.finished_max))
@@ -268,6 +277,7 @@ class Store:
                 j.deadline,
                 j.unique_key,
             )
+        args.append(self.limits.events_cap(queue))
 
         def parse(raw: Any) -> list[str]:
             if raw and isinstance(raw[0], int) and raw[0] == errors.ErrorCode.QUEUE_FULL:
@@ -276,7 +286,7 @@ class Store:
 
         return Call(
             ScriptName.ENQUEUE,
-            [k.ready(queue), k.scheduled(queue), k.seq(queue), k.slot_guard(queue)],
+            [k.ready(queue), k.scheduled(queue), k.seq(queue), k.events(queue), k.slot_guard(queue)],
             args,
             parse,
             queue,
@@ -296,6 +306,7 @@ class Store:
             k.dead(queue),
             k.paused(queue),
             k.seq(queue),
+            k.events(queue),
             k.slot_guard(queue),
         ]
         args: list[Arg] = [
@@ -307,6 +318,7 @@ class Store:
             lim.promote_limit,
             lim.dead_max,
             lim.dead_ttl_ms,
+            lim.events_cap(queue),
         ]
 
         def parse(raw: Any) -> ClaimResult:
@@ -369,7 +381,14 @@ class Store:
         for i, (job_id, result) in enumerate(items):
             attempt = None if attempts is None else attempts[i]
             args += (job_id, "" if attempt is None else attempt, result)
-        keys = [k.active(queue, node), k.leases(queue), k.finished(queue), k.slot_guard(queue)]
+        args.append(self.limits.events_cap(queue))
+        keys = [
+            k.active(queue, node),
+            k.leases(queue),
+            k.finished(queue),
+            k.events(queue),
+            k.slot_guard(queue),
+        ]
         return Call(
             ScriptName.ACK,
             keys,
@@ -404,6 +423,7 @@ class Store:
             k.dead(queue),
             k.ready(queue),
             k.seq(queue),
+            k.events(queue),
             k.slot_guard(queue),
         ]
         args: list[Arg] = [
@@ -420,6 +440,7 @@ class Store:
             lim.dead_ttl_ms,
             "" if attempt is None else attempt,
             "1" if count_reap else "",
+            lim.events_cap(queue),
         ]
         outcomes = {
             1: "retry",
@@ -486,6 +507,7 @@ class Store:
             k.ready(queue),
             k.seq(queue),
             k.dead(queue),
+            k.events(queue),
             k.slot_guard(queue),
         ]
         args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), len(ids), lim.dead_max, lim.dead_ttl_ms]
@@ -493,6 +515,7 @@ class Store:
             attempt = None if attempts is None else attempts[i]
             limit = 0 if max_interruptions is None else max_interruptions[i]
             args += (job_id, "" if attempt is None else attempt, limit)
+        args.append(lim.events_cap(queue))
 
         def parse(raw: Any) -> ReleaseResult:
             n_dead = int(raw[2])
@@ -519,6 +542,7 @@ class Store:
             k.queue_nodes(queue),
             k.seq(queue),
             k.reap_lock(queue),
+            k.events(queue),
             k.slot_guard(queue),
         ]
         args: list[Arg] = [
@@ -529,6 +553,7 @@ class Store:
             lim.dead_max,
             lim.dead_ttl_ms,
             guard_ms,
+            lim.events_cap(queue),
         ]
 
         def parse(raw: Any) -> ReapResult:
@@ -544,8 +569,8 @@ class Store:
 
     def promote(self, queue: str, *, limit: int = MAX_SCAN, now_ms: int | None = None) -> Call[PromoteResult]:
         k = self.keys
-        keys = [k.scheduled(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
-        args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit]
+        keys = [k.scheduled(queue), k.ready(queue), k.seq(queue), k.events(queue), k.slot_guard(queue)]
+        args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, self.limits.events_cap(queue)]
         return Call(
             ScriptName.PROMOTE,
             keys,
@@ -567,7 +592,7 @@ class Store:
     ) -> Call[int]:
         """Record a running job's progress (1), unless the attempt is no longer this node's (-2)."""
         k = self.keys
-        keys = [k.active(queue, node), k.slot_guard(queue)]
+        keys = [k.active(queue, node), k.events(queue), k.slot_guard(queue)]
         args: list[Arg] = [
             k.queue_prefix(queue),
             node,
@@ -576,6 +601,7 @@ class Store:
             attempt,
             repr(float(fraction)),
             message or "",
+            self.limits.events_cap(queue),
         ]
         return Call(ScriptName.PROGRESS, keys, args, int, queue)
 
@@ -598,9 +624,16 @@ class Store:
             k.dead(queue),
             k.finished(queue),
             k.leases(queue),
+            k.events(queue),
             k.slot_guard(queue),
         ]
-        args: list[Arg] = [k.queue_prefix(queue), job_id, _now(now_ms), self.limits.retention_ms]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            job_id,
+            _now(now_ms),
+            self.limits.retention_ms,
+            self.limits.events_cap(queue),
+        ]
         return Call(ScriptName.CANCEL, keys, args, int, queue)
 
     def retry_dead(
@@ -613,8 +646,15 @@ class Store:
     ) -> Call[int]:
         k = self.keys
         ids = list(job_ids or [])
-        keys = [k.dead(queue), k.ready(queue), k.seq(queue), k.slot_guard(queue)]
-        args: list[Arg] = [k.queue_prefix(queue), _now(now_ms), limit, len(ids), *ids]
+        keys = [k.dead(queue), k.ready(queue), k.seq(queue), k.events(queue), k.slot_guard(queue)]
+        args: list[Arg] = [
+            k.queue_prefix(queue),
+            _now(now_ms),
+            limit,
+            len(ids),
+            *ids,
+            self.limits.events_cap(queue),
+        ]
         return Call(ScriptName.RETRY_DEAD, keys, args, int, queue)
 
     def purge(self, queue: str, which: str, *, limit: int = MAX_SCAN) -> Call[int]:

@@ -38,6 +38,10 @@ key                                type    holds                                
                                            dataset epoch, checked per queue, so per shard)
 ``jobq:{q}:reap-lock``             STRING  once-per-interval guard for the reaper (load     PX
                                            saving only; reap is safe without it)
+``jobq:{q}:events``                STREAM  lifecycle events (enqueued, started, progress,   MAXLEN ~
+                                           retried, done, dead, cancelled, reaped, ...):    events_max
+                                           type, id, t, task, attempt, ...; written by
+                                           the scripts that change the state
 ``jobq:{q}:slot-guard``            none    never created: the last declared key of every    never
                                            queue script that builds keys itself, so Redis   exists
                                            Cluster refuses those scripts (TRYAGAIN) while
@@ -194,6 +198,11 @@ class Keys:
         """STRING once-per-interval reaper guard (saves load; not needed for correctness)."""
         return f"{self.prefix}:{{{q}}}:reap-lock"
 
+    def events(self, q: str) -> str:
+        """STREAM of ``q``'s lifecycle events, written by the scripts that change a job's state
+        and capped near ``events_max`` entries (``XADD MAXLEN ~``); see docs/events.md."""
+        return f"{self.prefix}:{{{q}}}:events"
+
     def slot_guard(self, q: str) -> str:
         """A key that is never created, declared last by every queue script that builds per-job
         keys: Redis Cluster refuses such a script (TRYAGAIN) while ``q``'s slot is half moved."""
@@ -260,4 +269,5 @@ class Keys:
             self.seq(q),
             self.paused(q),
             self.idle(q),
+            self.events(q),
         ]

@@ -44,6 +44,11 @@ def queues(client: SyncClient, keys: Keys) -> list[str]:
     return sorted(to_str(q, "replace") for q in client.smembers(keys.queues))
 
 
+async def queues_async(client: AsyncClient, keys: Keys) -> list[str]:
+    """:func:`queues` from an event loop."""
+    return sorted(to_str(q, "replace") for q in await client.smembers(keys.queues))
+
+
 def register_queue(client: SyncClient, keys: Keys, queue: str) -> None:
     """Add ``queue`` to the registry (SADD)."""
     client.sadd(keys.queues, queue)
@@ -482,3 +487,93 @@ def scan_queues(client: SyncClient, keys: Keys, limit: int) -> list[str]:
         except Exception:
             continue
     return sorted(found)
+
+
+# -- lifecycle event streams (docs/events.md) --------------------------------------------------------
+#: One stream entry: (queue, entry id, fields), names and values decoded (UTF-8, replacing).
+StreamEntry = tuple[str, str, dict[str, str]]
+
+
+def _entries(queue: str, raw: Any) -> list[StreamEntry]:
+    out: list[StreamEntry] = []
+    for entry_id, fields in raw or []:
+        decoded = {to_str(k, "replace"): to_str(v, "replace") for k, v in (fields or {}).items()}
+        out.append((queue, to_str(entry_id), decoded))
+    return out
+
+
+def _xread_reply(by_key: Mapping[str, str], reply: Any) -> list[StreamEntry]:
+    """XREAD's reply (a dict in RESP3, a list of [key, entries] in RESP2) as entries."""
+    resp3 = isinstance(reply, dict)
+    out: list[StreamEntry] = []
+    for key, entries in reply.items() if resp3 else (reply or []):
+        if resp3 and entries and isinstance(entries[0], list):
+            entries = entries[0]  # redis-py wraps RESP3's entry list in a list
+        out += _entries(by_key[to_str(key)], entries)
+    return out
+
+
+def last_events(
+    client: SyncClient, keys: Keys, queues: Sequence[str], n: int
+) -> dict[str, list[StreamEntry]]:
+    """Per queue, its newest ``n`` events, oldest first (XREVRANGE; one pipeline, which a
+    cluster client splits by node). ``n = 1`` gives each stream's position."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.xrevrange(keys.events(q), "+", "-", count=n)
+    return {q: _entries(q, list(reversed(raw))) for q, raw in zip(queues, pipe.execute(), strict=True)}
+
+
+async def last_events_async(
+    client: AsyncClient, keys: Keys, queues: Sequence[str], n: int
+) -> dict[str, list[StreamEntry]]:
+    """:func:`last_events` from an event loop."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.xrevrange(keys.events(q), "+", "-", count=n)
+    return {q: _entries(q, list(reversed(raw))) for q, raw in zip(queues, await pipe.execute(), strict=True)}
+
+
+def _multi_key(client: Any, cursors: Mapping[str, str]) -> bool:
+    """Can one XREAD name every stream? On Redis Cluster only when there is one (each queue is
+    its own hash tag, so its own slot)."""
+    from jobq.storage.clients import is_cluster_client
+
+    return len(cursors) == 1 or not is_cluster_client(client)
+
+
+def read_events(
+    client: SyncClient, keys: Keys, cursors: Mapping[str, str], *, count: int, block_ms: int | None
+) -> list[StreamEntry]:
+    """The events after each queue's cursor (queue -> entry id), at most ``count`` per queue.
+    Standalone and Sentinel: one XREAD over every stream, waiting up to ``block_ms`` for the
+    first new entry (None = no wait). Redis Cluster with several queues: one XREAD per queue in
+    a pipeline (split by node) and no wait; the caller polls."""
+    by_key = {keys.events(q): q for q in cursors}
+    streams = {keys.events(q): c for q, c in cursors.items()}
+    if _multi_key(client, cursors):
+        return _xread_reply(by_key, client.xread(streams, count=count, block=block_ms))
+    pipe = client.pipeline(transaction=False)
+    for key, cur in streams.items():
+        pipe.xread({key: cur}, count=count)
+    out: list[StreamEntry] = []
+    for reply in pipe.execute():
+        out += _xread_reply(by_key, reply)
+    return out
+
+
+async def read_events_async(
+    client: AsyncClient, keys: Keys, cursors: Mapping[str, str], *, count: int, block_ms: int | None
+) -> list[StreamEntry]:
+    """:func:`read_events` from an event loop."""
+    by_key = {keys.events(q): q for q in cursors}
+    streams = {keys.events(q): c for q, c in cursors.items()}
+    if _multi_key(client, cursors):
+        return _xread_reply(by_key, await client.xread(streams, count=count, block=block_ms))
+    pipe = client.pipeline(transaction=False)
+    for key, cur in streams.items():
+        pipe.xread({key: cur}, count=count)
+    out: list[StreamEntry] = []
+    for reply in await pipe.execute():
+        out += _xread_reply(by_key, reply)
+    return out

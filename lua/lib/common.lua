@@ -113,6 +113,36 @@ local function bad_id(id)
   return nil
 end
 
+--: Lifecycle events (docs/events.md): the queue's stream "<qprefix>events" and its length cap,
+--: set by bad_events; a cap of 0 (also before bad_events ran) writes no event.
+local events_key, events_cap = nil, 0
+
+-- The events arguments of a script that writes events: the key just before the slot guard,
+-- KEYS[#KEYS - 1], must be the queue's stream "<qprefix>events", and the last value, ARGV[#ARGV],
+-- its length cap, an integer >= 0 (0 = this queue writes no events). Checked with the other
+-- arguments, before the first write.
+local function bad_events(qprefix)
+  local cap = int_arg(ARGV[#ARGV])
+  if KEYS[#KEYS - 1] ~= qprefix .. 'events' then
+    return badarg('keys', 'the key before the slot guard must be the events stream')
+  end
+  if cap == nil or cap < 0 then return badarg('events_max', 'must be an integer >= 0') end
+  events_key, events_cap = KEYS[#KEYS - 1], cap
+  return nil
+end
+
+-- Append one lifecycle event to the queue's stream: its type, the job id, the time (ms of the
+-- clock the script uses), then the given field/value pairs (strings). Trimmed with MAXLEN ~,
+-- which drops whole stream nodes only (cheap; up to one node, 100 entries by default, over
+-- the cap). Written by the script that makes the change, so an event is never written for a
+-- change that did not happen, and never missing for one that did. Nothing when the cap is 0.
+local function emit(etype, id, now, ...)
+  if events_cap > 0 then
+    rcall('XADD', events_key, 'MAXLEN', '~', events_cap, '*', 'type', etype, 'id', id,
+      't', fmt_int(now), ...)
+  end
+end
+
 -- Release a job's unique key if this job still holds it.
 local function release_unique(qprefix, id, unique)
   if unique then
@@ -165,15 +195,19 @@ local function trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, limit)
   for i = 1, #aged, 2 do drop_dead(qprefix, dead_key, aged[i], aged[i + 1]) end
 end
 
--- Move a job to the dead-letter list with a reason, release its unique key, and trim the list.
+-- Move a job to the dead-letter list with a reason, release its unique key, write the "dead"
+-- event (the reason cut to 200 bytes), and trim the list.
 -- The job hash expires after dead_ttl on its own too (retry_dead makes it permanent again), so a
 -- dead job never outlives its age bound even when nothing trims the list. A job key of a foreign
 -- type is left alone; the id is still listed so it is seen.
 local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
   local jkey = qprefix .. 'job:' .. id
   local jtype = rcall('TYPE', jkey)['ok']
+  local task, attempt = '', '0'
   if jtype == 'hash' then
-    release_unique(qprefix, id, rcall('HGET', jkey, 'unique'))
+    local f = rcall('HMGET', jkey, 'unique', 'task', 'attempts')
+    release_unique(qprefix, id, f[1])
+    task, attempt = f[2] or '', f[3] or '0'
     rcall('HSET', jkey, 'state', 'dead', 'error', reason, 'finished_ms', now)
     rcall('HDEL', jkey, 'node')
     rcall('PEXPIRE', jkey, dead_ttl)
@@ -182,6 +216,7 @@ local function to_dead(qprefix, dead_key, id, reason, now, dead_max, dead_ttl)
     rcall('PEXPIRE', jkey, dead_ttl)
   end
   rcall('ZADD', dead_key, now, id)
+  emit('dead', id, now, 'task', task, 'attempt', attempt, 'error', string.sub(reason, 1, 200))
   trim_dead(qprefix, dead_key, now, dead_max, dead_ttl, 10)
 end
 
@@ -202,6 +237,7 @@ local function promote_due(qprefix, sched_key, ready_key, seq_key, now, limit)
     local score = ready_score(tonumber(prio or '0') or 0, seq)
     add[#add + 1] = score; add[#add + 1] = id
     if ok and prio then rcall('HSET', jkey, 'state', 'ready', 'ready_ms', now, 'score', score) end
+    emit('promoted', id, now)
   end
   rcall('ZREM', sched_key, unpack(due))
   rcall('ZADD', ready_key, unpack(add))

@@ -44,6 +44,8 @@ ID_BAD = ["", "a b", "{x}", "x" * 129, "a\tb"]
 #: An attempt number: "" is valid ("the attempt this node holds").
 ATTEMPT_BAD = [v for v in NOT_INT if v != ""] + ["0", "-1"]
 CALL_ID_BAD = ["a b", "x" * 65, "{x}", "a:b", "a\nb"]
+#: The events stream's length cap, the last value of every script that writes events.
+EVENTS_BAD = int_bad(0, None)
 
 #: Per script: 1-based ARGV position -> bad values for it.
 BAD: dict[ScriptName, dict[int, list[str]]] = {
@@ -64,6 +66,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         15: int_bad(0, None),
         16: ["abc", "+", "+-1", "-5", "1.5", "+1e3", "1", str(T0 - 1)],  # deadline; "1" is before now
         17: ["u" * 513, "a\x01b"],
+        18: EVENTS_BAD,  # events_max, last (one job)
     },
     ScriptName.CLAIM: {
         1: QPREFIX_BAD,
@@ -74,6 +77,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         6: int_bad(0, MAX_CLAIM_PROMOTE),
         7: int_bad(1, None),
         8: int_bad(1, None),
+        9: EVENTS_BAD,
     },
     ScriptName.ACK: {
         1: QPREFIX_BAD,
@@ -85,6 +89,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         7: CALL_ID_BAD,
         8: ID_BAD,
         9: ATTEMPT_BAD,
+        11: EVENTS_BAD,  # last (one job)
     },
     ScriptName.FAIL: {
         1: QPREFIX_BAD,
@@ -99,6 +104,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         11: int_bad(1, None),
         12: ATTEMPT_BAD,
         13: ["x", "0", "2", " 1"],
+        14: EVENTS_BAD,
     },
     ScriptName.EXTEND: {
         1: NODE_BAD,
@@ -117,6 +123,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         7: ID_BAD,
         8: ATTEMPT_BAD,
         9: int_bad(0, 1_000_000),
+        10: EVENTS_BAD,  # last (one job)
     },
     ScriptName.REAP: {
         1: QPREFIX_BAD,
@@ -126,15 +133,17 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         5: int_bad(1, None),
         6: int_bad(1, None),
         7: int_bad(0, None),
+        8: EVENTS_BAD,
     },
-    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, MAX_SCAN)},
-    ScriptName.CANCEL: {1: QPREFIX_BAD, 2: ID_BAD, 3: NOW_BAD, 4: int_bad(0, None)},
+    ScriptName.PROMOTE: {1: QPREFIX_BAD, 2: NOW_BAD, 3: int_bad(1, MAX_SCAN), 4: EVENTS_BAD},
+    ScriptName.CANCEL: {1: QPREFIX_BAD, 2: ID_BAD, 3: NOW_BAD, 4: int_bad(0, None), 5: EVENTS_BAD},
     ScriptName.RETRY_DEAD: {
         1: QPREFIX_BAD,
         2: NOW_BAD,
         3: int_bad(1, MAX_BATCH),
         4: int_bad(0, MAX_BATCH),
         5: ID_BAD,
+        6: EVENTS_BAD,  # last (one id)
     },
     ScriptName.PURGE: {1: QPREFIX_BAD, 2: int_bad(1, MAX_SCAN)},
     ScriptName.PROGRESS: {
@@ -145,6 +154,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         5: ATTEMPT_BAD,
         6: ["", "abc", "-0.1", "1.5", "nan", "inf"],
         7: ["x" * 1025],
+        8: EVENTS_BAD,
     },
     ScriptName.IDLE: {
         1: QPREFIX_BAD,

@@ -168,8 +168,9 @@ def test_100000_finished_jobs_leave_no_keys_after_their_retention(redis_url: str
             assert 0 < r.pttl(app.keys.job(Q, res.jobs[-1].id)) <= 3_000
         assert done == 100_000
         assert r.dbsize() > 1_000
-        # Only the permanent bookkeeping keys stay: the queue registry and its FIFO counter.
-        permanent = {app.keys.queues.encode(), app.keys.seq(Q).encode()}
+        # Only the permanent bookkeeping keys stay: the queue registry, its FIFO counter and its
+        # event stream (capped by length).
+        permanent = {app.keys.queues.encode(), app.keys.seq(Q).encode(), app.keys.events(Q).encode()}
         assert wait_for_keys(r, permanent, timeout=20) == permanent
     finally:
         app.close()
@@ -188,7 +189,12 @@ def test_retention_zero_deletes_at_once_and_dead_letters_are_bounded(redis_url: 
         assert len(dead) == 5
         # The trimmed dead jobs' hashes are gone too.
         assert sum(r.exists(app.keys.job(Q, j.id)) for j in jobs) == 5
-        permanent = {app.keys.queues.encode(), app.keys.seq(Q).encode(), app.keys.dead(Q).encode()}
+        permanent = {
+            app.keys.queues.encode(),
+            app.keys.seq(Q).encode(),
+            app.keys.dead(Q).encode(),
+            app.keys.events(Q).encode(),
+        }
         # The ack's call id, kept a minute so a re-sent ack is told apart (it expires).
         acked = app.keys.acked(Q, "n1").encode()
         assert 0 < r.pttl(acked) <= 60_000

@@ -293,9 +293,11 @@ def test_large_payloads_and_results_are_split_by_bytes(bench: Bench) -> None:
     raw = bench.r.register_script(jobq.storage.scripts.source(jobq.storage.scripts.ScriptName.ENQUEUE))
     call = st.enqueue(Q, big[:1])
     args = list(call.args)
+    events_cap = args.pop()  # the last value, after the jobs
     args[5] = len(big)
     for spec in big[1:]:
         args += [spec.id, "t", spec.payload, 0, "", "", 3, 0, 1000, "", ""]
+    args.append(events_cap)
     with pytest.raises(redis.ResponseError, match="BADARG n payloads over 2 MiB"):
         raw(keys=call.keys, args=args, client=bench.r)
     assert bench.r.dbsize() == 0

@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.requests",
             "jobq.cron",
             "jobq.admin",
+            "jobq.events",
             "jobq.builtin",
             "jobq.metrics",
             "jobq.logs",
