@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import html
+import itertools
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from jobq import admin, errors, util
 from jobq.app import JobInfo, JobQ
+from jobq.events import Event, check_since
 from jobq.web import pool
 from jobq.web.history import History
 
@@ -39,6 +41,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: Jobs per page of a queue's list.
 PAGE = 50
+#: Most entries of a queue's event stream the job page reads for one job's events (the stream
+#: is per queue), on opening and per live poll.
+EVENTS_SCAN = 2000
 #: Largest form body accepted, bytes (a few hundred selected ids).
 MAX_FORM = 64 * 1024
 CSP = (
@@ -243,6 +248,32 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
     )
 
 
+def _event_cells(e: Event) -> list[str]:
+    """An event as the panel's cells: time, type, attempt, and what else it carries."""
+    detail = []
+    if e.node:
+        detail.append(f"node {e.node}")
+    if e.fraction is not None:
+        detail.append(f"{e.fraction * 100:.0f} %")
+    if e.message:
+        detail.append(e.message)
+    if e.run_at_ms:
+        detail.append(f"runs at {_when(e.run_at_ms)}")
+    if e.state:
+        detail.append(f"was {e.state}")
+    if e.error:
+        detail.append(_error_line(e.error))  # its first line: the traceback is on the page
+    return [_when(e.time_ms), e.type, "" if e.attempt is None else str(e.attempt), "; ".join(detail)]
+
+
+def _event_row(e: Event) -> str:
+    cells = _event_cells(e)
+    return (
+        f"<tr><td>{_e(cells[0])}</td><td class=ev-{_e(cells[1])}>{_e(cells[1])}</td>"
+        f"<td class=num>{_e(cells[2])}</td><td>{_e(cells[3])}</td></tr>"
+    )
+
+
 def _error_line(error: str | None) -> str:
     """A list's view of a last error: its first line (the traceback follows it), masked."""
     return admin.redact_text((error or "").split("\n", 1)[0])[:120]
@@ -317,7 +348,11 @@ class _View:
             return 200, json.dumps(self.ui.history.to_json()).encode(), b"application/json"
         if len(parts) == 4 and parts[:2] == ["api", "job"]:
             info = admin.job_info(self.app, parts[3], parts[2], with_args=False)
-            return 200, json.dumps(_job_live(info)).encode(), b"application/json"
+            data = _job_live(info)
+            after = self.query.get("after")
+            if after:  # the events panel's cursor: the job's events after it
+                data["events"], data["events_after"] = self.job_events_after(info.queue, info.id, after)
+            return 200, json.dumps(data).encode(), b"application/json"
         if len(parts) == 2 and parts[0] == "queues":
             return self._html(
                 f"Queue {parts[1]}", self.queue_page(parts[1]), live=f"{self.base}/api/overview"
@@ -534,7 +569,43 @@ class _View:
             f'<pre data-k="result">{_e(live["result"])}</pre></section>'
         )
         acts = f'<div class="actions">{actions}</div>' if actions else ""
-        return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
+        events = self.events_panel(info)
+        return (f"{acts}<dl>{dl}</dl>{events}<h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
+
+    # -- the job's lifecycle events -------------------------------------------------------------
+    def events_panel(self, info: JobInfo) -> str:
+        """The job's lifecycle events found among its queue's newest ``EVENTS_SCAN`` (the stream
+        is per queue: a job's events are picked out by id), oldest first; the page then asks for
+        the ones after the cursor with each poll."""
+        scanned = list(itertools.islice(self.app.iter_events([info.queue], last=EVENTS_SCAN), EVENTS_SCAN))
+        mine = [e for e in scanned if e.job_id == info.id]
+        cursor = scanned[-1].id if scanned else "0-0"
+        rows = "".join(_event_row(e) for e in mine)
+        note = ""
+        if not any(e.type == "enqueued" for e in mine) and info.enqueued_ms:
+            note = (
+                f'<p class="muted">Earlier events of this job are not shown: they are older than the newest '
+                f"{EVENTS_SCAN:,} events of queue {_e(info.queue)}, or no longer kept (its stream is capped; "
+                "<code>events_max</code>).</p>"
+            )
+        return (
+            "<h2>Events</h2>"
+            + note
+            + '<table class="events"><thead><tr><th>time</th><th>event</th><th class=num>attempt</th>'
+            + "<th>detail</th></tr></thead>"
+            + f'<tbody data-events data-after="{_e(cursor)}">{rows}</tbody></table>'
+        )
+
+    def job_events_after(self, queue: str, job_id: str, after: str) -> tuple[list[list[str]], str]:
+        """The job's events after the cursor ``after`` (an entry id of the queue's stream), as
+        rows of text, and the new cursor (the last entry read, whichever job's it was). At most
+        ``EVENTS_SCAN`` entries are read per call; a busier queue is caught up over the next."""
+        after = check_since(after)
+        if after == "$":
+            raise errors.InvalidInput("after: an event id, not '$'", "after")
+        scanned = list(itertools.islice(self.app.iter_events([queue], since=after), EVENTS_SCAN))
+        rows = [_event_cells(e) for e in scanned if e.job_id == job_id]
+        return rows, scanned[-1].id if scanned else after
 
     def dead_page(self) -> bytes:
         stats = [s for s in admin.queue_stats(self.app) if s.dead]

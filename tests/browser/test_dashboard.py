@@ -227,6 +227,9 @@ def test_job_page_shows_progress_live(fleet: dict[str, Any], browser: Any) -> No
         page.locator("[data-k=progress_pct]").filter(has_text="25 %").wait_for(timeout=15_000)
         assert bar.is_visible() and not page.get_by_text("none reported").is_visible()
         assert bar.evaluate("b => b.value") == 0.25
+        # The events panel gets the progress event without a reload.
+        events = page.locator("tbody[data-events]")
+        events.locator("td.ev-progress").first.wait_for(timeout=15_000)
         message = page.locator("[data-k=progress_message]").text_content() or ""
         assert message.startswith("copying https://u:") and "hunter2" not in message
         where = os.environ.get("JOBQ_SCREENSHOTS")
@@ -243,6 +246,10 @@ def test_job_page_shows_progress_live(fleet: dict[str, Any], browser: Any) -> No
         steps.rpush("jobq-test:steps:11", json.dumps(None))
         page.locator("[data-k=state]").filter(has_text="done").wait_for(timeout=15_000)
         page.locator("[data-k=finished]").filter(has_text="UTC").wait_for(timeout=5_000)
+        events.locator("td.ev-done").wait_for(timeout=15_000)
+        kinds = events.locator("td:nth-child(2)").all_text_contents()
+        assert kinds == ["enqueued", "started", "progress", "progress", "done"], kinds
+        assert "hunter2" not in (events.text_content() or "")  # the message, masked
         result = page.locator("pre[data-k=result]")
         result.filter(has_text="11").wait_for(timeout=5_000)  # the result, shown when it is done
         assert result.is_visible()

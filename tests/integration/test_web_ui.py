@@ -498,6 +498,64 @@ def test_search_cancel_retry_selected_and_all_resume(redis_url: str) -> None:
         app.close()
 
 
+def test_job_page_shows_its_events_and_the_new_ones_after_its_cursor(redis_url: str) -> None:
+    """The job page's events panel: the job's lifecycle events picked out of its queue's stream
+    (another job's left out), oldest first; the live endpoint then gives only the job's events
+    after the page's cursor, as they happen (a retry from the dead letters here)."""
+    app = JobQ(redis_url)
+    fail = {"on": True}
+
+    @app.task(name="twice", queue="evq", max_attempts=1)
+    def twice() -> int:
+        if fail["on"]:
+            raise RuntimeError("first try fails")
+        return 1
+
+    @app.task(name="other", queue="evq")
+    def other() -> int:
+        return 2
+
+    server = ApiServer(app, "127.0.0.1", 0, token=TOKEN, ui=True).start()
+    worker = ThreadWorker(app, queues=[("evq", 1)], concurrency=2, lease=5).start()
+    try:
+        b = Browser(server.port)
+        job = twice.enqueue()
+        wait_for(lambda: job.status().value == "dead", 20)
+        assert other.enqueue().result(timeout=20) == 2  # its events are in the same stream
+
+        def panel(page: str) -> tuple[list[str], str]:
+            body = page.split("<tbody data-events", 1)[1].split("</tbody>", 1)[0]
+            m = re.search(r'data-after="([^"]+)"', body)
+            assert m
+            return re.findall(r"<td class=ev-(\w+)>", body), m.group(1)
+
+        page = b.get(f"/ui/jobs/evq/{job.id}")
+        types, cursor = panel(page)
+        assert types == ["enqueued", "started", "dead"], types
+        body = page.split("<tbody data-events", 1)[1].split("</tbody>", 1)[0]
+        assert "RuntimeError: first try fails" in body and "Traceback" not in body
+        assert "Earlier events of this job" not in page
+
+        def live(after: str) -> dict[str, Any]:
+            data: dict[str, Any] = json.loads(b.get(f"/ui/api/job/evq/{job.id}?after={after}"))
+            return data
+
+        assert live(cursor)["events"] == [] and live(cursor)["events_after"] == cursor
+        fail["on"] = False
+        admin.retry_dead(app, "evq", [job.id])
+        wait_for(lambda: job.status().value == "done", 20)
+        got = live(cursor)
+        assert [row[1] for row in got["events"]] == ["requeued", "started", "done"], got
+        assert got["events"][1][3].startswith("node ")  # started: on which node
+        assert got["events_after"] != cursor
+        assert live(got["events_after"])["events"] == []
+        assert b.request("GET", f"/ui/api/job/evq/{job.id}?after=nonsense")[0] == 400
+    finally:
+        worker.stop()
+        server.close()
+        app.close()
+
+
 def test_history_samples_rates_and_waits(redis_url: str) -> None:
     """The overview's charts read what Redis saw between two samples: jobs made ready, jobs
     finished, and the ready-to-started wait of the finished ones (checked against their hashes)."""

@@ -43,10 +43,32 @@
       els[i].hidden = invert ? present : !present;
     }
   }
+  // The job page's events panel: each poll asks for the job's events after the last stream
+  // entry read, and appends them (built with textContent: nothing from the data is parsed as HTML).
+  var events = document.querySelector("[data-events]");
+  function url() {
+    if (!events) { return live; }
+    return live + (live.indexOf("?") < 0 ? "?" : "&") + "after=" + encodeURIComponent(events.getAttribute("data-after"));
+  }
+  function addEvents(data) {
+    if (!events || !data.events) { return; }
+    for (var i = 0; i < data.events.length; i++) {
+      var tr = document.createElement("tr"), cells = data.events[i];
+      for (var j = 0; j < cells.length; j++) {
+        var td = document.createElement("td");
+        td.textContent = cells[j];
+        if (j === 1) { td.className = "ev-" + cells[j]; }
+        if (j === 2) { td.className = "num"; }
+        tr.appendChild(td);
+      }
+      events.appendChild(tr);
+    }
+    events.setAttribute("data-after", data.events_after);
+  }
   function poll() {
-    fetch(live, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+    fetch(url(), { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (data) { if (data) { update(data); } })
+      .then(function (data) { if (data) { update(data); addEvents(data); } })
       .catch(function () { /* the next poll tries again */ })
       .then(function () { window.setTimeout(poll, 1000); });
   }
