@@ -535,6 +535,9 @@ def test_job_page_shows_its_events_and_the_new_ones_after_its_cursor(redis_url: 
         body = page.split("<tbody data-events", 1)[1].split("</tbody>", 1)[0]
         assert "RuntimeError: first try fails" in body and "Traceback" not in body
         assert "Earlier events of this job" not in page
+        # The event itself carries the error's first line (the traceback follows it on the job).
+        (dead,) = [e for e in app.iter_events(["evq"]) if e.type == "dead"]
+        assert dead.error == "RuntimeError: first try fails"
 
         def live(after: str) -> dict[str, Any]:
             data: dict[str, Any] = json.loads(b.get(f"/ui/api/job/evq/{job.id}?after={after}"))
