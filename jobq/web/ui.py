@@ -44,6 +44,8 @@ PAGE = 50
 #: Most entries of a queue's event stream the job page reads for one job's events (the stream
 #: is per queue), on opening and per live poll.
 EVENTS_SCAN = 2000
+#: Events the queue page's live feed shows (the newest).
+FEED = 30
 #: Largest form body accepted, bytes (a few hundred selected ids).
 MAX_FORM = 64 * 1024
 CSP = (
@@ -353,6 +355,10 @@ class _View:
             if after:  # the events panel's cursor: the job's events after it
                 data["events"], data["events_after"] = self.job_events_after(info.queue, info.id, after)
             return 200, json.dumps(data).encode(), b"application/json"
+        if len(parts) == 3 and parts[:2] == ["api", "events"]:
+            after = self.query.get("after", "")
+            rows, cursor = self.queue_events_after(parts[2], after)
+            return 200, json.dumps({"events": rows, "events_after": cursor}).encode(), b"application/json"
         if len(parts) == 2 and parts[0] == "queues":
             return self._html(
                 f"Queue {parts[1]}", self.queue_page(parts[1]), live=f"{self.base}/api/overview"
@@ -485,7 +491,45 @@ class _View:
         if page < pages:
             nav.append(f'<a href="?{urlencode({"state": state, "page": page + 1})}">next</a>')
         pager = f'<p class="muted">page {page} of {pages} ({total} jobs; read in {took_ms:.1f} ms) {" ".join(nav)}</p>'
-        return (paused + actions + search + f'<p class="tabs">{tabs}</p>' + body + pager).encode()
+        feed = self.events_feed(queue)
+        return (paused + actions + search + f'<p class="tabs">{tabs}</p>' + body + pager + feed).encode()
+
+    def events_feed(self, queue: str) -> str:
+        """The queue's newest lifecycle events, newest first, with the new ones added live (the
+        page polls ``/api/events/<queue>?after=<cursor>``)."""
+        newest = list(itertools.islice(self.app.iter_events([queue], last=FEED), EVENTS_SCAN))[-FEED:]
+        cursor = newest[-1].id if newest else "0-0"
+        rows = "".join(self._feed_row(e) for e in reversed(newest))
+        src = f"{self.base}/api/events/{quote(queue, safe='')}"
+        return (
+            f"<h2>Events</h2>"
+            '<table class="events"><thead><tr><th>time</th><th>event</th><th>job</th><th>task</th>'
+            "<th class=num>attempt</th><th>detail</th></tr></thead>"
+            f'<tbody data-feed data-src="{_e(src)}" data-jobs="{_e(self.base)}/jobs/{quote(queue, safe="")}/" '
+            f'data-after="{_e(cursor)}" data-keep="{FEED}">{rows}</tbody></table>'
+        )
+
+    def _feed_row(self, e: Event) -> str:
+        t, kind, attempt, detail = _event_cells(e)
+        href = f"{self.base}/jobs/{quote(e.queue, safe='')}/{quote(e.job_id, safe='')}"
+        return (
+            f"<tr><td>{_e(t)}</td><td class=ev-{_e(kind)}>{_e(kind)}</td>"
+            f'<td><a href="{_e(href)}"><code>{_e(e.job_id)}</code></a></td><td>{_e(e.task or "")}</td>'
+            f"<td class=num>{_e(attempt)}</td><td>{_e(detail)}</td></tr>"
+        )
+
+    def queue_events_after(self, queue: str, after: str) -> tuple[list[list[str]], str]:
+        """The queue's events after the cursor, oldest first, as rows (time, type, job id, task,
+        attempt, detail), at most ``FEED`` (the newest: the page keeps no more), and the new cursor."""
+        after = check_since(after)
+        if after == "$":
+            raise errors.InvalidInput("after: an event id, not '$'", "after")
+        scanned = list(itertools.islice(self.app.iter_events([queue], since=after), EVENTS_SCAN))
+        rows = []
+        for e in scanned[-FEED:]:
+            t, kind, attempt, detail = _event_cells(e)
+            rows.append([t, kind, e.job_id, e.task or "", attempt, detail])
+        return rows, scanned[-1].id if scanned else after
 
     def _jobs_table(self, queue: str, jobs: list[Any], *, select: bool = False) -> str:
         if not jobs:

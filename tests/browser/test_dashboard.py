@@ -260,6 +260,23 @@ def test_job_page_shows_progress_live(fleet: dict[str, Any], browser: Any) -> No
         steps.close()
 
 
+def test_queue_page_event_feed_is_live(fleet: dict[str, Any], browser: Any) -> None:
+    """The queue page's event feed shows a job enqueued after the page opened, then done, at the
+    top, without a reload; its id links to its page."""
+    app = fleet["app"]
+    p = Page(browser, fleet["url"])
+    page = p.open("/ui/queues/proc")
+    job = _enqueue(app, "record", 21)
+    feed = page.locator("tbody[data-feed]")
+    first = feed.locator("tr").first
+    first.locator("td.ev-done").wait_for(timeout=15_000)
+    assert first.locator("a").text_content() == job.id
+    assert feed.locator(f"a[href$='/{job.id}']").count() == 3  # enqueued, started, done
+    first.locator("a").click()
+    page.wait_for_url(f"**/ui/jobs/proc/{job.id}")
+    assert p.errors == []
+
+
 def test_retry_a_dead_letter_from_the_page_and_see_it_run(fleet: dict[str, Any], browser: Any) -> None:
     app = fleet["app"]
     (fleet["tmp"] / "fail-3").write_text("")

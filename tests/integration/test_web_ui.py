@@ -553,6 +553,22 @@ def test_job_page_shows_its_events_and_the_new_ones_after_its_cursor(redis_url: 
         assert got["events_after"] != cursor
         assert live(got["events_after"])["events"] == []
         assert b.request("GET", f"/ui/api/job/evq/{job.id}?after=nonsense")[0] == 400
+        # The queue page's feed: the queue's newest events, newest first, every job's.
+        feed = b.get("/ui/queues/evq").split("<tbody data-feed", 1)[1].split("</tbody>", 1)[0]
+        kinds = re.findall(r"<td class=ev-(\w+)>", feed)
+        assert kinds[0] == "done" and kinds.count("enqueued") == 2 and len(kinds) == 9, kinds
+        assert f'href="/ui/jobs/evq/{job.id}"' in feed
+        m = re.search(r'data-after="([^"]+)"', feed)
+        assert m
+        assert json.loads(b.get(f"/ui/api/events/evq?after={m.group(1)}"))["events"] == []
+        third = other.enqueue()
+        assert third.result(timeout=20) == 2
+        rows = json.loads(b.get(f"/ui/api/events/evq?after={m.group(1)}"))["events"]
+        assert [(r[1], r[2]) for r in rows] == [
+            ("enqueued", third.id),
+            ("started", third.id),
+            ("done", third.id),
+        ]
     finally:
         worker.stop()
         server.close()

@@ -11,6 +11,8 @@
   }
   var history = body.getAttribute("data-history");
   if (history) { charts(history); }
+  var feed = document.querySelector("[data-feed]");
+  if (feed) { followFeed(feed); }
   var live = body.getAttribute("data-live");
   if (!live) { return; }
   function update(data) {
@@ -73,6 +75,45 @@
       .then(function () { window.setTimeout(poll, 1000); });
   }
   window.setTimeout(poll, 1000);
+
+  // A queue's event feed: newest first; each poll reads the events after the last one shown.
+  function followFeed(tbody) {
+    var src = tbody.getAttribute("data-src"), jobs = tbody.getAttribute("data-jobs");
+    var keep = Number(tbody.getAttribute("data-keep")) || 30;
+    function add(rows) {
+      for (var i = 0; i < rows.length; i++) {
+        var tr = document.createElement("tr"), cells = rows[i];
+        for (var j = 0; j < cells.length; j++) {
+          var td = document.createElement("td");
+          if (j === 2) {  // the job id, a link to its page
+            var a = document.createElement("a"), code = document.createElement("code");
+            a.setAttribute("href", jobs + encodeURIComponent(cells[j]));
+            code.textContent = cells[j];
+            a.appendChild(code);
+            td.appendChild(a);
+          } else {
+            td.textContent = cells[j];
+          }
+          if (j === 1) { td.className = "ev-" + cells[j]; }
+          if (j === 4) { td.className = "num"; }
+          tr.appendChild(td);
+        }
+        tbody.insertBefore(tr, tbody.firstChild);
+      }
+      while (tbody.children.length > keep) { tbody.removeChild(tbody.lastChild); }
+    }
+    function pollFeed() {
+      fetch(src + "?after=" + encodeURIComponent(tbody.getAttribute("data-after")),
+        { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (data) {
+          if (data) { add(data.events); tbody.setAttribute("data-after", data.events_after); }
+        })
+        .catch(function () { /* the next poll tries again */ })
+        .then(function () { window.setTimeout(pollFeed, 1000); });
+    }
+    window.setTimeout(pollFeed, 1000);
+  }
 
   // The overview's charts: inline SVG drawn from /api/history (no library, no inline style:
   // presentation attributes and classes only, which the CSP allows).
