@@ -134,9 +134,11 @@ def test_job_page_masks_secret_arguments(ui: tuple[JobQ, Browser]) -> None:
     page = b.get("/ui/queues/emails")
     link = re.search(r'href="(/ui/jobs/emails/[^"]+)"', page)
     assert link
-    job = b.get(link.group(1))
+    status, headers, job = b.request("GET", link.group(1))
+    assert status == 200 and headers["content-security-policy"].startswith("default-src 'none'")
+    assert "<script>" not in job and not re.search(r'(src|href|action)="(https?:)?//', job)
     assert "hunter2" not in job and "***" in job
-    for field in ("attempts", "interruptions", "enqueued", "node"):
+    for field in ("progress", "attempts", "interruptions", "enqueued", "started", "finished", "node"):
         assert f"<dt>{field}</dt>" in job
 
 
