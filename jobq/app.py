@@ -12,12 +12,12 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from jobq import codec, errors
+from jobq import codec, errors, tracing
 from jobq.clock import Clock, SystemClock
 from jobq.requests import MAX_TIME_MS as MAX_TIME_MS
 from jobq.requests import OPTION_NAMES as OPTION_NAMES
@@ -324,11 +324,12 @@ class JobQ:
         last: int | None = None,
         follow: bool = False,
     ) -> AsyncIterator[Event]:
-        """The lifecycle events of ``queues`` (default: every known queue), oldest first, as an
-        async iterator: ``async for ev in app.events(["emails"], follow=True)``. ``since``: a
-        stream entry id (an event's ``id``), ``"0"`` (everything kept) or ``"$"`` (only new
-        ones); ``last``: start with the newest ``last`` events. Default: everything kept, or
-        with ``follow`` only new events. ``follow``: wait for more, never ending."""
+        """The lifecycle events of ``queues`` (default: every queue known when it starts),
+        oldest first, as an async iterator: ``async for ev in app.events(["emails"],
+        follow=True)``. ``since``: a stream entry id (an event's ``id``), a position
+        (``queue=<id>,...``), ``"0"`` (everything kept) or ``"$"`` (only new ones); ``last``:
+        start with the newest ``last`` events. Default: everything kept, or with ``follow`` only
+        new events. ``follow``: wait for more, never ending. See docs/events.md."""
         from jobq.events import EventReader
 
         return EventReader(self, queues, since=since, last=last, follow=follow).__aiter__()
@@ -650,7 +651,15 @@ class JobQ:
         tells it (a new id: no ``unique_key``, no caller-given ``job_id``): ``"ready"`` or
         ``"scheduled"``, without another round trip; ``None`` when an existing job's handle may
         have been returned (ask ``job.status()``)."""
+        if tracing.AVAILABLE and tracing.in_trace():
+            with tracing.SendSpan() as span:
+                q, spec = self.prepare(req)
+                spec = replace(spec, trace=span.describe((q,), 1, spec.id))
+                return self._store_one(req, q, spec)
         q, spec = self.prepare(req)
+        return self._store_one(req, q, spec)
+
+    def _store_one(self, req: EnqueueRequest, q: str, spec: JobSpec) -> tuple[Job[Any], str | None]:
         now = self.now_ms()
         ids = self.run(self.store.enqueue(q, [spec], now_ms=now, max_depth=self.depth_limit(q)))
         # Registered after the job is stored, so a refused enqueue writes nothing at all.
@@ -767,7 +776,15 @@ class JobQ:
 
     async def aenqueue_request_state(self, req: EnqueueRequest) -> tuple[Job[Any], str | None]:
         """:meth:`enqueue_request_state` from an event loop."""
+        if tracing.AVAILABLE and tracing.in_trace():
+            with tracing.SendSpan() as span:
+                q, spec = self.prepare(req)
+                spec = replace(spec, trace=span.describe((q,), 1, spec.id))
+                return await self._astore_one(req, q, spec)
         q, spec = self.prepare(req)
+        return await self._astore_one(req, q, spec)
+
+    async def _astore_one(self, req: EnqueueRequest, q: str, spec: JobSpec) -> tuple[Job[Any], str | None]:
         now = self.now_ms()
         ids = await self.arun(self.store.enqueue(q, [spec], now_ms=now, max_depth=self.depth_limit(q)))
         if q not in self._known_queues:
@@ -796,7 +813,15 @@ class JobQ:
         Each script call is all-or-nothing, the batch as a whole is not: what only Redis can
         check (a deadline already past on the Redis clock, ``max_depth``) refuses the calls it
         applies to while the others are stored; the first such error is raised after all ran."""
-        plan = self._plan_many(requests)
+        if tracing.AVAILABLE and tracing.in_trace():
+            with tracing.SendSpan() as span:
+                return self._enqueue_many(requests, span)
+        return self._enqueue_many(requests, None)
+
+    def _enqueue_many(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], span: tracing.SendSpan | None
+    ) -> list[Job[Any]]:
+        plan = self._plan_many(requests, span)
         if plan is None:
             return []
         results = self.runner.run_batch(plan.calls)
@@ -809,7 +834,15 @@ class JobQ:
     async def aenqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[Job[Any]]:
         """:meth:`enqueue_many` from an event loop: validated first, then one pipelined round
         trip, with the same all-or-nothing rule per script call."""
-        plan = self._plan_many(requests)
+        if tracing.AVAILABLE and tracing.in_trace():
+            with tracing.SendSpan() as span:
+                return await self._aenqueue_many(requests, span)
+        return await self._aenqueue_many(requests, None)
+
+    async def _aenqueue_many(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], span: tracing.SendSpan | None
+    ) -> list[Job[Any]]:
+        plan = self._plan_many(requests, span)
         if plan is None:
             return []
         st = self._aio()
@@ -820,8 +853,11 @@ class JobQ:
                 await self._aregister_queue(call.queue)
         return self._finish_many(plan, results)
 
-    def _plan_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> _ManyPlan | None:
-        """Validate every request and group them into script calls (no I/O); None if empty."""
+    def _plan_many(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], span: tracing.SendSpan | None = None
+    ) -> _ManyPlan | None:
+        """Validate every request and group them into script calls (no I/O); None if empty.
+        With a ``send`` span (the caller runs in a trace), each job carries its context."""
         prepared: list[tuple[str, JobSpec]] = []
         for i, r in enumerate(requests):
             req = r if isinstance(r, EnqueueRequest) else request_from_mapping(r, index=i)
@@ -833,6 +869,11 @@ class JobQ:
                 raise
         if not prepared:
             return None
+        if span is not None:
+            carrier = span.describe(
+                [q for q, _ in prepared], len(prepared), prepared[0][1].id if len(prepared) == 1 else None
+            )
+            prepared = [(q, replace(spec, trace=carrier)) for q, spec in prepared]
         by_queue: dict[str, list[tuple[int, JobSpec]]] = {}
         for i, (q, spec) in enumerate(prepared):
             by_queue.setdefault(q, []).append((i, spec))

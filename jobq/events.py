@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -134,6 +134,14 @@ def event_of(entry: StreamEntry) -> Event:
     )
 
 
+def _before(entry_id: str) -> str:
+    """The entry id just before ``entry_id`` (XREAD returns the entries after a cursor)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0-0"
+
+
 def _order(e: StreamEntry) -> tuple[int, str, int]:
     """Entry-id order across streams: by time, then (within one ms, where the streams' sequence
     numbers say nothing of each other) queue by queue, each in its own order."""
@@ -141,15 +149,32 @@ def _order(e: StreamEntry) -> tuple[int, str, int]:
     return int(ms), e[0], int(seq or 0)
 
 
+def _entry_id(text: str) -> bool:
+    ms, dash, seq = text.partition("-")
+    return ms.isdigit() and len(ms) <= 20 and (not dash or (seq.isdigit() and len(seq) <= 20))
+
+
 def check_since(since: str) -> str:
-    """A ``since`` cursor: ``"0"`` (everything kept), ``"$"`` (only new events) or a stream entry
-    id ``<ms>`` / ``<ms>-<seq>``; else :class:`jobq.errors.InvalidInput`."""
-    ms, dash, seq = since.partition("-")
-    if since == "$" or (ms.isdigit() and len(ms) <= 20 and (not dash or (seq.isdigit() and len(seq) <= 20))):
+    """A ``since`` cursor: ``"0"`` (everything kept), ``"$"`` (only new events), a stream entry
+    id ``<ms>`` / ``<ms>-<seq>``, or a position ``queue=<id>,queue=<id>`` (:meth:`EventReader.
+    position`); else :class:`jobq.errors.InvalidInput`."""
+    if since == "$" or _entry_id(since):
         return since
+    if "=" in since and len(since) <= 100_000:
+        pairs = [p.partition("=") for p in since.split(",")]
+        if all(_entry_id(i) and _valid_queue(q) for q, _, i in pairs):
+            return since
     raise errors.InvalidInput(
-        f"since: {since[:40]!r} is not '0', '$' or a stream entry id <ms>-<seq>", "since"
+        f"since: {since[:40]!r} is not '0', '$', a stream entry id <ms>-<seq> or queue=<id>,...", "since"
     )
+
+
+def _valid_queue(name: str) -> bool:
+    try:
+        validate_queue(name)
+    except errors.InvalidInput:
+        return False
+    return True
 
 
 class EventReader:
@@ -159,8 +184,10 @@ class EventReader:
     The cursors are resolved to entry ids at the start, so no event between two reads is
     missed. Events of different queues are merged by entry id within each read: by time (entry
     ids are the times of the queues' own servers, so across Redis Cluster shards the order is as
-    good as their clocks), and within one millisecond queue by queue. A ``since`` id is applied
-    to every queue's stream: a point in time."""
+    good as their clocks), and within one millisecond queue by queue. A ``since`` entry id is
+    applied to every queue's stream (a point in time: for several queues, events of another queue
+    in the same millisecond may be skipped); a position (``queue=<id>,...``, :meth:`position`)
+    resumes each queue exactly where it was."""
 
     def __init__(
         self,
@@ -170,6 +197,7 @@ class EventReader:
         since: str | None = None,
         last: int | None = None,
         follow: bool = False,
+        aclient: Any = None,
     ) -> None:
         if since is not None and last is not None:
             raise errors.InvalidInput("since and last: give one of them", "since")
@@ -182,7 +210,11 @@ class EventReader:
         self.since = None if since is None else check_since(str(since))
         self.last = last
         self.follow = follow
+        #: The asyncio client to read with (default: the app's pool of the running loop).
+        self.aclient = aclient
         self.cursors: dict[str, str] = {}
+        #: Set to stop a following reader after its current read (at most BLOCK_MS).
+        self.closed = False
 
     def _expand(self, queues: Sequence[str]) -> list[str]:
         """A sharded queue's name stands for its shards' streams."""
@@ -196,6 +228,10 @@ class EventReader:
     # -- the start: which events come first ----------------------------------------------------
     def _start(self, queues: list[str], newest: Mapping[str, list[StreamEntry]]) -> list[StreamEntry]:
         """Set the cursors from each queue's newest events; return the ``last`` ones to yield."""
+        if self.since is not None and "=" in self.since:
+            at = dict(p.split("=", 1) for p in self.since.split(","))
+            self.cursors = {q: at.get(q, "0-0") for q in queues}
+            return []
         if self.since is not None and self.since != "$":
             self.cursors = dict.fromkeys(queues, self.since)
             return []
@@ -206,16 +242,28 @@ class EventReader:
             first += got
         first.sort(key=_order)
         n = 0 if self.since == "$" else self.last or 0
-        return first[len(first) - n :] if n else []
+        first = first[len(first) - n :] if n else []
+        # A queue with events among the first ones starts just before its first one, so that the
+        # position stays exact while they are handed out (_advance moves it).
+        for q, entry_id, _ in reversed(first):
+            self.cursors[q] = _before(entry_id)
+        return first
 
     def _depth(self) -> int:
         return 1 if self.since == "$" or not self.last else self.last
 
-    def _advance(self, got: list[StreamEntry]) -> list[Event]:
+    def _advance(self, got: list[StreamEntry]) -> Iterator[Event]:
+        """The events read, in order; each queue's cursor moves as its events are taken, so
+        :meth:`position` always names what was handed out."""
         got.sort(key=_order)
-        for q, entry_id, _ in got:
-            self.cursors[q] = entry_id
-        return [event_of(e) for e in got]
+        for entry in got:
+            self.cursors[entry[0]] = entry[1]
+            yield event_of(entry)
+
+    def position(self) -> str:
+        """Where the reader is, as ``queue=<entry id>,...`` (queues without events left out): a
+        ``since`` that resumes every queue exactly after the last event handed out."""
+        return ",".join(f"{q}={c}" for q, c in self.cursors.items() if c not in ("0", "0-0"))
 
     def _multi_cluster(self, client: Any) -> bool:
         from jobq.storage.clients import is_cluster_client
@@ -231,11 +279,11 @@ class EventReader:
             if self.since not in (None, "$")
             else reads.last_events(app.client, app.keys, queues, self._depth())
         )
-        yield from (event_of(e) for e in self._start(queues, newest))
+        yield from self._advance(self._start(queues, newest))
         if not self.cursors:
             return
         poll = self._multi_cluster(app.client)
-        while True:
+        while not self.closed:
             block = BLOCK_MS if self.follow and not poll else None
             got = reads.read_events(app.client, app.keys, self.cursors, count=READ_COUNT, block_ms=block)
             if got:
@@ -246,9 +294,9 @@ class EventReader:
                 time.sleep(CLUSTER_POLL_S)
 
     # -- async ---------------------------------------------------------------------------------
-    async def __aiter__(self) -> AsyncIterator[Event]:
+    async def __aiter__(self) -> AsyncGenerator[Event, None]:
         app = self.app
-        client = app.aclient
+        client = self.aclient if self.aclient is not None else app.aclient
         if self.explicit is not None:
             queues = self.explicit
         else:
@@ -258,12 +306,12 @@ class EventReader:
             if self.since not in (None, "$")
             else await reads.last_events_async(client, app.keys, queues, self._depth())
         )
-        for e in self._start(queues, newest):
-            yield event_of(e)
+        for ev in self._advance(self._start(queues, newest)):
+            yield ev
         if not self.cursors:
             return
         poll = self._multi_cluster(client)
-        while True:
+        while not self.closed:
             block = BLOCK_MS if self.follow and not poll else None
             got = await reads.read_events_async(
                 client, app.keys, self.cursors, count=READ_COUNT, block_ms=block

@@ -32,7 +32,7 @@
   Returns: {now_ms, next_due_ms (-1 = none; now_ms when jobs were left for the byte bound),
             n_claimed, n_dead,
             n_claimed x (id, task, payload, attempts, max_attempts, timeout_ms, ready_ms,
-                         deadline_ms (0 = none)),
+                         deadline_ms (0 = none), tp (the producer's trace context, "" = none)),
             n_dead x (id, reason), dead_trimmed}; dead_trimmed = dead letters deleted because
            the list was over dead_max (absent when the queue is paused).
   Errors:  "BADARG <field> <reason>" (nothing written).
@@ -82,7 +82,7 @@ if max_jobs > 0 then
     local id = popped[i]
     local jkey = qprefix .. 'job:' .. id
     local ok, f = pcall(rcall, 'HMGET', jkey, 'task', 'payload', 'attempts', 'max_attempts',
-      'timeout_ms', 'ready_ms', 'deadline_ms', 'parts', 'enqueued_ms')
+      'timeout_ms', 'ready_ms', 'deadline_ms', 'parts', 'enqueued_ms', 'tp')
     if not ok then
       -- A key of another type sits at the job's name: nothing runnable, and never overwritten.
       dead[#dead + 1] = id; dead[#dead + 1] = 'wrong_type'
@@ -114,6 +114,7 @@ if max_jobs > 0 then
       claimed[c + 4] = attempts; claimed[c + 5] = f[4] or '1'; claimed[c + 6] = f[5] or '0'
       -- No ready_ms: ready since its enqueue.
       claimed[c + 7] = f[6] or f[9] or now_s; claimed[c + 8] = f[7] or '0'
+      claimed[c + 9] = f[10] or ''
     end
   end
   if over then
@@ -131,7 +132,7 @@ end
 -- Jobs left in ready for the byte budget are due now: the caller claims again at once.
 local due = next_due(sched_key)
 if over and (due < 0 or due > now) then due = now end
-local out = {now, due, #claimed / 8, #dead / 2}
+local out = {now, due, #claimed / 9, #dead / 2}
 for _, v in ipairs(claimed) do out[#out + 1] = v end
 for _, v in ipairs(dead) do out[#out + 1] = v end
 out[#out + 1] = dead_trimmed

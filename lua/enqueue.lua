@@ -23,7 +23,7 @@
   ARGV[5]  cron_tick  integer >= 0, the tick (ms) being fired; ignored without cron_name
   ARGV[6]  n          number of jobs that follow, 1..500; more than one carry at most 2 MiB
                       of payloads in all
-  then 11 fields per job:
+  then 11 fields per job, or 12 when the call carries trace contexts:
     id            1..128 bytes, no whitespace
     task          the task name
     payload       msgpack bytes (opaque here)
@@ -37,13 +37,18 @@
                   not started by then is dead-lettered as "expired"; must not be before the
                   run time
     unique_key    "" or 1..512 bytes, no control characters
+    trace         (12th, optional) "" or the producer's trace context (jobq[otel]): a W3C
+                  traceparent, then a space and the tracestate if any; at most 600 bytes, no
+                  control characters; stored as field tp. A call sends 12 fields only when at
+                  least one of its jobs carries a trace.
   then, last:
-  ARGV[7 + 11n]  events_max  integer >= 0, the events stream's length cap (0 = no events)
+  ARGV[7 + 11n]  events_max  integer >= 0, the events stream's length cap (0 = no events);
+                 (7 + 12n with the trace field)
 
   Job hash fields written: task, payload (in parts when longer than 64 bytes: put_payload),
   priority, max_attempts, timeout_ms, enqueued_ms, state, and run_at_ms for a scheduled job;
-  backoff_ms only when it is not fail's default of 1000 (0 included: no backoff), deadline_ms and
-  unique only when set. Fields a reader derives are left out, as each costs bytes in every queued
+  backoff_ms only when it is not fail's default of 1000 (0 included: no backoff), deadline_ms,
+  unique and tp only when set. Fields a reader derives are left out, as each costs bytes in every queued
   job: attempts (absent = 0, claim counts the first), and for a job ready at once run_at_ms and
   ready_ms (absent = enqueued_ms; jobs stored by earlier versions have them, equal to it). The
   ready score is not stored here: claim records it when it pops the job (reap and release read
@@ -63,7 +68,7 @@
 ]]
 local ready_key, sched_key, seq_key = KEYS[1], KEYS[2], KEYS[3]
 local qprefix = ARGV[1]
-local NFIELDS = 11
+local NFIELDS = 11 -- 12 with the optional trace field (decided by the ARGV count below)
 
 if #KEYS ~= 5 then return badarg('keys', 'expected 5 keys') end
 local e = bad_qprefix(qprefix); if e then return e end
@@ -80,6 +85,10 @@ local cron_tick = int_arg(ARGV[5])
 if cron_tick == nil or cron_tick < 0 then return badarg('cron_tick', 'not a non-negative integer') end
 local n = int_arg(ARGV[6])
 if n == nil or n < 1 or n > 500 then return badarg('n', 'must be 1..500') end
+if #ARGV == 7 + n * 12 then NFIELDS = 12 end
+-- version "-" trace-id "-" parent-id "-" flags, as hex digits (W3C Trace Context)
+local TRACEPARENT = '^%x%x%-' .. string.rep('%x', 32) .. '%-' .. string.rep('%x', 16) .. '%-%x%x'
+local traced = false
 if #ARGV ~= 7 + n * NFIELDS then return badarg('argv', 'expected ' .. (7 + n * NFIELDS) .. ' values') end
 e = bad_events(qprefix); if e then return e end
 
@@ -129,7 +138,7 @@ for i = 1, n do
     id = ARGV[b + 1], task = ARGV[b + 2], payload = ARGV[b + 3],
     prio = int_memo(ARGV[b + 4]), max_attempts = int_memo(ARGV[b + 7]),
     timeout = int_memo(ARGV[b + 8]), backoff = int_memo(ARGV[b + 9]),
-    unique = ARGV[b + 11], prio_s = ARGV[b + 4],
+    unique = ARGV[b + 11], prio_s = ARGV[b + 4], trace = NFIELDS == 12 and ARGV[b + 12] or '',
   }
   e = bad_id(j.id); if e then return e end
   bytes = bytes + #j.payload
@@ -150,6 +159,12 @@ for i = 1, n do
   if j.backoff == nil or j.backoff < 0 then return badarg('retry_backoff', 'must be an integer ms >= 0') end
   if #j.unique > 512 or string.find(j.unique, '%c') then
     return badarg('unique_key', 'longer than 512 bytes or has control characters')
+  end
+  if j.trace ~= '' then
+    if #j.trace > 600 or string.find(j.trace, '%c') or not string.find(j.trace, TRACEPARENT) then
+      return badarg('trace', 'not a W3C traceparent (and tracestate) of at most 600 bytes')
+    end
+    traced = true
   end
   -- Run time: an explicit run_at wins; a past run_at means now.
   local run_at = now
@@ -181,6 +196,8 @@ for i = 1, n do
   jobs[i] = j
   b_of[i] = b
 end
+
+if NFIELDS == 12 and not traced then return badarg('argv', 'a 12th field (trace) but no job has one') end
 
 -- A cron tick fires once: only a tick newer than the last one recorded enqueues.
 local ckey = nil
@@ -252,6 +269,7 @@ for i = 1, n do
       fields[#fields + 1] = 'deadline_ms'; fields[#fields + 1] = fmt_int(j.deadline)
     end
     if j.unique ~= '' then fields[#fields + 1] = 'unique'; fields[#fields + 1] = j.unique end
+    if j.trace ~= '' then fields[#fields + 1] = 'tp'; fields[#fields + 1] = j.trace end
     if j.run_at > now then
       local at = fmt_int(j.run_at)
       fields[#fields + 1] = 'run_at_ms'; fields[#fields + 1] = at

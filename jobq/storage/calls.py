@@ -120,6 +120,9 @@ class JobSpec:
     #: Absolute ms, or "+<ms>" relative to the enqueue time on the Redis clock; "" = none.
     deadline: str = ""
     unique_key: str = ""
+    #: The producer's trace context (``jobq[otel]``, :mod:`jobq.tracing`): a W3C traceparent,
+    #: then a space and the tracestate if there is one; "" = none (the field is not sent).
+    trace: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,8 @@ class ClaimedJob:
     #: Redis-clock ms by which the job must have started (0 = no deadline): a worker holding it
     #: in its prefetch buffer must not start it later.
     deadline_ms: int = 0
+    #: The producer's trace context stored with the job ("" = none; see JobSpec.trace).
+    trace: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +268,9 @@ class Store:
             cron_tick_ms,
             len(jobs),
         ]
+        # A 12th field per job, the trace context, only when a job of the call has one: an
+        # untraced call is the 11 fields it always was (enqueue.lua takes either).
+        traced = any(j.trace for j in jobs)
         for j in jobs:
             args += (
                 j.id,
@@ -277,6 +285,8 @@ class Store:
                 j.deadline,
                 j.unique_key,
             )
+            if traced:
+                args.append(j.trace)
         args.append(self.limits.events_cap(queue))
 
         def parse(raw: Any) -> list[str]:
@@ -326,8 +336,8 @@ class Store:
             jobs = []
             pos = 4
             for _ in range(n_claimed):
-                r = raw[pos : pos + 8]
-                pos += 8
+                r = raw[pos : pos + 9]
+                pos += 9
                 jobs.append(
                     ClaimedJob(
                         r[0].decode(),
@@ -339,6 +349,7 @@ class Store:
                         int(r[5]),
                         int(r[6]),
                         int(r[7]),
+                        to_str(r[8]) if r[8] else "",
                     )
                 )
             dead = [(to_str(raw[pos + 2 * i]), to_str(raw[pos + 2 * i + 1])) for i in range(n_dead)]

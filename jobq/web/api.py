@@ -7,6 +7,8 @@ Routes (see ``jobq/openapi.json``, served at ``GET /openapi.json``)::
     GET    /jobs/{id}       ?queue=  one job's status
     DELETE /jobs/{id}       ?queue=  cancel a job (a running one too: its node stops it)
     GET    /stats           per-queue depths and totals
+    GET    /events          ?queue=&since=&last=&follow=&limit=&timeout=  lifecycle events as
+                            Server-Sent Events (docs/events.md)
     GET    /health          200 when Redis answers a read, else 503
     GET    /metrics         Prometheus text format (enqueue counters, queue gauges)
     GET    /openapi.json    the OpenAPI 3 document
@@ -25,6 +27,7 @@ connections), never one per client connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -36,6 +39,7 @@ from urllib.parse import parse_qs, unquote
 
 from jobq import admin, errors, requests, strict_json
 from jobq.app import JobQ
+from jobq.events import BLOCK_MS, EventReader
 from jobq.metrics import Metrics
 from jobq.storage import clients as connection
 from jobq.storage import errors as storage_errors
@@ -68,6 +72,7 @@ ROUTES_ALLOW = {
     "/jobs": "GET, POST",
     "/jobs/{id}": "GET, DELETE",
     "/stats": "GET",
+    "/events": "GET",
     "/health": "GET",
     "/metrics": "GET",
     "/openapi.json": "GET",
@@ -201,6 +206,10 @@ class ApiApp:
             reply = await self._handle(req, method, path)
         except Exception as exc:  # the mapping of errors to statuses
             reply = self._reply_for(exc, method, path)
+        if isinstance(reply, EventStream):
+            sent = await reply.run(send, receive)
+            log.info("%s %s -> 200, %d events (%.1f s)", method, path, sent, time.monotonic() - started)
+            return
         if req.body_pending():
             # A request body we did not read would be parsed as the next request: close instead.
             reply.close = True
@@ -247,7 +256,7 @@ class ApiApp:
         scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
 
-    async def _handle(self, req: _Request, method: str, path: str) -> _Reply:
+    async def _handle(self, req: _Request, method: str, path: str) -> _Reply | EventStream:
         if not self._authorized(path, req.headers):
             raise HttpError(401, "missing or wrong bearer token", "Authorization")
         route = _route_of(path)
@@ -274,6 +283,9 @@ class ApiApp:
             return _json_reply(200, await self._run(self.get_job, job_id, req.query()))
         if route == "/stats":
             return _json_reply(200, await self._run(self.stats))
+        if route == "/events":
+            stream = self.events(req)
+            return _Reply(200, b"", SSE_TYPE, SSE_HEADERS) if method == "HEAD" else stream
         if route == "/health":
             ok, detail = await self._run(self.health)
             return _json_reply(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "detail": detail})
@@ -336,6 +348,26 @@ class ApiApp:
         queue = admin.cancel(self.app, job_id, query.get("queue") or None)
         return {"id": job_id, "queue": queue, "status": "cancelled"}
 
+    def events(self, req: _Request) -> EventStream:
+        """GET /events: checks the parameters (400 before anything is sent) and builds the
+        stream; a ``Last-Event-ID`` header (an ``EventSource`` reconnecting) resumes after it."""
+        qs = parse_qs(req.scope.get("query_string", b"").decode("latin-1"))
+        query = {k: v[-1] for k, v in qs.items()}
+        queues = [q for v in qs.get("queue", []) for q in v.split(",") if q] or None
+        follow = _flag(query.get("follow", "false"), "follow")
+        limit = _int_param(query.get("limit"), "limit", 1, 1_000_000)
+        last = _int_param(query.get("last"), "last", 0, 100_000)
+        timeout = _int_param(query.get("timeout"), "timeout", 1, MAX_EVENTS_TIMEOUT)
+        since = query.get("since") or None
+        resume = req.headers.get(b"last-event-id", b"").decode("latin-1").strip()
+        if resume:
+            since, last = resume, None
+        # Checked here (a 400); the stream reads on a connection of its own, closed at its end.
+        reader = EventReader(self.app, queues, since=since, last=last, follow=follow)
+        return EventStream(
+            self.app, reader, limit=limit, timeout=timeout or (EVENTS_TIMEOUT if follow else None)
+        )
+
     def stats(self) -> dict[str, Any]:
         # On a Redis Cluster with a primary down, the queues of the others, and the shards that
         # did not answer (``unreachable``), instead of a 503.
@@ -393,6 +425,132 @@ class _EnqueueBatcher:
             return self.app.enqueue_request_state(req)
         except Exception as exc:
             return exc
+
+
+#: Content type and headers of an event stream: never cached, never buffered by a proxy.
+SSE_TYPE = b"text/event-stream; charset=utf-8"
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+#: Seconds a following GET /events lasts unless ``timeout`` says otherwise; an ``EventSource``
+#: then reconnects with ``Last-Event-ID`` and misses nothing.
+EVENTS_TIMEOUT = 300
+#: The longest ``timeout`` of GET /events, seconds.
+MAX_EVENTS_TIMEOUT = 3600
+#: Seconds without an event after which a following stream sends a comment line, so proxies keep
+#: the connection and a client that went away is noticed.
+KEEPALIVE_S = 15.0
+
+
+def _flag(value: str, name: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no", ""):
+        return False
+    raise HttpError(400, f"{name}: must be true or false", name)
+
+
+def _int_param(value: str | None, name: str, lo: int, hi: int) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or not lo <= int(value) <= hi:
+        raise HttpError(400, f"{name}: must be an integer {lo}..{hi}", name)
+    return int(value)
+
+
+def sse_frame(event: Any, position: str) -> bytes:
+    """One event as a Server-Sent Events frame: ``id``, the reader's position after it
+    (``queue=<entry id>,...``, which an ``EventSource`` sends back as ``Last-Event-ID`` when it
+    reconnects, resuming every queue exactly), and one ``data`` line of JSON (the event's type is
+    in it, so ``onmessage`` sees every event)."""
+    data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {position}\ndata: {data}\n\n".encode()
+
+
+class EventStream:
+    """The body of GET /events: events from an async iterator (:meth:`jobq.JobQ.events`) as SSE
+    frames, until the iterator ends (not following), ``limit`` events, ``timeout`` seconds, or the
+    client goes away. Reading runs in a task of its own, so keep-alive comments go out while it
+    waits and a disconnect stops it at once. A Redis error ends the stream with an ``error``
+    event (the status line has left already)."""
+
+    def __init__(self, app: JobQ, reader: EventReader, *, limit: int | None, timeout: float | None) -> None:
+        self.app = app
+        self.reader = reader
+        self.limit = limit
+        self.timeout = timeout
+
+    async def run(self, send: Send, receive: Receive) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
+        producer = asyncio.ensure_future(self._produce(inbox))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        headers = [(b"content-type", SSE_TYPE), *SSE_HEADERS]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        sent = 0
+        try:
+            while self.limit is None or sent < self.limit:
+                wait = KEEPALIVE_S if deadline is None else min(KEEPALIVE_S, deadline - loop.time())
+                if wait <= 0:
+                    break
+                getter = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait(
+                    {getter, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    getter.cancel()
+                    if gone in done:
+                        return sent
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                    continue
+                item = getter.result()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    body = json.dumps({"error": connection.redact(str(item))})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": f"event: error\ndata: {body}\n\n".encode(),
+                            "more_body": True,
+                        }
+                    )
+                    break
+                await send({"type": "http.response.body", "body": sse_frame(*item), "more_body": True})
+                sent += 1
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # A blocking read is not cut short by a cancel (redis-py's asyncio client goes on
+            # reading): the reader stops after its current read (BLOCK_MS) instead.
+            self.reader.closed = True
+            gone.cancel()
+            _, pending = await asyncio.wait({producer, gone}, timeout=BLOCK_MS / 1000 + 2)
+            for task in pending:
+                task.cancel()
+        return sent
+
+    async def _produce(self, inbox: asyncio.Queue[Any]) -> None:
+        # A blocking read holds its connection while it waits: one client per stream, closed here.
+        self.reader.aclient = client = connection.async_client(self.app.url)
+        events = self.reader.__aiter__()
+        try:
+            async for ev in events:
+                # The reader's position as the event is taken: the frame's id, for Last-Event-ID.
+                await inbox.put((ev, self.reader.position()))
+            await inbox.put(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await inbox.put(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await events.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _route_of(path: str) -> str | None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jobq import _fault_injection as faults
-from jobq import codec
+from jobq import codec, tracing
 from jobq.current import CurrentJob, reset_current, set_current
 from jobq.errors import DecodeError, EncodeError, Fail, JobTimeout, Retry
 from jobq.storage.calls import ClaimedJob
@@ -90,7 +90,7 @@ class SyncCall:
     under a lock the thread takes to mark the task done, and one that arrives as the task returns
     is absorbed here."""
 
-    __slots__ = ("abandoned", "args", "current", "done", "fn", "kwargs", "lock", "thread_id")
+    __slots__ = ("abandoned", "args", "current", "done", "fn", "kwargs", "lock", "thread_id", "trace")
 
     def __init__(
         self,
@@ -98,9 +98,13 @@ class SyncCall:
         args: list[Any],
         kwargs: dict[str, Any],
         current: CurrentJob | None = None,
+        trace: Any = None,
     ) -> None:
         self.fn = fn
         self.current = current
+        #: The OpenTelemetry context of the attempt's ``process`` span (jobq.tracing), made
+        #: current in the thread so the task's own spans are its children; None = no tracing.
+        self.trace = trace
         self.args = args
         self.kwargs = kwargs
         self.thread_id: int | None = None
@@ -119,6 +123,7 @@ class SyncCall:
         result: Any = None
         # The pool thread does not run in the job's context: jobq.current_job() is set here.
         token = None if self.current is None else set_current(self.current)
+        trace_token = None if self.trace is None else tracing.attach(self.trace)
         try:
             try:
                 result = self.fn(*self.args, **self.kwargs)
@@ -128,6 +133,8 @@ class SyncCall:
                     self.done = True
                 if token is not None:
                     reset_current(token)
+                if trace_token is not None:
+                    tracing.detach(trace_token)
         except JobTimeout:
             self.done = True  # it may have landed while the thread was marking itself done
             if not finished:
@@ -205,6 +212,8 @@ class Executor:
         self.job_context = contextvars.Context()
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="jobq-task")
         self._sync_calls: set[SyncCall] = set()
+        if tracing.AVAILABLE:
+            tracing.worker_tracing()  # imports the API now, not on the loop at the first job
 
     # -- starting -------------------------------------------------------------------------------
     def take(self, jobs: list[ClaimedJob], now_ms: int) -> None:
@@ -276,24 +285,29 @@ class Executor:
             loop=asyncio.get_running_loop(),
         )
         set_current(run.current)  # this task runs in its own context copy: nothing to reset
+        # The attempt's span (jobq[otel] with a tracer provider set); current in this task's
+        # context, so an async task's own spans are its children.
+        span = self._process_span(run) if tracing.AVAILABLE and tracing.worker_tracing() else None
         try:
-            result = await self._invoke(run)
+            result = await self._invoke(run, span)
         except asyncio.CancelledError:
             # Lost lease or hard shutdown: nothing to ack; release or the reaper takes it back.
             self._slot_done(run)
+            if span is not None:  # stopped from outside: not the task's error
+                span.end(self._gone(run) or ("interrupted" if self.state.stopping else "lost"))
             raise
         except Retry as exc:
-            await self._fail(run, f"Retry: {exc.reason}", delay=exc.delay)
+            await self._fail(run, f"Retry: {exc.reason}", delay=exc.delay, span=span, exc=exc)
         except Fail as exc:
-            await self._fail(run, f"Fail: {exc.reason}", dead=True)
+            await self._fail(run, f"Fail: {exc.reason}", dead=True, span=span, exc=exc)
         except DecodeError as exc:
-            await self._fail(run, f"decode_error: {exc}", dead=True)
-        except (JobTimeout, asyncio.TimeoutError, TimeoutError):
-            await self._fail(run, f"timeout: ran longer than {job.timeout_ms / 1000:g} s")
+            await self._fail(run, f"decode_error: {exc}", dead=True, span=span, exc=exc)
+        except (JobTimeout, asyncio.TimeoutError, TimeoutError) as exc:
+            await self._fail(run, f"timeout: ran longer than {job.timeout_ms / 1000:g} s", span=span, exc=exc)
         except UnknownTask as exc:
-            await self._fail(run, str(exc))
+            await self._fail(run, str(exc), span=span, exc=exc)
         except Exception as exc:
-            await self._fail(run, f"{type(exc).__name__}: {exc}", trace=_trace(exc))
+            await self._fail(run, f"{type(exc).__name__}: {exc}", span=span, exc=exc, trace=_trace(exc))
         else:
             try:
                 encoded = b"" if result is None else codec.encode_result(result, self.max_payload)
@@ -302,6 +316,8 @@ class Executor:
                 encoded = b""
             self._slot_done(run)
             self.finisher.queue_ack(run, encoded)
+            if span is not None:
+                span.end(self._gone(run) or "done")
 
     async def _fail(
         self,
@@ -310,12 +326,40 @@ class Executor:
         *,
         delay: float | None = None,
         dead: bool = False,
+        span: tracing.ProcessSpan | None = None,
+        exc: BaseException | None = None,
         trace: str | None = None,
     ) -> None:
         self._slot_done(run)
-        await self.finisher.fail(run, error, delay=delay, dead=dead, trace=trace)
+        try:
+            await self.finisher.fail(run, error, delay=delay, dead=dead, trace=trace)
+        finally:  # (ended even if a stop cancels the fail call)
+            if span is not None:
+                # What the failure asks of fail.lua: dead-lettered at the last attempt or when
+                # the task said so (Fail, an undecodable payload), else retried.
+                job = run.job
+                outcome = "dead" if dead or job.attempts >= job.max_attempts else "retry"
+                span.end(self._gone(run) or outcome, exc)
 
-    async def _invoke(self, run: Held) -> Any:
+    def _process_span(self, run: Held) -> tracing.ProcessSpan:
+        job = run.job
+        return tracing.ProcessSpan(
+            queue=job.queue,
+            job_id=job.id,
+            task=job.task,
+            attempt=job.attempts,
+            node=self.node,
+            carrier=job.trace,
+        )
+
+    @staticmethod
+    def _gone(run: Held) -> str | None:
+        """The outcome of an attempt taken from this node while it ran (its own is discarded)."""
+        if run.cancelled:
+            return "cancelled"
+        return "lost" if run.lost else None
+
+    async def _invoke(self, run: Held, span: tracing.ProcessSpan | None = None) -> Any:
         job = run.job
         task = self.tasks.get(job.task)
         if task is None:
@@ -327,7 +371,7 @@ class Executor:
             if timeout is None:
                 return await coro
             return await asyncio.wait_for(coro, timeout)
-        call = SyncCall(task.fn, args, kwargs, run.current)
+        call = SyncCall(task.fn, args, kwargs, run.current, None if span is None else span.context)
         if len(self._sync_calls) >= self.concurrency:
             # Drop given-up calls whose threads have returned since (a new set, not a change in
             # place: a metrics scrape may be reading the old one on its own thread).

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import jobq
 from jobq.cli import main
-from jobq.events import Event
+from jobq.events import Event, EventReader
 
 pytestmark = pytest.mark.integration
 
@@ -185,6 +185,13 @@ def test_since_last_and_several_queues(fapp: jobq.JobQ) -> None:
     assert [e.job_id for e in fapp.iter_events(["qa", "qb"], last=2)] == [j.id for j in b]
     assert [e.job_id for e in fapp.iter_events(["qa"], since=both[0].id)] == [j.id for j in a[1:]]
     assert [e.queue for e in fapp.iter_events()] == ["qa"] * 3 + ["qb"] * 2  # every known queue
+    # A position resumes every queue exactly, even within one millisecond.
+    reader = EventReader(fapp, ["qa", "qb"])
+    taken = [next(iter_ := iter(reader)) for _ in range(1)]
+    rest = [e.job_id for e in fapp.iter_events(["qa", "qb"], since=reader.position())]
+    assert [e.job_id for e in taken] + rest == [j.id for j in a + b]
+    assert reader.position() == f"qa={both[0].id}"
+    del iter_
     with pytest.raises(jobq.errors.InvalidInput, match="since"):
         list(fapp.iter_events(["qa"], since="yesterday"))
 
@@ -263,3 +270,111 @@ def test_cli_events_json_and_follow(redis_url: str, fapp: jobq.JobQ) -> None:
     assert proc.returncode == 0, stderr
     got = json.loads(stdout.decode().strip())
     assert got["type"] == "enqueued" and got["job_id"] in new_ids
+
+
+def _sse(body: str) -> list[tuple[str, dict[str, Any]]]:
+    """(id, data) of every event frame of a text/event-stream body."""
+    frames = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if "data" in fields:
+            frames.append((fields.get("id", ""), json.loads(fields["data"])))
+    return frames
+
+
+@pytest.fixture
+def api(redis_url: str) -> Iterator[tuple[jobq.JobQ, str]]:
+    from jobq.web import ApiServer
+
+    app = jobq.JobQ(redis_url)
+    server = ApiServer(app, "127.0.0.1", 0, token="tok").start()
+    yield app, f"127.0.0.1:{server.port}"
+    server.close()
+    app.close()
+
+
+def _get(host: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("GET", path, headers={"Authorization": "Bearer tok", **(headers or {})})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    return resp.status, resp.getheader("content-type") or "", body
+
+
+def test_get_events_streams_server_sent_events(api: tuple[jobq.JobQ, str]) -> None:
+    app, host = api
+    schema = jobq.web.api.openapi_document()["components"]["schemas"]["Event"]
+    a = app.enqueue("t", queue=Q)
+    b = app.enqueue("t", queue="other")
+    status, ctype, body = _get(host, f"/events?queue={Q}")
+    assert status == 200 and ctype.startswith("text/event-stream")
+    frames = _sse(body)
+    assert [(d["type"], d["job_id"]) for _, d in frames] == [("enqueued", a.id)]
+    for position, data in frames:
+        assert position == f"{Q}={data['id']}"
+        assert set(schema["required"]) <= set(data) <= set(schema["properties"])
+        assert data["type"] in schema["properties"]["type"]["enum"]
+    # Several queues (repeated or comma-separated), `last`, and Last-Event-ID resuming.
+    both = _sse(_get(host, f"/events?queue={Q},other")[2])
+    assert [d["job_id"] for _, d in both] == [a.id, b.id]
+    assert [d["job_id"] for _, d in _sse(_get(host, f"/events?queue={Q}&queue=other&last=1")[2])] == [b.id]
+    resumed = _get(host, f"/events?queue={Q}&queue=other", {"Last-Event-ID": both[0][0]})[2]
+    assert [d["job_id"] for _, d in _sse(resumed)] == [b.id]
+    # Bad parameters: 400 before anything streams.
+    for bad in ("since=yesterday", "limit=0", "timeout=99999", "follow=maybe", "queue=a%20b", "last=-1"):
+        status, ctype, body = _get(host, f"/events?{bad}")
+        assert status == 400 and ctype.startswith("application/json"), (bad, body)
+    assert _get(host, "/events", {"Authorization": "Bearer wrong"})[0] == 401
+
+
+def test_get_events_follow_sees_a_new_event(api: tuple[jobq.JobQ, str]) -> None:
+    app, host = api
+    old = app.enqueue("t", queue=Q)
+    (first,) = app.iter_events([Q])
+    got: list[tuple[int, str, str]] = []
+    reader = threading.Thread(
+        target=lambda: got.append(
+            _get(host, f"/events?queue={Q}&follow=1&since={first.id}&limit=1&timeout=20")
+        )
+    )
+    reader.start()
+    new = app.enqueue("t", queue=Q)
+    reader.join(30)
+    assert got, "the stream did not end"
+    status, _, body = got[0]
+    assert status == 200
+    assert [d["job_id"] for _, d in _sse(body)] == [new.id] and new.id != old.id
+
+
+def test_a_client_that_goes_away_ends_its_stream(api: tuple[jobq.JobQ, str], r: redis.Redis) -> None:
+    """The following stream's reader (a blocking XREAD on a connection of its own) stops when
+    the client disconnects, and its Redis connection is closed."""
+    import socket
+
+    app, host = api
+    app.enqueue("t", queue=Q)
+    name, port = host.split(":")
+
+    def readers() -> int:
+        return sum(1 for c in r.client_list() if c.get("cmd") in ("xread", "xrevrange"))
+
+    before = len(r.client_list())
+    sock = socket.create_connection((name, int(port)), timeout=10)
+    path = f"/events?queue={Q}&since=0&follow=1&timeout=60"
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n".encode())
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 10
+    while readers() == 0 and time.monotonic() < deadline:  # the blocking read is on
+        time.sleep(0.05)
+    assert readers() == 1
+    sock.close()
+    deadline = time.monotonic() + 10
+    while len(r.client_list()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(r.client_list()) <= before and readers() == 0

@@ -290,7 +290,15 @@ def test_health_metrics_and_openapi(api: tuple[JobQ, Client]) -> None:
     assert status == 200 and doc == openapi_document()
     assert doc["openapi"].startswith("3.")
     # Every route the server answers is documented, with its error statuses.
-    assert set(doc["paths"]) == {"/jobs", "/jobs/{id}", "/stats", "/health", "/metrics", "/openapi.json"}
+    assert set(doc["paths"]) == {
+        "/jobs",
+        "/jobs/{id}",
+        "/stats",
+        "/events",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+    }
     assert {"201", "400", "413", "415", "503"} <= set(doc["paths"]["/jobs"]["post"]["responses"])
 
 

@@ -42,6 +42,10 @@ def test_openapi_document_matches_the_routes(base_url: str) -> None:
 
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     schema.config.update(base_url=base_url)
+    # GET /events streams for up to an hour when following (test_events.py checks it: its 400s,
+    # its frames against the Event schema): left out of the generated requests.
+    assert "/events" in [op.ok().path for op in schema.get_all_operations()]
+    schema = schema.exclude(path="/events")
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {(op.method.upper(), op.path) for op in operations} >= {
         ("POST", "/jobs"),

@@ -29,7 +29,7 @@ JOBQ_ACL_COMMANDS = (
     # inside the scripts
     "+time +get +set +del +exists +type +incr +incrby +pexpire +pttl "
     "+hget +hset +hdel +hincrby +rpush +lrange +lrem +llen "
-    "+zadd +zrem +zcard +zscore +zrange +zrangebyscore +zpopmin +spublish +publish "
+    "+zadd +zrem +zcard +zscore +zrange +zrangebyscore +zpopmin +spublish +publish +xadd "
     # producer, heartbeat, scheduler, wake-ups (subscribe: the classic channel of earlier versions)
     "+sadd +smembers +hmget +zremrangebyscore +ssubscribe +subscribe +ping"
 )

@@ -22,7 +22,7 @@ def declared() -> list[Requirement]:
     with open(ROOT / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     reqs = list(project["dependencies"])
-    for extra in ("web", "test", "dev"):
+    for extra in ("web", "otel", "test", "dev"):
         reqs += project["optional-dependencies"][extra]
     return [Requirement(r) for r in reqs]
 

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jobq.backoff",
             "jobq._fault_injection",
             "jobq.current",
+            "jobq.tracing",
         ),
     ),
     # Everything that speaks to Redis: key names, script calls, clients and URLs, server checks,
