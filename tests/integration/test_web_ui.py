@@ -287,7 +287,7 @@ def test_queue_page_at_a_million_jobs_under_200_ms(redis_url: str) -> None:
     """The issue's bound, measured: a queue of 1,000,000 ready jobs (really enqueued), the
     dashboard's queue page at its first, middle and last page in at most 200 ms each (the whole
     request seen from the client on the same host: an upper bound of the server's time; median
-    of 3). Slow to set up: about 45 s and 300 MB of Redis on a 2-core machine (marked slow)."""
+    of 3). Slow to set up: under a minute and about 300 MB of Redis on 2 cores (marked slow)."""
     app = JobQ(redis_url)
     n, chunk = 1_000_000, 5_000
     reqs: list[Any] = [{"task": "t", "queue": "huge"} for _ in range(chunk)]
@@ -304,7 +304,8 @@ def test_queue_page_at_a_million_jobs_under_200_ms(redis_url: str) -> None:
                 t0 = time.perf_counter()
                 body = b.get(f"/ui/queues/huge?state=ready&page={page}")
                 runs.append((time.perf_counter() - t0) * 1000)
-                assert f"page {page} of {last} ({n} jobs" in body and body.count("/ui/jobs/huge/") == 50
+                listed = body.split("<h2>Events</h2>", 1)[0]  # the jobs, not the event feed below
+                assert f"page {page} of {last} ({n} jobs" in body and listed.count("/ui/jobs/huge/") == 50
             took[page] = sorted(runs)[1]
         print("queue page ms at 1,000,000 jobs:", {k: round(v, 1) for k, v in took.items()})
         assert max(took.values()) <= 200, took
