@@ -49,5 +49,9 @@ else
   rcall('HSET', jkey, 'progress', ARGV[6], 'progress_ms', now)
   rcall('HDEL', jkey, 'progress_msg')
 end
-emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6], 'message', message)
+if message ~= '' then
+  emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6], 'message', message)
+else
+  emit('progress', id, now, 'attempt', ARGV[5], 'fraction', ARGV[6])
+end
 return 1

@@ -110,9 +110,13 @@ class TaskNames:
     def __init__(self, app: JobQ, app_spec: str | None) -> None:
         self.app = app
         self.spec = app_spec
+        self._warned: set[str] = set()
 
     def __call__(self, name: object) -> object:
-        if not self.spec or not isinstance(name, str):
+        if not isinstance(name, str):
+            return name
+        if not self.spec:
+            self._warn_bare(name)
             return name
         t = self.app.find_task(name)
         if t is None:
@@ -125,3 +129,17 @@ class TaskNames:
                 f"task: {name!r} is not a task of {self.spec}{hint} (jobq tasks -A {self.spec} lists them)"
             )
         return t.name
+
+    def _warn_bare(self, name: str) -> None:
+        """Without -A, a name with no module part that is not a built-in is most likely a short
+        name (send_email for tasks.send_email): the job would fail "unknown task" on every
+        worker. It may also be a task registered under that exact name, so warn, not refuse."""
+        if "." in name or name in self.app.tasks or name in self._warned:
+            return
+        self._warned.add(name)
+        click.echo(
+            f"warning: task {name!r} is not a built-in and has no module part; workers run it only "
+            "if a task is registered under exactly this name (tasks are named module.qualname, "
+            "e.g. tasks.send_email: give -A MODULE to use short names; jobq tasks -A MODULE lists them)",
+            err=True,
+        )

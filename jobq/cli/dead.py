@@ -54,6 +54,7 @@ def dead_retry(settings: Settings, queue: str, job_ids: tuple[str, ...], yes: bo
     with cli_errors():
         app = admin_app(settings)
         try:
+            warn_unknown(app, [queue])  # a misspelled name would retry nothing, silently
             n = admin.retry_dead(app, queue, list(job_ids) or None)
         finally:
             app.close()
@@ -70,6 +71,7 @@ def dead_purge(settings: Settings, queue: str, yes: bool) -> None:
     with cli_errors():
         app = admin_app(settings)
         try:
+            warn_unknown(app, [queue])  # a misspelled name would delete nothing, silently
             n = admin.purge(app, queue, ("dead",))["dead"]
         finally:
             app.close()

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from jobq import admin
-from jobq.cli.common import Settings, admin_app, cli_errors, connection_options, need_yes
+from jobq.cli.common import Settings, admin_app, cli_errors, connection_options, need_yes, warn_unknown
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,6 +75,7 @@ def queue_purge(settings: Settings, queue: str, states: tuple[str, ...], yes: bo
     with cli_errors():
         app = admin_app(settings)
         try:
+            warn_unknown(app, [queue])  # a misspelled name would delete nothing, silently
             done = admin.purge(app, queue, chosen)
         finally:
             app.close()

@@ -16,9 +16,18 @@ and arms again, since anything published meanwhile reached nobody.
 
 On Redis Cluster the channel of a queue lives on the shard that owns the queue's slot (the
 channel name carries the queue's hash tag), so the subscriber holds one connection per primary
-that owns some of the node's queues, refreshes the slot map whenever a connection fails or a
+that owns some of the node's queues, re-reads the slot map whenever a connection fails or a
 subscription is dropped, and checks it every :data:`CLUSTER_CHECK_INTERVAL` seconds (a failover
-that leaves the old primary alive as a replica). Elsewhere one connection carries every channel.
+that leaves the old primary alive as a replica), every :data:`CLUSTER_DOWN_CHECK_INTERVAL` while
+a subscription is down (a dead primary's replica is followed once it is promoted). Elsewhere
+one connection carries every channel.
+
+The slot map is read with ``CLUSTER SLOTS`` on one short-lived plain connection to the first
+node that answers (the node that answered last, then the URL's seeds, then every node the last
+map named), and each queue's slot is computed here (``redis.crc.key_slot`` of its channel). No
+``RedisCluster`` client is involved: its topology refresh replaces node objects whose
+connections it leaves to the garbage collector, and every connection here is closed by the code
+that opened it.
 
 Each connection also subscribes to the classic channel ``jobq:{q}:wake`` that producers of jobq
 versions before the tokens ``PUBLISH`` to, so a rolling upgrade loses no wake-ups.
@@ -35,10 +44,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import redis.exceptions
+from redis.crc import key_slot
 
 from jobq.storage import clients
 from jobq.storage.keys import Keys
@@ -50,6 +60,19 @@ from jobq.util import to_str
 PING_INTERVAL = 10.0
 #: Seconds between two looks at the cluster's slot map while nothing failed.
 CLUSTER_CHECK_INTERVAL = 5.0
+#: Seconds between two looks while a queue's subscription is down (its primary died, say): its
+#: replica's promotion is seen within this, not at the failed connection's next retry (which
+#: backs off to 5 s while the primary stays dead).
+CLUSTER_DOWN_CHECK_INTERVAL = 1.0
+#: Seconds one node may take to answer ``CLUSTER SLOTS`` (connecting included) before the next
+#: node is asked: a partitioned node must not hold up the failover of the others.
+SLOT_MAP_TIMEOUT = 2.0
+
+#: ``(host, port)`` of a cluster node.
+Addr = tuple[str, int]
+#: One range of slots of ``CLUSTER SLOTS``: first slot, last slot, the nodes that serve it (the
+#: primary first, then its replicas).
+SlotRange = tuple[int, int, list[Addr]]
 
 log = logging.getLogger("jobq.worker")
 
@@ -89,6 +112,12 @@ class WakeSubscriber:
         #: connection for all).
         self._owner: dict[str, str] = {}
         self._refresh = asyncio.Event()
+        #: Cluster: each queue's slot (its channel's hash tag), the URL's seed nodes, the node
+        #: that gave the last slot map, and every node that map named.
+        self._slots = {q: key_slot(ch.encode()) for q, ch in self._by_queue.items()}
+        self._seeds: list[Addr] = list(clients.parse_url(url).hosts) if self._cluster else []
+        self._answered: list[Addr] = []
+        self._known: list[Addr] = []
 
     def live(self, queue: str) -> bool:
         """Is ``queue``'s wake-up channel subscribed (a token armed now will be heard)?"""
@@ -112,46 +141,57 @@ class WakeSubscriber:
     async def run(self) -> None:
         """Subscribe, and keep every queue subscribed on its current owner, until cancelled."""
         if not self._cluster:
-            await self._serve_forever("", None, self.queues)
+            await self._serve_forever("", self.queues)
             return
-        cluster: Any = None
         tasks: dict[str, asyncio.Task[None]] = {}
         backoff = 0.1
         try:
             while True:
                 try:
-                    if cluster is None:
-                        cluster = clients.async_client(self.url, socket_timeout=2.0, retry_refused=False)
-                    await _read_slot_map(cluster)
-                    owners = {}
-                    for q, ch in self._by_queue.items():
-                        n = cluster.get_node_from_key(ch)
-                        owners[q] = f"{n.host}:{n.port}"
+                    owners = await self._read_owners()
                     backoff = 0.1
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:
                     log.warning("wake-ups: cannot read the cluster's slot map (%s); retrying", exc)
-                    if cluster is not None:
-                        await _close_cluster(cluster)
-                        cluster = None
                     await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                     backoff = min(5.0, backoff * 2)
                     continue
                 if owners != self._owner:
-                    self._regroup(owners, cluster, tasks)
+                    self._regroup(owners, tasks)
                 self._refresh.clear()
+                every = CLUSTER_CHECK_INTERVAL if self.all_live else CLUSTER_DOWN_CHECK_INTERVAL
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._refresh.wait(), CLUSTER_CHECK_INTERVAL)
+                    await asyncio.wait_for(self._refresh.wait(), every)
         finally:
             for t in tasks.values():
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
-            if cluster is not None:
-                await _close_cluster(cluster)
 
-    def _regroup(self, owners: dict[str, str], cluster: Any, tasks: dict[str, asyncio.Task[None]]) -> None:
+    def _candidates(self) -> list[Addr]:
+        """The nodes to ask for the slot map, in order: the one that answered last, the URL's
+        seeds, then every node the last map named (a seed may be the primary that died)."""
+        out: list[Addr] = []
+        for addr in [*self._answered, *self._seeds, *self._known]:
+            if addr not in out:
+                out.append(addr)
+        return out
+
+    async def _read_owners(self) -> dict[str, str]:
+        """Each queue's primary now (``host:port``), as the first node that answers says."""
+        failures: list[str] = []
+        for addr in self._candidates():
+            try:
+                shards = await asyncio.wait_for(_cluster_slots(self.url, addr), SLOT_MAP_TIMEOUT)
+                owners = _owners(shards, self._slots)
+            except Exception as exc:
+                failures.append(f"{addr[0]}:{addr[1]}: {str(exc) or type(exc).__name__}")
+                continue
+            self._answered = [addr]
+            self._known = [a for _, _, nodes in shards for a in nodes]
+            return owners
+        raise ConnectionError("no cluster node gave a slot map: " + "; ".join(failures))
+
+    def _regroup(self, owners: dict[str, str], tasks: dict[str, asyncio.Task[None]]) -> None:
         """Restart the connections of the queues whose owner changed (cluster)."""
         moved = {q for q in self.queues if owners.get(q) != self._owner.get(q)}
         if self._owner:
@@ -167,12 +207,10 @@ class WakeSubscriber:
             if addr not in tasks:
                 for q in qs:
                     self._set_live(q, False)
-                tasks[addr] = asyncio.create_task(
-                    self._serve_forever(addr, cluster, qs), name=f"jobq-wake-{addr}"
-                )
+                tasks[addr] = asyncio.create_task(self._serve_forever(addr, qs), name=f"jobq-wake-{addr}")
 
     # -- one connection ---------------------------------------------------------------------------
-    async def _serve_forever(self, addr: str, cluster: Any, queues: list[str]) -> None:
+    async def _serve_forever(self, addr: str, queues: list[str]) -> None:
         """Keep ``queues`` subscribed on ``addr`` ("" = the URL's server); on a cluster, a failure
         asks the supervisor to look at the slot map again."""
         backoff = 0.1
@@ -194,7 +232,7 @@ class WakeSubscriber:
                     backoff = 0.1  # it was up: try again soon
             for q in queues:
                 self._set_live(q, False)
-            if cluster is not None:
+            if self._cluster:
                 self._refresh.set()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(5.0, backoff * 2)
@@ -225,17 +263,11 @@ class WakeSubscriber:
     async def _serve(self, addr: str, queues: list[str]) -> None:
         """Subscribe ``queues`` on one connection and dispatch what arrives; returns when Redis
         drops a subscription, raises when the connection fails."""
+        node: Addr | None = None
         if addr:
             host, _, port = addr.rpartition(":")
-            client = clients.async_node_client(
-                self.url, host, int(port), socket_timeout=None, retry_refused=False
-            )
-        else:
-            client = clients.async_pubsub_client(self.url, socket_timeout=None, retry_refused=False)
-        conn: Any = None
-        try:
-            conn = client.connection_pool.make_connection()
-            await conn.connect()
+            node = (host, int(port))
+        async with _connection(self.url, node, None) as conn:
             # RESP3 (redis-py's default from 8.0) delivers messages as pushes: ask for them.
             resp3 = str(getattr(conn, "protocol", 2)) == "3"
             channels = [self._by_queue[q] for q in queues]
@@ -268,40 +300,68 @@ class WakeSubscriber:
                     confirmed += 1
                 elif kind == "sunsubscribe":
                     return  # the slot left this node: subscribe again where it is now
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect()
-            with contextlib.suppress(Exception):
-                await client.aclose()
 
 
-async def _close_cluster(cluster: Any) -> None:
-    """Close a cluster client, also one stopped inside ``initialize()`` (a node stopping then):
-    redis-py's ``aclose()`` closes nothing before the client has a default node, and the
-    startup node's connection would be left open."""
-    with contextlib.suppress(Exception):
-        await cluster.aclose()
-    with contextlib.suppress(Exception):
-        await cluster.nodes_manager.aclose("startup_nodes")
-
-
-async def _read_slot_map(cluster: Any) -> None:
-    """(Re)read the slot map. redis-py replaces node objects (the startup nodes it asked, the
-    nodes of the previous map) with new ones, and a replaced one keeps its connections open until
-    the garbage collector finds it: disconnect those here (also when the read fails or is
-    cancelled)."""
-    manager = cluster.nodes_manager
-    before = [*manager.startup_nodes.values(), *manager.nodes_cache.values()]
+@contextlib.asynccontextmanager
+async def _connection(url: str, node: Addr | None, timeout: float | None) -> AsyncIterator[Any]:
+    """One plain connection, connected, to ``node`` of the cluster ``url`` names (None: the
+    server of a standalone, Unix socket or Sentinel URL); ``timeout`` bounds connecting and
+    each reply (None: only connecting, the default way). Disconnected on the way out, whatever
+    happens: nothing is left to the garbage collector."""
+    kw: dict[str, Any] = {"socket_timeout": timeout, "retry_refused": False}
+    if timeout is not None:
+        kw["socket_connect_timeout"] = timeout
+    if node is not None:
+        client = clients.async_node_client(url, node[0], node[1], **kw)
+    else:
+        client = clients.async_pubsub_client(url, **kw)
+    # The client only builds the connection: it is used directly, outside the client's pool.
+    conn = client.connection_pool.make_connection()
     try:
-        if manager.default_node is None:
-            await cluster.initialize()
-        else:
-            await manager.initialize()
+        await conn.connect()
+        yield conn
     finally:
-        kept = {id(n) for n in manager.startup_nodes.values()}
-        kept |= {id(n) for n in manager.nodes_cache.values()}
-        for node in before:
-            if id(node) not in kept:
-                with contextlib.suppress(Exception):
-                    await node.disconnect()
+        with contextlib.suppress(Exception):
+            await conn.disconnect()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+async def _cluster_slots(url: str, node: Addr) -> list[SlotRange]:
+    """``CLUSTER SLOTS`` as ``node`` sees it, on a connection of its own."""
+    async with _connection(url, node, SLOT_MAP_TIMEOUT) as conn:
+        await conn.send_command("CLUSTER", "SLOTS")
+        reply = await conn.read_response()
+    return parse_cluster_slots(reply, node[0])
+
+
+def parse_cluster_slots(reply: Any, asked_host: str) -> list[SlotRange]:
+    """The ranges of a raw ``CLUSTER SLOTS`` reply (the same arrays in RESP2 and RESP3). A node
+    whose endpoint the server does not know (null, ``""`` or ``"?"``) is on the host that was
+    asked, as the Redis Cluster specification says."""
+    if not isinstance(reply, list):
+        raise redis.exceptions.ResponseError(f"CLUSTER SLOTS: unexpected reply {reply!r:.80}")
+    out: list[SlotRange] = []
+    for entry in reply:
+        if not isinstance(entry, list) or len(entry) < 3:
+            raise redis.exceptions.ResponseError(f"CLUSTER SLOTS: unexpected entry {entry!r:.80}")
+        nodes: list[Addr] = []
+        for node in entry[2:]:
+            host = to_str(node[0]) if node[0] is not None else ""
+            nodes.append((host if host not in ("", "?") else asked_host, int(node[1])))
+        out.append((int(entry[0]), int(entry[1]), nodes))
+    return out
+
+
+def _owners(shards: list[SlotRange], slots: dict[str, int]) -> dict[str, str]:
+    """``host:port`` of the primary of each queue's slot (``slots``: queue -> slot); raises when
+    the map leaves one out (a slot being moved, seen from a node that has not heard yet)."""
+    out: dict[str, str] = {}
+    for q, slot in slots.items():
+        for first, last, nodes in shards:
+            if first <= slot <= last:
+                out[q] = f"{nodes[0][0]}:{nodes[0][1]}"
+                break
+        else:
+            raise redis.exceptions.ResponseError(f"slot {slot} (queue {q!r}) is served by no node")
+    return out

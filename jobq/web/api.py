@@ -469,7 +469,7 @@ class EventStream:
     """The body of GET /events: events from an async iterator (:meth:`jobq.JobQ.events`) as SSE
     frames, until the iterator ends (not following), ``limit`` events, ``timeout`` seconds, or the
     client goes away. Reading runs in a task of its own, so keep-alive comments go out while it
-    waits and a disconnect stops it at once. A Redis error ends the stream with an ``error``
+    waits and a disconnect stops it at once. A Redis error ends the stream with a ``stream-error``
     event (the status line has left already)."""
 
     def __init__(self, app: JobQ, reader: EventReader, *, limit: int | None, timeout: float | None) -> None:
@@ -510,7 +510,7 @@ class EventStream:
                     await send(
                         {
                             "type": "http.response.body",
-                            "body": f"event: error\ndata: {body}\n\n".encode(),
+                            "body": f"event: stream-error\ndata: {body}\n\n".encode(),
                             "more_body": True,
                         }
                     )
@@ -540,7 +540,9 @@ class EventStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await inbox.put(exc)
+            from jobq.storage.calls import map_error
+
+            await inbox.put(map_error(exc, "GET /events"))
         finally:
             with contextlib.suppress(Exception):
                 await events.aclose()

@@ -288,7 +288,19 @@ def wait_drained(
 # -- the invariant scan I1-I6 -------------------------------------------------------------------
 #: "idle": the wake-up tokens, one per idle node at most (a dead node's is popped by the next job
 #: made ready, or dropped by the reaper with the node).
-_PERMANENT_SUFFIXES = ("ready", "scheduled", "leases", "dead", "nodes", "seq", "paused", "epoch", "idle")
+#: Per-queue keys without a TTL by design (``events``: the lifecycle stream, capped by length).
+_PERMANENT_SUFFIXES = (
+    "ready",
+    "scheduled",
+    "leases",
+    "dead",
+    "nodes",
+    "seq",
+    "paused",
+    "epoch",
+    "idle",
+    "events",
+)
 
 
 @dataclass

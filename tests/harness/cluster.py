@@ -42,6 +42,19 @@ class AdminCluster(RedisCluster):
         return super().flushall(*args, **kw)
 
 
+def owner_client(r: redis.Redis | RedisCluster, key: str) -> redis.Redis:
+    """A client on the server that serves ``key``'s slot, for what must be sent there: sharded
+    pub/sub (``SSUBSCRIBE``) and ``PUBSUB SHARDNUMSUB``. On a standalone server it is ``r``
+    itself; on a cluster, the cluster client's own client of the slot's primary (``r`` closes it
+    when it closes)."""
+    if isinstance(r, RedisCluster):
+        node = r.get_node_from_key(key)
+        assert node is not None and node.redis_connection is not None, f"no node serves {key!r}"
+        client: redis.Redis = node.redis_connection
+        return client
+    return r
+
+
 @dataclass
 class RedisClusterHarness:
     """``primaries`` primaries, ``replicas`` replicas per primary; ``url`` is the jobq cluster URL."""

@@ -125,6 +125,25 @@ def test_status_and_jobs_list(redis_url: str, seeded: dict[str, Any]) -> None:
     assert code == 2
 
 
+def test_status_shows_interruptions(redis_url: str, app: JobQ) -> None:
+    """A started job released unfinished (a shutdown; max_interruptions > 0 marks it started) shows
+    its interruptions in `jobq status`."""
+    job = app.enqueue("t", queue="alpha")
+    for n in (1, 2):
+        (claimed,) = app.run(app.store.claim("alpha", "n1", 1, 30_000)).jobs
+        assert claimed.attempts == n
+        res = app.run(
+            app.store.release("alpha", "n1", [job.id], attempts=[claimed.attempts], max_interruptions=[5])
+        )
+        assert (res.released, res.interrupted) == (1, 1)
+    code, out, _ = run(redis_url, "status", job.id)
+    assert code == 0
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    assert fields["interrupted"] == "2" and fields["attempts"] == "2" and fields["state"] == "ready"
+    code, out, _ = run(redis_url, "status", job.id, "--json")
+    assert json.loads(out)["interrupted"] == 2
+
+
 def test_nodes(redis_url: str, seeded: dict[str, Any]) -> None:
     code, out, _ = run(redis_url, "nodes", "--json")
     (node,) = json.loads(out)

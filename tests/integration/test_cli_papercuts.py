@@ -113,6 +113,8 @@ def test_a_queue_fed_only_by_cron_is_listed(redis_url: str) -> None:
 
 
 def test_read_commands_warn_about_an_unknown_queue(redis_url: str) -> None:
+    """And so do the purges and dead retry, which would otherwise report "0 deleted" for a
+    misspelled name as if the queue were just empty."""
     app = JobQ(redis_url)
     app.enqueue("t", queue="emails")
     app.close()
@@ -120,9 +122,13 @@ def test_read_commands_warn_about_an_unknown_queue(redis_url: str) -> None:
         ["stats", "-q", "emials"],
         ["jobs", "list", "-q", "emials"],
         ["dead", "list", "-q", "emials"],
+        ["queue", "purge", "emials", "--yes"],
+        ["dead", "purge", "-q", "emials", "--yes"],
+        ["dead", "retry", "-q", "emials", "--yes"],
     ):
         result = cli_runner().invoke(main, ["--redis-url", redis_url, *argv])
         assert result.exit_code == 0, result.output
         assert "warning: queue 'emials' is unknown" in result.stderr, argv
-    result = cli_runner().invoke(main, ["--redis-url", redis_url, "stats", "-q", "emails"])
-    assert result.exit_code == 0 and "warning" not in result.stderr
+    for argv in (["stats", "-q", "emails"], ["queue", "purge", "emails", "--yes"]):
+        result = cli_runner().invoke(main, ["--redis-url", redis_url, *argv])
+        assert result.exit_code == 0 and "warning" not in result.stderr, argv

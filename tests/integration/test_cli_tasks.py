@@ -156,3 +156,25 @@ def test_worker_takes_the_app_from_jobq_app(redis_url: str, mod: str) -> None:
     app.url = redis_url
     assert app.job(job_id, "reports").status().value == "done"
     app.close()
+
+
+def test_a_bare_short_name_without_app_is_warned_about(redis_url: str) -> None:
+    """Without -A, `jobq enqueue send_email` stores a job no worker knows (tasks are named
+    module.qualname): it is still enqueued (a task may be registered under that exact name), but
+    the command says so on stderr, once per name; qualified and built-in names are not warned."""
+    runner = cli_runner()
+
+    def enqueue(*args: str, input: str | None = None) -> tuple[int, str, str]:
+        res = runner.invoke(main, ["--redis-url", redis_url, "enqueue", *args], input=input)
+        return res.exit_code, res.stdout, res.stderr
+
+    code, out, err = enqueue("send_email", '{"to": "a@example.com"}')
+    assert code == 0 and len(out.split()) == 1
+    assert "warning: task 'send_email' is not a built-in" in err and "tasks.send_email" in err
+    for name, args in (("tasks.send_email", '{"to": "a"}'), ("webhook", '{"url": "https://e.com"}')):
+        code, out, err = enqueue(name, args)
+        assert code == 0 and err == "", (name, err)
+    lines = "".join(json.dumps({"task": t, "args": [1]}) + "\n" for t in ("send_email", "send_email", "m.f"))
+    code, out, err = enqueue("--from-file", "-", input=lines)
+    assert code == 0 and len(out.split()) == 3
+    assert err.count("warning: task 'send_email'") == 1, err

@@ -295,3 +295,23 @@ def test_a_script_without_its_slot_guard_is_refused(
             call(Call(c.script, keys, c.args, c.parse), list(c.args))
     assert_unchanged(r, before, size)
     assert r.exists(f"jobq:{{{Q}}}:slot-guard") == 0
+
+
+def test_a_script_whose_events_key_is_another_key_is_refused(
+    seeded: tuple[jobq.JobQ, dict[ScriptName, Call[Any]]], r: redis.Redis
+) -> None:
+    """The scripts that write lifecycle events take the queue's stream as the key before the slot
+    guard: any other key there is refused before the first write, so an event can only ever land
+    in its own queue's stream."""
+    _, calls = seeded
+    call = raw_call(r)
+    writers = {n for n in ScriptName if n not in (ScriptName.EXTEND, ScriptName.PURGE, ScriptName.IDLE)}
+    before, size = snapshot(r), r.dbsize()
+    for name in writers:
+        c = calls[name]
+        assert c.keys[-2] == f"jobq:{{{Q}}}:events", name
+        for other in (f"jobq:{{{Q}}}:events2", f"jobq:{{{Q}}}:ready"):  # same slot (a cluster leg)
+            keys = [*c.keys[:-2], other, c.keys[-1]]
+            with pytest.raises(redis.exceptions.ResponseError, match=r"^BADARG keys .*events stream"):
+                call(Call(c.script, keys, c.args, c.parse), list(c.args))
+    assert_unchanged(r, before, size)

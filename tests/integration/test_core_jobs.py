@@ -11,6 +11,7 @@ import redis
 
 import jobq
 from jobq import codec
+from tests.harness.cluster import owner_client
 from tests.integration.conftest import T0
 from tests.integration.core_support import assert_unchanged, snapshot
 
@@ -307,8 +308,9 @@ def test_cancel_running_job_ends_it_and_fences_out_its_attempt(
     job = fapp.enqueue("t", queue=Q, unique_key="only-one")
     other = fapp.enqueue("t", queue=Q)
     assert claim(fapp, "n1", 2) == [job.id, other.id]
-    p = r.pubsub(ignore_subscribe_messages=True)
-    p.ssubscribe(fapp.keys.wake(Q, "n1"))  # the node's own wake-up channel
+    channel = fapp.keys.wake(Q, "n1")  # the node's own wake-up channel
+    p = owner_client(r, channel).pubsub(ignore_subscribe_messages=True)  # on a cluster: its shard
+    p.ssubscribe(channel)
     job.cancel()
     msg = None
     for _ in range(50):

@@ -199,6 +199,13 @@ def reap_dead_backlog(b: Bench) -> Call[Any]:
     return b.st.reap(Q, node_ttl_ms=600_000, limit=MAX_REAP, now_ms=b.now())
 
 
+def reap_over_a_lowered_dead_max(b: Bench) -> Call[Any]:
+    # The issue's case: dead_max lowered under a long-lived queue's 20,000 young dead letters.
+    b.dead_backlog(20_000, T0 - 1)
+    b.st.limits = jobq.storage.calls.Limits(dead_max=100)
+    return b.st.reap(Q, node_ttl_ms=600_000, limit=MAX_REAP, now_ms=b.now())
+
+
 def promote_at_limit(b: Bench) -> Call[Any]:
     b.seed(MAX_SCAN, delay_ms=1)
     b.clock.advance(0.002)
@@ -222,6 +229,40 @@ def retry_dead_at_limit(b: Bench) -> Call[Any]:
     b.app.run(b.st.enqueue(Q, specs, now_ms=b.now()))
     b.bury("n1", b.claim("n1", MAX_BATCH))
     return b.st.retry_dead(Q, None, limit=MAX_BATCH, now_ms=b.now())
+
+
+#: Idle nodes holding a wake-up token for one queue: ten times the 100 of S5.
+IDLE_NODES = 1_000
+
+
+def idle_tokens(b: Bench) -> None:
+    """IDLE_NODES wake-up tokens whose nodes are gone: no one hears a wake-up, so a script tries
+    every token it may (its dearest path: a ZPOPMIN and an SPUBLISH per token tried)."""
+    b.r.zadd(b.k.idle(Q), {f"gone{i}": T0 for i in range(IDLE_NODES)})
+
+
+def enqueue_waking_idle_nodes(b: Bench) -> Call[Any]:
+    idle_tokens(b)
+    specs = [JobSpec(f"w{i}", "t", b"p" * 20) for i in range(MAX_BATCH)]
+    return b.st.enqueue(Q, specs, now_ms=b.now())
+
+
+def idle_pass_over_idle_nodes(b: Bench) -> Call[Any]:
+    b.seed(4 * MAX_BATCH)
+    idle_tokens(b)
+    return b.st.idle(Q, "busy", "pass", now_ms=b.now())
+
+
+def promote_waking_idle_nodes(b: Bench) -> Call[Any]:
+    call = promote_at_limit(b)
+    idle_tokens(b)
+    return call
+
+
+def release_all_waking_idle_nodes(b: Bench) -> Call[Any]:
+    call = release_all(b)
+    idle_tokens(b)
+    return call
 
 
 #: A payload (or result) as large as a job may have by default: 1 MB.
@@ -261,7 +302,12 @@ CASES: dict[str, Callable[[Bench], Call[Any]]] = {
     f"reap a dead node holding {4 * MAX_BATCH}": reap_one_dead_node,
     f"reap a silent node's {4 * MAX_BATCH} unleased": reap_silent_node_without_leases,
     "reap 20,000 dead letters past dead_ttl": reap_dead_backlog,
+    "reap 20,000 dead letters over a lowered dead_max": reap_over_a_lowered_dead_max,
     f"promote {MAX_SCAN}": promote_at_limit,
+    f"enqueue {MAX_BATCH} waking {IDLE_NODES} idle nodes": enqueue_waking_idle_nodes,
+    f"idle pass with {4 * MAX_BATCH} ready, {IDLE_NODES} idle nodes": idle_pass_over_idle_nodes,
+    f"promote {MAX_SCAN} waking {IDLE_NODES} idle nodes": promote_waking_idle_nodes,
+    f"release all of {4 * MAX_BATCH} waking {IDLE_NODES} idle nodes": release_all_waking_idle_nodes,
     f"purge {MAX_SCAN} ready with unique keys": purge_ready_unique,
     f"purge {MAX_SCAN} dead": purge_dead,
     f"retry_dead {MAX_BATCH}": retry_dead_at_limit,

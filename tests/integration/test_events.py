@@ -1,6 +1,7 @@
 """Lifecycle events (docs/events.md): written by the scripts that change a job's state, in order,
 never for a refused change, capped, optional per queue; read by app.events(), app.iter_events(),
-``jobq events`` and ``GET /events``."""
+``jobq events`` and ``GET /events``. With ``JOBQ_TEST_REDIS=cluster`` they run on a 3-primary
+Redis Cluster (several queues are then read one XREAD per queue)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,15 @@ def test_a_refused_change_writes_no_event(fapp: jobq.JobQ, r: redis.Redis) -> No
     assert fapp.run(s.progress(Q, "n1", job.id, 1, 0.5, now_ms=now)) == -2
     assert fapp.enqueue("t", queue=Q, job_id="j1").id == job.id
     assert r.xrange(key) == before
+    assert fapp.run(s.progress(Q, "n2", job.id, 2, 0.25, now_ms=now)) == 1  # no message: none kept
+    assert r.xrevrange(key, count=1)[0][1] == {
+        b"type": b"progress",
+        b"id": job.id.encode(),
+        b"t": str(now).encode(),
+        b"attempt": b"2",
+        b"fraction": b"0.25",
+    }
+    before = r.xrange(key)
     assert fapp.run(s.ack(Q, "n2", [(job.id, b"")], attempts=[2], now_ms=now)) == [1]
     assert fapp.run(s.ack(Q, "n2", [(job.id, b"")], attempts=[2], now_ms=now)) == [0]  # repeated
     assert fapp.run(s.cancel(Q, job.id, now_ms=now)) < 0  # finished: not cancellable
@@ -273,11 +283,11 @@ def test_cli_events_json_and_follow(redis_url: str, fapp: jobq.JobQ) -> None:
 
 
 def _sse(body: str) -> list[tuple[str, dict[str, Any]]]:
-    """(id, data) of every event frame of a text/event-stream body."""
+    """(id, data) of every event frame (a message, no ``event:`` name) of a text/event-stream body."""
     frames = []
     for block in body.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if "data" in fields:
+        if "data" in fields and "event" not in fields:
             frames.append((fields.get("id", ""), json.loads(fields["data"])))
     return frames
 
@@ -349,6 +359,9 @@ def test_get_events_follow_sees_a_new_event(api: tuple[jobq.JobQ, str]) -> None:
     assert [d["job_id"] for _, d in _sse(body)] == [new.id] and new.id != old.id
 
 
+@pytest.mark.skipif(
+    os.environ.get("JOBQ_TEST_REDIS") == "cluster", reason="counts the clients of one standalone server"
+)
 def test_a_client_that_goes_away_ends_its_stream(api: tuple[jobq.JobQ, str], r: redis.Redis) -> None:
     """The following stream's reader (a blocking XREAD on a connection of its own) stops when
     the client disconnects, and its Redis connection is closed."""
@@ -378,3 +391,33 @@ def test_a_client_that_goes_away_ends_its_stream(api: tuple[jobq.JobQ, str], r: 
     while len(r.client_list()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(r.client_list()) <= before and readers() == 0
+
+
+def test_a_redis_failure_ends_the_stream_with_an_error_frame(fresh_server: Any) -> None:
+    from jobq.web import ApiServer
+
+    fresh_server.start()
+    app = jobq.JobQ(fresh_server.url)
+    server = ApiServer(app, "127.0.0.1", 0, token="tok").start()
+    try:
+        app.enqueue("t", queue=Q)
+        got: list[tuple[int, str, str]] = []
+        path = f"/events?queue={Q}&since=0&follow=1&timeout=60"
+        reader = threading.Thread(target=lambda: got.append(_get(f"127.0.0.1:{server.port}", path)))
+        reader.start()
+        # Once the stream is following (a blocking read is on), Redis goes away.
+        admin = fresh_server.admin_client()
+        deadline = time.monotonic() + 10
+        while not any(c.get("cmd") == "xread" for c in admin.client_list()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        admin.close()
+        fresh_server.kill()
+        reader.join(30)
+        assert got, "the stream did not end"
+        status, _, body = got[0]
+        assert status == 200
+        assert [d["type"] for _, d in _sse(body)] == ["enqueued"]
+        assert "event: stream-error\ndata: " in body and "Redis" in body.split("event: stream-error", 1)[1]
+    finally:
+        server.close()
+        app.close()

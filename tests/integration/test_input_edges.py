@@ -119,7 +119,7 @@ def test_numbers_beyond_a_float_are_refused(redis_url: str, r: redis.Redis, port
 
 
 def test_large_finite_numbers_are_kept(redis_url: str) -> None:
-    code, out = cli(redis_url, "enqueue", "t", "[1e308, -2.5e-300]")
+    code, out = cli(redis_url, "enqueue", "m.t", "[1e308, -2.5e-300]")
     assert code == 0
     app = JobQ(redis_url)
     assert app.job(out.strip()).info().args == [1e308, -2.5e-300]
@@ -130,7 +130,7 @@ def test_large_finite_numbers_are_kept(redis_url: str) -> None:
 def test_utf16_json_is_refused_and_a_bom_is_ignored(
     redis_url: str, r: redis.Redis, port: int, tmp_path: Path
 ) -> None:
-    body = '{"task": "t", "args": ["é"]}'
+    body = '{"task": "m.t", "args": ["é"]}'
     for enc, name in (("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-32", "UTF-32")):
         status, err = post(port, body.encode(enc))
         assert status == 400 and f"must be UTF-8, this is {name}" in err["error"], err
@@ -148,7 +148,7 @@ def test_utf16_json_is_refused_and_a_bom_is_ignored(
     fbom.write_bytes(b"\xef\xbb\xbf" + (body + "\n" + body + "\n").encode())
     code, out = cli(redis_url, "enqueue", "--from-file", str(fbom))
     assert code == 0 and len(out.split()) == 2, out
-    code, out = cli(redis_url, "enqueue", "t", '\ufeff["é"]')
+    code, out = cli(redis_url, "enqueue", "m.t", '\ufeff["é"]')
     assert code == 0, out
     app = JobQ(redis_url)
     assert app.job(out.strip()).info().args == ["é"]

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobq import Fail, JobQ, Retry
 from jobq.metrics import OTHER, Metrics, serve
 from jobq.worker import Worker, WorkerConfig
+from tests.harness.tools import require_tool
 
 pytestmark = [pytest.mark.integration]
 
@@ -165,8 +166,7 @@ def test_worker_counters_histograms_and_queue_gauges(metrics_app: JobQ, r: redis
 
 
 def test_promtool_accepts_the_exposition(metrics_app: JobQ) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'); exposition parsed above")
+    require_tool("promtool", "prometheus", "exposition parsed above")
     m = Metrics(metrics_app)
     m.job_started("mq", "ok", 0.5)
     m.job_completed("mq", "ok", 0.1)

@@ -4,7 +4,6 @@ rule unit tests, and every jobq metric they name is one jobq exports."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobq import JobQ
 from jobq.metrics import Metrics
+from tests.harness.tools import require_tool
 
 pytestmark = [pytest.mark.integration]
 
@@ -21,9 +21,8 @@ ROOT = DEPLOY.parent
 
 
 def promtool(*args: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'); rule files not checked")
-    res = subprocess.run(["promtool", *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120)
+    tool = require_tool("promtool", "prometheus", "rule files not checked")
+    res = subprocess.run([tool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

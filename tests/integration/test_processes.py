@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from jobq import JobQ, JobState
+from tests.harness.cluster import owner_client
 from tests.harness.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -160,6 +161,7 @@ def test_four_processes_run_20000_jobs_exactly_once(fleet: Fleet, qapp: JobQ, r:
         qapp.keys.queue_epoch(Q),
         qapp.keys.seq(Q),
         qapp.keys.reap_lock(Q),
+        qapp.keys.events(Q),  # the lifecycle events, capped
     }, leftover
     assert r.zcard(qapp.keys.finished(Q)) == n_jobs
     # Every retained job is done, ran once, and expires.
@@ -299,7 +301,8 @@ def test_idle_workers_start_a_new_job_quickly(fleet: Fleet, qapp: JobQ, r: redis
     wait_until(lambda: {"a", "b"} <= node_ids(r, qapp), 20, "nodes registered", fleet)
     # Wait until both nodes listen on their own wake-up channels.
     channels = [qapp.keys.wake(Q, n) for n in ("a", "b")]
-    wait_until(lambda: [n for _, n in r.pubsub_shardnumsub(*channels)] == [1, 1], 20, "pub/sub")
+    shard = owner_client(r, channels[0])  # both in queue Q's slot; on a cluster, SHARDNUMSUB goes there
+    wait_until(lambda: [n for _, n in shard.pubsub_shardnumsub(*channels)] == [1, 1], 20, "pub/sub")
 
     sent: dict[int, float] = {}
     for k in range(200):

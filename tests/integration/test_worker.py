@@ -18,6 +18,7 @@ import redis
 
 import jobq
 from jobq import JobQ, JobState
+from jobq.metrics import Metrics
 from jobq.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,9 @@ def burst(app: JobQ, **cfg: Any) -> Worker:
 class Background:
     """A node running on its own thread (and loop) until ``stop()``."""
 
-    def __init__(self, app: JobQ, **cfg: Any) -> None:
+    def __init__(self, app: JobQ, metrics: Metrics | None = None, **cfg: Any) -> None:
         cfg.setdefault("queues", [("default", 1)])
-        self.worker = Worker(app, WorkerConfig(**cfg))
+        self.worker = Worker(app, WorkerConfig(**cfg), metrics=metrics)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -438,14 +439,16 @@ def test_graceful_stop_finishes_running_jobs_within_grace(
 def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
     app: JobQ, r: redis.Redis, bg: list[Background]
 ) -> None:
-    """They started: each keeps its attempt and counts one interruption (a re-run is visible)."""
+    """They started: each keeps its attempt and counts one interruption (a re-run is visible on
+    the job and in jobq_jobs_interrupted_total)."""
 
     @app.task
     async def forever() -> None:
         await asyncio.sleep(60)
 
     jobs = [forever.enqueue() for _ in range(3)]
-    b = Background(app, grace=0.2)
+    metrics = Metrics(app, collect_queues=False)
+    b = Background(app, metrics=metrics, grace=0.2)
     bg.append(b)
     wait_for(lambda: r.zcard(app.keys.leases("default")) == 3, 5, "claims")
     t0 = time.monotonic()
@@ -456,6 +459,7 @@ def test_jobs_still_running_after_grace_are_released_keeping_their_attempt(
         info = j.info()
         assert info.state is JobState.READY and info.attempts == 1 and info.interrupted == 1
     assert r.zcard(app.keys.ready("default")) == 3
+    assert 'jobq_jobs_interrupted_total{queue="default"} 3.0' in metrics.exposition().decode()
     assert r.zcard(app.keys.active("default", b.worker.node)) == 0
 
 
@@ -679,3 +683,56 @@ def test_a_woken_node_without_a_free_slot_passes_the_wake_up_on(
     for n in (a, b):
         n.stop()
         n.join()
+
+
+def test_dead_letters_trimmed_by_count_are_counted_and_logged(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dead_max = 2 and four jobs that die: two dead letters are deleted as the later ones die,
+    and the node says so, in jobq_dead_trimmed_total and one WARNING line per trim."""
+    app = JobQ(redis_url, dead_max=2)
+    try:
+
+        @app.task(max_attempts=1)
+        def boom(i: int) -> None:
+            raise RuntimeError(f"boom {i}")
+
+        jobs = [boom.enqueue(i) for i in range(4)]
+        metrics = Metrics(app, collect_queues=False)
+        w = Worker(app, WorkerConfig(burst=True, concurrency=1), metrics=metrics)
+        with caplog.at_level("WARNING"):
+            asyncio.run(w.run())
+        # Two dead letters kept, two deleted (which ones: the oldest by time of death, and jobs
+        # dying in the same millisecond tie, so not asserted).
+        states = collections.Counter(j.status() for j in jobs)
+        assert states == {JobState.DEAD: 2, JobState.UNKNOWN: 2}, states
+        assert r.zcard(app.keys.dead("default")) == 2
+        assert 'jobq_dead_trimmed_total{queue="default"} 2.0' in metrics.exposition().decode()
+        lines = [x.getMessage() for x in caplog.records if "dead letter(s) deleted" in x.getMessage()]
+        assert len(lines) == 2 and all("dead_max (2)" in line for line in lines), lines
+    finally:
+        app.close()
+
+
+def test_max_interruptions_zero_never_dead_letters_but_still_counts(
+    app: JobQ, r: redis.Redis, bg: list[Background]
+) -> None:
+    """--max-interruptions 0 means never dead-letter; a started job released at the end of the
+    grace still keeps its attempt and counts its interruption (0 is not "never started")."""
+
+    started = threading.Semaphore(0)
+
+    @app.task
+    async def forever() -> None:
+        started.release()
+        await asyncio.sleep(60)
+
+    job = forever.enqueue()
+    for n in (1, 2):
+        b = Background(app, grace=0.1, max_interruptions=0)
+        bg.append(b)
+        assert started.acquire(timeout=5), "the job did not start"
+        b.stop()
+        b.join()
+        info = job.info()
+        assert (info.state, info.attempts, info.interrupted) == (JobState.READY, n, n)

@@ -83,3 +83,43 @@ def test_a_connection_error_on_a_cluster_is_the_queues_shard_alone() -> None:
     # A slot that moves is a shard error too.
     moving = map_error(redis.exceptions.TryAgainError("rehashing"), "claim", "q")
     assert isinstance(moving, RedisUnavailable) and moving.slot and moving.shard
+
+
+# -- the wake-up subscriber's slot map (jobq.storage.wakeups) -------------------------------------
+def test_cluster_slots_reply_is_read_with_unknown_endpoints_on_the_asked_host() -> None:
+    from jobq.storage.wakeups import _owners, parse_cluster_slots
+
+    reply = [
+        [0, 5460, [b"10.0.0.1", 7000, b"id1"], [b"10.0.0.4", 7003, b"id4"]],
+        [5461, 10922, [b"", 7001, b"id2"]],  # endpoint not known to the server: the one asked
+        [10923, 16383, [None, 7002, b"id3", {}]],
+    ]
+    shards = parse_cluster_slots(reply, "seed.example")
+    assert shards == [
+        (0, 5460, [("10.0.0.1", 7000), ("10.0.0.4", 7003)]),
+        (5461, 10922, [("seed.example", 7001)]),
+        (10923, 16383, [("seed.example", 7002)]),
+    ]
+    assert _owners(shards, {"a": 0, "b": 10922, "c": 16383}) == {
+        "a": "10.0.0.1:7000",
+        "b": "seed.example:7001",
+        "c": "seed.example:7002",
+    }
+    with pytest.raises(redis.exceptions.ResponseError, match="slot 100"):
+        _owners(shards[1:], {"a": 100})  # a slot no node serves is an error, not a guess
+    with pytest.raises(redis.exceptions.ResponseError):
+        parse_cluster_slots(b"ERR", "seed.example")
+
+
+def test_wake_subscriber_names_every_node_it_asked_when_none_answers() -> None:
+    import asyncio
+
+    from jobq.storage.keys import Keys
+    from jobq.storage.wakeups import WakeSubscriber
+
+    ports = [_dead_port(), _dead_port()]
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    sub = WakeSubscriber(url, Keys(), "n1", ["q"], on_wake=lambda q: None)
+    with pytest.raises(ConnectionError) as info:
+        asyncio.run(sub._read_owners())
+    assert all(f"127.0.0.1:{p}" in str(info.value) for p in ports)

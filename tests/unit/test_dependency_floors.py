@@ -1,6 +1,6 @@
 """ci/constraints-min.txt pins every requirement that pyproject.toml declares (dependencies and
-the test and dev extras) at exactly its declared minimum, so the oldest leg of scripts/check-deps
-tests the floors that pip would accept for a user."""
+the web, test, dev and docs extras) at exactly its declared minimum, so the oldest leg of
+scripts/check-deps tests the floors that pip would accept for a user."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def declared() -> list[Requirement]:
     with open(ROOT / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     reqs = list(project["dependencies"])
-    for extra in ("web", "otel", "test", "dev"):
+    for extra in ("web", "otel", "test", "dev", "docs"):
         reqs += project["optional-dependencies"][extra]
     return [Requirement(r) for r in reqs]
 
