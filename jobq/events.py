@@ -124,7 +124,8 @@ def event_of(entry: StreamEntry) -> Event:
         time_ms=_int(f.get("t")) or int(entry_id.partition("-")[0] or 0),
         task=f.get("task") or None,
         attempt=_int(f.get("attempt")),
-        error=None if error is None else redact(error),
+        # The first line: a task's stored error continues with its traceback (cut by the script).
+        error=None if error is None else redact(error.partition("\n")[0]),
         fraction=_float(f.get("fraction")),
         message=redact(message) if message else None,
         node=f.get("node") or None,

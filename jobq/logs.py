@@ -61,9 +61,27 @@ def add_secret(value: str | None) -> None:
                 _extra_secrets.add(value)
 
 
+#: The last answer of :func:`_env_secrets` and what it was computed from: every log record asks
+#: (``jobq serve`` logs a line per request), and parsing the URL and sorting cost a fifth of the
+#: redaction each time. The environment is still read per record, so a change is seen at once.
+_env_cache: tuple[tuple[str, ...], int, list[str]] | None = None
+
+
 def _env_secrets() -> list[str]:
-    out = [os.environ.get(name, "") for name in SECRET_ENV]
-    url = os.environ.get("JOBQ_REDIS_URL", "")
+    global _env_cache
+    raw = tuple(os.environ.get(name, "") for name in (*SECRET_ENV, "JOBQ_REDIS_URL"))
+    n_extra = len(_extra_secrets)  # only grows (add_secret), so its size tells a change
+    cached = _env_cache
+    if cached is not None and cached[0] == raw and cached[1] == n_extra:
+        return cached[2]
+    found = _compute_env_secrets(raw)
+    _env_cache = (raw, n_extra, found)
+    return found
+
+
+def _compute_env_secrets(raw: tuple[str, ...]) -> list[str]:
+    out = list(raw[:-1])
+    url = raw[-1]
     if url:
         try:
             out.append(unquote(urlsplit(url).password or ""))

@@ -68,7 +68,7 @@ def _job_rows(jobs: Sequence[JobInfo]) -> str:
             j.priority,
             f"{j.attempts}/{j.max_attempts}",
             utc(_job_time(j)),
-            admin.redact_text(j.error or "")[:60],
+            admin.redact_text((j.error or "").split("\n", 1)[0])[:60],  # the line before the traceback
         )
         for j in jobs
     ]

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import html
+import itertools
 import json
 import os
 import time
@@ -28,7 +29,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from jobq import admin, errors, util
-from jobq.app import JobQ
+from jobq.app import JobInfo, JobQ
+from jobq.events import Event, check_since
 from jobq.web import pool
 from jobq.web.history import History
 
@@ -39,6 +41,11 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: Jobs per page of a queue's list.
 PAGE = 50
+#: Most entries of a queue's event stream the job page reads for one job's events (the stream
+#: is per queue), on opening and per live poll.
+EVENTS_SCAN = 2000
+#: Events the queue page's live feed shows (the newest).
+FEED = 30
 #: Largest form body accepted, bytes (a few hundred selected ids).
 MAX_FORM = 64 * 1024
 CSP = (
@@ -243,6 +250,83 @@ def _page(base: str, title: str, content: bytes, read_only: bool, live: str = ""
     )
 
 
+def _event_cells(e: Event) -> list[str]:
+    """An event as the panel's cells: time, type, attempt, and what else it carries."""
+    detail = []
+    if e.node:
+        detail.append(f"node {e.node}")
+    if e.fraction is not None:
+        detail.append(f"{e.fraction * 100:.0f} %")
+    if e.message:
+        detail.append(e.message)
+    if e.run_at_ms:
+        detail.append(f"runs at {_when(e.run_at_ms)}")
+    if e.state:
+        detail.append(f"was {e.state}")
+    if e.error:
+        detail.append(_error_line(e.error))  # its first line: the traceback is on the page
+    return [_when(e.time_ms), e.type, "" if e.attempt is None else str(e.attempt), "; ".join(detail)]
+
+
+def _event_row(e: Event) -> str:
+    cells = _event_cells(e)
+    return (
+        f"<tr><td>{_e(cells[0])}</td><td class=ev-{_e(cells[1])}>{_e(cells[1])}</td>"
+        f"<td class=num>{_e(cells[2])}</td><td>{_e(cells[3])}</td></tr>"
+    )
+
+
+def _error_line(error: str | None) -> str:
+    """A list's view of a last error: its first line (the traceback follows it), masked."""
+    return admin.redact_text((error or "").split("\n", 1)[0])[:120]
+
+
+def _job_live(info: JobInfo) -> dict[str, Any]:
+    """The job page's live values (``/api/job/...``, polled every second): what changes while a
+    job waits and runs. The progress message is masked as ``jobq status`` masks it."""
+    fraction = info.progress
+    message = admin.redact_text(info.progress_message) if info.progress_message else ""
+    return {
+        "state": info.state.value,
+        "attempts": info.attempts,
+        "interruptions": info.interrupted,
+        "reaped": info.reaped,
+        "node": info.node,
+        "run_at": _when(info.run_at_ms),
+        "started": _when(info.started_ms),
+        "finished": _when(info.finished_ms),
+        "deadline": _when(info.deadline_ms),
+        # The bar's value (null: the task has not reported progress) and its text.
+        "progress": fraction,
+        "progress_pct": "" if fraction is None else f"{fraction * 100:.0f} %",
+        "progress_message": message,
+        "progress_at": _when(info.progress_ms),
+        "error": admin.redact_text(info.error) if info.error else "",
+        # A done job's result, masked like the arguments ("" while there is none to show).
+        "result": (
+            json.dumps(admin.redact_args(info.result), indent=2, default=str)
+            if info.has_result and info.state.value == "done"
+            else ""
+        ),
+    }
+
+
+def _progress_html(live: dict[str, Any]) -> str:
+    """A <progress> bar (its value set by ui.js: no inline style, which the CSP forbids), the
+    percentage, the task's message and when it was reported; "none reported" until then."""
+    value = live["progress"]
+    attrs = f' value="{value}"' if value is not None else ' value="0"'
+    hidden = "" if value is not None else " hidden"
+    return (
+        f'<span class="progress" data-show-if="progress"{hidden}>'
+        f'<progress max="1"{attrs} data-k="progress" data-bar aria-label="progress"></progress> '
+        f'<b data-k="progress_pct">{_e(live["progress_pct"])}</b> '
+        f'<span data-k="progress_message">{_e(live["progress_message"])}</span> '
+        f'<span class="muted">at <span data-k="progress_at">{_e(live["progress_at"])}</span></span></span>'
+        f'<span class="muted" data-hide-if="progress"{"" if hidden else " hidden"}>none reported</span>'
+    )
+
+
 class _View:
     """One request's pages and actions (synchronous: runs on the bounded pool)."""
 
@@ -266,8 +350,15 @@ class _View:
             return 200, json.dumps(self.ui.history.to_json()).encode(), b"application/json"
         if len(parts) == 4 and parts[:2] == ["api", "job"]:
             info = admin.job_info(self.app, parts[3], parts[2], with_args=False)
-            data = {"state": info.state.value, "attempts": info.attempts, "node": info.node}
+            data = _job_live(info)
+            after = self.query.get("after")
+            if after:  # the events panel's cursor: the job's events after it
+                data["events"], data["events_after"] = self.job_events_after(info.queue, info.id, after)
             return 200, json.dumps(data).encode(), b"application/json"
+        if len(parts) == 3 and parts[:2] == ["api", "events"]:
+            after = self.query.get("after", "")
+            rows, cursor = self.queue_events_after(parts[2], after)
+            return 200, json.dumps({"events": rows, "events_after": cursor}).encode(), b"application/json"
         if len(parts) == 2 and parts[0] == "queues":
             return self._html(
                 f"Queue {parts[1]}", self.queue_page(parts[1]), live=f"{self.base}/api/overview"
@@ -400,7 +491,45 @@ class _View:
         if page < pages:
             nav.append(f'<a href="?{urlencode({"state": state, "page": page + 1})}">next</a>')
         pager = f'<p class="muted">page {page} of {pages} ({total} jobs; read in {took_ms:.1f} ms) {" ".join(nav)}</p>'
-        return (paused + actions + search + f'<p class="tabs">{tabs}</p>' + body + pager).encode()
+        feed = self.events_feed(queue)
+        return (paused + actions + search + f'<p class="tabs">{tabs}</p>' + body + pager + feed).encode()
+
+    def events_feed(self, queue: str) -> str:
+        """The queue's newest lifecycle events, newest first, with the new ones added live (the
+        page polls ``/api/events/<queue>?after=<cursor>``)."""
+        newest = list(itertools.islice(self.app.iter_events([queue], last=FEED), EVENTS_SCAN))[-FEED:]
+        cursor = newest[-1].id if newest else "0-0"
+        rows = "".join(self._feed_row(e) for e in reversed(newest))
+        src = f"{self.base}/api/events/{quote(queue, safe='')}"
+        return (
+            f"<h2>Events</h2>"
+            '<table class="events"><thead><tr><th>time</th><th>event</th><th>job</th><th>task</th>'
+            "<th class=num>attempt</th><th>detail</th></tr></thead>"
+            f'<tbody data-feed data-src="{_e(src)}" data-jobs="{_e(self.base)}/jobs/{quote(queue, safe="")}/" '
+            f'data-after="{_e(cursor)}" data-keep="{FEED}">{rows}</tbody></table>'
+        )
+
+    def _feed_row(self, e: Event) -> str:
+        t, kind, attempt, detail = _event_cells(e)
+        href = f"{self.base}/jobs/{quote(e.queue, safe='')}/{quote(e.job_id, safe='')}"
+        return (
+            f"<tr><td>{_e(t)}</td><td class=ev-{_e(kind)}>{_e(kind)}</td>"
+            f'<td><a href="{_e(href)}"><code>{_e(e.job_id)}</code></a></td><td>{_e(e.task or "")}</td>'
+            f"<td class=num>{_e(attempt)}</td><td>{_e(detail)}</td></tr>"
+        )
+
+    def queue_events_after(self, queue: str, after: str) -> tuple[list[list[str]], str]:
+        """The queue's events after the cursor, oldest first, as rows (time, type, job id, task,
+        attempt, detail), at most ``FEED`` (the newest: the page keeps no more), and the new cursor."""
+        after = check_since(after)
+        if after == "$":
+            raise errors.InvalidInput("after: an event id, not '$'", "after")
+        scanned = list(itertools.islice(self.app.iter_events([queue], since=after), EVENTS_SCAN))
+        rows = []
+        for e in scanned[-FEED:]:
+            t, kind, attempt, detail = _event_cells(e)
+            rows.append([t, kind, e.job_id, e.task or "", attempt, detail])
+        return rows, scanned[-1].id if scanned else after
 
     def _jobs_table(self, queue: str, jobs: list[Any], *, select: bool = False) -> str:
         if not jobs:
@@ -411,7 +540,7 @@ class _View:
             + f'<td><a href="{self.base}/jobs/{quote(j.queue, safe="")}/{quote(j.id, safe="")}"><code>{_e(j.id)}</code></a></td>'
             f"<td>{_e(j.task)}</td><td class=state-{_e(j.state.value)}>{_e(j.state.value)}</td>"
             f"<td class=num>{j.attempts}</td><td>{_e(_when(j.run_at_ms or j.enqueued_ms))}</td>"
-            f'<td class="bad">{_e((j.error or "").splitlines()[-1:] and (j.error or "").splitlines()[-1][:120])}</td></tr>'
+            f'<td class="bad">{_e(_error_line(j.error))}</td></tr>'
             for j in jobs
         )
         head = "<th></th>" if select else ""
@@ -442,6 +571,7 @@ class _View:
     def job_page(self, queue: str, job_id: str) -> bytes:
         info = admin.job_info(self.app, job_id, queue)
         shown = admin.redacted(info)
+        live = _job_live(info)
         jq = f"/jobs/{quote(info.queue, safe='')}/{quote(info.id, safe='')}"
         actions = ""
         if info.state.value in ("ready", "scheduled", "active"):  # a running one: its node stops it
@@ -456,27 +586,70 @@ class _View:
                 "state",
                 f'<span data-k="state" data-state class="state-{_e(info.state.value)}">{_e(info.state.value)}</span>',
             ),
+            ("progress", _progress_html(live)),
             ("attempts", f'<span data-k="attempts">{info.attempts}</span> of {_e(info.max_attempts)}'),
-            ("interruptions", str(info.interrupted)),
-            ("reaped", str(info.reaped)),
+            ("interruptions", f'<span data-k="interruptions">{info.interrupted}</span>'),
+            ("reaped", f'<span data-k="reaped">{info.reaped}</span>'),
             ("priority", _e(info.priority)),
             ("enqueued", _e(_when(info.enqueued_ms))),
-            ("run at", _e(_when(info.run_at_ms))),
-            ("started", _e(_when(info.started_ms))),
-            ("finished", _e(_when(info.finished_ms))),
-            ("deadline", _e(_when(info.deadline_ms))),
+            ("run at", f'<span data-k="run_at">{_e(live["run_at"])}</span>'),
+            ("started", f'<span data-k="started">{_e(live["started"])}</span>'),
+            ("finished", f'<span data-k="finished">{_e(live["finished"])}</span>'),
+            ("deadline", f'<span data-k="deadline">{_e(live["deadline"])}</span>'),
             ("node", f'<span data-k="node">{_e(info.node)}</span>'),
             ("unique key", _e(info.unique_key)),
         ]
         dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
         args = json.dumps({"args": shown.get("args"), "kwargs": shown.get("kwargs")}, indent=2, default=str)
-        err = f"<h2>Last error</h2><pre>{_e(shown.get('error'))}</pre>" if info.error else ""
-        result = ""
-        if info.has_result and info.state.value == "done":
-            value = json.dumps(shown.get("result"), indent=2, default=str)
-            result = f"<h2>Result</h2><pre>{_e(value)}</pre>"
+        # Always rendered (hidden while there is none): a retried job's error appears live.
+        hide = "" if info.error else " hidden"
+        err = (
+            f'<section data-show-if="error"{hide}><h2>Last error</h2>'
+            f'<pre data-k="error">{_e(shown.get("error"))}</pre></section>'
+        )
+        hide = "" if live["result"] else " hidden"  # shown live when the job finishes
+        result = (
+            f'<section data-show-if="result"{hide}><h2>Result</h2>'
+            f'<pre data-k="result">{_e(live["result"])}</pre></section>'
+        )
         acts = f'<div class="actions">{actions}</div>' if actions else ""
-        return (f"{acts}<dl>{dl}</dl><h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
+        events = self.events_panel(info)
+        return (f"{acts}<dl>{dl}</dl>{events}<h2>Arguments</h2><pre>{_e(args)}</pre>{err}{result}").encode()
+
+    # -- the job's lifecycle events -------------------------------------------------------------
+    def events_panel(self, info: JobInfo) -> str:
+        """The job's lifecycle events found among its queue's newest ``EVENTS_SCAN`` (the stream
+        is per queue: a job's events are picked out by id), oldest first; the page then asks for
+        the ones after the cursor with each poll."""
+        scanned = list(itertools.islice(self.app.iter_events([info.queue], last=EVENTS_SCAN), EVENTS_SCAN))
+        mine = [e for e in scanned if e.job_id == info.id]
+        cursor = scanned[-1].id if scanned else "0-0"
+        rows = "".join(_event_row(e) for e in mine)
+        note = ""
+        if not any(e.type == "enqueued" for e in mine) and info.enqueued_ms:
+            note = (
+                f'<p class="muted">Earlier events of this job are not shown: they are older than the newest '
+                f"{EVENTS_SCAN:,} events of queue {_e(info.queue)}, or no longer kept (its stream is capped; "
+                "<code>events_max</code>).</p>"
+            )
+        return (
+            "<h2>Events</h2>"
+            + note
+            + '<table class="events"><thead><tr><th>time</th><th>event</th><th class=num>attempt</th>'
+            + "<th>detail</th></tr></thead>"
+            + f'<tbody data-events data-after="{_e(cursor)}">{rows}</tbody></table>'
+        )
+
+    def job_events_after(self, queue: str, job_id: str, after: str) -> tuple[list[list[str]], str]:
+        """The job's events after the cursor ``after`` (an entry id of the queue's stream), as
+        rows of text, and the new cursor (the last entry read, whichever job's it was). At most
+        ``EVENTS_SCAN`` entries are read per call; a busier queue is caught up over the next."""
+        after = check_since(after)
+        if after == "$":
+            raise errors.InvalidInput("after: an event id, not '$'", "after")
+        scanned = list(itertools.islice(self.app.iter_events([queue], since=after), EVENTS_SCAN))
+        rows = [_event_cells(e) for e in scanned if e.job_id == job_id]
+        return rows, scanned[-1].id if scanned else after
 
     def dead_page(self) -> bytes:
         stats = [s for s in admin.queue_stats(self.app) if s.dead]
@@ -504,7 +677,7 @@ class _View:
             for c in crons:
                 task = self.app.tasks.get(c.task)
                 queue = getattr(getattr(task, "defaults", None), "queue", None) or "default"
-                last = self.app.client.get(self.app.keys.queue_prefix(queue) + "cron:" + c.key_name)
+                last = self.app.client.get(self.app.keys.cron(queue, c.key_name))
                 try:
                     last_ms = int(util.to_str(last)) if last is not None else None
                 except ValueError:

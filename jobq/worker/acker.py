@@ -33,6 +33,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobq.worker")
 
 
+#: Most characters of a job's stored last error (what the fail script is given; storage cuts
+#: the text at 4,000 too): the one-line error, then as much of the traceback's end as fits.
+MAX_STORED_ERROR = 4000
+
+
+def stored_error(error: str, trace: str | None) -> str:
+    """The last error kept on a job: ``error`` (one line, what the log shows), then a blank line
+    and the traceback, cut from its start to fit (the frames nearest the raise are kept)."""
+    if not trace:
+        return error
+    room = MAX_STORED_ERROR - len(error) - 2
+    if room < 200:  # a very long message: the message is what matters
+        return error
+    if len(trace) > room:
+        trace = "…" + trace[-(room - 1) :]
+    return f"{error}\n\n{trace}"
+
+
 class Acker:
     """Acks, fails and releases for one node. ``run()`` is the batching loop (a task of its
     own); the rest is called by the executor, the fetcher and the node."""
@@ -181,8 +199,17 @@ class Acker:
                 self._ack_event.set()
 
     # -- failures -------------------------------------------------------------------------------
-    async def fail(self, run: Held, error: str, *, delay: float | None = None, dead: bool = False) -> None:
-        """Record a failed attempt (its slot is already free)."""
+    async def fail(
+        self,
+        run: Held,
+        error: str,
+        *,
+        delay: float | None = None,
+        dead: bool = False,
+        trace: str | None = None,
+    ) -> None:
+        """Record a failed attempt (its slot is already free). ``error`` is one line (logged);
+        ``trace``, the task's traceback, is kept after it on the job (see :func:`stored_error`)."""
         job = run.job
         run_s = time.monotonic() - run.started
         if run.lost:
@@ -210,7 +237,7 @@ class Acker:
             job.queue,
             self.node,
             job.id,
-            error,
+            stored_error(error, trace),
             dead=dead,
             delay_ms=None if delay is None else round(delay * 1000),
             attempt=job.fence,

@@ -6,11 +6,15 @@ a slot frees up. It also takes jobs away that are no longer this node's (lost, f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import ctypes
 import logging
+import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +43,13 @@ class Finisher(Protocol):
     def queue_ack(self, run: Held, encoded: bytes) -> None: ...
 
     async def fail(
-        self, run: Held, error: str, *, delay: float | None = None, dead: bool = False
+        self,
+        run: Held,
+        error: str,
+        *,
+        delay: float | None = None,
+        dead: bool = False,
+        trace: str | None = None,
     ) -> None: ...
 
     def release_soon(self, queue: str, runs: list[Held]) -> None: ...
@@ -51,6 +61,25 @@ class Finisher(Protocol):
 
 class UnknownTask(Exception):
     pass
+
+
+#: Where the frames that call a task live (the worker, the thread pool, the event loop): left
+#: out of the top of a task's traceback, which then starts at the task's own code.
+_CALLERS = tuple(
+    os.path.dirname(m.__file__ or "") + os.sep for m in (sys.modules[__name__], concurrent.futures, asyncio)
+)
+
+
+def _trace(exc: BaseException) -> str:
+    """The traceback of a task's exception, as Python prints it but from the task's own frame
+    on, for the job's last error (``jobq status``, ``GET /jobs/{id}``, the dashboard's job page)."""
+    te = traceback.TracebackException.from_exception(exc)
+    frames = list(te.stack)
+    first = 0
+    while first < len(frames) - 1 and frames[first].filename.startswith(_CALLERS):
+        first += 1
+    te.stack = traceback.StackSummary.from_list(frames[first:])
+    return "".join(te.format()).rstrip()
 
 
 class SyncCall:
@@ -278,7 +307,7 @@ class Executor:
         except UnknownTask as exc:
             await self._fail(run, str(exc), span=span, exc=exc)
         except Exception as exc:
-            await self._fail(run, f"{type(exc).__name__}: {exc}", span=span, exc=exc)
+            await self._fail(run, f"{type(exc).__name__}: {exc}", span=span, exc=exc, trace=_trace(exc))
         else:
             try:
                 encoded = b"" if result is None else codec.encode_result(result, self.max_payload)
@@ -299,10 +328,11 @@ class Executor:
         dead: bool = False,
         span: tracing.ProcessSpan | None = None,
         exc: BaseException | None = None,
+        trace: str | None = None,
     ) -> None:
         self._slot_done(run)
         try:
-            await self.finisher.fail(run, error, delay=delay, dead=dead)
+            await self.finisher.fail(run, error, delay=delay, dead=dead, trace=trace)
         finally:  # (ended even if a stop cancels the fail call)
             if span is not None:
                 # What the failure asks of fail.lua: dead-lettered at the last attempt or when

@@ -5,7 +5,7 @@ seen going ready -> done without a reload; a dead letter retried from its page r
 paused from its page is paused for ``jobq stats``; read-only shows no action.
 
 ``JOBQ_SCREENSHOTS=DIR`` saves a screenshot of each page there (docs/img holds the committed
-ones: ``JOBQ_SCREENSHOTS=docs/img pytest tests/browser``)."""
+ones: ``JOBQ_SCREENSHOTS=docs/img pytest tests/browser -k "every_page or charts or progress"``)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_every_page_opens_without_console_errors(fleet: dict[str, Any], browser:
     pages = {
         "overview": "/ui/",
         "queue": "/ui/queues/proc?state=scheduled",
-        "job": f"/ui/jobs/proc/{dead.id}",
+        "job-dead": f"/ui/jobs/proc/{dead.id}",  # ui-job.png: a running job, in the progress test
         "dead": "/ui/dead",
         "scheduled": "/ui/scheduled",
         "nodes": "/ui/nodes",
@@ -129,7 +129,11 @@ def test_every_page_opens_without_console_errors(fleet: dict[str, Any], browser:
         p.open(path, None if shot == "overview" else shot)
         time.sleep(1.2)  # one live poll
         assert p.errors == [], (path, p.errors)
-    assert "failing on purpose" in p.open(f"/ui/jobs/proc/{dead.id}").content()
+    job_page = p.open(f"/ui/jobs/proc/{dead.id}")
+    error = job_page.locator("pre[data-k=error]")
+    assert error.is_visible()  # the last error with the task's traceback
+    text = error.text_content() or ""
+    assert text.startswith("RuntimeError: flaky 7: failing on purpose") and ", in flaky" in text
 
 
 @pytest.fixture
@@ -197,6 +201,79 @@ def test_job_goes_ready_to_done_live(fleet: dict[str, Any], browser: Any) -> Non
     assert state.text_content() == "ready"
     admin.resume(app, "proc")
     state.filter(has_text="done").wait_for(timeout=15_000)  # no reload: the page polls
+    assert p.errors == []
+
+
+def test_job_page_shows_progress_live(fleet: dict[str, Any], browser: Any) -> None:
+    """A real worker runs a task that reports progress in steps this test sends (over a Redis
+    list it pops from); the job page shows each step's bar and message without a reload, then
+    done. The message is masked as ``jobq status`` masks it."""
+    import redis
+
+    app = fleet["app"]
+    job = _enqueue(app, "stepped", 11)
+    steps = redis.Redis.from_url(fleet["redis_url"])
+    p = Page(browser, fleet["url"])
+    try:
+        page = p.open(f"/ui/jobs/proc/{job.id}")
+        page.locator("[data-k=state]").filter(has_text="active").wait_for(timeout=15_000)
+        assert page.get_by_text("none reported").is_visible()
+        bar = page.locator("progress[data-k=progress]")
+        assert not bar.is_visible()
+        navigations: list[str] = []
+        page.on("framenavigated", lambda f: navigations.append(f.url) if f == page.main_frame else None)
+
+        steps.rpush("jobq-test:steps:11", json.dumps([0.25, "copying https://u:hunter2@example.com/x"]))
+        page.locator("[data-k=progress_pct]").filter(has_text="25 %").wait_for(timeout=15_000)
+        assert bar.is_visible() and not page.get_by_text("none reported").is_visible()
+        assert bar.evaluate("b => b.value") == 0.25
+        # The events panel gets the progress event without a reload.
+        events = page.locator("tbody[data-events]")
+        events.locator("td.ev-progress").first.wait_for(timeout=15_000)
+        message = page.locator("[data-k=progress_message]").text_content() or ""
+        assert message.startswith("copying https://u:") and "hunter2" not in message
+        where = os.environ.get("JOBQ_SCREENSHOTS")
+        if where:
+            page.screenshot(path=str(Path(where) / "ui-job.png"), full_page=True)
+
+        steps.rpush("jobq-test:steps:11", json.dumps([0.75, "three quarters"]))
+        page.locator("[data-k=progress_message]").filter(has_text="three quarters").wait_for(timeout=15_000)
+        assert bar.evaluate("b => b.value") == 0.75
+        assert not page.locator("pre[data-k=result]").is_visible()  # no result while it runs
+        assert page.locator("[data-k=progress_pct]").text_content() == "75 %"
+        assert page.locator("[data-k=node]").text_content()  # the node running it
+
+        steps.rpush("jobq-test:steps:11", json.dumps(None))
+        page.locator("[data-k=state]").filter(has_text="done").wait_for(timeout=15_000)
+        page.locator("[data-k=finished]").filter(has_text="UTC").wait_for(timeout=5_000)
+        events.locator("td.ev-done").wait_for(timeout=15_000)
+        kinds = events.locator("td:nth-child(2)").all_text_contents()
+        assert kinds == ["enqueued", "started", "progress", "progress", "done"], kinds
+        assert "hunter2" not in (events.text_content() or "")  # the message, masked
+        result = page.locator("pre[data-k=result]")
+        result.filter(has_text="11").wait_for(timeout=5_000)  # the result, shown when it is done
+        assert result.is_visible()
+        assert navigations == []  # every change above came without a reload
+        assert job.result(timeout=10) == 11
+        assert p.errors == []
+    finally:
+        steps.close()
+
+
+def test_queue_page_event_feed_is_live(fleet: dict[str, Any], browser: Any) -> None:
+    """The queue page's event feed shows a job enqueued after the page opened, then done, at the
+    top, without a reload; its id links to its page."""
+    app = fleet["app"]
+    p = Page(browser, fleet["url"])
+    page = p.open("/ui/queues/proc")
+    job = _enqueue(app, "record", 21)
+    feed = page.locator("tbody[data-feed]")
+    first = feed.locator("tr").first
+    first.locator("td.ev-done").wait_for(timeout=15_000)
+    assert first.locator("a").text_content() == job.id
+    assert feed.locator(f"a[href$='/{job.id}']").count() == 3  # enqueued, started, done
+    first.locator("a").click()
+    page.wait_for_url(f"**/ui/jobs/proc/{job.id}")
     assert p.errors == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,6 +138,13 @@ def test_serve_process(redis_url: str, app: JobQ) -> None:
         assert app.job(job_id, "default").info().max_attempts == 5  # built-in task defaults
         assert http("POST", f"{base}/jobs", {"task": "t", "queue": "full"}, "tok-for-test")[0] == 201
         assert http("POST", f"{base}/jobs", {"task": "t", "queue": "full"}, "tok-for-test")[0] == 503
+        # The dashboard comes with `jobq serve`, behind the same token.
+        assert http("GET", f"{base}/ui/")[0] == 401
+        assert http("GET", f"{base}/ui/", token="tok-for-test")[0] == 200
+        # Bound to 127.0.0.1 by default, not to every address: another loopback address of
+        # this host (all of 127/8 is loopback on Linux) is refused.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", port), timeout=5).close()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

@@ -76,3 +76,26 @@ def flaky(key: int) -> int:
         raise RuntimeError(f"flaky {key}: failing on purpose")
     _record("flaky", key)
     return key
+
+
+@app.task(queue="proc", timeout=120)
+def stepped(key: int) -> int:
+    """Reports progress in steps a test controls: each step is a JSON ``[fraction, message]``
+    pushed on the Redis list ``jobq-test:steps:<key>`` (a blocking pop: no sleeps); ``null``
+    ends the task."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(os.environ["JOBQ_REDIS_URL"])
+    try:
+        while True:
+            popped = client.blpop([f"jobq-test:steps:{key}"], timeout=60)
+            if popped is None:
+                raise RuntimeError(f"stepped {key}: no step for 60 s")
+            step = json.loads(popped[1])
+            if step is None:
+                return key
+            jobq.current_job().progress(step[0], step[1])
+    finally:
+        client.close()

@@ -11,6 +11,8 @@
   }
   var history = body.getAttribute("data-history");
   if (history) { charts(history); }
+  var feed = document.querySelector("[data-feed]");
+  if (feed) { followFeed(feed); }
   var live = body.getAttribute("data-live");
   if (!live) { return; }
   function update(data) {
@@ -19,21 +21,99 @@
       var key = cells[i].getAttribute("data-k");
       if (Object.prototype.hasOwnProperty.call(data, key)) {
         var v = data[key];
+        if (cells[i].hasAttribute("data-bar")) {
+          cells[i].value = v === null ? 0 : Number(v);  // a <progress>: its value, not its text
+          continue;
+        }
         cells[i].textContent = v === null ? "" : String(v);
         if (cells[i].hasAttribute("data-state")) {
           cells[i].className = "state-" + String(v);
         }
       }
     }
+    // Parts shown only while a value is there (the progress bar, the last error), or only while
+    // it is not ("none reported"): the hidden attribute, since the CSP allows no inline style.
+    toggle("data-show-if", data, false);
+    toggle("data-hide-if", data, true);
+  }
+  function toggle(attr, data, invert) {
+    var els = document.querySelectorAll("[" + attr + "]");
+    for (var i = 0; i < els.length; i++) {
+      var key = els[i].getAttribute(attr);
+      if (!Object.prototype.hasOwnProperty.call(data, key)) { continue; }
+      var present = data[key] !== null && data[key] !== "";
+      els[i].hidden = invert ? present : !present;
+    }
+  }
+  // The job page's events panel: each poll asks for the job's events after the last stream
+  // entry read, and appends them (built with textContent: nothing from the data is parsed as HTML).
+  var events = document.querySelector("[data-events]");
+  function url() {
+    if (!events) { return live; }
+    return live + (live.indexOf("?") < 0 ? "?" : "&") + "after=" + encodeURIComponent(events.getAttribute("data-after"));
+  }
+  function addEvents(data) {
+    if (!events || !data.events) { return; }
+    for (var i = 0; i < data.events.length; i++) {
+      var tr = document.createElement("tr"), cells = data.events[i];
+      for (var j = 0; j < cells.length; j++) {
+        var td = document.createElement("td");
+        td.textContent = cells[j];
+        if (j === 1) { td.className = "ev-" + cells[j]; }
+        if (j === 2) { td.className = "num"; }
+        tr.appendChild(td);
+      }
+      events.appendChild(tr);
+    }
+    events.setAttribute("data-after", data.events_after);
   }
   function poll() {
-    fetch(live, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+    fetch(url(), { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (data) { if (data) { update(data); } })
+      .then(function (data) { if (data) { update(data); addEvents(data); } })
       .catch(function () { /* the next poll tries again */ })
       .then(function () { window.setTimeout(poll, 1000); });
   }
   window.setTimeout(poll, 1000);
+
+  // A queue's event feed: newest first; each poll reads the events after the last one shown.
+  function followFeed(tbody) {
+    var src = tbody.getAttribute("data-src"), jobs = tbody.getAttribute("data-jobs");
+    var keep = Number(tbody.getAttribute("data-keep")) || 30;
+    function add(rows) {
+      for (var i = 0; i < rows.length; i++) {
+        var tr = document.createElement("tr"), cells = rows[i];
+        for (var j = 0; j < cells.length; j++) {
+          var td = document.createElement("td");
+          if (j === 2) {  // the job id, a link to its page
+            var a = document.createElement("a"), code = document.createElement("code");
+            a.setAttribute("href", jobs + encodeURIComponent(cells[j]));
+            code.textContent = cells[j];
+            a.appendChild(code);
+            td.appendChild(a);
+          } else {
+            td.textContent = cells[j];
+          }
+          if (j === 1) { td.className = "ev-" + cells[j]; }
+          if (j === 4) { td.className = "num"; }
+          tr.appendChild(td);
+        }
+        tbody.insertBefore(tr, tbody.firstChild);
+      }
+      while (tbody.children.length > keep) { tbody.removeChild(tbody.lastChild); }
+    }
+    function pollFeed() {
+      fetch(src + "?after=" + encodeURIComponent(tbody.getAttribute("data-after")),
+        { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (data) {
+          if (data) { add(data.events); tbody.setAttribute("data-after", data.events_after); }
+        })
+        .catch(function () { /* the next poll tries again */ })
+        .then(function () { window.setTimeout(pollFeed, 1000); });
+    }
+    window.setTimeout(pollFeed, 1000);
+  }
 
   // The overview's charts: inline SVG drawn from /api/history (no library, no inline style:
   // presentation attributes and classes only, which the CSP allows).
