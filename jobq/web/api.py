@@ -217,9 +217,7 @@ class ApiApp:
         if log.isEnabledFor(logging.INFO):
             # After the response has left (the server writes it at the end of this turn).
             took = (time.monotonic() - started) * 1000
-            asyncio.get_running_loop().call_soon(
-                log.info, "%s %s -> %d (%.1f ms)", method, path, reply.status, took
-            )
+            asyncio.get_running_loop().call_soon(_access_line, method, path, reply.status, took)
 
     def _reply_for(self, exc: Exception, method: str, path: str) -> _Reply:
         if isinstance(exc, HttpError):
@@ -637,6 +635,17 @@ class _Request:
                 self.body_read = True
                 break
         return b"".join(chunks)
+
+
+def _access_line(method: str, path: str, status: int, took_ms: float) -> None:
+    """``log.info("POST /jobs -> 201 (0.4 ms)")`` without the stack walk ``Logger.info`` makes
+    to find its caller's file and line (a sixth of the line's cost; no jobq format shows them):
+    the same record, filters and handlers."""
+    args = (method, path, status, took_ms)
+    log.handle(log.makeRecord(log.name, logging.INFO, "(unknown file)", 0, _ACCESS, args, None))
+
+
+_ACCESS = "%s %s -> %d (%.1f ms)"
 
 
 async def _send_reply(send: Send, reply: _Reply) -> None:

@@ -333,3 +333,46 @@ def test_bearer_token(redis_url: str) -> None:
     finally:
         server.close()
         app.close()
+
+
+def test_access_line_per_request_with_secrets_masked(api: tuple[JobQ, Client]) -> None:
+    """Each request is logged at INFO as ``METHOD PATH -> STATUS (N ms)`` once its response has
+    left, through the handler's redaction like any other record."""
+    import io
+    import logging
+    import re
+    import threading
+
+    from jobq import logs
+
+    _, client = api
+    out = io.StringIO()
+    lines: list[str] = []
+    two = threading.Event()
+
+    class Handler(logging.StreamHandler):  # type: ignore[type-arg]
+        def emit(self, record: logging.LogRecord) -> None:
+            super().emit(record)
+            lines.append(self.format(record))
+            if len(lines) >= 2:
+                two.set()
+
+    handler = Handler(out)
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(logs.RedactingFilter())
+    http_log = logging.getLogger("jobq.http")
+    old_level = http_log.level
+    http_log.setLevel(logging.INFO)
+    http_log.addHandler(handler)
+    try:
+        status, _, _ = client.request("POST", "/jobs", {"task": "t", "queue": "q"})
+        assert status == 201
+        status, _, _ = client.request("GET", "/jobs/password=hunter22x")
+        assert status == 404
+        assert two.wait(10), lines
+    finally:
+        http_log.removeHandler(handler)
+        http_log.setLevel(old_level)
+    assert re.fullmatch(r"\S+Z INFO jobq\.http: POST /jobs -> 201 \(\d+\.\d ms\)", lines[0]), lines
+    assert re.fullmatch(r"\S+Z INFO jobq\.http: GET /jobs/password=\*\*\* -> 404 \(\d+\.\d ms\)", lines[1])
+    assert "hunter22x" not in out.getvalue()
