@@ -364,10 +364,12 @@ def test_a_job_whose_lease_was_lost_is_never_acked_by_its_old_node(
     b = Background(app, lease=0.6, maintenance=False)
     bg.append(b)
     assert started.wait(10)
-    # Another node's reaper decides the lease expired (time moved past it).
+    # Another node's reaper decides the lease expired (time moved past it). The node itself is
+    # alive (a node TTL longer than the jump): a reaper that took it for dead would also drop
+    # its wake-up token, and the node would look for the job only at its idle backstop.
     now = r.time()
     far = int(now[0]) * 1000 + 60_000
-    res = app.run(app.store.reap("default", node_ttl_ms=1_200, limit=100, guard_ms=0, now_ms=far))
+    res = app.run(app.store.reap("default", node_ttl_ms=120_000, limit=100, guard_ms=0, now_ms=far))
     assert res.requeued == [job.id]
     # The old node notices at its next beat, gives the attempt up, and runs the job again.
     wait_for(lambda: job.status() is JobState.DONE, 10, "second run")
