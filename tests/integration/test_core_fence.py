@@ -13,7 +13,6 @@ import redis
 
 import jobq
 from jobq import codec
-from jobq.storage.calls import SyncRunner
 from jobq.worker import Worker, WorkerConfig
 from jobq.worker.heartbeat import BeatResult, Heartbeat
 from tests.integration.conftest import T0
@@ -147,7 +146,7 @@ def test_extend_returns_the_fence_token_of_the_claim_that_holds_each_id(
 
 
 def test_the_heartbeat_reports_a_held_run_of_an_older_claim_as_lost(
-    fapp: jobq.JobQ, clock: jobq.FakeClock, redis_url: str
+    fapp: jobq.JobQ, clock: jobq.FakeClock
 ) -> None:
     """The node holds a run of attempt 1 while Redis holds the job for this node's attempt 2 (a
     claim whose reply the node never saw): the id is owned, but not by the run held, so the
@@ -157,29 +156,26 @@ def test_the_heartbeat_reports_a_held_run_of_an_older_claim_as_lost(
     first = claim_one(fapp, "a")
     assert reaped_and_claimed_again(fapp, clock, "a").fence == first.fence + 1
     held = {job.id: first.fence}
-    client = redis.Redis.from_url(redis_url)
-    try:
-        hb = Heartbeat(
-            fapp,
-            SyncRunner(client),
-            "a",
-            [Q],
-            LEASE_MS,
-            known=lambda: {Q: set(held)},
-            fences=lambda: dict(held),
-            on_beat=lambda _: None,
-            on_fence=lambda *_: None,
-            info=lambda: {"concurrency": 1, "inflight": 1, "busy": 1},
-        )
-        beat = hb.beat()
-        assert beat is not None
-        assert beat.lost == {Q: {job.id}} and beat.fences == {job.id: first.fence}
-        assert beat.unknown == {}
-        held[job.id] = first.fence + 1  # the run of the claim Redis holds
-        beat = hb.beat()
-        assert beat is not None and beat.lost == {} and beat.unknown == {}
-    finally:
-        client.close()
+    # The app's own runner: a plain client on standalone, a cluster client on the cluster leg.
+    hb = Heartbeat(
+        fapp,
+        fapp.runner,
+        "a",
+        [Q],
+        LEASE_MS,
+        known=lambda: {Q: set(held)},
+        fences=lambda: dict(held),
+        on_beat=lambda _: None,
+        on_fence=lambda *_: None,
+        info=lambda: {"concurrency": 1, "inflight": 1, "busy": 1},
+    )
+    beat = hb.beat()
+    assert beat is not None
+    assert beat.lost == {Q: {job.id}} and beat.fences == {job.id: first.fence}
+    assert beat.unknown == {}
+    held[job.id] = first.fence + 1  # the run of the claim Redis holds
+    beat = hb.beat()
+    assert beat is not None and beat.lost == {} and beat.unknown == {}
 
 
 def test_a_beat_judged_on_an_older_claim_does_not_lose_the_run_that_replaced_it(fapp: jobq.JobQ) -> None:
