@@ -18,10 +18,15 @@
   ARGV[2]  node     the node's id
   ARGV[3]  now_ms   integer ms, or "" for the Redis server clock
   ARGV[4]  mode     "arm", "pass" or "leave"
+  ARGV[5]  known_due  integer ms: the earliest scheduled run time the node knows of (from its
+           last claim), -1 = none. arm only.
 
   Returns: arm: 1 = work is waiting (ready jobs, or a scheduled job due, in a queue that is not
-           paused): claim again, no token was registered; 0 = armed (the token is kept where it
-           was when the node was already registered).
+           paused), or a job is scheduled earlier than known_due: claim again (the claim reports
+           the earliest run time), no token was registered; 0 = armed (the token is kept where
+           it was when the node was already registered). The second case closes a race: a
+           scheduled job enqueued between the node's short claim and this call found no token
+           to wake, and the node, armed, would not look again before its idle backstop.
            pass: the number of idle nodes woken (one per ready job at most, one for a due
            scheduled job; none when no work is waiting or the queue is paused).
            leave: 1 if a token was removed, else 0.
@@ -31,7 +36,7 @@
 local ready_key, sched_key, idle_key, paused_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qprefix, node, mode = ARGV[1], ARGV[2], ARGV[4]
 
-local e = bad_counts(5, 4) or bad_qprefix(qprefix) or bad_node(node)
+local e = bad_counts(5, 5) or bad_qprefix(qprefix) or bad_node(node)
 if e then return e end
 if idle_key ~= qprefix .. 'idle' then return badarg('keys', 'KEYS[3] must be the idle set') end
 local now = now_ms(ARGV[3])
@@ -39,13 +44,18 @@ if now == nil then return badarg('now_ms', 'not a non-negative integer') end
 
 if mode == 'leave' then return rcall('ZREM', idle_key, node) end
 if mode ~= 'arm' and mode ~= 'pass' then return badarg('mode', 'must be arm, pass or leave') end
+local known = int_arg(ARGV[5])
+if known == nil or known < -1 then
+  return badarg('known_due', 'must be an integer ms >= -1')
+end
 
 local paused = rcall('EXISTS', paused_key) == 1
 local waiting = 0 -- jobs waiting: the ready ones, else 1 for a due scheduled one
+local due = -1 -- the earliest scheduled run time, read when no job is ready
 if not paused then
   waiting = rcall('ZCARD', ready_key)
   if waiting == 0 then
-    local due = next_due(sched_key)
+    due = next_due(sched_key)
     if due >= 0 and due <= now then waiting = 1 end
   end
 end
@@ -55,5 +65,6 @@ if mode == 'pass' then
   return wake_idle(qprefix, waiting, 'r')
 end
 if waiting > 0 then return 1 end
+if due >= 0 and (known < 0 or due < known) then return 1 end
 rcall('ZADD', idle_key, 'NX', now, node)
 return 0

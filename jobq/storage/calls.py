@@ -644,14 +644,24 @@ class Store:
         ]
         return Call(ScriptName.PROGRESS, keys, args, int, queue)
 
-    def idle(self, queue: str, node: str, mode: str = "arm", *, now_ms: int | None = None) -> Call[int]:
-        """A node's wake-up token for ``queue`` (lua/idle.lua). ``arm``: 1 = work is waiting
-        (claim again), 0 = the token is registered and the next job made ready wakes this node;
-        ``pass``: wake the next idle node while ready work is left (the number woken);
-        ``leave``: drop the token."""
+    def idle(
+        self,
+        queue: str,
+        node: str,
+        mode: str = "arm",
+        *,
+        now_ms: int | None = None,
+        known_due_ms: int | None = None,
+    ) -> Call[int]:
+        """A node's wake-up token for ``queue`` (lua/idle.lua). ``arm``: 1 = work is waiting, or
+        a job is scheduled earlier than ``known_due_ms`` (the earliest run time the node's last
+        claim reported; None = it knows of none): claim again; 0 = the token is registered and
+        the next job made ready wakes this node; ``pass``: wake the next idle node while ready
+        work is left (the number woken); ``leave``: drop the token."""
         k = self.keys
         keys = [k.ready(queue), k.scheduled(queue), k.idle(queue), k.paused(queue), k.slot_guard(queue)]
-        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), mode]
+        known = -1 if known_due_ms is None else known_due_ms
+        args: list[Arg] = [k.queue_prefix(queue), node, _now(now_ms), mode, known]
         return Call(ScriptName.IDLE, keys, args, int, queue)
 
     # -- admin ----------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Waiter(Protocol):
 
     async def wait(self, timeout: float) -> bool: ...
 
-    async def arm(self) -> bool: ...
+    async def arm(self, known_due_ms: int | None = None) -> bool: ...
 
     def all_armed(self) -> bool: ...
 
@@ -123,6 +123,8 @@ class Fetcher:
         self.prefetch_max = min(concurrency, 1000, concurrency if prefetch is None else max(0, prefetch))
         self._next_due_ms: int | None = None
         self._last_now_ms: int | None = None
+        #: time.monotonic() when the claim that reported ``_last_now_ms`` was sent.
+        self._last_now_at = 0.0
         #: Queues whose Redis Cluster slot refused the last claim (moving, or without a primary),
         #: each left alone for a backoff of its own.
         # Cap 1 s: a queue whose primary failed over is tried again within 1 s of the promotion
@@ -217,7 +219,7 @@ class Fetcher:
                     # The jobs just started need the GIL first: arm a moment later (a job
                     # enqueued meanwhile wakes another node, or the arm call finds it).
                     await asyncio.sleep(ARM_DELAY)
-            if await self.wake.arm():
+            if await self.wake.arm(self._next_due_ms):
                 if not rearmed:
                     rearmed = True  # work came in before the token was armed: claim it
                     continue
@@ -240,7 +242,7 @@ class Fetcher:
             if poked or not armed or cut or self.state.stopping or self.held.oldest_buffered() is not None:
                 return
             self.wake.armed.clear()
-            if await self.wake.arm() or not self.wake.all_armed():
+            if await self.wake.arm(self._next_due_ms) or not self.wake.all_armed():
                 return
 
     async def _wait(self, timeout: float, *, room_below: int = 0) -> bool:
@@ -262,7 +264,10 @@ class Fetcher:
     def _idle_timeout(self) -> float:
         timeout = self.wake.idle_base()
         if self._next_due_ms is not None and self._last_now_ms is not None:
+            # Less the time since that claim: an armed node that re-arms without claiming
+            # (its backstop ran out) still wakes at the due time, not a backstop later.
             until_due = (self._next_due_ms - self._last_now_ms) / 1000
+            until_due -= time.monotonic() - self._last_now_at
             timeout = min(timeout, max(0.001, until_due))
         if self.burst:
             timeout = min(timeout, 0.05)
@@ -301,6 +306,7 @@ class Fetcher:
             if q in self.state.fenced_queues:
                 continue  # its shard's renewals fail (jobq.worker.heartbeat): no claims from it
             visited += 1
+            sent_at = time.monotonic()
             try:
                 res = await self.runner.run(
                     self.ctx.store.claim(q, self.node, want, self.lease_ms, now_ms=self.ctx.now_ms())
@@ -315,7 +321,7 @@ class Fetcher:
                 continue
             self._claim_slots.ok(q)
             self.state.last_ok = time.monotonic()
-            self._last_now_ms = res.now_ms
+            self._last_now_ms, self._last_now_at = res.now_ms, sent_at
             if res.next_due_ms is not None and (next_due is None or res.next_due_ms < next_due):
                 next_due = res.next_due_ms
             for job_id, reason in res.dead:

@@ -136,9 +136,10 @@ class Wakeups:
             timeout = max(timeout, min(timeout * ARMED_POLL_FACTOR, ARMED_POLL_MAX))
         return timeout
 
-    async def arm(self) -> bool:
+    async def arm(self, known_due_ms: int | None = None) -> bool:
         """After a short claim: arm the token of each subscribed queue not armed yet. True =
-        work arrived in one of them meanwhile: claim again."""
+        work arrived in one of them meanwhile, or a job was scheduled earlier than
+        ``known_due_ms`` (the earliest run time the claims reported): claim again."""
         sub, state = self.sub, self.state
         if sub is None or state.stopping or state.fenced or state.runner is None:
             return False
@@ -148,7 +149,9 @@ class Wakeups:
             events = self._events
             try:
                 res = await state.runner.run(
-                    self.ctx.store.idle(q, self.node, "arm", now_ms=self.ctx.now_ms())
+                    self.ctx.store.idle(
+                        q, self.node, "arm", now_ms=self.ctx.now_ms(), known_due_ms=known_due_ms
+                    )
                 )
             except JobqError:
                 return False  # the idle poll looks again

@@ -161,6 +161,7 @@ BAD: dict[ScriptName, dict[int, list[str]]] = {
         2: [v for v in NODE_BAD if v != "other-node"],  # any well-formed node id may arm
         3: NOW_BAD,
         4: ["", "ARM", "x", "arm ", "leave\n"],
+        5: ["", "abc", "-2", "1.5", "nan", "inf"],
     },
 }
 

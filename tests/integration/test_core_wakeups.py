@@ -56,8 +56,8 @@ class Listener:
         self.ps.close()
 
 
-def arm(app: jobq.JobQ, node: str) -> int:
-    return int(app.run(app.store.idle(Q, node, "arm", now_ms=app.now_ms())))
+def arm(app: jobq.JobQ, node: str, known_due_ms: int | None = None) -> int:
+    return int(app.run(app.store.idle(Q, node, "arm", now_ms=app.now_ms(), known_due_ms=known_due_ms)))
 
 
 def tokens(app: jobq.JobQ, r: redis.Redis) -> list[str]:
@@ -117,11 +117,31 @@ def test_arming_is_refused_while_work_is_waiting(
     # A scheduled job that is due counts as waiting work (a claim promotes it).
     assert fapp.run(fapp.store.idle(Q, "n1", "leave", now_ms=fapp.now_ms())) == 1
     fapp.enqueue("t", queue=Q, delay=5)
-    assert arm(fapp, "n1") == 0
+    due = fapp.now_ms() + 5000
+    assert arm(fapp, "n1", known_due_ms=due) == 0
     r.zrem(fapp.keys.idle(Q), "n1")
     clock.advance(6)
     assert arm(fapp, "n1") == 1
     # A paused queue is not work: the node arms (and does not spin on claims that get nothing).
+    r.set(fapp.keys.paused(Q), "1")
+    assert arm(fapp, "n1") == 0 and tokens(fapp, r) == ["n1"]
+
+
+def test_arming_is_refused_while_a_job_is_scheduled_earlier_than_the_node_knows(
+    fapp: jobq.JobQ, r: redis.Redis, clock: jobq.FakeClock
+) -> None:
+    """A scheduled job enqueued between a node's short claim and its arm call finds no token to
+    wake (F9 caught it: every node armed with its idle backstop and the job started a second
+    late). The arm call compares the queue's earliest run time with the one the node's claim
+    reported, and sends the node back to claim when the queue's is earlier."""
+    fapp.enqueue("t", queue=Q, delay=5)
+    due = fapp.now_ms() + 5000
+    assert arm(fapp, "n1") == 1 and tokens(fapp, r) == []  # its claim saw no scheduled job
+    assert arm(fapp, "n1", known_due_ms=due + 1000) == 1 and tokens(fapp, r) == []  # a later one
+    assert arm(fapp, "n1", known_due_ms=due) == 0 and tokens(fapp, r) == ["n1"]  # knows this one
+    assert arm(fapp, "n1", known_due_ms=due - 1000) == 0  # an even earlier one: wakes before it
+    # A paused queue's schedule does not send the node back to claim (it would get nothing).
+    assert fapp.run(fapp.store.idle(Q, "n1", "leave", now_ms=fapp.now_ms())) == 1
     r.set(fapp.keys.paused(Q), "1")
     assert arm(fapp, "n1") == 0 and tokens(fapp, r) == ["n1"]
 
@@ -177,9 +197,10 @@ def test_jobs_made_ready_by_fail_promote_and_release_wake_one_node_each(
     try:
         job = fapp.enqueue("t", queue=Q, retry_backoff=0)
         later = fapp.enqueue("t", queue=Q, delay=5)
+        later_due = fapp.now_ms() + 5000  # the nodes' claims reported it
         assert len(fapp.run(fapp.store.claim(Q, "w", 1, 10_000, now_ms=fapp.now_ms())).jobs) == 1
         for n in ("n1", "n2", "n3"):
-            arm(fapp, n)
+            assert arm(fapp, n, known_due_ms=later_due) == 0
             clock.advance(0.001)
         fapp.run(fapp.store.fail(Q, "w", job.id, "boom", jitter=0.5, now_ms=fapp.now_ms()))  # back to ready
         assert ls.heard() == [("n1", b"r")]
