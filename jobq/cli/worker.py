@@ -206,7 +206,7 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     default="auto",
     show_default=True,
     help="The node's event loop: auto = uvloop when it is installed (jobq[web] brings it; "
-    "shorter pickup), else asyncio's with timers to the microsecond; asyncio; uvloop "
+    "a faster wake-up and claim), else asyncio's with timers to the microsecond; asyncio; uvloop "
     "(an error without it). The start line says which runs. Env: JOBQ_WORKER_LOOP.",
 )
 @click.option("--no-maintenance", is_flag=True, hidden=True, help="Run no reaper/scheduler.")

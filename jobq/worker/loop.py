@@ -22,9 +22,9 @@ On a 2-core VM that halved the lateness of a 10 ms sleep among 20 (about 100 -> 
 about 0.4 % on 2,000 jobs that sleep 10 ms (1,948 -> 1,955 jobs/s, medians of 9 runs each).
 
 uvloop, where it is installed (``jobq[web]`` brings it), runs the node instead (:func:`loop_kind`):
-its socket reads and writes cost less Python per wake-up, claim and ack than asyncio's, which
-shortens an idle node's pickup (docs/workers.md). Its timers have whole milliseconds (a
-``sleep(0.0003)`` returns at once, ``loop.time()`` moves in milliseconds).
+its socket reads and writes cost less per wake-up, claim and ack than asyncio's, which shortens
+the worker's part of an idle node's pickup (docs/performance.md). Its timers have whole
+milliseconds (a ``sleep(0.0003)`` returns at once, ``loop.time()`` moves in milliseconds).
 ``JOBQ_WORKER_LOOP=asyncio`` keeps the precise asyncio loop above; ``uvloop`` insists on
 uvloop (an error without it); ``auto`` (the default) takes uvloop when it imports.
 """
