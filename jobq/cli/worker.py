@@ -198,6 +198,17 @@ def _default_queues(app: JobQ) -> list[tuple[str, int]]:
     help="Dead-letter a job (reason 'interrupted') once it was released unfinished by this many "
     "shutdowns; a task's own max_interruptions wins; 0 = never.",
 )
+@click.option(
+    "--loop",
+    "loop_choice",
+    type=click.Choice(list(jobq_loop.LOOP_CHOICES), case_sensitive=False),
+    envvar=jobq_loop.LOOP_ENV,
+    default="auto",
+    show_default=True,
+    help="The node's event loop: auto = uvloop when it is installed (jobq[web] brings it; "
+    "a faster wake-up and claim), else asyncio's with timers to the microsecond; asyncio; uvloop "
+    "(an error without it). The start line says which runs. Env: JOBQ_WORKER_LOOP.",
+)
 @click.option("--no-maintenance", is_flag=True, hidden=True, help="Run no reaper/scheduler.")
 @click.pass_context
 def worker(
@@ -219,6 +230,7 @@ def worker(
     reap_interval: float | None,
     max_zombies: int,
     max_interruptions: int,
+    loop_choice: str,
     no_maintenance: bool,
 ) -> None:
     """Run a worker node: claim jobs from QUEUES and run them.
@@ -253,6 +265,10 @@ def worker(
             validate_node(node_id if processes == 1 else f"{node_id}-{processes}")
     except (InvalidInput, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
+    try:
+        jobq_loop.loop_kind(loop_choice)
+    except jobq_loop.LoopChoiceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--loop") from None
     assert lease is not None and grace is not None and poll_interval is not None
     config = WorkerConfig(
         queues=queue_list,
@@ -269,14 +285,22 @@ def worker(
         max_interruptions=max_interruptions,
     )
     if processes == 1:
-        code = _run_node(app, config, url, metrics_host, metrics_port)
+        code = _run_node(app, config, url, metrics_host, metrics_port, loop_choice)
     else:
-        code = _supervise(app, config, url, processes, metrics_host, metrics_port)
+        code = _supervise(app, config, url, processes, metrics_host, metrics_port, loop_choice)
     ctx.exit(code)
 
 
-def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metrics_port: int | None) -> int:
-    """Run one node in this process until it stops. Returns the exit code."""
+def _run_node(
+    app: JobQ,
+    config: WorkerConfig,
+    url: str,
+    metrics_host: str,
+    metrics_port: int | None,
+    loop_choice: str = "auto",
+) -> int:
+    """Run one node in this process until it stops (on the event loop ``loop_choice`` picks:
+    :func:`jobq.worker.loop.loop_kind`). Returns the exit code."""
     import asyncio
 
     from jobq.metrics import Metrics, serve
@@ -310,7 +334,8 @@ def _run_node(app: JobQ, config: WorkerConfig, url: str, metrics_host: str, metr
         await node.run()
 
     try:
-        jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
+        # uvloop, or asyncio's with timers to the microsecond (jobq/worker/loop.py)
+        jobq_loop.run(main(), kind=loop_choice)
     except JobqError as exc:  # fatal at startup: wrong password, missing permission, old Redis
         log.error("worker node %s cannot run: %s", node.node, clients.redact(str(exc)))
         return 1
@@ -350,6 +375,7 @@ def _supervise(
     processes: int,
     metrics_host: str,
     metrics_port: int | None,
+    loop_choice: str = "auto",
 ) -> int:
     """Fork ``processes`` nodes; forward SIGTERM/SIGINT; restart a node that crashes."""
     children: dict[int, int] = {}  # pid -> slot
@@ -370,7 +396,7 @@ def _supervise(
                 node_id = None if config.node_id is None else f"{config.node_id}-{slot}"
                 cfg = dataclasses.replace(config, node_id=node_id)
                 port = None if metrics_port is None else metrics_port + slot if metrics_port else 0
-                code = _run_node(app, cfg, url, metrics_host, port)
+                code = _run_node(app, cfg, url, metrics_host, port, loop_choice)
             except BaseException:
                 log.exception("worker node crashed")
             finally:

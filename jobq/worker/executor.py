@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobq.worker")
 
+#: ``asyncio.timeout`` (Python 3.11+): an async task's timeout without a task of its own.
+_TIMEOUT_CM: Callable[[float], Any] | None = getattr(asyncio, "timeout", None)
+
 #: A buffered job is started only if its deadline is at least this far ahead (ms, Redis clock).
 DEADLINE_MARGIN_MS = 5
 
@@ -370,7 +373,12 @@ class Executor:
             coro = task.fn(*args, **kwargs)
             if timeout is None:
                 return await coro
-            return await asyncio.wait_for(coro, timeout)
+            if _TIMEOUT_CM is not None:
+                # In this task, as wait_for does from Python 3.12 on: 3.11's wait_for wraps the
+                # coroutine in a task of its own, one more loop turn before the job starts.
+                async with _TIMEOUT_CM(timeout):
+                    return await coro
+            return await asyncio.wait_for(coro, timeout)  # pragma: no cover - Python 3.10
         call = SyncCall(task.fn, args, kwargs, run.current, None if span is None else span.context)
         if len(self._sync_calls) >= self.concurrency:
             # Drop given-up calls whose threads have returned since (a new set, not a change in

@@ -324,11 +324,12 @@ class Worker:
             },
         )
         log.info(
-            "node %s: queues %s, concurrency %d, lease %.1f s, redis %s",
+            "node %s: queues %s, concurrency %d, lease %.1f s, event loop %s, redis %s",
             self.node,
             ",".join(self.queues),
             self.config.concurrency,
             self.config.lease,
+            jobq_loop.running_loop_kind(),
             clients.redact_url(self.url),
         )
         ready = False
@@ -542,5 +543,5 @@ def run_worker(
             on_start(worker)
         await worker.run()
 
-    jobq_loop.run(main())  # timers to the microsecond (jobq/worker/loop.py)
+    jobq_loop.run(main())  # uvloop, or asyncio's with timers to the microsecond (jobq/worker/loop.py)
     return worker

@@ -58,6 +58,7 @@ def test_parse_queues_refuses_bad_lists(bad: str) -> None:
         (["--processes", "0"], "--processes"),
         (["--metrics-port", "70000"], "--metrics-port"),
         (["--log-format", "xml"], "--log-format"),
+        (["--loop", "trio"], "--loop"),
         (["-A", "tests.integration.no_such_module"], "cannot import 'tests.integration.no_such_module'"),
         (["-A", "tests.integration.worker_tasks:nope"], "is not a jobq.JobQ application"),
         (["-A", "tests.integration"], "has no jobq.JobQ"),
@@ -104,3 +105,28 @@ def test_worker_without_an_app_runs_builtins_only(redis_url: str) -> None:
     info = job.info()
     assert info.state is JobState.DEAD and "unknown task 'someone.elses.task'" in (info.error or "")
     app.close()
+
+
+@pytest.mark.parametrize("how", ["default", "option", "env"])
+def test_the_start_line_says_which_event_loop_runs(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # uvloop when installed (auto), else asyncio's; --loop / JOBQ_WORKER_LOOP switch it off.
+    from jobq.worker import loop as jobq_loop
+
+    monkeypatch.delenv(jobq_loop.LOOP_ENV, raising=False)
+    args = ["worker", "--redis-url", redis_url, "--burst"]
+    if how == "option":
+        args += ["--loop", "asyncio"]
+    elif how == "env":
+        monkeypatch.setenv(jobq_loop.LOOP_ENV, "asyncio")
+    res = cli_runner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    want = jobq_loop.loop_kind("auto") if how == "default" else "asyncio"
+    assert f", event loop {want}, redis " in res.output, res.output
+
+
+def test_the_loop_option_is_in_the_help() -> None:
+    res = cli_runner().invoke(main, ["worker", "--help"])
+    assert res.exit_code == 0
+    assert "--loop" in res.output and "uvloop" in res.output and "JOBQ_WORKER_LOOP" in res.output

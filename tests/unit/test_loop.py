@@ -16,6 +16,15 @@ from jobq.worker import loop as jobq_loop
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the precise selector is for epoll (Linux)")
 
+try:
+    import uvloop  # noqa: F401
+
+    HAVE_UVLOOP = True
+except ImportError:  # pragma: no cover - the test extras bring it (jobq[web])
+    HAVE_UVLOOP = False
+
+needs_uvloop = pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed")
+
 
 async def _median_lateness_ms(delay: float, samples: int) -> float:
     loop = asyncio.get_running_loop()
@@ -30,7 +39,7 @@ async def _median_lateness_ms(delay: float, samples: int) -> float:
 def test_sub_millisecond_timers_fire_on_time() -> None:
     # asyncio's epoll loop rounds every wait up to a whole millisecond: a 0.3 ms sleep takes
     # about 1 ms (0.7 ms late). jobq's loop waits to the microsecond.
-    late = jobq_loop.run(_median_lateness_ms(0.0003, 200))
+    late = jobq_loop.run(_median_lateness_ms(0.0003, 200), kind="asyncio")
     assert late < 0.35, f"median lateness {late:.3f} ms"
 
 
@@ -83,7 +92,7 @@ def test_io_wakes_a_long_timed_wait_at_once() -> None:
 
     try:
         t0 = time.monotonic()
-        woke = jobq_loop.run(main())
+        woke = jobq_loop.run(main(), kind="asyncio")
         assert woke - t0 < 2.0
     finally:
         a.close()
@@ -98,13 +107,15 @@ def test_run_returns_the_result_and_closes_the_loop() -> None:
         await asyncio.sleep(0)
         return 42
 
-    assert jobq_loop.run(main()) == 42
+    assert jobq_loop.run(main(), kind="asyncio") == 42
     assert isinstance(seen[0], asyncio.SelectorEventLoop)
     assert seen[0].is_closed()
 
 
 def test_run_worker_uses_the_precise_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     import jobq
+
+    monkeypatch.setenv(jobq_loop.LOOP_ENV, "asyncio")
     from jobq.worker import WorkerConfig, run_worker
 
     made: list[asyncio.AbstractEventLoop] = []
@@ -123,3 +134,87 @@ def test_run_worker_uses_the_precise_loop(monkeypatch: pytest.MonkeyPatch) -> No
 
 async def _noop_run(self: object) -> None:
     await asyncio.sleep(0)
+
+
+# -- the loop choice: uvloop when installed, else asyncio's; JOBQ_WORKER_LOOP / --loop -----------
+
+
+def _no_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # "import uvloop" raises ImportError
+
+
+async def _kind() -> str:
+    return jobq_loop.running_loop_kind()
+
+
+@needs_uvloop
+def test_auto_runs_uvloop_when_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(jobq_loop.LOOP_ENV, raising=False)
+    assert jobq_loop.loop_kind() == "uvloop"
+    assert jobq_loop.run(_kind()) == "uvloop"
+    monkeypatch.setenv(jobq_loop.LOOP_ENV, "AUTO")
+    assert jobq_loop.run(_kind()) == "uvloop"
+
+
+def test_auto_runs_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(jobq_loop.LOOP_ENV, raising=False)
+    _no_uvloop(monkeypatch)
+    assert jobq_loop.loop_kind() == "asyncio"
+    assert jobq_loop.run(_kind()) == "asyncio"
+
+
+@pytest.mark.parametrize("how", ["env", "argument"])
+def test_asyncio_can_be_chosen_over_an_installed_uvloop(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    seen: list[object] = []
+
+    async def main() -> str:
+        seen.append(getattr(asyncio.get_running_loop(), "_selector", None))
+        return jobq_loop.running_loop_kind()
+
+    if how == "env":
+        monkeypatch.setenv(jobq_loop.LOOP_ENV, "asyncio")
+        kind = jobq_loop.run(main())
+    else:
+        monkeypatch.setenv(jobq_loop.LOOP_ENV, "uvloop")  # the argument wins
+        kind = jobq_loop.run(main(), kind="asyncio")
+    assert kind == "asyncio"
+    assert isinstance(seen[0], jobq_loop.PreciseEpollSelector)  # timers to the microsecond
+
+
+@needs_uvloop
+def test_uvloop_can_be_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(jobq_loop.LOOP_ENV, "uvloop")
+    assert jobq_loop.run(_kind()) == "uvloop"
+
+
+def test_uvloop_asked_for_but_missing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_uvloop(monkeypatch)
+    coro = _kind()
+    with pytest.raises(jobq_loop.LoopChoiceError, match="uvloop does not import"):
+        jobq_loop.run(coro, kind="uvloop")
+    assert coro.cr_frame is None  # closed, not left to warn "never awaited"
+
+
+def test_an_unknown_loop_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(jobq_loop.LOOP_ENV, "trio")
+    with pytest.raises(jobq_loop.LoopChoiceError, match="JOBQ_WORKER_LOOP='trio'"):
+        jobq_loop.loop_kind()
+
+
+@needs_uvloop
+def test_run_worker_runs_uvloop_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobq
+    from jobq.worker import WorkerConfig, run_worker
+
+    kinds: list[str] = []
+
+    async def run(self: object) -> None:
+        kinds.append(jobq_loop.running_loop_kind())
+
+    monkeypatch.delenv(jobq_loop.LOOP_ENV, raising=False)
+    monkeypatch.setattr(jobq.worker.Worker, "run", run)
+    app = jobq.JobQ("redis://127.0.0.1:1/0")  # never connected: run() is replaced
+    run_worker(app, WorkerConfig(queues=[("q", 1)], burst=True))
+    monkeypatch.setenv(jobq_loop.LOOP_ENV, "asyncio")
+    run_worker(app, WorkerConfig(queues=[("q", 1)], burst=True))
+    assert kinds == ["uvloop", "asyncio"]

@@ -32,3 +32,18 @@ def test_serve_without_the_web_extra_names_it() -> None:
     res = _run("from jobq.cli import main\nmain(['serve', '--port', '0'])")
     assert res.returncode != 0
     assert "jobq[web]" in res.stderr, res.stderr
+
+
+def test_the_worker_runs_asyncio_without_uvloop() -> None:
+    # uvloop comes with jobq[web]: without it the node runs asyncio's (precise) loop, and
+    # insisting on uvloop is a usage error that says why.
+    res = _run(
+        "from jobq.worker import loop\n"
+        "async def kind():\n"
+        "    return loop.running_loop_kind()\n"
+        "print(loop.loop_kind(), loop.run(kind()))"
+    )
+    assert res.returncode == 0 and res.stdout.split() == ["asyncio", "asyncio"], res.stderr
+    res = _run("from jobq.cli import main\nmain(['worker', '--loop', 'uvloop'])")
+    assert res.returncode == 2, res.stderr
+    assert "--loop" in res.stderr and "uvloop does not import" in res.stderr, res.stderr
