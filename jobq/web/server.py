@@ -146,6 +146,14 @@ class _DeadlineProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        # The response whole: it leaves now, not after the callbacks queued meanwhile (when a
+        # round trip answers several requests at once, the others' replies and access lines).
+        flush = getattr(self.transport, "flush", None)
+        if flush is not None:
+            flush()
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         super().connection_lost(exc)
