@@ -84,7 +84,7 @@ _env_cache: tuple[tuple[Any, ...], int, list[str]] | None = None
 _ENV_NAMES = (*SECRET_ENV, "JOBQ_REDIS_URL")
 #: ``os.environ``'s own store (encoded names to encoded values; every change to ``os.environ``
 #: lands there), read without the encode and decode ``os.environ.get`` makes for each of three
-#: names on every record (two fifths of the redaction of an access line). Absent on an
+#: names on every record (more than half of the redaction of an access line). Absent on an
 #: interpreter whose ``os.environ`` is built differently: then ``os.environ.get``.
 _environ = os.environ
 _environ_data: dict[Any, Any] | None = getattr(_environ, "_data", None)

@@ -47,7 +47,7 @@ def _decode(data: bytes) -> str:
         raise ValueError(f"JSON must be UTF-8 (byte {exc.start}: {exc.reason})") from None
 
 
-#: One decoder for every call (``json.loads`` with options builds a new one each time, a sixth of
+#: One decoder for every call (``json.loads`` with options builds a new one each time, a fifth of
 #: the parse of a small body); stateless between calls, as ``json``'s own default decoder is.
 _DECODER = json.JSONDecoder(parse_constant=_refuse, parse_float=_float)
 
