@@ -78,18 +78,40 @@ def add_secret(value: str | None) -> None:
 #: The last answer of :func:`_env_secrets` and what it was computed from: every log record asks
 #: (``jobq serve`` logs a line per request), and parsing the URL and sorting cost a fifth of the
 #: redaction each time. The environment is still read per record, so a change is seen at once.
-_env_cache: tuple[tuple[str, ...], int, list[str]] | None = None
+_env_cache: tuple[tuple[Any, ...], int, list[str]] | None = None
+
+
+_ENV_NAMES = (*SECRET_ENV, "JOBQ_REDIS_URL")
+#: ``os.environ``'s own store (encoded names to encoded values; every change to ``os.environ``
+#: lands there), read without the encode and decode ``os.environ.get`` makes for each of three
+#: names on every record (more than half of the redaction of an access line). Absent on an
+#: interpreter whose ``os.environ`` is built differently: then ``os.environ.get``.
+_environ = os.environ
+_environ_data: dict[Any, Any] | None = getattr(_environ, "_data", None)
+try:
+    _ENV_KEYS: tuple[Any, ...] = tuple(os.environ.encodekey(n) for n in _ENV_NAMES)
+except AttributeError:  # pragma: no cover - not CPython's os._Environ
+    _environ_data = None
+    _ENV_KEYS = ()
+
+
+def _env_raw() -> tuple[Any, ...]:
+    data = _environ_data
+    if data is not None and os.environ is _environ:  # (a test may swap os.environ for a dict)
+        return tuple([data.get(k) for k in _ENV_KEYS])
+    return tuple([os.environ.get(n) for n in _ENV_NAMES])
 
 
 def _env_secrets() -> list[str]:
     global _env_cache
-    raw = tuple(os.environ.get(name, "") for name in (*SECRET_ENV, "JOBQ_REDIS_URL"))
+    key = _env_raw()
     n_extra = len(_extra_secrets)  # only grows (add_secret), so its size tells a change
     cached = _env_cache
-    if cached is not None and cached[0] == raw and cached[1] == n_extra:
+    if cached is not None and cached[0] == key and cached[1] == n_extra:
         return cached[2]
+    raw = tuple(os.environ.get(name, "") for name in _ENV_NAMES)
     found = _compute_env_secrets(raw)
-    _env_cache = (raw, n_extra, found)
+    _env_cache = (key, n_extra, found)
     return found
 
 
@@ -174,12 +196,23 @@ class TextFormatter(logging.Formatter):
         return f"{self._second[1]}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # ``logging.Formatter.format`` for this one format string, without the generic
+        # ``%``-style rendering through the record's ``__dict__`` (a line per request in
+        # ``jobq serve``): the same text.
+        record.message = message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = f"{record.asctime} {record.levelname} {record.name}: {message}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}" if line[-1:] != "\n" else line + record.exc_text
+        if record.stack_info:
+            stack = self.formatStack(record.stack_info)
+            line = f"{line}\n{stack}" if line[-1:] != "\n" else line + stack
         fields = _job_fields(record)
         if not fields:
             return line
         head, sep, tail = line.partition("\n")
-        message = record.getMessage()
         # One set of fields per line: a field the message already shows (``task=X`` in
         # "job J failed: task=X ...", or the id in "job J ...") is not appended again.
         extras = " ".join(

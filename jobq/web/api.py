@@ -116,8 +116,12 @@ class _Reply:
         self.close = False
 
 
+#: ``json.dumps(data, default=str)`` without building an encoder per response.
+_encode = json.JSONEncoder(default=str).encode
+
+
 def _json_reply(status: int, data: Any, headers: list[tuple[bytes, bytes]] | None = None) -> _Reply:
-    return _Reply(status, json.dumps(data, default=str).encode(), headers=headers)
+    return _Reply(status, _encode(data).encode(), headers=headers)
 
 
 def _error_reply(exc: HttpError) -> _Reply:
@@ -604,8 +608,7 @@ class _Request:
             raise HttpError(413, f"body: {length} bytes is over the {self.api.max_body}-byte limit", "body")
         try:
             if _timeout is not None:  # Python 3.11+: a timer on this task, not a task of its own
-                async with _timeout(self.api.request_timeout):
-                    raw = await self._read(length)
+                raw = await _within(self.api.request_timeout, self._read(length))
             else:  # pragma: no cover - Python 3.10
                 raw = await asyncio.wait_for(self._read(length), self.api.request_timeout)
         except asyncio.TimeoutError:
@@ -635,6 +638,39 @@ class _Request:
                 self.body_read = True
                 break
         return b"".join(chunks)
+
+
+async def _within(seconds: float, aw: Awaitable[T]) -> T:
+    """``async with asyncio.timeout(seconds): return await aw`` (Python 3.11+) for about 3 µs
+    less a request (its body is read under it, and is usually there already): one timer that
+    cancels this task, with ``asyncio.timeout``'s accounting of cancellations, so a cancellation
+    from elsewhere is never mistaken for the deadline (nor the other way round)."""
+    task: Any = asyncio.current_task()
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        result = await aw
+    except asyncio.CancelledError:
+        handle.cancel()
+        if expired and task.uncancel() <= cancelling:
+            raise asyncio.TimeoutError from None
+        raise
+    except BaseException:
+        handle.cancel()
+        if expired:
+            task.uncancel()
+        raise
+    handle.cancel()
+    if expired:  # the awaitable finished anyway: take back the cancel it absorbed
+        task.uncancel()
+    return result
 
 
 def _access_line(method: str, path: str, status: int, took_ms: float) -> None:

@@ -91,7 +91,11 @@ class _DeadlineProtocol(HttpToolsProtocol):
 
     header_timeout: float = REQUEST_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    #: One timer per connection, not one per request: arming sets ``_header_deadline`` (and
+    #: starts the timer only if none is pending), disarming clears the deadline and leaves the
+    #: timer; when it fires it expires the request, is set again for a later deadline, or ends.
     _header_timer: asyncio.TimerHandle | None = None
+    _header_deadline: float | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -124,7 +128,7 @@ class _DeadlineProtocol(HttpToolsProtocol):
             )
 
     def _refuse(self, reply: bytes) -> None:
-        self._disarm()
+        self._stop_timer()
         if not self.transport.is_closing():
             self.transport.write(reply)
             self.transport.close()
@@ -142,21 +146,43 @@ class _DeadlineProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        # The response whole: it leaves now, not after the callbacks queued meanwhile (when a
+        # round trip answers several requests at once, the others' replies and access lines).
+        flush = getattr(self.transport, "flush", None)
+        if flush is not None:
+            flush()
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_timer()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
+        if self._header_deadline is not None:
+            return
+        self._header_deadline = deadline = self.loop.time() + self.header_timeout
         if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
+            self._header_timer = self.loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
+        self._header_deadline = None
+
+    def _stop_timer(self) -> None:
+        self._header_deadline = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _expired(self) -> None:
         self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None:  # disarmed since: nothing to time
+            return
+        if deadline > self.loop.time():  # re-armed for a later request: wait for its deadline
+            self._header_timer = self.loop.call_at(deadline, self._expired)
+            return
+        self._header_deadline = None
         if self.transport.is_closing():
             return
         # A request in progress whose headers are complete is the application's to bound.

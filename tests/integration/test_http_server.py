@@ -170,6 +170,29 @@ def test_slow_clients_are_cut_off_at_the_request_deadline(server: ApiServer) -> 
     assert time.monotonic() - t0 < 3
 
 
+def test_header_deadline_is_each_requests_own_on_a_keepalive_connection(server: ApiServer) -> None:
+    # One timer serves a connection's requests: a second request whose headers never end is cut
+    # off a deadline after it began (not after the connection opened, nor never).
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first or not first.endswith(b"}"):
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        time.sleep(0.6)  # past half the 1 s deadline counted from the connection's opening
+        t0 = time.monotonic()
+        s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - t0
+    assert out.startswith(b"HTTP/1.1 408"), out[:200]
+    assert 0.8 < took < 3, took
+
+
 def test_short_body_then_eof_is_not_a_5xx(server: ApiServer, r: redis.Redis) -> None:
     data = _raw(
         server.port,
