@@ -303,8 +303,11 @@ def test_waiting_for_1000_results_does_not_open_1000_connections(
         return peak
 
     peak = asyncio.run(main())
-    # The bounded pool plus one subscriber, whatever the number of waiters.
-    assert peak - before <= jobq.app.ASYNC_MAX_CONCURRENT + 2, (before, peak)
+    # The bounded pool plus one subscriber, whatever the number of waiters. The count is the
+    # server's, so it also holds the worker process's connections: its pool opens one on demand
+    # when its heartbeat, wake-up and registry calls overlap (seen: a SET and a new connection,
+    # 1 run in 4 on uvloop), hence a few of slack; 1,000 waiters would be far over it either way.
+    assert peak - before <= jobq.app.ASYNC_MAX_CONCURRENT + 1 + 4, (before, peak)
 
 
 def test_the_fastapi_example_of_the_docs(
