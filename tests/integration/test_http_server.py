@@ -33,18 +33,23 @@ def server(redis_url: str) -> Iterator[ApiServer]:
     app.close()
 
 
+def _read_all(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset ends it too)."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
 def _raw(port: int, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         if half_close:
             s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
+        return _read_all(s)
 
 
 def _keepalive_p50(port: int, method: str, path: str, body: bytes | None, n: int = 40) -> float:
@@ -182,12 +187,7 @@ def test_header_deadline_is_each_requests_own_on_a_keepalive_connection(server: 
         time.sleep(0.6)  # past half the 1 s deadline counted from the connection's opening
         t0 = time.monotonic()
         s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # headers never finished
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
+        out = _read_all(s)
         took = time.monotonic() - t0
     assert out.startswith(b"HTTP/1.1 408"), out[:200]
     assert 0.8 < took < 3, took
